@@ -1,0 +1,5 @@
+import sys
+
+from mlxterp_core.cli import main
+
+sys.exit(main())

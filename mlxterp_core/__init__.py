@@ -1,0 +1,1 @@
+"""mlxterp's implementation. Users import ``mlxterp``; this package may reorganise freely."""

@@ -1,0 +1,95 @@
+"""Benchmark: the cost of tracing, as a ratio to the plain mlx-lm forward in the same run.
+
+``mlxterp bench`` builds a randomly initialised Llama of SmolLM2-135M's shape (30 layers,
+d=576, 9 heads, 3 KV heads, MLP 1536, vocabulary 49152), runs a (1, 32) batch of token ids,
+and times, interleaved so that drift hits every case alike:
+
+- ``plain``: ``mx.eval(model(ids))`` on the bare mlx-lm model;
+- ``capture nothing``: a trace that records no site;
+- ``residual stream``: a trace that records the 30 layer outputs;
+- ``everything``: a trace that records every site (all module inputs and outputs).
+
+It prints the median time of each and its ratio to ``plain``. Run it on an otherwise idle
+machine: on 2 cores another busy process changes timings by 10x.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+SMOLLM2_135M_SHAPE = dict(
+    model_type="llama",
+    hidden_size=576,
+    num_hidden_layers=30,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+    rope_theta=100000,
+    tie_word_embeddings=True,
+)
+
+
+def random_llama(**overrides):
+    """A randomly initialised mlx-lm Llama (SmolLM2-135M's shape unless overridden)."""
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**{**SMOLLM2_135M_SHAPE, **overrides}))
+    mx.eval(model.parameters())
+    return model
+
+
+def median_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each case; cases run interleaved, after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(warmup + repeats):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            case()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def trace_overhead(repeats: int = 5, tokens: int = 32, **shape) -> dict[str, float]:
+    """Median seconds of the plain forward and of the three traces (see the module doc)."""
+    from .model import InterpretableModel
+
+    module = random_llama(**shape)
+    model = InterpretableModel(module)
+    config = {**SMOLLM2_135M_SHAPE, **shape}
+    ids = mx.random.randint(0, config["vocab_size"], (1, tokens)).astype(mx.int32)
+    residual = [f"model.model.layers.{i}" for i in range(config["num_hidden_layers"])]
+    cases = {
+        "plain": lambda: mx.eval(module(ids)),
+        "capture nothing": lambda: model.run(ids, capture=[]),
+        "residual stream": lambda: model.run(ids, capture=residual),
+        "everything": lambda: model.run(ids),
+    }
+    reference = module(ids)
+    for name, case in list(cases.items())[1:]:  # time only traces that compute the same thing
+        if not mx.array_equal(case().output, reference).item():
+            raise AssertionError(f"benchmark case {name!r} changed the model output")
+    return median_times(cases, repeats)
+
+
+def main(repeats: int = 5, tokens: int = 32) -> dict[str, float]:
+    from .backend import describe
+
+    print(f"backend: {describe()}")
+    print(f"random Llama, SmolLM2-135M shape, batch 1 x {tokens} tokens, median of {repeats}")
+    medians = trace_overhead(repeats, tokens)
+    plain = medians["plain"]
+    targets = {"capture nothing": 1.02, "residual stream": 1.05, "everything": 1.3}
+    for name, seconds in medians.items():
+        ratio = seconds / plain
+        target = f"  (target <= {targets[name]:.2f}x)" if name in targets else ""
+        print(f"  {name:16s} {seconds * 1000:9.1f} ms  {ratio:6.3f}x{target}")
+    return {name: seconds / plain for name, seconds in medians.items()}

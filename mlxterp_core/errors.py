@@ -1,0 +1,50 @@
+"""Exceptions raised by mlxterp. Every message says what was wrong and what to do next."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MlxterpError(Exception):
+    """Base class of every error mlxterp raises on purpose."""
+
+
+class UnknownNameError(MlxterpError, KeyError):
+    """A raw or standard name that this model (or this trace) does not have.
+
+    Subclasses KeyError so that ``name in trace.activations`` style code keeps working,
+    but prints its message plainly instead of KeyError's quoted repr.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InterventionError(MlxterpError):
+    """An intervention raised, returned the wrong shape or dtype, or never ran."""
+
+
+class InputError(MlxterpError, ValueError):
+    """Inputs to a trace that cannot be run: text without a tokenizer, an empty prompt, ..."""
+
+
+class TraceError(MlxterpError, RuntimeError):
+    """A trace used out of order: ``model.output`` outside a trace, nested traces, ..."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The candidates most similar to ``name``, best first (for 'did you mean' messages)."""
+    pool = list(candidates)
+    found = difflib.get_close_matches(name, pool, n=n, cutoff=0.5)
+    if not found:
+        # Long dotted paths defeat difflib's ratio; fall back to a shared-suffix match.
+        tail = name.rsplit(".", 1)[-1]
+        found = [c for c in pool if c.endswith(tail)][:n]
+    return found
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """' Closest names: a, b, c.' or '' when nothing is close."""
+    found = closest(name, candidates)
+    return f" Closest names: {', '.join(found)}." if found else ""

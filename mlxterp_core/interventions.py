@@ -1,0 +1,245 @@
+"""Interventions: functions ``array -> array`` that edit an activation while the model runs.
+
+Give them to ``model.trace(..., interventions={name: intervention})``. Any callable that takes
+the activation and returns an array of the same shape and dtype works; the ones here also
+keep the dtype of the activation and can be restricted to batch rows, token positions and
+attention heads with ``.at(...)``::
+
+    iv.scale(0.5)                               # halve the whole activation
+    iv.zero_out.at(positions=2)                 # zero token position 2 only
+    iv.add_vector(v).at(rows=[0], positions=-1) # steer the last position of row 0
+    iv.zero_out.at(heads=[3], n_heads=9)        # zero head 3 of a (B, T, H*D) activation
+
+Axis conventions: a 3-d activation is (B, T, F) with F = H*D when heads are asked for; a 4-d
+activation is a per-head view (B, H, T, D), as queries, keys and values are inside attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import attrs
+import mlx.core as mx
+
+from .errors import InterventionError
+
+Index = Union[int, Sequence[int], slice, None]
+ActivationFn = Callable[[mx.array], mx.array]
+
+__all__ = [
+    "Intervention",
+    "zero_out",
+    "scale",
+    "add_vector",
+    "replace_with",
+    "clamp",
+    "noise",
+    "compose",
+    "restrict",
+]
+
+
+def _axis_mask(spec: Index, size: int, what: str) -> mx.array | None:
+    """Boolean (size,) mask of the indices in ``spec``; None means 'all'."""
+    if spec is None:
+        return None
+    if isinstance(spec, slice):
+        chosen = list(range(size))[spec]
+    elif isinstance(spec, int):
+        chosen = [spec]
+    else:
+        chosen = [int(i) for i in spec]
+    keep = [False] * size
+    for i in chosen:
+        if not -size <= i < size:
+            raise InterventionError(f"{what} {i} is out of range for an axis of size {size}.")
+        keep[i] = True
+    return mx.array(keep)
+
+
+def _keep_dtype(y: mx.array, like: mx.array) -> mx.array:
+    return y if y.dtype == like.dtype else y.astype(like.dtype)
+
+
+@attrs.frozen
+class Intervention:
+    """An activation edit, optionally restricted to rows, positions and heads.
+
+    Calling it applies ``fn`` and, where a restriction is set, keeps the original values
+    everywhere outside the chosen rows / positions / heads.
+    """
+
+    fn: ActivationFn
+    description: str
+    rows: Index = None
+    positions: Index = None
+    heads: Index = None
+    n_heads: int | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.fn(x)
+        if self.rows is None and self.positions is None and self.heads is None:
+            return y
+        return mx.where(self._mask(x), y, x)
+
+    def at(
+        self,
+        positions: Index = None,
+        rows: Index = None,
+        heads: Index = None,
+        n_heads: int | None = None,
+    ) -> Intervention:
+        """The same edit, applied only at these token positions, batch rows and heads.
+
+        ``heads`` on a (B, T, H*D) activation needs ``n_heads`` (standard names such as
+        ``layers[i].attn.z`` supply it themselves); on a (B, H, T, D) view it does not.
+        """
+        return attrs.evolve(
+            self,
+            positions=positions if positions is not None else self.positions,
+            rows=rows if rows is not None else self.rows,
+            heads=heads if heads is not None else self.heads,
+            n_heads=n_heads if n_heads is not None else self.n_heads,
+        )
+
+    def _mask(self, x: mx.array) -> mx.array:
+        if x.ndim == 4:  # per-head view (B, H, T, D)
+            batch, n_heads, length, _ = x.shape
+            rows = _axis_mask(self.rows, batch, "row")
+            heads = _axis_mask(self.heads, n_heads, "head")
+            positions = _axis_mask(self.positions, length, "position")
+            mask = mx.ones(x.shape[:3], dtype=mx.bool_)
+            if rows is not None:
+                mask = mask & rows[:, None, None]
+            if heads is not None:
+                mask = mask & heads[None, :, None]
+            if positions is not None:
+                mask = mask & positions[None, None, :]
+            return mask[..., None]
+        if x.ndim == 3:  # (B, T, F)
+            batch, length, features = x.shape
+            rows = _axis_mask(self.rows, batch, "row")
+            positions = _axis_mask(self.positions, length, "position")
+            mask = mx.ones((batch, length, 1), dtype=mx.bool_)
+            if rows is not None:
+                mask = mask & rows[:, None, None]
+            if positions is not None:
+                mask = mask & positions[None, :, None]
+            if self.heads is not None:
+                mask = mask & self._feature_mask(features)[None, None, :]
+            return mask
+        if self.positions is not None or self.heads is not None:
+            raise InterventionError(
+                f"positions/heads need a (B, T, F) or (B, H, T, D) activation; this one has "
+                f"shape {tuple(x.shape)}. Restrict it with rows= only."
+            )
+        rows = _axis_mask(self.rows, x.shape[0], "row")
+        return rows.reshape((-1,) + (1,) * (x.ndim - 1))
+
+    def _feature_mask(self, features: int) -> mx.array:
+        if self.n_heads is None:
+            raise InterventionError(
+                f"heads= on a (B, T, {features}) activation needs n_heads= to split the last "
+                "axis into heads: use .at(heads=..., n_heads=H), or a per-head standard name."
+            )
+        if features % self.n_heads:
+            raise InterventionError(
+                f"n_heads={self.n_heads} does not divide the last axis ({features})."
+            )
+        head_dim = features // self.n_heads
+        heads = _axis_mask(self.heads, self.n_heads, "head")
+        return mx.repeat(heads, head_dim)
+
+    def __repr__(self) -> str:
+        where = [
+            f"{k}={getattr(self, k)!r}"
+            for k in ("rows", "positions", "heads")
+            if getattr(self, k) is not None
+        ]
+        return self.description + (f".at({', '.join(where)})" if where else "")
+
+
+def restrict(
+    fn: ActivationFn,
+    positions: Index = None,
+    rows: Index = None,
+    heads: Index = None,
+    n_heads: int | None = None,
+) -> Intervention:
+    """Restrict any callable ``array -> array`` to rows, positions and heads."""
+    base = fn if isinstance(fn, Intervention) else Intervention(fn, getattr(fn, "__name__", repr(fn)))
+    return base.at(positions=positions, rows=rows, heads=heads, n_heads=n_heads)
+
+
+zero_out = Intervention(mx.zeros_like, "zero_out")
+"""Set the activation to zero."""
+
+
+def scale(factor: float | mx.array) -> Intervention:
+    """Multiply the activation by ``factor`` (a number or a broadcastable array)."""
+    return Intervention(lambda x: _keep_dtype(x * factor, x), f"scale({factor!r})")
+
+
+def add_vector(vector) -> Intervention:
+    """Add ``vector`` (broadcast against the activation, e.g. (D,), (T, D) or (B, T, D))."""
+    vector = mx.array(vector)
+    return Intervention(
+        lambda x: x + vector.astype(x.dtype), f"add_vector(shape={tuple(vector.shape)})"
+    )
+
+
+def replace_with(value) -> Intervention:
+    """Replace the activation with ``value`` (an array of its shape, or broadcastable to it)."""
+    value = mx.array(value)
+    return Intervention(
+        lambda x: mx.broadcast_to(value.astype(x.dtype), x.shape),
+        f"replace_with(shape={tuple(value.shape)})",
+    )
+
+
+def clamp(min=None, max=None) -> Intervention:  # noqa: A002 - the original API's names
+    """Clip the activation to ``[min, max]`` (either bound may be None)."""
+    if min is None and max is None:
+        raise InterventionError("clamp needs at least one of min= and max=.")
+    return Intervention(lambda x: mx.clip(x, min, max), f"clamp({min!r}, {max!r})")
+
+
+def noise(std: float = 0.1, seed: int | None = None) -> Intervention:
+    """Add Gaussian noise of standard deviation ``std``.
+
+    With ``seed`` the noise is the same on every call (reproducible); without it, it comes
+    from MLX's global random state (``mx.random.seed``).
+    """
+    key = None if seed is None else mx.random.key(seed)
+
+    def add_noise(x: mx.array) -> mx.array:
+        return x + std * mx.random.normal(x.shape, dtype=x.dtype, key=key)
+
+    return Intervention(add_noise, f"noise(std={std!r}, seed={seed!r})")
+
+
+@attrs.define
+class _Composer:
+    steps: list[ActivationFn] = attrs.Factory(list)
+
+    def add(self, fn: ActivationFn) -> _Composer:
+        self.steps.append(fn)
+        return self
+
+    def build(self) -> Intervention:
+        steps = tuple(self.steps)
+        if not steps:
+            raise InterventionError("compose() needs at least one .add(...) before .build().")
+
+        def run_all(x: mx.array) -> mx.array:
+            for step in steps:
+                x = step(x)
+            return x
+
+        return Intervention(run_all, "compose(" + ", ".join(map(repr, steps)) + ")")
+
+
+def compose() -> _Composer:
+    """Chain interventions: ``compose().add(scale(0.5)).add(noise(0.1)).build()``."""
+    return _Composer()

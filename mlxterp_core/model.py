@@ -1,0 +1,147 @@
+"""InterpretableModel: wrap any ``mlx.nn.Module`` (and optionally its tokenizer) for tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import inputs as _inputs
+from .errors import TraceError
+from .probes import walk_modules
+from .trace import MODEL_OUTPUT, Activations, Trace, _static_site_names
+
+
+class _OutputProxy:
+    """``model.output`` inside a trace block; ``.save()`` returns the model's output."""
+
+    def __init__(self, model: InterpretableModel):
+        self._model = model
+
+    def save(self) -> Any:
+        return self._model._current_trace().output
+
+    @property
+    def value(self) -> Any:
+        return self.save()
+
+
+class InterpretableModel:
+    """A model you can look inside: trace it, read activations by name, intervene.
+
+    ``model`` is any ``mlx.nn.Module``; it is called as ``model(inputs)``. ``tokenizer`` is
+    optional (mlx-lm's TokenizerWrapper, a Hugging Face tokenizer or a ``tokenizers``
+    Tokenizer); without one, pass token ids or arrays instead of text.
+
+    The wrapped module stays exactly as it was: probes exist only while a trace runs. Every
+    attribute this class does not define is looked up on the wrapped module, so
+    ``parameters()``, ``load_weights`` and ``layers`` work here as they do there.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"InterpretableModel wraps an mlx.nn.Module, got {type(model).__name__}."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self._active_traces: list[Trace] = []
+
+    # -- running -------------------------------------------------------------------------
+
+    def trace(
+        self,
+        inputs: Any,
+        interventions: Mapping[str, Callable] | None = None,
+        capture: str | list[str] | None = None,
+    ) -> Trace:
+        """A trace of one forward pass; use as ``with model.trace(...) as tr:``.
+
+        Args:
+            inputs: a string, a list of strings (right-padded batch), a list of token ids,
+                a list of id lists, or an mx.array passed to the model as is.
+            interventions: site name (or glob pattern) -> callable ``array -> array``.
+            capture: names or glob patterns to record; None records every site.
+        """
+        return Trace(self, inputs, interventions=interventions, capture=capture)
+
+    def run(
+        self,
+        inputs: Any,
+        interventions: Mapping[str, Callable] | None = None,
+        capture: str | list[str] | None = None,
+    ) -> Trace:
+        """Like :meth:`trace` without the ``with`` block: returns the finished trace."""
+        return Trace(self, inputs, interventions=interventions, capture=capture).run()
+
+    def __call__(self, inputs: Any) -> Any:
+        """A plain forward pass, no probes: the wrapped module's own output."""
+        return self.model(_inputs.prepare(inputs, self.tokenizer).array)
+
+    @property
+    def output(self) -> _OutputProxy:
+        """Inside a trace block, ``model.output.save()`` returns the model's output."""
+        return _OutputProxy(self)
+
+    def _current_trace(self) -> Trace:
+        if not self._active_traces:
+            raise TraceError(
+                "model.output is only available inside a `with model.trace(...)` block."
+            )
+        return self._active_traces[-1]
+
+    # -- names ---------------------------------------------------------------------------
+
+    def module_names(self) -> list[str]:
+        """Raw module paths of the wrapped model (``model.model.layers.0.self_attn`` ...)."""
+        return [path for path, _ in walk_modules(self.model)[1:]]
+
+    def site_names(self) -> list[str]:
+        """Every raw site name known before running (module outputs and ``:input`` ports)."""
+        return _static_site_names(self.module_names())
+
+    def _resolve_activation(self, name: str, activations: Activations) -> mx.array | None:
+        """Look up a non-raw name in a trace's activations; architecture plugins extend this."""
+        return None
+
+    # -- tokenizer helpers ---------------------------------------------------------------
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise TraceError(
+                "this model has no tokenizer: InterpretableModel(module, tokenizer=...)."
+            )
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        return _inputs.encode(self._require_tokenizer(), text)
+
+    def decode(self, ids) -> str:
+        """Text of a list (or array) of token ids."""
+        return _inputs.decode(self._require_tokenizer(), ids)
+
+    def token_to_str(self, token_id: int) -> str:
+        """The text of one token, with its leading space if it has one (``' Paris'``)."""
+        return _inputs.decode(self._require_tokenizer(), [int(token_id)])
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, special tokens included."""
+        return _inputs.vocab_size(self._require_tokenizer())
+
+    # -- delegation ----------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found here: parameters(), load_weights, layers ...
+        if name.startswith("__") or "model" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["model"], name)
+
+    def __repr__(self) -> str:
+        return f"InterpretableModel({type(self.model).__name__}, tokenizer={type(self.tokenizer).__name__})"
+
+
+__all__ = ["InterpretableModel", "MODEL_OUTPUT"]

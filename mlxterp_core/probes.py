@@ -1,0 +1,116 @@
+"""Probes: see every module call of an ``mlx.nn.Module`` without changing the module.
+
+A probe is installed by swapping one instance's class for a generated subclass whose
+``__call__`` hands the call to the probe object stored on that instance. Nothing else changes:
+the parameter tree, ``parameters()``, ``load_weights``, ``nn.quantize`` and every attribute the
+model code reads stay exactly as they were, ``isinstance`` still holds, and removing the probe
+restores the original class. Probes live only while a trace runs its forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.nn as nn
+
+from .errors import TraceError
+
+# Instance attribute (kept in the object's __dict__, never among the module's parameters)
+# that holds the active probe of a probed module.
+_PROBE_ATTR = "_mlxterp_probe"
+# Class attribute of a generated subclass that names the class it stands in for.
+_ORIGINAL_ATTR = "_mlxterp_original_class"
+
+_probed_classes: dict[type, type] = {}
+
+
+def walk_modules(root: nn.Module, prefix: str = "model") -> list[tuple[str, nn.Module]]:
+    """Every module under ``root`` with its dotted path, parents before children.
+
+    Follows child modules, lists, tuples and dicts of modules the way ``Module.children()``
+    does. A module reachable twice (shared, or through a cycle) is listed once, under the
+    first path found.
+    """
+    found: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, nn.Module):
+            if id(value) in seen:
+                return
+            seen.add(id(value))
+            found.append((path, value))
+            for key, child in value.items():
+                visit(child, f"{path}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, child in enumerate(value):
+                visit(child, f"{path}.{i}")
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                visit(child, f"{path}.{key}")
+
+    visit(root, prefix)
+    return found
+
+
+def _probed_class(cls: type) -> type:
+    """The generated subclass of ``cls`` whose ``__call__`` consults the instance's probe."""
+    probed = _probed_classes.get(cls)
+    if probed is not None:
+        return probed
+    original_call = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+        probe = self.__dict__.get(_PROBE_ATTR)
+        if probe is None:  # installed but idle: behave exactly like the original
+            return original_call(self, *args, **kwargs)
+        return probe(original_call, self, args, kwargs)
+
+    probed = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__call__": __call__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            _ORIGINAL_ATTR: cls,
+        },
+    )
+    _probed_classes[cls] = probed
+    return probed
+
+
+def is_probed(module: nn.Module) -> bool:
+    return _ORIGINAL_ATTR in type(module).__dict__
+
+
+Probe = Callable[[Callable, nn.Module, tuple, dict], Any]
+
+
+@contextmanager
+def probes_installed(targets: list[tuple[nn.Module, Probe | None]]) -> Iterator[None]:
+    """Install ``probe`` on each module for the duration of the block, then restore it.
+
+    A probe of ``None`` installs an idle probe (the generated class, no recording), which is
+    how tests show that probing alone changes nothing. Restoration runs whatever happens in
+    the block, so an exception never leaves a probe behind.
+    """
+    installed: list[nn.Module] = []
+    try:
+        for module, probe in targets:
+            if is_probed(module):
+                raise TraceError(
+                    f"{type(module).__name__} is already probed: a trace is running on this "
+                    "model (traces cannot start inside an intervention of another trace)."
+                )
+            module.__class__ = _probed_class(type(module))
+            installed.append(module)
+            if probe is not None:
+                object.__setattr__(module, _PROBE_ATTR, probe)
+        yield
+    finally:
+        for module in installed:
+            module.__dict__.pop(_PROBE_ATTR, None)
+            module.__class__ = type(module).__dict__[_ORIGINAL_ATTR]

@@ -1,0 +1,70 @@
+"""Test helpers: tiny random-weight models and a tokenizer trained in the test, no downloads."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+CORPUS = [
+    "The capital of France is Paris.",
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Colosseum is located in the city of Rome.",
+    "Hello, how are you? Analyze this text.",
+    "I love this movie. I hate this movie. This movie is great.",
+    "Test input, input text, and more test text.",
+]
+
+
+class SimpleModel(nn.Module):
+    """The original README's custom model."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(64, 64) for _ in range(4)]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def train_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained on CORPUS, as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def tiny_llama(**overrides):
+    """A random-weight mlx-lm Llama small enough for unit tests."""
+    from mlx_lm.models import llama
+
+    config = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=320,
+    )
+    config.update(overrides)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**config))
+    mx.eval(model.parameters())
+    return model
+
+
+def bitwise_equal(a: mx.array, b: mx.array) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(mx.array_equal(a, b).item())
