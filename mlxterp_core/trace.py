@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .errors import InterventionError, TraceError, UnknownNameError, did_you_mean
 from .inputs import ModelInputs, prepare
@@ -258,14 +259,11 @@ class Trace:
         if self._ran:
             raise TraceError("this trace has already run; start a new model.trace(...).")
         module = self._model.model
-        sites = walk_modules(module)[1:]  # the root's output is __model_output__
-        paths = [path for path, _ in sites]
-        names = list(self._interventions) + (self._capture or [])
-        self._check_known(names, paths)
         recorder = Recorder(
             None if self._capture is None else NameSet(self._capture), self._interventions
         )
-        targets = _probe_targets(sites, recorder, None if self._capture is None else names)
+        names = list(self._interventions) + (self._capture or [])
+        targets = _probe_targets(module, recorder, names, capture_all=self._capture is None)
         with probes_installed(targets):
             output = module(self._inputs.array)
             if isinstance(output, mx.array):
@@ -278,33 +276,10 @@ class Trace:
         self.activations = Activations(
             recorder.recorded,
             resolve=self._model._resolve_activation,
-            known_sites=lambda: _static_site_names(paths),
+            known_sites=self._model.site_names,
         )
         self._ran = True
         return self
-
-    def _check_known(self, names: list[str], paths: list[str]) -> None:
-        """Fail before running on names that cannot match any site of this model."""
-        path_set = set(paths)
-        for name in names:
-            if name == MODEL_OUTPUT:
-                continue
-            part = module_part(name)
-            if is_glob(name):
-                if not any(fnmatch.fnmatchcase(p, part) for p in paths) and not fnmatch.fnmatchcase(
-                    MODEL_OUTPUT, name
-                ):
-                    raise UnknownNameError(
-                        f"pattern {name!r} matches no site of this model."
-                        + did_you_mean(part, paths)
-                    )
-                continue
-            if part not in path_set or not _SITE_GRAMMAR.match(name):
-                raise UnknownNameError(
-                    f"no site named {name!r} in this model. Raw names are 'model.' + a module "
-                    "path, optionally followed by '#k' (k-th call) and ':input'."
-                    + did_you_mean(name, _static_site_names(paths))
-                )
 
     def _check_reached(self, recorder: Recorder) -> None:
         """Fail on names that matched sites statically but never ran in this forward pass."""
@@ -324,12 +299,66 @@ class Trace:
                 )
 
 
-def _probe_targets(sites, recorder: Recorder, names: list[str] | None):
-    """Probe only the modules that a wanted name can refer to (all of them when names is None)."""
-    if names is None:
-        return [(module, _Probe(recorder, path)) for path, module in sites]
+def _probe_targets(root: nn.Module, recorder: Recorder, names: list[str], capture_all: bool):
+    """The (module, probe) pairs for every module a wanted name can refer to.
+
+    Exact names are looked up by their path alone, so a trace that asks for a few sites costs
+    a few lookups, not a walk of the whole model. Unknown names fail here, before anything
+    runs.
+    """
+    exact = _check_exact([n for n in names if not is_glob(n)], root)
+    globs = [n for n in names if is_glob(n)]
+    if not capture_all and not globs:
+        return [(m, _Probe(recorder, path)) for path, m in exact.items()]
+    sites = walk_modules(root)[1:]
+    paths = [path for path, _ in sites]
+    for name in globs:
+        part = module_part(name)
+        if not any(fnmatch.fnmatchcase(p, part) for p in paths) and not fnmatch.fnmatchcase(
+            MODEL_OUTPUT, name
+        ):
+            raise UnknownNameError(
+                f"pattern {name!r} matches no site of this model." + did_you_mean(part, paths)
+            )
+    if capture_all:
+        return [(m, _Probe(recorder, path)) for path, m in sites]
     wanted = NameSet([module_part(n) for n in names])
-    return [(module, _Probe(recorder, path)) for path, module in sites if path in wanted]
+    return [(m, _Probe(recorder, path)) for path, m in sites if path in wanted]
+
+
+def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> module for exact site names; an unknown name fails with suggestions."""
+    found: dict[str, nn.Module] = {}
+    for name in names:
+        if canonical_site(name) == MODEL_OUTPUT:
+            continue
+        path = module_part(name)
+        module = locate_module(root, path) if _SITE_GRAMMAR.match(name) else None
+        if module is None:
+            known = [p for p, _ in walk_modules(root)[1:]]
+            raise UnknownNameError(
+                f"no site named {name!r} in this model. Raw names are 'model.' + a module "
+                "path, optionally followed by '#k' (k-th call) and ':input'."
+                + did_you_mean(name, _static_site_names(known))
+            )
+        found[path] = module
+    return found
+
+
+def locate_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path ('model.layers.0'), or None; the root is 'model'."""
+    head, _, rest = path.partition(".")
+    if head != "model" or not rest:
+        return None
+    node = root
+    for part in rest.split("."):
+        if isinstance(node, dict):  # nn.Module is a dict of its children
+            node = node.get(part)
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node if isinstance(node, nn.Module) else None
 
 
 def _static_site_names(paths: list[str]) -> list[str]:
