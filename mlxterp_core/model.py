@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import inputs as _inputs
-from .errors import TraceError
+from . import plugins
+from .architecture import Architecture, model_type, recognize
+from .errors import TraceError, UnknownNameError
 from .probes import walk_modules
-from .trace import MODEL_OUTPUT, Activations, Trace, _static_site_names
+from .schema import ArchitectureSchema
+from .trace import MODEL_OUTPUT, Trace, _static_site_names
 
 
 class _OutputProxy:
@@ -40,7 +45,23 @@ class InterpretableModel:
     ``parameters()``, ``load_weights`` and ``layers`` work here as they do there.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        schema: ArchitectureSchema | str | Path | None = None,
+        validate: bool = True,
+    ):
+        """
+        Args:
+            model: any ``mlx.nn.Module``.
+            tokenizer: optional; needed for text inputs and the tokenizer helpers.
+            schema: the model's architecture schema (an ArchitectureSchema or a .toml/.json
+                file). By default the plugins recognise the family from mlx-lm's
+                ``model_type``; a model no plugin knows still gets raw names.
+            validate: check the schema against a 3-token forward pass now (recommended).
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"InterpretableModel wraps an mlx.nn.Module, got {type(model).__name__}."
@@ -48,6 +69,28 @@ class InterpretableModel:
         self.model = model
         self.tokenizer = tokenizer
         self._active_traces: list[Trace] = []
+        if schema is not None:
+            if not isinstance(schema, ArchitectureSchema):
+                schema = ArchitectureSchema.from_file(schema)
+            self.architecture: Architecture | None = Architecture(schema, model, plugin="schema=")
+        else:
+            self.architecture = recognize(model)
+        if self.architecture is not None and validate:
+            from .validation import validate_architecture
+
+            validate_architecture(self)
+
+    def architecture_or_raise(self, name: str) -> Architecture:
+        """The architecture, or an error saying standard names need one."""
+        if self.architecture is None:
+            raise UnknownNameError(
+                f"{name!r} is a standard name, but no plugin recognises this "
+                f"{type(self.model).__name__} (model_type={model_type(self.model)!r}), so only raw "
+                "names work (see model.module_names()). To use standard names, pass "
+                "schema=ArchitectureSchema(...) or a schema file, or install a plugin that "
+                "provides one (docs: plugin authoring)."
+            )
+        return self.architecture
 
     # -- running -------------------------------------------------------------------------
 
@@ -102,9 +145,9 @@ class InterpretableModel:
         """Every raw site name known before running (module outputs and ``:input`` ports)."""
         return _static_site_names(self.module_names())
 
-    def _resolve_activation(self, name: str, activations: Activations) -> mx.array | None:
-        """Look up a non-raw name in a trace's activations; architecture plugins extend this."""
-        return None
+    def standard_names(self) -> list[str]:
+        """Every standard name this model has (needs a recognised family)."""
+        return self.architecture_or_raise("standard names").standard_names()
 
     # -- tokenizer helpers ---------------------------------------------------------------
 
@@ -135,13 +178,21 @@ class InterpretableModel:
     # -- delegation ----------------------------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
-        # Only called for attributes not found here: parameters(), load_weights, layers ...
+        # Only called for attributes not found here: analyses from plugins
+        # (model.logit_lens(...)), then the wrapped module's (parameters(), load_weights ...).
         if name.startswith("__") or "model" not in self.__dict__:
             raise AttributeError(name)
+        analysis = plugins.analyses().get(name)
+        if analysis is not None:
+            return partial(analysis, self)
         return getattr(self.__dict__["model"], name)
 
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *plugins.analyses()})
+
     def __repr__(self) -> str:
-        return f"InterpretableModel({type(self.model).__name__}, tokenizer={type(self.tokenizer).__name__})"
+        family = self.architecture.family if self.architecture else "unknown family"
+        return f"InterpretableModel({type(self.model).__name__}, {family}, tokenizer={type(self.tokenizer).__name__})"
 
 
 __all__ = ["InterpretableModel", "MODEL_OUTPUT"]

@@ -1,16 +1,20 @@
 """Traces: run the model once with probes on the sites asked for, record, intervene.
 
 Raw site names are the module path with ``model.`` in front (the wrapped module is
-``model``), as in ``model.model.layers.5.self_attn.q_proj``, plus two optional suffixes:
+``model``), as in ``model.model.layers.5.self_attn.q_proj``, plus optional suffixes:
 
 - ``#k``: the k-th call of a module within one forward pass, counted from 0. A module called
   twice, like RoPE (queries, then keys), records ``...rope`` (= ``...rope#0``) and ``...rope#1``.
 - ``:input``: the first positional argument the module was called with (its input), instead
   of what it returned. ``...o_proj:input`` is the per-head attention mix before the output
   projection.
+- ``:pattern`` (attention modules only, opt-in): the attention probabilities (B, H, T, S),
+  see :mod:`mlxterp_core.attention`. Never recorded unless asked for by name.
 
 ``__model_output__`` is what the wrapped module returned. Module outputs that are tuples are
-recorded (and intervened on) through their first element.
+recorded (and intervened on) through their first element. Where the model's family is known,
+standard names (``layers[5].attn.q``, see :mod:`mlxterp_core.names`) work wherever raw names
+do: in ``capture=``, in ``interventions=`` and in ``trace.activations[...]``.
 
 Activations are recorded after the intervention at that site has run, i.e. they are what
 flowed on through the model. Everything recorded is evaluated together, once, at the end of
@@ -22,13 +26,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import PATTERN_PORT, patterns_observed
 from .errors import InterventionError, TraceError, UnknownNameError, did_you_mean
 from .inputs import ModelInputs, prepare
+from .interventions import Intervention
+from .names import is_raw
 from .probes import probes_installed, walk_modules
 
 if TYPE_CHECKING:
@@ -36,7 +45,7 @@ if TYPE_CHECKING:
 
 MODEL_OUTPUT = "__model_output__"
 INPUT_PORT = ":input"
-_SITE_GRAMMAR = re.compile(r"^(?P<path>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<port>input))?$")
+_SITE_GRAMMAR = re.compile(r"^(?P<path>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<port>input|pattern))?$")
 _GLOB_CHARS = set("*?[")
 
 
@@ -54,35 +63,47 @@ def canonical_site(name: str) -> str:
     return re.sub(r"#0(?=$|:)", "", name)
 
 
+def _matches(site: str, pattern: str) -> bool:
+    """Whether a recorded site answers a capture entry; ':pattern' sites only when named."""
+    if is_glob(pattern):
+        if site.endswith(PATTERN_PORT) and not pattern.endswith(PATTERN_PORT):
+            return False
+        return fnmatch.fnmatchcase(site, pattern)
+    return site == canonical_site(pattern)
+
+
 class NameSet:
     """A set of exact site names and glob patterns."""
 
     def __init__(self, names: list[str]):
-        self.names = names
         self.exact = {canonical_site(n) for n in names if not is_glob(n)}
-        self.globs = [re.compile(fnmatch.translate(n)) for n in names if is_glob(n)]
+        self.globs = [n for n in names if is_glob(n)]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.exact or any(g.match(name) for g in self.globs)
+    def __contains__(self, site: str) -> bool:
+        return site in self.exact or any(_matches(site, g) for g in self.globs)
+
+
+@attrs.frozen
+class Edit:
+    """An intervention in raw terms: at ``site`` (exact or glob), ``apply(x, site, seen)``."""
+
+    key: str  # the name the user gave (raw or standard), for messages
+    site: str
+    apply: Callable[[mx.array, str, Mapping[str, mx.array]], mx.array]
+    needs: str | None = None  # a raw site whose value ``apply`` reads from ``seen``
 
 
 class Activations(Mapping):
     """The recorded activations of a trace: raw site name -> mx.array.
 
-    Looking up a name that was not recorded raises :class:`UnknownNameError` naming the
-    closest names that were. A resolver (set by architecture plugins) lets standard names
-    such as ``layers[5].attn.q`` be looked up too.
+    Standard names (``layers[5].attn.q``), their aliases, and ``layers[*]...`` (stacked over
+    layers, (L, ...)) are looked up too. A name that was not recorded raises
+    :class:`UnknownNameError` naming the closest names that were.
     """
 
-    def __init__(
-        self,
-        recorded: dict[str, Any],
-        resolve: Callable[[str, Activations], Any] | None = None,
-        known_sites: Callable[[], list[str]] | None = None,
-    ):
+    def __init__(self, recorded: dict[str, Any], model: InterpretableModel | None = None):
         self._recorded = recorded
-        self._resolve = resolve
-        self._known_sites = known_sites
+        self._model = model
 
     def __getitem__(self, name: str):
         if name in self._recorded:
@@ -90,17 +111,25 @@ class Activations(Mapping):
         canonical = canonical_site(name)
         if canonical in self._recorded:
             return self._recorded[canonical]
-        if self._resolve is not None:
-            value = self._resolve(name, self)
-            if value is not None:
-                return value
+        if self._model is not None and not is_raw(name):
+            return self._standard(name)
         hint = ""
-        if self._known_sites is not None and canonical in self._known_sites():
+        if self._model is not None and canonical in self._model.site_names():
             hint = " It is a site of this model but was not captured: add it to capture=."
         raise UnknownNameError(
-            f"no activation named {name!r} in this trace.{hint}"
-            + did_you_mean(name, self._recorded)
+            f"no activation named {name!r} in this trace.{hint}" + did_you_mean(name, self._recorded)
         )
+
+    def _standard(self, name: str):
+        values = []
+        for resolved in self._model.architecture_or_raise(name).resolve(name):
+            if resolved.site not in self._recorded:
+                raise UnknownNameError(
+                    f"{resolved.name} ({resolved.site}) was not recorded in this trace: add "
+                    f"{name!r} to capture=" + (" (patterns are opt-in)." if resolved.site.endswith(PATTERN_PORT) else ".")
+                )
+            values.append(resolved.read(self._recorded[resolved.site]))
+        return values[0] if len(values) == 1 and "*" not in name else mx.stack(values)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -118,7 +147,8 @@ class Activations(Mapping):
         return len(self._recorded)
 
     def __repr__(self) -> str:
-        return f"Activations({len(self)} sites: {', '.join(list(self)[:4])}{', ...' if len(self) > 4 else ''})"
+        shown = ", ".join(list(self)[:4]) + (", ..." if len(self) > 4 else "")
+        return f"Activations({len(self)} sites: {shown})"
 
 
 class _Probe:
@@ -138,7 +168,11 @@ class _Probe:
             x = recorder.visit(site + INPUT_PORT, args[0])
             if x is not args[0]:
                 args = (x, *args[1:])
-        out = call(module, *args, **kwargs)
+        recorder.stack.append(self.path)
+        try:
+            out = call(module, *args, **kwargs)
+        finally:
+            recorder.stack.pop()
         if isinstance(out, mx.array):
             return recorder.visit(site, out)
         if isinstance(out, tuple) and out and isinstance(out[0], mx.array):
@@ -151,54 +185,65 @@ class _Probe:
 class Recorder:
     """The state of one forward pass: what to record, what to change, what happened."""
 
-    def __init__(self, capture: NameSet | None, interventions: dict[str, Callable]):
-        self.capture = capture  # None: record everything
-        self.exact_interventions = {
-            canonical_site(k): (k, fn) for k, fn in interventions.items() if not is_glob(k)
-        }
-        self.glob_interventions = [
-            (re.compile(fnmatch.translate(k)), k, fn) for k, fn in interventions.items() if is_glob(k)
-        ]
+    def __init__(self, capture: list[str] | None, edits: list[Edit], patterns: set[str]):
+        self.capture = None if capture is None else NameSet(capture)  # None: everything
+        self.exact_edits: dict[str, list[Edit]] = {}
+        self.glob_edits: list[Edit] = []
+        for edit in edits:
+            if is_glob(edit.site):
+                self.glob_edits.append(edit)
+            else:
+                self.exact_edits.setdefault(canonical_site(edit.site), []).append(edit)
+        self.keep = {e.needs for e in edits if e.needs}
+        self.pattern_paths = patterns
         self.recorded: dict[str, Any] = {}
+        self.seen: dict[str, mx.array] = {}
         self.calls: dict[str, int] = {}
+        self.stack: list[str] = []
         self.fired: set[str] = set()
 
     def visit(self, site: str, x: mx.array) -> mx.array:
-        edits = []
-        if site in self.exact_interventions:
-            edits.append(self.exact_interventions[site])
-        for pattern, key, fn in self.glob_interventions:
-            if pattern.match(site):
-                edits.append((key, fn))
-        for key, fn in edits:
-            x = _apply(fn, x, site, key)
-            self.fired.add(key)
-        if self.capture is None or site in self.capture:
+        for edit in self.exact_edits.get(site, ()):
+            x = edit.apply(x, site, self.seen)
+            self.fired.add(edit.key)
+        for edit in self.glob_edits:
+            if _matches(site, edit.site):
+                x = edit.apply(x, site, self.seen)
+                self.fired.add(edit.key)
+        if site in self.keep:
+            self.seen[site] = x
+        if self.capture is None:
+            if not site.endswith(PATTERN_PORT):
+                self.recorded[site] = x
+        elif site in self.capture:
             self.recorded[site] = x
         return x
 
 
-def _apply(fn: Callable, x: mx.array, site: str, key: str) -> mx.array:
-    try:
-        y = fn(x)
-    except InterventionError as e:
-        raise InterventionError(f"intervention {key!r} at {site}: {e}") from e
-    except Exception as e:
-        raise InterventionError(
-            f"intervention {key!r} raised at {site}: {type(e).__name__}: {e}"
-        ) from e
-    if not isinstance(y, mx.array):
-        raise InterventionError(
-            f"intervention {key!r} at {site} returned {type(y).__name__}, not an mx.array "
-            f"of shape {tuple(x.shape)} (did the function forget to return?)."
-        )
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise InterventionError(
-            f"intervention {key!r} at {site} returned shape {tuple(y.shape)} {y.dtype}; the "
-            f"activation there is {tuple(x.shape)} {x.dtype}. Return the same shape and dtype "
-            "(e.g. .astype(x.dtype), or broadcast a vector with x + v)."
-        )
-    return y
+def checked(fn: Callable, site: str, key: str) -> Callable[[mx.array], mx.array]:
+    """``fn`` with its errors, wrong shapes and wrong dtypes reported against ``site``."""
+
+    def run(x: mx.array) -> mx.array:
+        try:
+            y = fn(x)
+        except InterventionError as e:
+            raise InterventionError(f"intervention {key!r} at {site}: {e}") from e
+        except Exception as e:
+            raise InterventionError(f"intervention {key!r} raised at {site}: {type(e).__name__}: {e}") from e
+        if not isinstance(y, mx.array):
+            raise InterventionError(
+                f"intervention {key!r} at {site} returned {type(y).__name__}, not an mx.array "
+                f"of shape {tuple(x.shape)} (did the function forget to return?)."
+            )
+        if y.shape != x.shape or y.dtype != x.dtype:
+            raise InterventionError(
+                f"intervention {key!r} at {site} returned shape {tuple(y.shape)} {y.dtype}; the "
+                f"activation there is {tuple(x.shape)} {x.dtype}. Return the same shape and dtype "
+                "(e.g. .astype(x.dtype), or broadcast a vector with x + v)."
+            )
+        return y
+
+    return run
 
 
 class Trace:
@@ -208,7 +253,7 @@ class Trace:
     can be read inside it) or get an already-run one from ``model.run(...)``.
 
     Attributes:
-        activations: raw site name -> array (see the module docstring for names).
+        activations: site name -> array (raw names; standard names are looked up too).
         output: what the model returned (also ``activations['__model_output__']``).
         inputs: the (B, T) token ids the model ran on (or the array given).
         lengths: real tokens per row; positions at and after ``lengths[b]`` are padding.
@@ -242,6 +287,31 @@ class Trace:
         """(B, T) boolean, True at real (non-padding) positions."""
         return self._inputs.mask
 
+    # nnterp-style accessors: tr.layers_output[3] is tr.activations["layers[3].output"]
+    @property
+    def layers_input(self) -> _LayerAccessor:
+        return _LayerAccessor(self, "input")
+
+    @property
+    def layers_output(self) -> _LayerAccessor:
+        return _LayerAccessor(self, "output")
+
+    @property
+    def attentions_output(self) -> _LayerAccessor:
+        return _LayerAccessor(self, "attn")
+
+    @property
+    def mlps_output(self) -> _LayerAccessor:
+        return _LayerAccessor(self, "mlp")
+
+    @property
+    def attention_probabilities(self) -> _LayerAccessor:
+        return _LayerAccessor(self, "attn.pattern")
+
+    @property
+    def logits(self) -> mx.array:
+        return self.activations["logits"] if self._model.architecture else self.output
+
     def __enter__(self) -> Trace:
         if not self._ran:
             self.run()
@@ -259,29 +329,52 @@ class Trace:
         if self._ran:
             raise TraceError("this trace has already run; start a new model.trace(...).")
         module = self._model.model
-        recorder = Recorder(
-            None if self._capture is None else NameSet(self._capture), self._interventions
-        )
-        names = list(self._interventions) + (self._capture or [])
-        targets = _probe_targets(module, recorder, names, capture_all=self._capture is None)
-        with probes_installed(targets):
+        capture, edits, asked = self._translate()
+        names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (capture or [])
+        probed, pattern_modules = _modules_to_probe(module, names, capture_all=capture is None)
+        recorder = Recorder(capture, edits, set(pattern_modules))
+        with ExitStack() as stack:
+            stack.enter_context(patterns_observed(pattern_modules, recorder))
+            stack.enter_context(probes_installed([(m, _Probe(recorder, p)) for p, m in probed]))
             output = module(self._inputs.array)
             if isinstance(output, mx.array):
                 output = recorder.visit(MODEL_OUTPUT, output)
             elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
                 recorder.recorded[MODEL_OUTPUT] = output
-            self._check_reached(recorder)
+            self._check_reached(recorder, capture or [], asked)
             mx.eval(output, list(recorder.recorded.values()))
         self.output = output
-        self.activations = Activations(
-            recorder.recorded,
-            resolve=self._model._resolve_activation,
-            known_sites=self._model.site_names,
-        )
+        self.activations = Activations(recorder.recorded, self._model)
         self._ran = True
         return self
 
-    def _check_reached(self, recorder: Recorder) -> None:
+    def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str]]:
+        """Raw capture entries, raw edits, and raw entry -> the name the user gave."""
+        asked: dict[str, str] = {}
+        capture = None
+        if self._capture is not None:
+            capture = []
+            for name in self._capture:
+                sites = [name] if is_raw(name) else [r.site for r in self._resolve(name)]
+                for site in sites:
+                    asked.setdefault(site, name)
+                capture += sites
+        edits = []
+        for key, fn in self._interventions.items():
+            if is_raw(key):
+                edits.append(Edit(key, key, lambda x, site, seen, fn=fn, key=key: checked(fn, site, key)(x)))
+                continue
+            for resolved in self._resolve(key):
+                if isinstance(fn, Intervention) and fn.heads is not None and fn.n_heads is None and resolved.n_heads:
+                    fn = fn.at(n_heads=resolved.n_heads)
+                site, raw_edit = resolved.edit(checked(fn, resolved.name, key))
+                edits.append(Edit(key, site, lambda x, s, seen, e=raw_edit: e(x, seen), resolved.needs))
+        return capture, edits, asked
+
+    def _resolve(self, name: str):
+        return self._model.architecture_or_raise(name).resolve(name)
+
+    def _check_reached(self, recorder: Recorder, capture: list[str], asked: dict[str, str]) -> None:
         """Fail on names that matched sites statically but never ran in this forward pass."""
         for key in self._interventions:
             if key not in recorder.fired:
@@ -289,41 +382,55 @@ class Trace:
                     f"intervention {key!r} never ran: that site was not reached in this forward "
                     f"pass (module calls seen: {_calls_summary(recorder, key)})."
                 )
-        for name in self._capture or []:
-            pattern = NameSet([name])
-            if not any(site in pattern for site in recorder.recorded):
+        for entry in capture:
+            if is_glob(entry):
+                reached = any(_matches(site, entry) for site in recorder.recorded)
+            else:
+                reached = canonical_site(entry) in recorder.recorded
+            if not reached:
+                given = asked.get(entry, entry)
                 raise UnknownNameError(
-                    f"capture {name!r} matched nothing in this forward pass (module calls seen: "
-                    f"{_calls_summary(recorder, name)}); sites that take no array input have no "
+                    f"capture {given!r} matched nothing in this forward pass (module calls seen: "
+                    f"{_calls_summary(recorder, entry)}); sites that take no array input have no "
                     "':input'."
                 )
 
 
-def _probe_targets(root: nn.Module, recorder: Recorder, names: list[str], capture_all: bool):
-    """The (module, probe) pairs for every module a wanted name can refer to.
+class _LayerAccessor:
+    def __init__(self, trace: Trace, sub: str):
+        self._trace, self._sub = trace, sub
+
+    def __getitem__(self, layer: int) -> mx.array:
+        return self._trace.activations[f"layers.{layer}.{self._sub}"]
+
+
+def _modules_to_probe(root: nn.Module, names: list[str], capture_all: bool):
+    """(path, module) for every module a wanted name can refer to, and the attention modules
+    whose patterns are wanted (path -> module).
 
     Exact names are looked up by their path alone, so a trace that asks for a few sites costs
     a few lookups, not a walk of the whole model. Unknown names fail here, before anything
     runs.
     """
     exact = _check_exact([n for n in names if not is_glob(n)], root)
+    patterns = {module_part(n): exact[module_part(n)] for n in names if n.endswith(PATTERN_PORT) and not is_glob(n)}
     globs = [n for n in names if is_glob(n)]
     if not capture_all and not globs:
-        return [(m, _Probe(recorder, path)) for path, m in exact.items()]
+        return list(exact.items()), patterns
     sites = walk_modules(root)[1:]
     paths = [path for path, _ in sites]
     for name in globs:
         part = module_part(name)
-        if not any(fnmatch.fnmatchcase(p, part) for p in paths) and not fnmatch.fnmatchcase(
-            MODEL_OUTPUT, name
-        ):
-            raise UnknownNameError(
-                f"pattern {name!r} matches no site of this model." + did_you_mean(part, paths)
-            )
+        matched = [p for p in paths if fnmatch.fnmatchcase(p, part)]
+        if not matched and not fnmatch.fnmatchcase(MODEL_OUTPUT, name):
+            raise UnknownNameError(f"pattern {name!r} matches no site of this model." + did_you_mean(part, paths))
+        if name.endswith(PATTERN_PORT):
+            by_path = dict(sites)
+            patterns.update({p: by_path[p] for p in matched})
     if capture_all:
-        return [(m, _Probe(recorder, path)) for path, m in sites]
+        return sites, patterns
     wanted = NameSet([module_part(n) for n in names])
-    return [(m, _Probe(recorder, path)) for path, m in sites if path in wanted]
+    return [(path, m) for path, m in sites if path in wanted], patterns
 
 
 def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
@@ -338,7 +445,7 @@ def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
             known = [p for p, _ in walk_modules(root)[1:]]
             raise UnknownNameError(
                 f"no site named {name!r} in this model. Raw names are 'model.' + a module "
-                "path, optionally followed by '#k' (k-th call) and ':input'."
+                "path, optionally followed by '#k' (k-th call) and ':input' (or ':pattern')."
                 + did_you_mean(name, _static_site_names(known))
             )
         found[path] = module

@@ -1,0 +1,333 @@
+"""A schema bound to one model: the facts read from it, and standard names resolved to raw sites.
+
+A standard name resolves to a :class:`Resolved`: the raw site that holds its tensor, and a
+:class:`View` between the raw tensor and the standard one (a chunk of a fused projection, a
+per-head reshape, a scale). Interventions on standard names are applied through the view at
+the raw site, so they change exactly the tensor the name reads. ``resid_mid`` is written
+through the attention output: ``attn' = f(input + attn) - input``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UnknownNameError
+from .names import HEAD_VIEWS, MODEL_NAMES, StandardName, parse
+from .schema import ArchitectureSchema, Number, Port, SchemaError
+
+
+def read_attribute(obj: Any, path: str) -> Any:
+    """``read_attribute(block, "args.logit_scale")``; dict-like and list steps work too."""
+    for part in path.split("."):
+        if isinstance(obj, (list, tuple)) and part.isdigit():
+            obj = obj[int(part)]
+        elif isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+# -- views between a raw tensor and a standard one --------------------------------------------
+
+
+@attrs.frozen
+class View:
+    """``get`` turns the raw tensor into the standard one; ``put`` writes a new standard
+    tensor back into the raw one."""
+
+    get: Callable[[mx.array], mx.array]
+    put: Callable[[mx.array, mx.array], mx.array]
+
+    def then(self, inner: View) -> View:
+        """This view followed by ``inner`` (inner sees what this view produces)."""
+        return View(
+            get=lambda raw: inner.get(self.get(raw)),
+            put=lambda raw, new: self.put(raw, inner.put(self.get(raw), new)),
+        )
+
+
+def chunk_view(bounds: Callable[[int], tuple[int, int]]) -> View:
+    """Chunk ``bounds(width)`` of the last axis of a fused projection."""
+
+    def get(raw: mx.array) -> mx.array:
+        start, stop = bounds(raw.shape[-1])
+        return raw[..., start:stop]
+
+    def put(raw: mx.array, new: mx.array) -> mx.array:
+        start, stop = bounds(raw.shape[-1])
+        return mx.concatenate([raw[..., :start], new, raw[..., stop:]], axis=-1)
+
+    return View(get=get, put=put)
+
+
+def scale_view(factor: float) -> View:
+    return View(
+        get=lambda raw: raw * factor,
+        put=lambda raw, new: (new / factor).astype(raw.dtype),
+    )
+
+
+def heads_view(n_heads: int, layout: str) -> View:
+    """(B, T, H*D) <-> (B, H, T, D) ('bhtd') or (B, T, H, D) ('bthd')."""
+
+    def get(raw: mx.array) -> mx.array:
+        split = raw.reshape(*raw.shape[:-1], n_heads, -1)
+        return split if layout == "bthd" else split.swapaxes(-2, -3)
+
+    def put(raw: mx.array, new: mx.array) -> mx.array:
+        back = new if layout == "bthd" else new.swapaxes(-2, -3)
+        return back.reshape(raw.shape)
+
+    return View(get=get, put=put)
+
+
+SWAP_HEAD_TIME = View(get=lambda raw: raw.swapaxes(1, 2), put=lambda raw, new: new.swapaxes(1, 2))
+
+
+@attrs.frozen
+class Resolved:
+    """Where a standard name's tensor is, and how to read and write it."""
+
+    name: str  # canonical: 'layers.3.attn.q_heads'
+    site: str  # raw site that holds the tensor
+    view: View | None = None
+    n_heads: int | None = None  # heads of a (B, T, H*D) tensor, for .at(heads=...)
+    # resid_mid: written through the attention output, reading the block input
+    write_site: str | None = None
+    write_view: View | None = None
+    needs: str | None = None
+
+    def read(self, raw: mx.array) -> mx.array:
+        return raw if self.view is None else self.view.get(raw)
+
+    def edit(self, fn: Callable[[mx.array], mx.array]) -> tuple[str, Callable[[mx.array, Mapping], mx.array]]:
+        """The raw site to edit, and the raw edit ``(raw, seen) -> raw`` that applies ``fn``
+        to this name's tensor. ``seen`` maps raw sites to values seen earlier in the pass."""
+        if self.write_site is not None:  # resid_mid = input + attn
+            attn = self.write_view or View(get=lambda r: r, put=lambda r, new: new)
+
+            def through_attn(raw: mx.array, seen: Mapping) -> mx.array:
+                resid_pre = seen[self.needs]
+                resid_mid = resid_pre + attn.get(raw)
+                return attn.put(raw, fn(resid_mid) - resid_pre)
+
+            return self.write_site, through_attn
+        if self.view is None:
+            return self.site, lambda raw, seen: fn(raw)
+        view = self.view
+        return self.site, lambda raw, seen: view.put(raw, fn(view.get(raw)))
+
+
+# -- the bound architecture ---------------------------------------------------------------------
+
+
+class Architecture:
+    """A schema applied to one model: layer count, head counts, and name resolution."""
+
+    def __init__(self, schema: ArchitectureSchema, root: nn.Module, plugin: str = "?"):
+        self.schema = schema
+        self.plugin = plugin
+        self.root = root
+        try:
+            self.layers = read_attribute(root, schema.layers)
+            attention = read_attribute(self.layers[0], schema.attention.module)
+            self.n_heads = int(read_attribute(attention, schema.attention.n_heads))
+            kv = schema.attention.n_kv_heads
+            self.n_kv_heads = int(read_attribute(attention, kv)) if kv else self.n_heads
+            hd = schema.attention.head_dim
+            self.head_dim = int(read_attribute(attention, hd)) if hd else None
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise SchemaError(
+                f"schema {schema.family!r} (plugin {plugin}) does not fit this "
+                f"{type(root).__name__}: {type(e).__name__}: {e}. Check the fields "
+                "'layers' and 'attention' of the schema."
+            ) from e
+        self.n_layers = len(self.layers)
+
+    @property
+    def family(self) -> str:
+        return self.schema.family
+
+    # -- names ----------------------------------------------------------------------------------
+
+    def resolve(self, name: str | StandardName) -> list[Resolved]:
+        """All tensors a standard name (or alias) means: one, or one per layer for 'layers[*]'."""
+        parsed = parse(name) if isinstance(name, str) else name
+        if parsed.layer == "*":
+            return [self._resolve(attrs.evolve(parsed, layer=i)) for i in range(self.n_layers)]
+        return [self._resolve(parsed)]
+
+    def has(self, sub: str) -> bool:
+        """Whether this family has the block-level standard name ``sub`` (e.g. 'resid_mid')."""
+        try:
+            self._resolve(StandardName(sub, 0))
+        except UnknownNameError:
+            return False
+        return True
+
+    def block_names(self) -> list[str]:
+        """The block-level standard names this family has, in schema order."""
+        from .names import DERIVED_BLOCK_NAMES
+        from .schema import BLOCK_NAMES
+
+        ordered = ["input", *BLOCK_NAMES, *DERIVED_BLOCK_NAMES]
+        return [s for s in dict.fromkeys(ordered) if self.has(s)]
+
+    def standard_names(self) -> list[str]:
+        """Every standard name of this model (per layer), model-level names included."""
+        subs = self.block_names()
+        return ["embed"] + [f"layers.{i}.{s}" for i in range(self.n_layers) for s in subs] + ["ln_final", "logits"]
+
+    def _resolve(self, name: StandardName) -> Resolved:
+        schema = self.schema
+        if name.layer is None:
+            site = {
+                "embed": "model." + schema.embed,
+                "ln_final": "model." + schema.final_norm,
+                "logits": "__model_output__",
+            }[name.sub]
+            return Resolved(str(name), site)
+        i = name.layer
+        if not 0 <= i < self.n_layers:
+            raise UnknownNameError(
+                f"{name}: layer {i} does not exist; this {schema.family} model has layers 0..{self.n_layers - 1}."
+            )
+        block = f"model.{schema.layers}.{i}"
+        sub = name.sub
+        if sub == "input":
+            resolved = Resolved(str(name), f"{block}:input")
+        elif sub == "output":
+            resolved = Resolved(str(name), block)
+        elif sub == "attn.pattern":
+            if not schema.attention.pattern:
+                raise self._missing(name, "attention probabilities cannot be observed in this family")
+            resolved = Resolved(str(name), f"{block}.{schema.attention.module}:pattern")
+        elif sub in HEAD_VIEWS:
+            base = self._port(name, HEAD_VIEWS[sub])
+            n = self._heads_of(HEAD_VIEWS[sub])
+            resolved = attrs.evolve(base, name=str(name), view=_then(base.view, heads_view(n, "bhtd")), n_heads=None)
+        elif sub == "resid_mid" and "resid_mid" in schema.block:
+            attn = self._port(StandardName("attn", i), "attn")
+            resolved = attrs.evolve(
+                self._port(name, "resid_mid"),
+                write_site=attn.site,
+                write_view=attn.view,
+                needs=f"{block}:input",
+            )
+        else:
+            resolved = self._port(name, self._pick(name, sub))
+        if name.layout == "bthd":  # TransformerLens's (B, T, H, D)
+            if sub in ("attn.q_rot", "attn.k_rot"):
+                resolved = attrs.evolve(resolved, view=_then(resolved.view, SWAP_HEAD_TIME))
+            elif sub in ("attn.q", "attn.k", "attn.v", "attn.z"):
+                resolved = attrs.evolve(resolved, view=_then(resolved.view, heads_view(resolved.n_heads, "bthd")), n_heads=None)
+        return resolved
+
+    def _pick(self, name: StandardName, sub: str) -> str:
+        for option in sub.split("|"):  # 'mlp.gate|mlp.up': the first the family has
+            if option in self.schema.block:
+                return option
+        raise self._missing(name, f"schema {self.schema.family!r} maps no '{sub}'")
+
+    def _port(self, name: StandardName, sub: str) -> Resolved:
+        port: Port | None = self.schema.block.get(sub)
+        if port is None:
+            raise self._missing(name, f"schema {self.schema.family!r} maps no '{sub}'")
+        block = f"model.{self.schema.layers}.{name.layer}"
+        view = None
+        if port.split:
+            view = chunk_view(self._chunk_bounds(port))
+        if port.scale is not None:
+            factor = float(self.number(port.scale, self.layers[name.layer]))
+            view = _then(view, scale_view(factor))
+        n_heads = self._heads_of(sub) if sub in ("attn.q", "attn.k", "attn.v", "attn.z") else None
+        return Resolved(str(name), f"{block}.{port.site}", view, n_heads)
+
+    def _chunk_bounds(self, port: Port) -> Callable[[int], tuple[int, int]]:
+        """(start, stop) of the port's chunk, given the fused axis width."""
+        units, part = port.split, port.part
+        if all(u == "half" for u in units):  # equal parts of whatever width the tensor has
+            return lambda width: (part * width // len(units), (part + 1) * width // len(units))
+        if "half" in units:
+            raise SchemaError(f"schema {self.schema.family!r}: 'half' cannot mix with other split units")
+        sizes = [self._width(unit) for unit in units]
+        start = sum(sizes[:part])
+        return lambda width: (start, start + sizes[part])
+
+    def _width(self, unit: str) -> int:
+        if self.head_dim is None:
+            raise SchemaError(f"schema {self.schema.family!r}: split unit {unit!r} needs attention.head_dim")
+        return (self.n_heads if unit == "q" else self.n_kv_heads) * self.head_dim
+
+    def _heads_of(self, sub: str) -> int:
+        return self.n_kv_heads if sub in ("attn.k", "attn.v") else self.n_heads
+
+    def _missing(self, name: StandardName, why: str) -> UnknownNameError:
+        from .plugins import families_with
+
+        having = families_with(name.sub)
+        where = f" Families that have it: {', '.join(having)}." if having else ""
+        return UnknownNameError(f"{name}: {why}.{where}")
+
+    def number(self, value: Number, owner: Any) -> float:
+        """A schema number: the value itself, or an attribute path read from ``owner``."""
+        return float(read_attribute(owner, value)) if isinstance(value, str) else float(value)
+
+    # -- unembedding ----------------------------------------------------------------------------
+
+    def unembed(self, normed: mx.array) -> mx.array:
+        """Logits from the final normalised residual stream, (..., D) -> (..., V), as the model
+        computes them (tied or untied, quantized or not, with its scaling and soft-capping)."""
+        spec = self.schema.unembed
+        try:
+            projection = read_attribute(self.root, spec.module)
+        except AttributeError:
+            if spec.tied_to is None:
+                raise
+            projection = read_attribute(self.root, spec.tied_to).as_linear
+        logits = projection(normed)
+        if spec.multiply is not None:
+            logits = logits * self.number(spec.multiply, self.root)
+        if spec.divide is not None:
+            logits = logits / self.number(spec.divide, self.root)
+        if spec.softcap is not None:
+            cap = self.number(spec.softcap, self.root)
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def final_norm(self, resid: mx.array) -> mx.array:
+        return read_attribute(self.root, self.schema.final_norm)(resid)
+
+
+def model_type(model: nn.Module) -> str | None:
+    """mlx-lm's ``model_type`` of a model ('llama', 'qwen3', ...), if it has one."""
+    found = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", None)
+    return found if isinstance(found, str) else None
+
+
+def recognize(model: nn.Module) -> Architecture | None:
+    """The architecture of ``model`` from the plugins: a schema whose ``model_types`` lists the
+    model's type, else the first plugin that recognises it by code; None if none does."""
+    from .plugins import call_each, schemas
+
+    kind = model_type(model)
+    if kind is not None:
+        for plugin, schema in schemas():
+            if kind in schema.model_types:
+                return Architecture(schema, model, plugin)
+    for plugin, schema in call_each("mlxterp_recognize", model=model):
+        return Architecture(schema, model, plugin)
+    return None
+
+
+def _then(outer: View | None, inner: View) -> View:
+    return inner if outer is None else outer.then(inner)
+
+
+__all__ = ["Architecture", "Resolved", "View", "read_attribute", "MODEL_NAMES"]

@@ -1,0 +1,245 @@
+"""The invariants that say a family's standard names are right, checked on a real forward pass.
+
+An interpretability library that returns a wrong tensor under the right name does damage
+quietly, so every claimed family is checked against these (the test suite runs them on tiny
+random-weight models of every family and writes the status table; ``InterpretableModel``
+runs the cheap ones on 3 tokens when it wraps a model):
+
+- ``idle``: probing changes nothing (bitwise);
+- ``shapes``: every standard name resolves, is reached, and has the shape it promises;
+- ``embed``: ``embed == layers[0].input``; ``chain``: ``layers[i].output == layers[i+1].input``;
+- ``resid_mid``: ``resid_mid == input + attn`` and ``output == resid_mid + mlp`` (or
+  ``output == input + attn + mlp`` for parallel blocks);
+- ``unembed``: the final norm's output, unembedded, reproduces ``logits``;
+- ``pattern``: pattern rows sum to 1, ``pattern @ v`` reproduces ``z`` per head, and the explicit
+  attention computes what the fused kernel computes;
+- ``edit``: an intervention on a standard name changes exactly that tensor, and the same as on
+  its raw name where it has one;
+- ``padding``: a right-padded batch equals separate runs at real positions.
+
+Each check returns a :class:`Check`; ``field`` names the schema field to look at on failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import attrs
+import mlx.core as mx
+
+from .errors import MlxterpError
+from .interventions import scale
+
+if TYPE_CHECKING:
+    from .model import InterpretableModel
+
+_TOLERANCE = {mx.float32: 1e-5, mx.float16: 3e-3, mx.bfloat16: 2e-2}
+
+
+@attrs.frozen
+class Check:
+    name: str
+    passed: bool | None  # None: not applicable to this family
+    detail: str = ""
+    field: str = ""  # the schema field to look at when it fails
+
+
+def relative_error(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.linalg.norm((a - b).flatten()) / (mx.linalg.norm(b.flatten()) + 1e-30)).item()
+
+
+def close(a: mx.array, b: mx.array, tolerance: float | None = None) -> tuple[bool, float]:
+    tol = tolerance if tolerance is not None else _TOLERANCE.get(b.dtype, 1e-5)
+    if a.shape != b.shape:
+        return False, float("inf")
+    err = relative_error(a, b)
+    return err <= tol, err
+
+
+def expected_shapes(model: InterpretableModel, batch: int, length: int, d_model: int, vocab: int) -> dict[str, tuple]:
+    arch = model.architecture
+    h, kv, hd = arch.n_heads, arch.n_kv_heads, arch.head_dim
+    resid = (batch, length, d_model)
+    shapes = {name: resid for name in ("input", "output", "resid_mid", "attn", "mlp", "ln1", "ln2")}
+    if hd is not None:
+        shapes.update({
+            "attn.q": (batch, length, h * hd),
+            "attn.k": (batch, length, kv * hd),
+            "attn.v": (batch, length, kv * hd),
+            "attn.z": (batch, length, h * hd),
+            "attn.q_heads": (batch, h, length, hd),
+            "attn.k_heads": (batch, kv, length, hd),
+            "attn.v_heads": (batch, kv, length, hd),
+            "attn.z_heads": (batch, h, length, hd),
+            "attn.q_rot": (batch, h, length, hd),
+            "attn.k_rot": (batch, kv, length, hd),
+        })
+    shapes["attn.pattern"] = (batch, h, length, length)
+    return {"embed": resid, "ln_final": resid, "logits": (batch, length, vocab), **shapes}
+
+
+def check_all(model: InterpretableModel, ids: list[int], layers: Iterable[int] | None = None, thorough: bool = True) -> list[Check]:
+    """Run the invariants on one prompt of token ids. ``layers``: which layers to check (all by
+    default); ``thorough``: also the idle, edit and padding checks, which cost extra passes."""
+    arch = model.architecture
+    layers = list(range(arch.n_layers)) if layers is None else sorted(set(layers))
+    subs = arch.block_names()
+    names = ["embed", "ln_final", "logits"] + [f"layers.{i}.{s}" for i in layers for s in subs]
+    inputs = mx.array([ids])
+    try:
+        tr = model.run(inputs, capture=names)
+    except MlxterpError as e:
+        return [Check("shapes", False, str(e), "block")]
+    acts = tr.activations
+    checks = [_shapes(model, acts, names, len(ids))]
+    if thorough:
+        checks.insert(0, _idle(model, inputs))
+    checks.append(_equal("embed", acts["embed"], acts[f"layers.{layers[0]}.input"] if layers[0] == 0 else None, "embed"))
+    chain = [(acts[f"layers.{i}.output"], acts[f"layers.{i + 1}.input"]) for i in layers if i + 1 in layers]
+    checks.append(_all_equal("chain", chain, "layers"))
+    checks.append(_residual(model, acts, layers))
+    normed = acts["ln_final"]
+    checks.append(_equal("unembed", arch.unembed(normed), acts["logits"], "unembed / final_norm"))
+    checks.append(_pattern(model, inputs, acts, layers))
+    if thorough:
+        checks.append(_edits(model, inputs, layers))
+        checks.append(_padding(model, ids))
+    return checks
+
+
+def _idle(model: InterpretableModel, inputs: mx.array) -> Check:
+    plain = model.model(inputs)
+    traced = model.run(inputs).output
+    same = plain.shape == traced.shape and mx.array_equal(plain, traced).item()
+    return Check("idle", bool(same), "" if same else "traced output differs from the plain forward")
+
+
+def _shapes(model, acts, names: list[str], length: int) -> Check:
+    d_model = acts["embed"].shape[-1]
+    vocab = acts["logits"].shape[-1]
+    expected = expected_shapes(model, 1, length, d_model, vocab)
+    wrong = []
+    for name in names:
+        sub = name.split(".", 2)[2] if name.startswith("layers.") else name
+        shape = tuple(acts[name].shape)
+        want = expected.get(sub)
+        if want is not None and shape != want:
+            wrong.append(f"{name}: {shape}, expected {want}")
+    field = "block." + wrong[0].split(":")[0].split(".", 2)[2] if wrong and wrong[0].startswith("layers.") else ""
+    return Check("shapes", not wrong, "; ".join(wrong[:3]), field)
+
+
+def _equal(name: str, got: mx.array | None, want: mx.array | None, field: str) -> Check:
+    if got is None or want is None:
+        return Check(name, None)
+    ok, err = close(got, want)
+    return Check(name, ok, f"relative error {err:.2e}", field)
+
+
+def _all_equal(name: str, pairs: list[tuple[mx.array, mx.array]], field: str) -> Check:
+    if not pairs:
+        return Check(name, None)
+    errors = [close(a, b) for a, b in pairs]
+    worst = max(err for _, err in errors)
+    return Check(name, all(ok for ok, _ in errors), f"worst relative error {worst:.2e}", field)
+
+
+def _residual(model, acts, layers) -> Check:
+    arch = model.architecture
+    pairs = []
+    if arch.schema.parallel:
+        for i in layers:
+            pairs.append((acts[f"layers.{i}.input"] + acts[f"layers.{i}.attn"] + acts[f"layers.{i}.mlp"], acts[f"layers.{i}.output"]))
+        field = "block.attn / block.mlp"
+    elif arch.has("resid_mid") and arch.has("attn") and arch.has("mlp"):
+        for i in layers:
+            mid = acts[f"layers.{i}.resid_mid"]
+            pairs.append((acts[f"layers.{i}.input"] + acts[f"layers.{i}.attn"], mid))
+            pairs.append((mid + acts[f"layers.{i}.mlp"], acts[f"layers.{i}.output"]))
+        field = "block.resid_mid / block.attn / block.mlp"
+    else:
+        return Check("resid_mid", None)
+    check = _all_equal("resid_mid", pairs, field)
+    return check
+
+
+def _pattern(model, inputs, acts, layers) -> Check:
+    arch = model.architecture
+    if not arch.has("attn.pattern") or not arch.has("attn.v") or not arch.has("attn.z"):
+        return Check("pattern", None)
+    names = [f"layers.{i}.attn.pattern" for i in layers]
+    names += [f"layers.{i}.attn.{s}" for i in layers for s in ("v_heads", "z_heads")]
+    try:
+        tr = model.run(inputs, capture=names + ["logits"])
+    except MlxterpError as e:
+        return Check("pattern", False, str(e), "attention")
+    problems = []
+    for i in layers:
+        pattern = tr.activations[f"layers.{i}.attn.pattern"]
+        rows = pattern.sum(axis=-1)
+        if not mx.allclose(rows, mx.ones_like(rows), atol=1e-5).item():
+            problems.append(f"layer {i}: rows do not sum to 1")
+        v = tr.activations[f"layers.{i}.attn.v_heads"].astype(mx.float32)
+        z = tr.activations[f"layers.{i}.attn.z_heads"]
+        v = mx.repeat(v, pattern.shape[1] // v.shape[1], axis=1)
+        ok, err = close((pattern @ v).astype(z.dtype), z, max(_TOLERANCE.get(z.dtype, 1e-5), 1e-5))
+        if not ok:
+            problems.append(f"layer {i}: pattern @ v != z (relative error {err:.2e})")
+    fused = acts["logits"]
+    ok, err = close(tr.activations["logits"], fused, max(_TOLERANCE.get(fused.dtype, 1e-5), 1e-4))
+    if not ok:
+        problems.append(f"explicit attention changes the logits (relative error {err:.2e})")
+    return Check("pattern", not problems, "; ".join(problems[:3]), "attention / block.attn.v / block.attn.z")
+
+
+_EDITED = ("attn.q", "attn.k", "attn.v", "attn.z", "attn.q_heads", "attn.q_rot", "attn.k_rot", "attn.pattern",
+           "ln1", "ln2", "attn", "resid_mid", "mlp.gate", "mlp.up", "mlp.act", "mlp", "input", "output")
+
+
+def _edits(model, inputs, layers) -> Check:
+    """scale(0.5) at one position of a standard name: that tensor halves there and only there,
+    the output moves, and where the name is a plain raw site the raw edit gives the same."""
+    arch = model.architecture
+    layer = layers[len(layers) // 2]
+    position = inputs.shape[1] - 1
+    problems = []
+    for sub in _EDITED:
+        if not arch.has(sub):
+            continue
+        name = f"layers.{layer}.{sub}"
+        (resolved,) = arch.resolve(name)
+        edit = scale(0.5).at(positions=position)  # (B, H, T, S) patterns: query position
+        try:
+            before = model.run(inputs, capture=[name, "logits"])
+            after = model.run(inputs, capture=[name, "logits"], interventions={name: edit})
+        except MlxterpError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        b, a = before.activations[name], after.activations[name]
+        ok, err = close(a, edit(b), max(_TOLERANCE.get(b.dtype, 1e-5), 1e-5))
+        if not ok:
+            problems.append(f"{name}: edited tensor is not the edit of the clean one ({err:.2e})")
+        if mx.array_equal(before.activations["logits"], after.activations["logits"]).item():
+            problems.append(f"{name}: the edit did not change the logits")
+        if resolved.view is None and resolved.write_site is None and sub != "attn.pattern":
+            raw = model.run(inputs, capture=["logits"], interventions={resolved.site: edit})
+            if not mx.array_equal(raw.activations["logits"], after.activations["logits"]).item():
+                problems.append(f"{name}: standard and raw edits differ")
+    return Check("edit", not problems, "; ".join(problems[:3]), "block")
+
+
+def _padding(model, ids: list[int]) -> Check:
+    short = ids[: max(1, len(ids) // 2)]
+    arch = model.architecture
+    names = [f"layers.{i}.output" for i in range(arch.n_layers)]
+    batch = model.run([ids, short], capture=names)
+    pairs = []
+    for row, prompt in enumerate((ids, short)):
+        alone = model.run([prompt], capture=names)
+        for name in names:
+            pairs.append((batch.activations[name][row, : len(prompt)], alone.activations[name][0]))
+    errors = [relative_error(a, b) for a, b in pairs]
+    tol = max(_TOLERANCE.get(pairs[0][1].dtype, 1e-5), 1e-4)
+    return Check("padding", max(errors) <= tol, f"worst relative error {max(errors):.2e}")

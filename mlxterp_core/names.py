@@ -1,0 +1,133 @@
+"""The grammar of standard names, and the aliases other libraries use for them.
+
+Standard names, one grammar (brackets and dots are interchangeable for the layer index)::
+
+    embed                       residual stream entering layer 0
+    layers[i].input             residual stream entering block i (resid_pre)
+    layers[i].ln1 / .ln2        normalised inputs of attention / MLP
+    layers[i].attn.q / .k / .v  projections, (B, T, H*D)
+    layers[i].attn.q_heads ...  per-head views of q, k, v, z, (B, H, T, D)
+    layers[i].attn.q_rot / .k_rot   after the positional rotation, (B, H, T, D)
+    layers[i].attn.pattern      attention probabilities (B, H, T, S), opt-in
+    layers[i].attn.z            per-head mix before the output projection, (B, T, H*D)
+    layers[i].attn              attention output written to the residual stream
+    layers[i].resid_mid         residual stream between attention and MLP
+    layers[i].mlp.gate / .up / .act / .down / .router
+    layers[i].mlp               MLP output written to the residual stream
+    layers[i] / layers[i].output    residual stream leaving block i (resid_post)
+    ln_final                    final norm output
+    logits                      model output
+
+``layers[*]`` (or ``layers.*``) stands for every layer in ``capture=`` and ``interventions=``.
+
+Aliases: TransformerLens hook names (``blocks.3.hook_resid_pre``, ``blocks.3.attn.hook_z``,
+... in TransformerLens's own layouts: (B, T, H, D) for q/k/v/z) and nnterp-style accessors
+(``layers_output[3]``, ``attentions_output[3]`` ...) resolve to the same tensors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from .errors import UnknownNameError
+from .schema import BLOCK_NAMES
+
+HEAD_VIEWS = {"attn.q_heads": "attn.q", "attn.k_heads": "attn.k", "attn.v_heads": "attn.v", "attn.z_heads": "attn.z"}
+DERIVED_BLOCK_NAMES = {
+    "input": "residual stream entering the block (resid_pre)",
+    "output": "residual stream leaving the block (resid_post)",
+    "attn.pattern": "attention probabilities (B, H, T, S), opt-in",
+    **{view: f"per-head view of {base}, (B, H, T, D)" for view, base in HEAD_VIEWS.items()},
+}
+MODEL_NAMES = {
+    "embed": "residual stream entering layer 0 (token embeddings after any scaling)",
+    "ln_final": "final norm output",
+    "logits": "model output",
+}
+
+GRAMMAR = (
+    "standard names are 'embed', 'ln_final', 'logits', or 'layers[i]' followed by one of "
+    "'.input', '.output', '.ln1', '.ln2', '.attn', '.attn.q' (k, v, z, q_heads, q_rot, pattern "
+    "...), '.resid_mid', '.mlp', '.mlp.gate' (up, act, down, router); 'layers.i' works too, "
+    "and 'layers[*]' means every layer"
+)
+
+# TransformerLens names: (our sub-name, layout). Layout 'bthd' is TransformerLens's (B, T, H, D).
+_TL_BLOCK = {
+    "hook_resid_pre": ("input", None),
+    "hook_resid_mid": ("resid_mid", None),
+    "hook_resid_post": ("output", None),
+    "hook_attn_out": ("attn", None),
+    "hook_mlp_out": ("mlp", None),
+    "ln1.hook_normalized": ("ln1", None),
+    "ln2.hook_normalized": ("ln2", None),
+    "attn.hook_q": ("attn.q", "bthd"),
+    "attn.hook_k": ("attn.k", "bthd"),
+    "attn.hook_v": ("attn.v", "bthd"),
+    "attn.hook_z": ("attn.z", "bthd"),
+    "attn.hook_rot_q": ("attn.q_rot", "bthd"),
+    "attn.hook_rot_k": ("attn.k_rot", "bthd"),
+    "attn.hook_pattern": ("attn.pattern", None),
+    "mlp.hook_pre": ("mlp.gate|mlp.up", None),  # the gate where the MLP is gated
+    "mlp.hook_pre_linear": ("mlp.up", None),
+    "mlp.hook_post": ("mlp.act", None),
+}
+_TL_MODEL = {"hook_embed": "embed", "ln_final.hook_normalized": "ln_final"}
+_NNTERP = {
+    "layers_input": "input",
+    "layers_output": "output",
+    "attentions_output": "attn",
+    "mlps_output": "mlp",
+    "attention_probabilities": "attn.pattern",
+}
+
+_LAYER = re.compile(r"^layers\.(\d+|\*)(?:\.(.+))?$")
+
+
+@attrs.frozen
+class StandardName:
+    """A parsed standard name: ``layer`` is an int, ``'*'`` (every layer) or None (model-level)."""
+
+    sub: str  # 'output', 'attn.q_heads', ... or a model-level name ('embed', 'logits', ...)
+    layer: int | str | None = None
+    layout: str | None = None  # 'bthd' for TransformerLens's per-head layout
+
+    def __str__(self) -> str:
+        return self.sub if self.layer is None else f"layers.{self.layer}.{self.sub}"
+
+
+def is_raw(name: str) -> bool:
+    return name == "__model_output__" or name.startswith("model.") or name.startswith("model:")
+
+
+def parse(name: str) -> StandardName:
+    """Parse a standard name or alias; raise UnknownNameError explaining the grammar."""
+    dotted = re.sub(r"\[(\d+|\*)\]", r".\1", name.strip())
+    if dotted in MODEL_NAMES:
+        return StandardName(dotted)
+    if dotted in _TL_MODEL:
+        return StandardName(_TL_MODEL[dotted])
+    accessor = re.match(r"^(\w+)\.(\d+|\*)$", dotted)
+    if accessor and accessor.group(1) in _NNTERP:
+        return StandardName(_NNTERP[accessor.group(1)], _layer(accessor.group(2)))
+    tl = re.match(r"^blocks\.(\d+|\*)\.(.+)$", dotted)
+    if tl and tl.group(2) in _TL_BLOCK:
+        sub, layout = _TL_BLOCK[tl.group(2)]
+        return StandardName(sub, _layer(tl.group(1)), layout)
+    match = _LAYER.match(dotted)
+    if match:
+        sub = match.group(2) or "output"
+        if sub in BLOCK_NAMES or sub in DERIVED_BLOCK_NAMES:
+            return StandardName(sub, _layer(match.group(1)))
+        raise UnknownNameError(
+            f"{name!r}: '{sub}' is not a standard block name. Block names: "
+            + ", ".join(sorted({*BLOCK_NAMES, *DERIVED_BLOCK_NAMES}))
+            + "."
+        )
+    raise UnknownNameError(f"{name!r} is not a name mlxterp understands: {GRAMMAR}; raw names start with 'model.'.")
+
+
+def _layer(text: str) -> int | str:
+    return text if text == "*" else int(text)
