@@ -6,6 +6,10 @@ The public API. Everything here is re-exported from ``mlxterp_core``, which impl
 """
 
 from mlxterp_core import interventions
+from mlxterp_core.architecture import Architecture
+from mlxterp_core.hookspecs import hookimpl
+from mlxterp_core.plugins import load_plugins, register as register_plugin
+from mlxterp_core.schema import ArchitectureSchema, Attention, Port, SchemaError, Unembed
 from mlxterp_core.errors import (
     InputError,
     InterventionError,
@@ -18,6 +22,15 @@ from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
 
 __all__ = [
     "InterpretableModel",
+    "ArchitectureSchema",
+    "Architecture",
+    "Port",
+    "Attention",
+    "Unembed",
+    "SchemaError",
+    "hookimpl",
+    "load_plugins",
+    "register_plugin",
     "interventions",
     "Trace",
     "Activations",

@@ -140,8 +140,7 @@ class Architecture:
             self.n_heads = int(read_attribute(attention, schema.attention.n_heads))
             kv = schema.attention.n_kv_heads
             self.n_kv_heads = int(read_attribute(attention, kv)) if kv else self.n_heads
-            hd = schema.attention.head_dim
-            self.head_dim = int(read_attribute(attention, hd)) if hd else None
+            self.head_dim = self._read_head_dim(attention)
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
             raise SchemaError(
                 f"schema {schema.family!r} (plugin {plugin}) does not fit this "
@@ -149,6 +148,17 @@ class Architecture:
                 "'layers' and 'attention' of the schema."
             ) from e
         self.n_layers = len(self.layers)
+
+    def _read_head_dim(self, attention: nn.Module) -> int | None:
+        """The schema's head_dim attribute; else the query projection's rows / n_heads."""
+        path = self.schema.attention.head_dim
+        if path and hasattr(attention, path.split(".")[0]):
+            return int(read_attribute(attention, path))
+        port = self.schema.block.get("attn.q")
+        if port is None or port.split or ":" in port.site or "#" in port.site:
+            return None
+        weight = getattr(read_attribute(self.layers[0], port.site), "weight", None)
+        return None if weight is None else weight.shape[0] // self.n_heads
 
     @property
     def family(self) -> str:

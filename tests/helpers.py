@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 CORPUS = [
     "The capital of France is Paris.",
@@ -68,3 +76,25 @@ def tiny_llama(**overrides):
 
 def bitwise_equal(a: mx.array, b: mx.array) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(mx.array_equal(a, b).item())
+
+
+FAMILY_DIR = Path(__file__).parent / "families"
+
+
+def family_names() -> list[str]:
+    """Every family with a tiny-model config in tests/families/."""
+    return sorted(p.stem for p in FAMILY_DIR.glob("*.toml"))
+
+
+def tiny_family(name: str, seed: int = 0):
+    """A random-weight model of mlx-lm's own classes, from tests/families/<name>.toml."""
+    import importlib
+
+    config = tomllib.loads((FAMILY_DIR / f"{name}.toml").read_text())
+    module = importlib.import_module(f"mlx_lm.models.{config['module']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config["args"]))
+    # random init gives norms weight 1 and biases 0: perturb them so checks see them
+    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape).astype(p.dtype), model.parameters()))
+    mx.eval(model.parameters())
+    return model
