@@ -9,6 +9,7 @@ through the attention output: ``attn' = f(input + attn) - input``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +63,26 @@ def chunk_view(bounds: Callable[[int], tuple[int, int]]) -> View:
     def put(raw: mx.array, new: mx.array) -> mx.array:
         start, stop = bounds(raw.shape[-1])
         return mx.concatenate([raw[..., :start], new, raw[..., stop:]], axis=-1)
+
+    return View(get=get, put=put)
+
+
+def grouped_chunk_view(groups: int, bounds: Callable[[int], tuple[int, int]]) -> View:
+    """Chunk ``bounds`` of every group of a fused axis laid out as (groups, per-group width)."""
+
+    def grouped(raw: mx.array) -> mx.array:
+        return raw.reshape(*raw.shape[:-1], groups, raw.shape[-1] // groups)
+
+    def get(raw: mx.array) -> mx.array:
+        g = grouped(raw)
+        start, stop = bounds(g.shape[-1])
+        return g[..., start:stop].reshape(*raw.shape[:-1], -1)
+
+    def put(raw: mx.array, new: mx.array) -> mx.array:
+        g = grouped(raw)
+        start, stop = bounds(g.shape[-1])
+        new = new.reshape(*raw.shape[:-1], groups, stop - start)
+        return mx.concatenate([g[..., :start], new, g[..., stop:]], axis=-1).reshape(raw.shape)
 
     return View(get=get, put=put)
 
@@ -173,26 +194,26 @@ class Architecture:
             return [self._resolve(attrs.evolve(parsed, layer=i)) for i in range(self.n_layers)]
         return [self._resolve(parsed)]
 
-    def has(self, sub: str) -> bool:
-        """Whether this family has the block-level standard name ``sub`` (e.g. 'resid_mid')."""
+    def has(self, sub: str, layer: int = 0) -> bool:
+        """Whether layer ``layer`` has the block-level standard name ``sub`` (e.g. 'resid_mid')."""
         try:
-            self._resolve(StandardName(sub, 0))
+            self._resolve(StandardName(sub, layer))
         except UnknownNameError:
             return False
         return True
 
-    def block_names(self) -> list[str]:
-        """The block-level standard names this family has, in schema order."""
+    def block_names(self, layer: int = 0) -> list[str]:
+        """The block-level standard names layer ``layer`` has, in a fixed order."""
         from .names import DERIVED_BLOCK_NAMES
         from .schema import BLOCK_NAMES
 
         ordered = ["input", *BLOCK_NAMES, *DERIVED_BLOCK_NAMES]
-        return [s for s in dict.fromkeys(ordered) if self.has(s)]
+        return [s for s in dict.fromkeys(ordered) if self.has(s, layer)]
 
     def standard_names(self) -> list[str]:
         """Every standard name of this model (per layer), model-level names included."""
-        subs = self.block_names()
-        return ["embed"] + [f"layers.{i}.{s}" for i in range(self.n_layers) for s in subs] + ["ln_final", "logits"]
+        per_layer = [f"layers.{i}.{s}" for i in range(self.n_layers) for s in self.block_names(i)]
+        return ["embed", *per_layer, "ln_final", "logits"]
 
     def _resolve(self, name: StandardName) -> Resolved:
         schema = self.schema
@@ -249,24 +270,39 @@ class Architecture:
         port: Port | None = self.schema.block.get(sub)
         if port is None:
             raise self._missing(name, f"schema {self.schema.family!r} maps no '{sub}'")
+        if port.optional and not self._exists(name.layer, port.site):
+            raise self._missing(name, f"layer {name.layer} of this model has no {port.site} (an optional '{sub}')")
         block = f"model.{self.schema.layers}.{name.layer}"
         view = None
-        if port.split:
+        if port.split and port.grouped:
+            view = grouped_chunk_view(self.n_kv_heads, self._chunk_bounds(port, groups=self.n_kv_heads))
+        elif port.split:
             view = chunk_view(self._chunk_bounds(port))
         if port.scale is not None:
             factor = float(self.number(port.scale, self.layers[name.layer]))
             view = _then(view, scale_view(factor))
+        if port.layout == "bthd":
+            view = _then(view, SWAP_HEAD_TIME)
+        elif port.layout == "flat":
+            view = _then(view, heads_view(self._heads_of(sub), "bhtd"))
         n_heads = self._heads_of(sub) if sub in ("attn.q", "attn.k", "attn.v", "attn.z") else None
         return Resolved(str(name), f"{block}.{port.site}", view, n_heads)
 
-    def _chunk_bounds(self, port: Port) -> Callable[[int], tuple[int, int]]:
-        """(start, stop) of the port's chunk, given the fused axis width."""
+    def _exists(self, layer: int, site: str) -> bool:
+        path = re.split(r"[#:]", site, maxsplit=1)[0]
+        try:
+            return isinstance(read_attribute(self.layers[layer], path), nn.Module)
+        except (AttributeError, KeyError, IndexError):
+            return False
+
+    def _chunk_bounds(self, port: Port, groups: int = 1) -> Callable[[int], tuple[int, int]]:
+        """(start, stop) of the port's chunk, given the fused axis width (per group)."""
         units, part = port.split, port.part
         if all(u == "half" for u in units):  # equal parts of whatever width the tensor has
             return lambda width: (part * width // len(units), (part + 1) * width // len(units))
         if "half" in units:
             raise SchemaError(f"schema {self.schema.family!r}: 'half' cannot mix with other split units")
-        sizes = [self._width(unit) for unit in units]
+        sizes = [self._width(unit) // groups for unit in units]
         start = sum(sizes[:part])
         return lambda width: (start, start + sizes[part])
 
@@ -276,7 +312,7 @@ class Architecture:
         return (self.n_heads if unit == "q" else self.n_kv_heads) * self.head_dim
 
     def _heads_of(self, sub: str) -> int:
-        return self.n_kv_heads if sub in ("attn.k", "attn.v") else self.n_heads
+        return self.n_kv_heads if sub in ("attn.k", "attn.v", "attn.k_norm", "attn.k_rot") else self.n_heads
 
     def _missing(self, name: StandardName, why: str) -> UnknownNameError:
         from .plugins import families_with
@@ -328,12 +364,20 @@ def recognize(model: nn.Module) -> Architecture | None:
 
     kind = model_type(model)
     if kind is not None:
-        for plugin, schema in schemas():
-            if kind in schema.model_types:
+        claims = [(p, s) for p, s in schemas() if kind in s.model_types]
+        for plugin, schema in sorted(claims, key=lambda claim: -len(claim[1].when)):
+            if all(_holds(model, path, value) for path, value in schema.when.items()):
                 return Architecture(schema, model, plugin)
     for plugin, schema in call_each("mlxterp_recognize", model=model):
         return Architecture(schema, model, plugin)
     return None
+
+
+def _holds(model: nn.Module, path: str, value: Any) -> bool:
+    try:
+        return read_attribute(model, path) == value
+    except (AttributeError, KeyError, IndexError):
+        return False
 
 
 def _then(outer: View | None, inner: View) -> View:

@@ -120,16 +120,19 @@ class _SoftmaxSpy:
 @contextmanager
 def patterns_observed(modules: dict[str, nn.Module], recorder: Recorder) -> Iterator[None]:
     """Swap the family modules' attention symbols while the block runs (see module doc)."""
+    # decide every module's strategy before swapping anything: a swap changes what strategy() sees
+    hows = {path: strategy(module) for path, module in modules.items()}
+    for path, how in hows.items():
+        if how is None:
+            raise UnknownNameError(
+                f"{path}{PATTERN_PORT}: {type(modules[path]).__name__} uses neither mlx-lm's "
+                "scaled_dot_product_attention nor mx.softmax, so its attention "
+                "probabilities cannot be observed."
+            )
     with ExitStack() as stack:
         patched: set[tuple[str, str]] = set()
         for path, module in modules.items():
-            how = strategy(module)
-            if how is None:
-                raise UnknownNameError(
-                    f"{path}{PATTERN_PORT}: {type(module).__name__} uses neither mlx-lm's "
-                    "scaled_dot_product_attention nor mx.softmax, so its attention "
-                    "probabilities cannot be observed."
-                )
+            how = hows[path]
             namespace = sys.modules[type(module).__module__]
             key = (namespace.__name__, how)
             if key in patched:

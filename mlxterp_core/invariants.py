@@ -8,8 +8,10 @@ runs the cheap ones on 3 tokens when it wraps a model):
 - ``idle``: probing changes nothing (bitwise);
 - ``shapes``: every standard name resolves, is reached, and has the shape it promises;
 - ``embed``: ``embed == layers[0].input``; ``chain``: ``layers[i].output == layers[i+1].input``;
-- ``resid_mid``: ``resid_mid == input + attn`` and ``output == resid_mid + mlp`` (or
+- ``residual``: ``resid_mid == input + attn`` and ``output == resid_mid + mlp`` (or
   ``output == input + attn + mlp`` for parallel blocks);
+- ``qk``: the per-head queries and keys (after q/k norms) are what the model rotates; without a
+  rotation module, softmax(q k^T) reproduces the pattern;
 - ``unembed``: the final norm's output, unembedded, reproduces ``logits``;
 - ``pattern``: pattern rows sum to 1, ``pattern @ v`` reproduces ``z`` per head, and the explicit
   attention computes what the fused kernel computes;
@@ -28,6 +30,8 @@ from typing import TYPE_CHECKING
 import attrs
 import mlx.core as mx
 
+from .architecture import read_attribute
+from .attention import explicit_attention
 from .errors import MlxterpError
 from .interventions import scale
 
@@ -75,6 +79,8 @@ def expected_shapes(model: InterpretableModel, batch: int, length: int, d_model:
             "attn.z_heads": (batch, h, length, hd),
             "attn.q_rot": (batch, h, length, hd),
             "attn.k_rot": (batch, kv, length, hd),
+            "attn.q_norm": (batch, h, length, hd),
+            "attn.k_norm": (batch, kv, length, hd),
         })
     shapes["attn.pattern"] = (batch, h, length, length)
     return {"embed": resid, "ln_final": resid, "logits": (batch, length, vocab), **shapes}
@@ -85,8 +91,7 @@ def check_all(model: InterpretableModel, ids: list[int], layers: Iterable[int] |
     default); ``thorough``: also the idle, edit and padding checks, which cost extra passes."""
     arch = model.architecture
     layers = list(range(arch.n_layers)) if layers is None else sorted(set(layers))
-    subs = arch.block_names()
-    names = ["embed", "ln_final", "logits"] + [f"layers.{i}.{s}" for i in layers for s in subs]
+    names = ["embed", "ln_final", "logits"] + [f"layers.{i}.{s}" for i in layers for s in arch.block_names(i)]
     inputs = mx.array([ids])
     try:
         tr = model.run(inputs, capture=names)
@@ -103,6 +108,7 @@ def check_all(model: InterpretableModel, ids: list[int], layers: Iterable[int] |
     normed = acts["ln_final"]
     checks.append(_equal("unembed", arch.unembed(normed), acts["logits"], "unembed / final_norm"))
     checks.append(_pattern(model, inputs, acts, layers))
+    checks.append(_queries_keys(model, inputs, layers))
     if thorough:
         checks.append(_edits(model, inputs, layers))
         checks.append(_padding(model, ids))
@@ -160,9 +166,8 @@ def _residual(model, acts, layers) -> Check:
             pairs.append((mid + acts[f"layers.{i}.mlp"], acts[f"layers.{i}.output"]))
         field = "block.resid_mid / block.attn / block.mlp"
     else:
-        return Check("resid_mid", None)
-    check = _all_equal("resid_mid", pairs, field)
-    return check
+        return Check("residual", None)
+    return _all_equal("residual", pairs, field)
 
 
 def _pattern(model, inputs, acts, layers) -> Check:
@@ -194,6 +199,43 @@ def _pattern(model, inputs, acts, layers) -> Check:
     return Check("pattern", not problems, "; ".join(problems[:3]), "attention / block.attn.v / block.attn.z")
 
 
+def _queries_keys(model, inputs, layers) -> Check:
+    """q and k (their per-head views, after any q/k norm) are what the model rotates, or, for
+    a family without a rotation module, they reproduce the attention pattern."""
+    arch = model.architecture
+    problems = []
+    for i in layers:
+        for which in ("q", "k"):
+            if not arch.has(f"attn.{which}", i):
+                continue
+            norm = f"attn.{which}_norm"
+            mine = f"layers.{i}.{norm if arch.has(norm, i) else f'attn.{which}_heads'}"
+            if arch.has(f"attn.{which}_rot", i):
+                (rot,) = arch.resolve(f"layers.{i}.attn.{which}_rot")
+                truth = rot.site + ":input"
+                tr = model.run(inputs, capture=[mine, truth])
+                ok, err = close(tr.activations[mine], tr.activations[truth])
+                if not ok:
+                    problems.append(f"{mine} is not the input of the rotation ({err:.2e})")
+        if not arch.has("attn.q_rot", i) and arch.has("attn.q", i) and arch.has("attn.pattern", i):
+            attention = read_attribute(arch.layers[i], arch.schema.attention.module)
+            scale = getattr(attention, "scale", None)
+            if scale is None:
+                continue
+            names = [f"layers.{i}.attn.q_heads", f"layers.{i}.attn.k_heads", f"layers.{i}.attn.pattern"]
+            acts = model.run(inputs, capture=names).activations
+            q, k, pattern = (acts[n] for n in names)
+            length = q.shape[2]
+            mask = mx.arange(length)[:, None] >= mx.arange(length)[None]
+            probs = explicit_attention(q, k, None, scale, mask)
+            ok, err = close(probs, pattern, 1e-4)
+            if not ok:
+                problems.append(f"layer {i}: softmax(q k^T) is not the pattern ({err:.2e})")
+    if not any(arch.has("attn.q", i) for i in layers):
+        return Check("qk", None)
+    return Check("qk", not problems, "; ".join(problems[:3]), "block.attn.q / block.attn.k")
+
+
 _EDITED = ("attn.q", "attn.k", "attn.v", "attn.z", "attn.q_heads", "attn.q_rot", "attn.k_rot", "attn.pattern",
            "ln1", "ln2", "attn", "resid_mid", "mlp.gate", "mlp.up", "mlp.act", "mlp", "input", "output")
 
@@ -206,7 +248,7 @@ def _edits(model, inputs, layers) -> Check:
     position = inputs.shape[1] - 1
     problems = []
     for sub in _EDITED:
-        if not arch.has(sub):
+        if not arch.has(sub, layer):
             continue
         name = f"layers.{layer}.{sub}"
         (resolved,) = arch.resolve(name)

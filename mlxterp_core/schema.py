@@ -41,8 +41,8 @@ BLOCK_NAMES = {
     "attn.q": "query projection (B, T, H*D)",
     "attn.k": "key projection (B, T, Hkv*D)",
     "attn.v": "value projection (B, T, Hkv*D)",
-    "attn.q_norm": "queries after the per-head query norm",
-    "attn.k_norm": "keys after the per-head key norm",
+    "attn.q_norm": "queries after the per-head query norm (B, H, T, D)",
+    "attn.k_norm": "keys after the per-head key norm (B, Hkv, T, D)",
     "attn.q_rot": "queries after the positional rotation (B, H, T, D)",
     "attn.k_rot": "keys after the positional rotation (B, Hkv, T, D)",
     "attn.z": "per-head attention mix before the output projection (B, T, H*D)",
@@ -73,13 +73,23 @@ class Port:
 
     ``split``/``part``: the raw last axis is a concatenation of chunks (a fused qkv or gate_up
     projection) and the standard tensor is chunk ``part``. ``scale``: the standard tensor is
-    the raw one times this (Granite's residual multiplier).
+    the raw one times this (Granite's residual multiplier). ``layout``: for per-head standard
+    names, which are (B, H, T, D), how the raw tensor is laid out: ``"bthd"`` (B, T, H, D) as
+    Qwen3's q/k norms, or ``"flat"`` (B, T, H*D) as OLMo 2's. ``optional``: the module exists
+    only in some layers or configurations (a MoE model's dense layers, Command R+'s q/k norms);
+    where it is missing, the name is missing for that layer instead of the schema failing.
+    ``grouped``: see below.
     """
 
     site: str = attrs.field(validator=_check_site)
     split: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     part: int = 0
     scale: Number = None
+    layout: str = attrs.field(default="", validator=attrs.validators.in_(("", "bthd", "flat")))
+    optional: bool = False
+    grouped: bool = False
+    """The split chunks repeat once per KV head: the fused axis is (Hkv, [q..., k, v]) as in
+    InternLM2's ``wqkv``, not ([q...], [k...], [v...])."""
 
     @split.validator
     def _check_split(self, attribute, value):
@@ -134,6 +144,10 @@ class ArchitectureSchema:
     """Attention and MLP both read the block input and add to it (no resid_mid)."""
     block: dict[str, Port] = attrs.field(factory=dict)
     description: str = ""
+    when: dict[str, Any] = attrs.field(factory=dict)
+    """Conditions on the model (attribute path -> value, e.g. ``"args.use_parallel_residual" =
+    true``): a schema claims a model of its model_types only where all hold. Among schemas for
+    one model_type, those with more conditions are tried first."""
 
     @block.validator
     def _check_block(self, attribute, value):

@@ -86,11 +86,17 @@ def family_names() -> list[str]:
     return sorted(p.stem for p in FAMILY_DIR.glob("*.toml"))
 
 
+def family_config(name: str) -> dict:
+    """tests/families/<name>.toml: the mlx-lm ``module``, its ``[args]``, and the ``family``
+    (schema) it must be recognised as when that differs from the file name."""
+    return tomllib.loads((FAMILY_DIR / f"{name}.toml").read_text())
+
+
 def tiny_family(name: str, seed: int = 0):
     """A random-weight model of mlx-lm's own classes, from tests/families/<name>.toml."""
     import importlib
 
-    config = tomllib.loads((FAMILY_DIR / f"{name}.toml").read_text())
+    config = family_config(name)
     module = importlib.import_module(f"mlx_lm.models.{config['module']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config["args"]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import family_names, tiny_family
+from helpers import family_config, family_names, tiny_family
 
 from mlxterp import InterpretableModel
 from mlxterp_core.invariants import Check, check_all
@@ -26,6 +26,7 @@ def test_family_invariants(family):
     module = tiny_family(family)
     model = InterpretableModel(module)  # validates the schema on 3 tokens
     assert model.architecture is not None, f"no plugin recognises {family}"
+    assert model.architecture.family == family_config(family).get("family", family)
     checks = check_all(model, PROMPT)
     _results[family] = checks
     failed = [f"{c.name}: {c.detail} (field {c.field})" for c in checks if c.passed is False]
@@ -46,13 +47,14 @@ def test_write_status_table():
         "mlx-lm model, every invariant of `mlxterp_core.invariants`, all layers, 10 tokens.",
         "`n/a`: the family has no such structure (e.g. no resid_mid in a parallel block).",
         "",
-        "| family | module | " + " | ".join(names) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+        "| test model | mlx-lm module | schema | " + " | ".join(names) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |",
     ]
     for family in FAMILIES:
         by_name = {c.name: c.passed for c in _results[family]}
-        module = type(tiny_family(family)).__module__.rsplit(".", 1)[-1]
-        lines.append(f"| {family} | {module} | " + " | ".join(mark[by_name.get(n)] for n in names) + " |")
+        config = family_config(family)
+        schema = config.get("family", family)
+        lines.append(f"| {family} | {config['module']} | {schema} | " + " | ".join(mark[by_name.get(n)] for n in names) + " |")
     STATUS_FILE.parent.mkdir(exist_ok=True)
     STATUS_FILE.write_text("\n".join(lines) + "\n")
     assert all(c.passed is not False for checks in _results.values() for c in checks)

@@ -178,3 +178,17 @@ def test_validation_names_the_wrong_schema_field(change, field):
     expected = f"(?s)schema 'llama' from plugin 'schema=' does not fit.*schema field: {re.escape(field)}"
     with pytest.raises(SchemaError, match=expected):
         InterpretableModel(tiny_family("llama"), schema=_llama_schema(**change))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_validation_catches_swapped_queries_and_keys(family):
+    import attrs
+
+    from mlxterp import Port
+
+    (schema,) = [s for _, s in schemas() if s.family == family]
+    q, k = schema.block["attn.q"], schema.block["attn.k"]
+    swapped = attrs.evolve(schema, block={**schema.block, "attn.q": attrs.evolve(q, part=k.part), "attn.k": attrs.evolve(k, part=q.part)})
+    assert isinstance(swapped.block["attn.q"], Port)
+    with pytest.raises(SchemaError, match=r"(?s)qk: .*schema field: block\.attn\.q / block\.attn\.k"):
+        InterpretableModel(tiny_family(family), schema=swapped)
