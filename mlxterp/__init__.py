@@ -17,11 +17,14 @@ from mlxterp_core.errors import (
     TraceError,
     UnknownNameError,
 )
+from mlxterp_core.load import default_model_path, load
 from mlxterp_core.model import InterpretableModel
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
 
 __all__ = [
     "InterpretableModel",
+    "load",
+    "default_model_path",
     "ArchitectureSchema",
     "Architecture",
     "Port",

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UnknownNameError
-from .names import HEAD_VIEWS, MODEL_NAMES, StandardName, parse
+from .names import FORWARD_ORDER, HEAD_VIEWS, MODEL_NAMES, StandardName, parse
 from .schema import ArchitectureSchema, Number, Port, SchemaError
 
 
@@ -203,12 +203,8 @@ class Architecture:
         return True
 
     def block_names(self, layer: int = 0) -> list[str]:
-        """The block-level standard names layer ``layer`` has, in a fixed order."""
-        from .names import DERIVED_BLOCK_NAMES
-        from .schema import BLOCK_NAMES
-
-        ordered = ["input", *BLOCK_NAMES, *DERIVED_BLOCK_NAMES]
-        return [s for s in dict.fromkeys(ordered) if self.has(s, layer)]
+        """The block-level standard names layer ``layer`` has, in forward-pass order."""
+        return [s for s in FORWARD_ORDER if self.has(s, layer)]
 
     def standard_names(self) -> list[str]:
         """Every standard name of this model (per layer), model-level names included."""

@@ -7,6 +7,17 @@ import importlib.metadata
 import mlx.core as mx
 
 
+from . import blas
+
+
 def describe() -> str:
+    """The device, MLX version and (on the CPU) which BLAS serves matmuls."""
     device = mx.default_device()
-    return f"{device}, mlx {importlib.metadata.version('mlx')}"
+    text = f"{device}, mlx {importlib.metadata.version('mlx')}"
+    if device.type == mx.cpu:
+        text += f", BLAS: {blas.state}"
+    return text
+
+
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu

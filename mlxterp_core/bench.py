@@ -1,4 +1,6 @@
-"""Benchmark: the cost of tracing, as a ratio to the plain mlx-lm forward in the same run.
+"""Benchmarks: the cost of tracing, and the speed of the default model as mlxterp loads it.
+
+Tracing, as a ratio to the plain mlx-lm forward in the same run.
 
 ``mlxterp bench`` builds a randomly initialised Llama of SmolLM2-135M's shape (30 layers,
 d=576, 9 heads, 3 KV heads, MLP 1536, vocabulary 49152), runs a (1, 32) batch of token ids,
@@ -9,8 +11,13 @@ and times, interleaved so that drift hits every case alike:
 - ``residual stream``: a trace that records the 30 layer outputs;
 - ``everything``: a trace that records every site (all module inputs and outputs).
 
-It prints the median time of each and its ratio to ``plain``. Run it on an otherwise idle
-machine: on 2 cores another busy process changes timings by 10x.
+It prints the median time of each and its ratio to ``plain``.
+
+Loading (``--suite load``): the default model's forward pass of 32 tokens as shipped (quantized
+weights, MLX's own BLAS: measured in a subprocess, because the BLAS is chosen per process)
+against the same model as ``mlxterp.load()`` prepares it for this backend, and the ratio.
+
+Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 """
 
 from __future__ import annotations
@@ -80,10 +87,51 @@ def trace_overhead(repeats: int = 5, tokens: int = 32, **shape) -> dict[str, flo
     return median_times(cases, repeats)
 
 
-def main(repeats: int = 5, tokens: int = 32) -> dict[str, float]:
+def default_model_forward(quantized: bool | None, repeats: int = 5, tokens: int = 32) -> float:
+    """Median seconds of the default model's forward pass on ``tokens`` token ids."""
+    from .load import load
+
+    model = load(quantized=quantized, validate=False)
+    ids = mx.arange(100, 100 + tokens)[None]
+    return median_times({"forward": lambda: mx.eval(model.model(ids))}, repeats)["forward"]
+
+
+def load_speed(repeats: int = 5, tokens: int = 32) -> dict[str, float]:
+    """Seconds per forward: as shipped (subprocess) and as mlxterp.load() prepares it (here)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from mlxterp_core.bench import default_model_forward; "
+        f"print(default_model_forward(quantized=True, repeats={repeats}, tokens={tokens}))"
+    )
+    env = {**os.environ, "MLXTERP_BLAS": "reference"}
+    shipped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return {
+        "as shipped": float(shipped.stdout.strip().splitlines()[-1]),
+        "mlxterp.load()": default_model_forward(quantized=None, repeats=repeats, tokens=tokens),
+    }
+
+
+def main(repeats: int = 5, tokens: int = 32, suite: str = "all") -> None:
     from .backend import describe
 
     print(f"backend: {describe()}")
+    if suite in ("all", "trace"):
+        trace_main(repeats, tokens)
+    if suite in ("all", "load"):
+        from .load import DEFAULT_MODEL
+
+        print(f"{DEFAULT_MODEL}, forward of 1 x {tokens} tokens, median of {repeats}")
+        speeds = load_speed(repeats, tokens)
+        shipped = speeds["as shipped"]
+        print(f"  as shipped (quantized, MLX's reference BLAS)  {shipped * 1000:9.1f} ms")
+        print(f"  as mlxterp.load() prepares it                {speeds['mlxterp.load()'] * 1000:9.1f} ms  "
+              f"{shipped / speeds['mlxterp.load()']:.1f}x faster (target >= 10x)")
+
+
+def trace_main(repeats: int, tokens: int) -> dict[str, float]:
     print(f"random Llama, SmolLM2-135M shape, batch 1 x {tokens} tokens, median of {repeats}")
     medians = trace_overhead(repeats, tokens)
     plain = medians["plain"]

@@ -9,15 +9,29 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxterp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time tracing against the plain mlx-lm forward")
+    bench = commands.add_parser("bench", help="time tracing and the default model's forward pass")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--tokens", type=int, default=32)
-    commands.add_parser("demo", help="trace and intervene on a small model")
+    bench.add_argument("--suite", choices=["all", "trace", "load"], default="all")
+    info = commands.add_parser("info", help="describe a model and its standard names")
+    info.add_argument("model", nargs="?", help="a .gguf file, an mlx-lm directory or a repo id (default: the default model)")
+    info.add_argument("--prompt", default="The capital of France is")
+    commands.add_parser("demo", help="the analyses on the default model")
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .bench import main as run_bench
 
-        run_bench(repeats=args.repeats, tokens=args.tokens)
+        run_bench(repeats=args.repeats, tokens=args.tokens, suite=args.suite)
+    elif args.command == "info":
+        from .errors import MlxterpError
+        from .info import describe_model
+        from .load import load
+
+        try:
+            print(describe_model(load(args.model), args.prompt))
+        except MlxterpError as e:
+            print(f"mlxterp info: {e}", file=sys.stderr)
+            return 2
     elif args.command == "demo":
         from .demo import main as run_demo
 

@@ -1,34 +1,44 @@
-"""``mlxterp demo``: trace a model, read activations by name, intervene, and show the effect."""
+"""``mlxterp demo``: the default real model, traced, read by standard names, and intervened on."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+PROMPT = "The capital of France is"
+
 
 def main() -> None:
-    from .bench import random_llama
-    from .interventions import scale, zero_out
-    from .model import InterpretableModel
+    from .interventions import zero_out
+    from .load import DEFAULT_MODEL, load
 
-    module = random_llama(num_hidden_layers=4, vocab_size=512)
-    model = InterpretableModel(module)
-    ids = mx.arange(1, 9)[None]
-    print(f"model: random-weight mlx-lm Llama, 4 layers, d=576; input: {ids.tolist()}")
+    print(f"loading {DEFAULT_MODEL} ...")
+    model = load()
+    for key in ("quantization", "weights", "backend"):
+        print(f"  {key}: {model.load_report[key]}")
+    arch = model.architecture
+    print(f"  family {arch.family}: {arch.n_layers} layers, {arch.n_heads} heads ({arch.n_kv_heads} key/value)")
 
-    with model.trace(ids) as tr:
+    ids = model.encode(PROMPT)
+    paris = model.encode(" Paris")[0]
+    with model.trace(PROMPT, capture=["layers[*].output", "layers[20].attn.pattern", "logits"]) as tr:
         logits = model.output.save()
-    print(f"recorded {len(tr.activations)} activations, e.g.")
-    for name in ("model.model.layers.1.self_attn.q_proj", "model.model.layers.1.self_attn.rope#1",
-                 "model.model.layers.1.self_attn.o_proj:input", "model.model.layers.3"):
-        print(f"  {name:45s} {tuple(tr.activations[name].shape)}")
+    probs = mx.softmax(logits[0, -1].astype(mx.float32))
+    top = mx.argsort(-probs)[:5].tolist()
+    print(f"\n{PROMPT!r} -> " + ", ".join(f"{model.token_to_str(t)!r} {probs[t].item():.2f}" for t in top))
+    resid = tr.activations["layers[*].output"]  # (L, B, T, D): the residual stream after every layer
+    print(f"residual stream, all layers: {tuple(resid.shape)}; norm at the last position by layer:")
+    print("  " + " ".join(f"{v:.0f}" for v in mx.linalg.norm(resid[:, 0, -1], axis=-1).tolist()))
+    pattern = tr.activations["layers[20].attn.pattern"][0, :, -1]  # (H, T): where the last token looks
+    tokens = [model.token_to_str(t) for t in ids]
+    print("layer 20, last position, attention of each head to each token:")
+    for head in range(pattern.shape[0]):
+        print(f"  head {head}: " + " ".join(f"{tok!r}:{w:.2f}" for tok, w in zip(tokens, pattern[head].tolist())))
 
-    site = "model.model.layers.2.mlp"
-    edits = {"zero_out": zero_out, "scale(0.5) at position 3": scale(0.5).at(positions=3)}
-    for label, edit in edits.items():
-        changed = model.run(ids, interventions={site: edit}, capture=[site, "model.model.layers.3"])
-        resid = changed.activations["model.model.layers.3"]
-        moved = mx.abs(resid - tr.activations["model.model.layers.3"]).max(axis=-1)[0]
-        print(f"{label} at {site}: max change of the last residual stream per position")
-        print("  " + " ".join(f"{v:.3f}" for v in moved.tolist()))
-    print(f"logits: {tuple(logits.shape)}, unchanged by probing: "
-          f"{bool(mx.array_equal(logits, module(ids)).item())}")
+    group = max(1, arch.n_layers // 4)
+    print(f"\nknocking out the MLPs of {group} layers at a time at the last position (probability of ' Paris'):")
+    for start in range(0, arch.n_layers, group):
+        layers = range(start, min(start + group, arch.n_layers))
+        edits = {f"layers[{i}].mlp": zero_out.at(positions=-1) for i in layers}
+        edited = model.run(PROMPT, interventions=edits, capture=["logits"]).output
+        p = mx.softmax(edited[0, -1].astype(mx.float32))[paris].item()
+        print(f"  layers {layers.start:2d}-{layers.stop - 1:2d}: {p:.3f} (clean {probs[paris].item():.3f})")

@@ -68,6 +68,7 @@ class InterpretableModel:
             )
         self.model = model
         self.tokenizer = tokenizer
+        self.load_report: dict[str, Any] | None = None  # set by mlxterp.load
         self._active_traces: list[Trace] = []
         if schema is not None:
             if not isinstance(schema, ArchitectureSchema):

@@ -47,6 +47,13 @@ MODEL_NAMES = {
     "logits": "model output",
 }
 
+FORWARD_ORDER = (
+    "input", "ln1", "attn.q", "attn.k", "attn.v", "attn.q_heads", "attn.k_heads", "attn.v_heads",
+    "attn.q_norm", "attn.k_norm", "attn.q_rot", "attn.k_rot", "attn.pattern", "attn.z", "attn.z_heads",
+    "attn", "resid_mid", "ln2", "mlp.router", "mlp.gate", "mlp.up", "mlp.act", "mlp.down", "mlp", "output",
+)
+"""Every block-level standard name, in the order the forward pass computes them."""
+
 GRAMMAR = (
     "standard names are 'embed', 'ln_final', 'logits', or 'layers[i]' followed by one of "
     "'.input', '.output', '.ln1', '.ln2', '.attn', '.attn.q' (k, v, z, q_heads, q_rot, pattern "

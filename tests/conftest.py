@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
+import mlxterp  # noqa: F401  first: it loads the optimized BLAS before anything imports mlx
+import mlx.core as mx  # noqa: I001
 import pytest
 from helpers import SimpleModel, tiny_llama, train_tokenizer
 

