@@ -53,10 +53,17 @@ def random_llama(**overrides):
 
 
 def median_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each case; cases run interleaved, after ``warmup`` rounds."""
+    """Median wall time of each case; cases run interleaved, in a shuffled order each round
+    (so that no case always follows the same one), after ``warmup`` rounds."""
+    import random
+
+    order = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(warmup + repeats):
-        for name, case in cases.items():
+        names = list(cases)
+        order.shuffle(names)
+        for name in names:
+            case = cases[name]
             start = time.perf_counter()
             case()
             elapsed = time.perf_counter() - start
