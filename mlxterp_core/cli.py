@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="describe a model and its standard names")
     info.add_argument("model", nargs="?", help="a .gguf file, an mlx-lm directory or a repo id (default: the default model)")
     info.add_argument("--prompt", default="The capital of France is")
-    commands.add_parser("demo", help="the analyses on the default model")
+    demo = commands.add_parser("demo", help="logit lens, activation patching and steering on the default model")
+    demo.add_argument("--out", default="mlxterp-demo", help="folder for the plots (default: ./mlxterp-demo)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .bench import main as run_bench
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from .demo import main as run_demo
 
-        run_demo()
+        run_demo(args.out)
     return 0
 
 

@@ -1,16 +1,44 @@
-"""``mlxterp demo``: the default real model, traced, read by standard names, and intervened on."""
+"""``mlxterp demo``: the standard analyses on the default real model, with plots.
+
+1. the logit lens of "The capital of France is" (where " Paris" appears),
+2. activation patching of "The Eiffel Tower is located in the city of" against the same sentence
+   about the Colosseum (equal token counts): per layer for the MLP and attention outputs, and
+   per layer x position for the residual stream,
+3. a steering vector from contrastive sentiment prompts, and a steered against an unsteered
+   greedy continuation.
+
+The plots are written as PNG files to a folder the demo names at the end.
+"""
 
 from __future__ import annotations
 
-import mlx.core as mx
+import time
+from pathlib import Path
 
-PROMPT = "The capital of France is"
+LENS_PROMPT = "The capital of France is"
+CLEAN = "The Eiffel Tower is located in the city of"
+CORRUPTED = "The Colosseum is located in the city of"
+POSITIVE = [
+    "I love this. It is wonderful and amazing.",
+    "This is great, I am so happy.",
+    "What a fantastic, delightful day.",
+]
+NEGATIVE = [
+    "I hate this. It is terrible and awful.",
+    "This is bad, I am so sad.",
+    "What a horrible, miserable day.",
+]
+STEER_PROMPT = "I went to see the new movie yesterday. I thought it was"
+STEER_LAYER = 14
+STEER_SCALE = 1.5
 
 
-def main() -> None:
-    from .interventions import zero_out
+def main(out: str | Path = "mlxterp-demo") -> Path:
     from .load import DEFAULT_MODEL, load
 
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"loading {DEFAULT_MODEL} ...")
     model = load()
     for key in ("quantization", "weights", "backend"):
@@ -18,27 +46,35 @@ def main() -> None:
     arch = model.architecture
     print(f"  family {arch.family}: {arch.n_layers} layers, {arch.n_heads} heads ({arch.n_kv_heads} key/value)")
 
-    ids = model.encode(PROMPT)
-    paris = model.encode(" Paris")[0]
-    with model.trace(PROMPT, capture=["layers[*].output", "layers[20].attn.pattern", "logits"]) as tr:
-        logits = model.output.save()
-    probs = mx.softmax(logits[0, -1].astype(mx.float32))
-    top = mx.argsort(-probs)[:5].tolist()
-    print(f"\n{PROMPT!r} -> " + ", ".join(f"{model.token_to_str(t)!r} {probs[t].item():.2f}" for t in top))
-    resid = tr.activations["layers[*].output"]  # (L, B, T, D): the residual stream after every layer
-    print(f"residual stream, all layers: {tuple(resid.shape)}; norm at the last position by layer:")
-    print("  " + " ".join(f"{v:.0f}" for v in mx.linalg.norm(resid[:, 0, -1], axis=-1).tolist()))
-    pattern = tr.activations["layers[20].attn.pattern"][0, :, -1]  # (H, T): where the last token looks
-    tokens = [model.token_to_str(t) for t in ids]
-    print("layer 20, last position, attention of each head to each token:")
-    for head in range(pattern.shape[0]):
-        print(f"  head {head}: " + " ".join(f"{tok!r}:{w:.2f}" for tok, w in zip(tokens, pattern[head].tolist())))
+    print(f"\n1. Logit lens of {LENS_PROMPT!r}: top prediction at the last position after each layer")
+    lens = model.logit_lens(LENS_PROMPT, plot=True, save_path=out / "logit_lens.png")
+    for layer in lens.layers:
+        token, prob = lens[layer][-1][0][2], lens[layer][-1][0][1]
+        print(f"  layer {layer:2d}: {token!r:12s} {prob:.2f}")
 
-    group = max(1, arch.n_layers // 4)
-    print(f"\nknocking out the MLPs of {group} layers at a time at the last position (probability of ' Paris'):")
-    for start in range(0, arch.n_layers, group):
-        layers = range(start, min(start + group, arch.n_layers))
-        edits = {f"layers[{i}].mlp": zero_out.at(positions=-1) for i in layers}
-        edited = model.run(PROMPT, interventions=edits, capture=["logits"]).output
-        p = mx.softmax(edited[0, -1].astype(mx.float32))[paris].item()
-        print(f"  layers {layers.start:2d}-{layers.stop - 1:2d}: {p:.3f} (clean {probs[paris].item():.3f})")
+    print(f"\n2. Activation patching: clean {CLEAN!r}\n   corrupted {CORRUPTED!r}")
+    for component in ("mlp", "attn"):
+        result = model.activation_patching(CLEAN, CORRUPTED, component=component, plot=True,
+                                           save_path=out / f"patching_{component}.png")
+        best = ", ".join(f"layer {layer} {value:.0f}%" for layer, _, value in result.top(4))
+        print(f"  {component}: answers {result.clean_answer!r} vs {result.corrupted_answer!r}; most recovery: {best}")
+    grid = model.activation_patching(CLEAN, CORRUPTED, component="resid", positions="all", plot=True,
+                                     save_path=out / "patching_resid_positions.png")
+    print("  residual stream, layer x position (recovery %, where the clean information lives):")
+    print("        " + "".join(f"{label[:7]:>8s}" for label in grid.labels))
+    for layer in grid.layers[::3]:
+        print(f"  {layer:4d}  " + "".join(f"{v:8.0f}" for v in grid[layer]))
+
+    print(f"\n3. Steering at layer {STEER_LAYER}: positive minus negative sentiment prompts")
+    vector = model.steering_vector(POSITIVE, NEGATIVE, layer=STEER_LAYER)
+    vector.plot(out / "steering_projections.png")
+    plain = model.generate(STEER_PROMPT, max_tokens=30)
+    print(f"  prompt:     {STEER_PROMPT!r}")
+    print(f"  unsteered: {plain.text!r}")
+    for sign, label in ((1, "positive"), (-1, "negative")):
+        steered = model.generate(STEER_PROMPT, max_tokens=30, interventions=vector.interventions(scale=sign * STEER_SCALE))
+        print(f"  {label} x{STEER_SCALE}: {steered.text!r}")
+
+    print(f"\nplots written to {out.resolve()}/: " + ", ".join(sorted(p.name for p in out.glob("*.png"))))
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return out

@@ -201,15 +201,22 @@ class Recorder:
         self.calls: dict[str, int] = {}
         self.stack: list[str] = []
         self.fired: set[str] = set()
+        self.editing = True
+
+    def start_pass(self, edit: bool = True) -> None:
+        """Forget the previous forward pass (its records, call counts and seen values)."""
+        self.recorded, self.seen, self.calls, self.stack = {}, {}, {}, []
+        self.editing = edit
 
     def visit(self, site: str, x: mx.array) -> mx.array:
-        for edit in self.exact_edits.get(site, ()):
-            x = edit.apply(x, site, self.seen)
-            self.fired.add(edit.key)
-        for edit in self.glob_edits:
-            if _matches(site, edit.site):
+        if self.editing:
+            for edit in self.exact_edits.get(site, ()):
                 x = edit.apply(x, site, self.seen)
                 self.fired.add(edit.key)
+            for edit in self.glob_edits:
+                if _matches(site, edit.site):
+                    x = edit.apply(x, site, self.seen)
+                    self.fired.add(edit.key)
         if site in self.keep:
             self.seen[site] = x
         if self.capture is None:
@@ -328,33 +335,79 @@ class Trace:
         """Run the forward pass (once)."""
         if self._ran:
             raise TraceError("this trace has already run; start a new model.trace(...).")
-        module = self._model.model
-        capture, edits, asked = self._translate()
-        names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (capture or [])
-        probed, pattern_modules = _modules_to_probe(module, names, capture_all=capture is None)
-        recorder = Recorder(capture, edits, set(pattern_modules))
-        with ExitStack() as stack:
-            stack.enter_context(patterns_observed(pattern_modules, recorder))
-            stack.enter_context(probes_installed([(m, _Probe(recorder, p)) for p, m in probed]))
-            output = module(self._inputs.array)
-            if isinstance(output, mx.array):
-                output = recorder.visit(MODEL_OUTPUT, output)
-            elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
-                recorder.recorded[MODEL_OUTPUT] = output
-            self._check_reached(recorder, capture or [], asked)
-            mx.eval(output, list(recorder.recorded.values()))
+        with Hooks(self._model, self._interventions, self._capture) as hooks:
+            output, recorded = hooks(self._inputs.array)
+            hooks.check_reached()
         self.output = output
-        self.activations = Activations(recorder.recorded, self._model)
+        self.activations = Activations(recorded, self._model)
         self._ran = True
         return self
+
+
+class Hooks:
+    """Probes, attention patches and a recorder installed on a model for the duration of a
+    ``with`` block, in which the model can be run any number of times (a trace runs it once;
+    generation once per token, with a KV cache).
+
+    Calling it runs one forward pass and returns ``(output, recorded)``, everything recorded
+    evaluated. ``edit=False`` runs that pass without the interventions.
+    """
+
+    def __init__(
+        self,
+        model: InterpretableModel,
+        interventions: Mapping[str, Callable] | None = None,
+        capture: list[str] | None = None,
+    ):
+        self._model = model
+        self._interventions = dict(interventions or {})
+        self._capture_given = capture
+        self._capture, edits, self._asked = self._translate()
+        names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (self._capture or [])
+        self._probed, self._pattern_modules = _modules_to_probe(
+            model.model, names, capture_all=self._capture is None
+        )
+        self._edits = edits
+        self._recorder = Recorder(self._capture, edits, set(self._pattern_modules))
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> Hooks:
+        stack = ExitStack()
+        try:
+            stack.enter_context(patterns_observed(self._pattern_modules, self._recorder))
+            stack.enter_context(probes_installed([(m, _Probe(self._recorder, p)) for p, m in self._probed]))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self._stack.close()
+        self._stack = None
+        return False
+
+    def __call__(self, *args, edit: bool = True, **kwargs) -> tuple[Any, dict[str, Any]]:
+        if self._stack is None:
+            raise TraceError("Hooks are used inside their `with` block.")
+        recorder = self._recorder
+        recorder.start_pass(edit)
+        output = self._model.model(*args, **kwargs)
+        if isinstance(output, mx.array):
+            output = recorder.visit(MODEL_OUTPUT, output)
+        elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
+            recorder.recorded[MODEL_OUTPUT] = output
+        self._check_captured()
+        mx.eval(output, list(recorder.recorded.values()))
+        return output, recorder.recorded
 
     def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str]]:
         """Raw capture entries, raw edits, and raw entry -> the name the user gave."""
         asked: dict[str, str] = {}
         capture = None
-        if self._capture is not None:
+        if self._capture_given is not None:
             capture = []
-            for name in self._capture:
+            for name in self._capture_given:
                 sites = [name] if is_raw(name) else [r.site for r in self._resolve(name)]
                 for site in sites:
                     asked.setdefault(site, name)
@@ -374,21 +427,26 @@ class Trace:
     def _resolve(self, name: str):
         return self._model.architecture_or_raise(name).resolve(name)
 
-    def _check_reached(self, recorder: Recorder, capture: list[str], asked: dict[str, str]) -> None:
-        """Fail on names that matched sites statically but never ran in this forward pass."""
+    def check_reached(self) -> None:
+        """Fail on interventions that never ran in any pass."""
+        recorder = self._recorder
         for key in self._interventions:
             if key not in recorder.fired:
                 raise InterventionError(
                     f"intervention {key!r} never ran: that site was not reached in this forward "
                     f"pass (module calls seen: {_calls_summary(recorder, key)})."
                 )
-        for entry in capture:
+
+    def _check_captured(self) -> None:
+        """Fail on capture entries that matched sites statically but recorded nothing."""
+        recorder = self._recorder
+        for entry in self._capture or []:
             if is_glob(entry):
                 reached = any(_matches(site, entry) for site in recorder.recorded)
             else:
                 reached = canonical_site(entry) in recorder.recorded
             if not reached:
-                given = asked.get(entry, entry)
+                given = self._asked.get(entry, entry)
                 raise UnknownNameError(
                     f"capture {given!r} matched nothing in this forward pass (module calls seen: "
                     f"{_calls_summary(recorder, entry)}); sites that take no array input have no "

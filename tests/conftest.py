@@ -39,3 +39,9 @@ def simple():
     mx.eval(module.parameters())
     return InterpretableModel(module)
 
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The default real model as mlxterp.load() prepares it for this backend."""
+    return mlxterp.load()

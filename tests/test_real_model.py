@@ -27,11 +27,6 @@ QUANTIZED_LOGIT_TOLERANCE = 1e-2  # relative L2 error of the logits; measured 2.
 
 
 @pytest.fixture(scope="session")
-def smollm():
-    return mlxterp.load()
-
-
-@pytest.fixture(scope="session")
 def smollm_quantized():
     return mlxterp.load(quantized=True)
 
@@ -116,3 +111,106 @@ def test_quantized_model_is_recognised(smollm_quantized):
     assert "quantized as stored" in smollm_quantized.load_report["weights"]
     logits = smollm_quantized.run(PROMPT, capture=["layers[3].attn.q", "logits"]).activations["logits"]
     assert smollm_quantized.token_to_str(mx.argmax(logits[0, -1]).item()) == " Paris"
+
+
+# -- the analyses on the real model --------------------------------------------------------------
+
+CLEAN = "The Eiffel Tower is located in the city of"
+CORRUPTED = "The Colosseum is located in the city of"
+
+
+def test_logit_lens_last_layer_is_the_model_and_paris_emerges_late(smollm):
+    result = smollm.logit_lens(PROMPT)
+    logits = smollm.run(PROMPT).output[0].astype(mx.float32)
+    for position in range(len(result.tokens)):
+        assert [t for t, _, _ in result[29][position]] == mx.argsort(-logits[position])[:5].tolist()
+    top = result.top_tokens()
+    assert top[29] == " Paris"
+    assert all(top[layer] != " Paris" for layer in range(20))  # the answer is a late-layer event
+
+
+def test_residual_patching_moves_from_the_subject_to_the_last_position(smollm):
+    """Observed: patching the residual stream recovers the clean answer at the subject's tokens
+    (' Col', 'osse', 'um' in the corrupted prompt) up to layer 22, and at the last token (' of')
+    from layer 23 on: the fact is read from the subject position and moved to the end."""
+    result = smollm.activation_patching(CLEAN, CORRUPTED, component="resid", positions="all")
+    assert (result.clean_answer, result.corrupted_answer) == (" Paris", " Rome")
+    subject, last = {1, 2, 3}, len(result.labels) - 1
+    best = {layer: max(range(len(result.labels)), key=lambda p: result[layer][p]) for layer in result.layers}
+    assert all(best[layer] in subject for layer in range(0, 21))
+    assert all(best[layer] == last for layer in range(24, 30))
+    assert result[29][last] == pytest.approx(100.0, abs=1e-3)  # the last layer's output is the answer
+    assert max(result[29][:last]) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_steered_generation_on_the_real_model(smollm):
+    positive = ["I love this. It is wonderful and amazing.", "This is great, I am so happy."]
+    negative = ["I hate this. It is terrible and awful.", "This is bad, I am so sad."]
+    vector = smollm.steering_vector(positive, negative, layer=14)
+    assert min(vector.positive_projections) > max(vector.negative_projections)
+    prompt = "I went to see the new movie yesterday. I thought it was"
+    edits = vector.interventions(scale=-1.5)
+    plain = smollm.generate(prompt, max_tokens=6)
+    steered = smollm.generate(prompt, max_tokens=6, interventions=edits)
+    assert steered.tokens != plain.tokens
+    sequence = smollm.encode(prompt)
+    for token in steered.tokens:
+        logits = smollm.run([sequence], interventions=edits).output
+        assert mx.argmax(logits[0, -1]).item() == token
+        sequence.append(token)
+
+
+ORIGINAL_README_LENS = '''
+# Get token predictions from any layer
+with model.trace("The capital of France is") as trace:
+    layer_6 = trace.activations["model.model.layers.6"]
+
+# Decode last token's hidden state
+predictions = model.get_token_predictions(layer_6[0, -1, :], top_k=5)
+for token_id in predictions:
+    print(model.token_to_str(token_id))
+
+# Logit lens: see what each layer predicts at each position
+text = "The capital of France is"
+results = model.logit_lens(text, layers=[0, 5, 10, 15])
+
+# Show how predictions for the LAST position evolve
+for layer_idx in [0, 5, 10, 15]:
+    last_pos_pred = results[layer_idx][-1][0][2]  # Top token at last position
+    print(f"Layer {layer_idx}: '{last_pos_pred}'")
+'''
+
+ORIGINAL_README_PATCHING = '''
+# Find which layers are critical for factual recall
+results = model.activation_patching(
+    clean_text="Paris is the capital of France",
+    corrupted_text="London is the capital of France",
+    component="mlp",
+    plot=True
+)
+
+# Analyze results
+sorted_results = sorted(results.items(), key=lambda x: x[1], reverse=True)
+print("\\nMost important layers:")
+for layer_idx, recovery in sorted_results[:3]:
+    print(f"  Layer {layer_idx}: {recovery:.1f}% recovery")
+
+# Test different components
+results = model.activation_patching(
+    clean_text="Paris is the capital of France",
+    corrupted_text="London is the capital of France",
+    component="self_attn",  # Test attention instead of MLP
+    layers=[0, 5, 10, 15]
+)
+'''
+
+
+def test_original_readme_analysis_examples_run_as_written(smollm):
+    namespace = {"model": smollm}
+    exec(ORIGINAL_README_LENS, namespace)
+    assert len(namespace["predictions"]) == 5 and all(isinstance(t, int) for t in namespace["predictions"])
+    assert set(namespace["results"].keys()) == {0, 5, 10, 15}
+    exec(ORIGINAL_README_PATCHING, namespace)
+    assert len(namespace["sorted_results"]) == 30
+    assert list(namespace["results"].keys()) == [0, 5, 10, 15]
+    assert all(isinstance(v, float) for v in namespace["results"].values())

@@ -1,0 +1,39 @@
+"""mlxterp's first-party analyses: logit lens, activation patching, steering, generation.
+
+Each is a function ``f(model, ...)`` registered through the ``mlxterp_analyses`` hook, so it
+appears as ``model.f(...)`` on every InterpretableModel; each is written against standard names
+and the architecture schema only, never one family's module paths.
+"""
+
+from __future__ import annotations
+
+from mlxterp_core.hookspecs import hookimpl
+
+from .lens import get_token_predictions, logit_lens
+from .patching import activation_patching
+from .results import GenerationResult, LogitLensResult, PatchingResult, SteeringVector
+from .steering import generate, steering_vector
+
+
+@hookimpl
+def mlxterp_analyses():
+    return {
+        "get_token_predictions": get_token_predictions,
+        "logit_lens": logit_lens,
+        "activation_patching": activation_patching,
+        "steering_vector": steering_vector,
+        "generate": generate,
+    }
+
+
+__all__ = [
+    "GenerationResult",
+    "LogitLensResult",
+    "PatchingResult",
+    "SteeringVector",
+    "activation_patching",
+    "generate",
+    "get_token_predictions",
+    "logit_lens",
+    "steering_vector",
+]

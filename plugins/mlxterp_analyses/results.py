@@ -1,0 +1,193 @@
+"""Result objects of the analyses: attrs values that index like the original API's return
+values, plot themselves with matplotlib, and serialise with cattrs (``to_data`` / ``save`` /
+``load``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+
+converter = cattrs.Converter()
+T = TypeVar("T", bound="Serialisable")
+
+
+class Serialisable:
+    """``to_data`` (plain dicts and lists), ``save`` (JSON) and ``load`` for attrs results."""
+
+    def to_data(self) -> dict[str, Any]:
+        return converter.unstructure(self)
+
+    @classmethod
+    def from_data(cls: type[T], data: dict[str, Any]) -> T:
+        return converter.structure(data, cls)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_data(), ensure_ascii=False))
+        return path
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        return cls.from_data(json.loads(Path(path).read_text()))
+
+
+class LayerMapping:
+    """Read-only dict-like access by layer (kept out of the class hierarchy of ``Mapping`` so
+    that cattrs still sees an attrs class)."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.layers
+
+    def keys(self) -> list[int]:
+        return list(self.layers)
+
+    def values(self) -> list[Any]:
+        return [self[layer] for layer in self.layers]
+
+    def items(self) -> list[tuple[int, Any]]:
+        return [(layer, self[layer]) for layer in self.layers]
+
+    def get(self, layer: int, default: Any = None) -> Any:
+        return self[layer] if layer in self.layers else default
+
+
+Prediction = tuple[int, float, str]  # (token id, probability, token text)
+
+
+@attrs.frozen
+class LogitLensResult(Serialisable, LayerMapping):
+    """What every layer predicts at every position: ``result[layer][position]`` is the top-k
+    list of ``(token_id, probability, token_text)``, best first, so
+    ``result[layer][-1][0][2]`` is the top token at the last position."""
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    layers: list[int]
+    predictions: dict[int, list[list[Prediction]]]
+    top_k: int
+
+    def __getitem__(self, layer: int) -> list[list[Prediction]]:
+        return self.predictions[layer]
+
+    def top_tokens(self, position: int = -1) -> dict[int, str]:
+        """layer -> the top predicted token at ``position``."""
+        return {layer: rows[position][0][2] for layer, rows in self.predictions.items()}
+
+    def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
+        from .plots import lens_heatmap
+
+        return lens_heatmap(self, path, max_display_tokens, figsize)
+
+
+@attrs.frozen
+class PatchingResult(Serialisable, LayerMapping):
+    """Recovery (%) from patching clean activations into the corrupted run.
+
+    ``axis`` is "layer" (one number per layer: ``result[layer]`` is a float, as in the original
+    API), "position" or "head" (``result[layer]`` is a list over positions / heads). 0% is the
+    corrupted run, 100% the clean run.
+    """
+
+    clean_text: str
+    corrupted_text: str
+    component: str
+    axis: str
+    layers: list[int]
+    labels: list[str]  # the position tokens or head numbers of the second axis ([] for "layer")
+    recovery: list[list[float]]  # (layers, cells) in %; one cell per layer for axis "layer"
+    clean_answer: str
+    corrupted_answer: str
+    clean_metric: float
+    corrupted_metric: float
+    metric: str
+
+    def __getitem__(self, layer: int):
+        row = self.recovery[self.layers.index(layer)]
+        return row[0] if self.axis == "layer" else row
+
+    def top(self, n: int = 5) -> list[tuple[int, int | None, float]]:
+        """The n cells of highest recovery: (layer, position or head or None, recovery)."""
+        cells = [
+            (layer, None if self.axis == "layer" else j, value)
+            for layer, row in zip(self.layers, self.recovery)
+            for j, value in enumerate(row)
+        ]
+        return sorted(cells, key=lambda cell: cell[2], reverse=True)[:n]
+
+    def plot(self, path: str | Path | None = None, figsize=(12, 7)):
+        from .plots import patching_plot
+
+        return patching_plot(self, path, figsize)
+
+
+@attrs.frozen
+class SteeringVector(Serialisable):
+    """A direction in the residual stream: mean(positive) - mean(negative) activations at
+    ``name`` (a standard name such as ``layers.12.output``)."""
+
+    name: str
+    layer: int
+    position: str
+    vector: list[float]
+    positive: list[str]
+    negative: list[str]
+    positive_projections: list[float]  # each prompt's activation . unit vector
+    negative_projections: list[float]
+
+    @property
+    def array(self):
+        import mlx.core as mx
+
+        return mx.array(self.vector)
+
+    @property
+    def norm(self) -> float:
+        return sum(v * v for v in self.vector) ** 0.5
+
+    def interventions(self, scale: float = 1.0, positions=None, layers: list[int] | None = None) -> dict:
+        """``{name: iv.add_vector(scale * vector)}`` at this vector's site (or the same site of
+        other ``layers``), optionally restricted to ``positions``: ready for ``trace`` and
+        ``generate``."""
+        from mlxterp_core.interventions import add_vector
+
+        edit = add_vector(self.array * scale)
+        if positions is not None:
+            edit = edit.at(positions=positions)
+        sub = self.name.split(".", 2)[2]
+        return {f"layers.{layer}.{sub}": edit for layer in (layers or [self.layer])}
+
+    def plot(self, path: str | Path | None = None, figsize=(8, 4)):
+        from .plots import steering_plot
+
+        return steering_plot(self, path, figsize)
+
+
+@attrs.frozen
+class GenerationResult(Serialisable):
+    """A generated continuation. ``activations[k]`` holds what was captured in forward pass
+    k: pass 0 is the prompt, pass k > 0 the step that consumed generated token k - 1 (not
+    serialised)."""
+
+    prompt: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    activations: list[Any] = attrs.field(factory=list, eq=False)
+
+    def to_data(self) -> dict[str, Any]:
+        data = converter.unstructure(self)
+        data.pop("activations")
+        return data

@@ -1,0 +1,169 @@
+"""Steering: a direction from contrastive prompts, added while the model runs or generates.
+
+``steering_vector`` is the difference of mean activations (Turner et al.'s activation
+addition; Rimsky et al.'s contrastive activation addition with several prompts per side) at a
+standard-name site, by default the residual stream leaving a layer. ``generate`` runs mlx-lm's
+KV-cache decoding with interventions applied at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Callable
+
+import attrs
+import mlx.core as mx
+
+from mlxterp_core.errors import MlxterpError
+from mlxterp_core.trace import Activations, Hooks
+
+from .results import GenerationResult, SteeringVector
+from .text import ids_text, token_ids
+
+
+def steering_vector(
+    model,
+    positive,
+    negative,
+    layer: int,
+    position: str = "last",
+    component: str = "output",
+) -> SteeringVector:
+    """mean(activation on positive prompts) - mean(activation on negative prompts).
+
+    Args:
+        positive, negative: a prompt or a list of prompts each.
+        layer: the layer whose ``component`` is read.
+        position: "last" (each prompt's last real token) or "mean" (its mean over real tokens).
+        component: a block-level standard name; "output" is the residual stream leaving the layer.
+    """
+    if position not in ("last", "mean"):
+        raise MlxterpError(f"position={position!r}: use 'last' or 'mean'.")
+    name = f"layers.{layer}.{component}"
+    positive = [positive] if isinstance(positive, str) else list(positive)
+    negative = [negative] if isinstance(negative, str) else list(negative)
+    pos, neg = _summaries(model, positive, name, position), _summaries(model, negative, name, position)
+    vector = pos.mean(axis=0) - neg.mean(axis=0)
+    unit = vector / (mx.linalg.norm(vector) + 1e-12)
+    return SteeringVector(
+        name=name,
+        layer=layer,
+        position=position,
+        vector=vector.tolist(),
+        positive=[p if isinstance(p, str) else ids_text(model, p) for p in positive],
+        negative=[p if isinstance(p, str) else ids_text(model, p) for p in negative],
+        positive_projections=(pos @ unit).tolist(),
+        negative_projections=(neg @ unit).tolist(),
+    )
+
+
+def _summaries(model, prompts: list[str], name: str, position: str) -> mx.array:
+    """(N, D) float32: one vector per prompt, from a single right-padded batch."""
+    trace = model.run(prompts, capture=[name])
+    acts = trace.activations[name].astype(mx.float32)  # (N, T, D)
+    lengths = mx.array(trace.lengths)
+    if position == "last":
+        return acts[mx.arange(acts.shape[0]), lengths - 1]
+    mask = trace.mask[..., None].astype(mx.float32)
+    return (acts * mask).sum(axis=1) / lengths[:, None]
+
+
+@attrs.frozen
+class GenerationStep:
+    """One generated token, streamed: its id, the text it adds, and the activations captured
+    in the forward pass whose logits it was sampled from."""
+
+    token: int
+    text: str
+    activations: Activations | None = None
+
+
+def generate(
+    model,
+    prompt,
+    max_tokens: int = 50,
+    interventions: Mapping[str, Callable] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    intervene_on: str = "all",
+    capture: list[str] | None = None,
+    stream: bool = False,
+    stop_at_eos: bool = True,
+) -> GenerationResult | Iterator[GenerationStep]:
+    """Generate with mlx-lm's KV cache, with ``interventions`` applied in every forward pass.
+
+    Args:
+        prompt: a string or token ids (apply the tokenizer's chat template yourself for chat).
+        interventions: as for ``trace``; applied to the prompt and every generated token
+            (``intervene_on="all"``), only to ``"generated"`` tokens, or only to the ``"prompt"``.
+            After the prompt each pass sees one token, so ``.at(positions=...)`` is meaningful
+            only with ``intervene_on="prompt"``.
+        temperature, top_p, seed: sampling (temperature 0 is greedy).
+        capture: names to record in every pass; ``result.activations[k]`` is the pass whose
+            logits token k was sampled from.
+        stream: return an iterator of GenerationStep instead of the finished result.
+    """
+    if intervene_on not in ("all", "generated", "prompt"):
+        raise MlxterpError(f"intervene_on={intervene_on!r}: use 'all', 'generated' or 'prompt'.")
+    prompt_ids = token_ids(model, prompt)
+    steps = _steps(model, prompt_ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos)
+    if stream:
+        return steps
+    collected = list(steps)
+    tokens = [step.token for step in collected]
+    return GenerationResult(
+        prompt=prompt if isinstance(prompt, str) else ids_text(model, prompt_ids),
+        prompt_tokens=prompt_ids,
+        tokens=tokens,
+        text=ids_text(model, tokens) if tokens else "",
+        finish_reason="length" if len(tokens) == max_tokens else "stop",
+        activations=[step.activations for step in collected if step.activations is not None],
+    )
+
+
+def _steps(model, ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos):
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    cache = make_prompt_cache(model.model)
+    hooks = Hooks(model, interventions, capture)
+    eos = _eos_ids(model.tokenizer) if stop_at_eos else set()
+    edit_prompt, edit_generated = intervene_on in ("all", "prompt"), intervene_on in ("all", "generated")
+    edited = False
+    # Probes are installed for each pass and removed after it: an abandoned stream never
+    # leaves the model probed.
+    with hooks:
+        logits, recorded = hooks(mx.array([ids]), cache=cache, edit=edit_prompt)
+    edited |= edit_prompt
+    generated: list[int] = []
+    text = ""
+    for count in range(max_tokens):
+        last = logits[:, -1].astype(mx.float32)
+        token = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True)).item()
+        if token in eos:
+            break
+        generated.append(token)
+        new_text = ids_text(model, generated)
+        yield GenerationStep(token, new_text[len(text):], Activations(dict(recorded), model) if capture else None)
+        text = new_text
+        if count + 1 == max_tokens:
+            break
+        with hooks:
+            logits, recorded = hooks(mx.array([[token]]), cache=cache, edit=edit_generated)
+        edited |= edit_generated
+    if interventions and edited:
+        hooks.check_reached()
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    if tokenizer is None:
+        return set()
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    return ids
