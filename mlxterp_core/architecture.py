@@ -323,9 +323,10 @@ class Architecture:
 
     # -- unembedding ----------------------------------------------------------------------------
 
-    def unembed(self, normed: mx.array) -> mx.array:
+    def unembed(self, normed: mx.array, softcap: bool = True) -> mx.array:
         """Logits from the final normalised residual stream, (..., D) -> (..., V), as the model
-        computes them (tied or untied, quantized or not, with its scaling and soft-capping)."""
+        computes them (tied or untied, quantized or not, with its scaling and, unless
+        ``softcap=False``, its soft-capping)."""
         spec = self.schema.unembed
         try:
             projection = read_attribute(self.root, spec.module)
@@ -338,7 +339,7 @@ class Architecture:
             logits = logits * self.number(spec.multiply, self.root)
         if spec.divide is not None:
             logits = logits / self.number(spec.divide, self.root)
-        if spec.softcap is not None:
+        if spec.softcap is not None and softcap:
             cap = self.number(spec.softcap, self.root)
             logits = mx.tanh(logits / cap) * cap
         return logits

@@ -17,6 +17,10 @@ Loading (``--suite load``): the default model's forward pass of 32 tokens as shi
 weights, MLX's own BLAS: measured in a subprocess, because the BLAS is chosen per process)
 against the same model as ``mlxterp.load()`` prepares it for this backend, and the ratio.
 
+Attribution (``--suite attribution``): on the default model, one attribution-patching call
+(resid, attn, mlp over layers x positions, and every head) against the batched activation
+patching sweeps that measure the same cells, in the same run.
+
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 """
 
@@ -121,6 +125,28 @@ def load_speed(repeats: int = 5, tokens: int = 32) -> dict[str, float]:
     }
 
 
+CLEAN = "The Eiffel Tower is located in the city of"
+CORRUPTED = "The Colosseum is located in the city of"
+
+
+def attribution_speed(repeats: int = 3) -> dict[str, float]:
+    """Seconds: attribution patching of every component vs the activation patching sweeps."""
+    from .load import load
+
+    model = load(validate=False)
+
+    def sweeps():
+        for component in ("resid", "attn", "mlp"):
+            model.activation_patching(CLEAN, CORRUPTED, component=component, positions="all")
+        model.activation_patching(CLEAN, CORRUPTED, component="attn", heads=True)
+
+    cases = {
+        "attribution patching": lambda: model.attribution_patching(CLEAN, CORRUPTED),
+        "activation patching": sweeps,
+    }
+    return median_times(cases, repeats)
+
+
 def main(repeats: int = 5, tokens: int = 32, suite: str = "all") -> None:
     from .backend import describe
 
@@ -136,6 +162,15 @@ def main(repeats: int = 5, tokens: int = 32, suite: str = "all") -> None:
         print(f"  as shipped (quantized, MLX's reference BLAS)  {shipped * 1000:9.1f} ms")
         print(f"  as mlxterp.load() prepares it                {speeds['mlxterp.load()'] * 1000:9.1f} ms  "
               f"{shipped / speeds['mlxterp.load()']:.1f}x faster (target >= 10x)")
+    if suite in ("all", "attribution"):
+        rounds = max(1, min(repeats, 3))
+        print(f"default model, {CLEAN!r} vs {CORRUPTED!r}: resid/attn/mlp x 30 layers x 10 "
+              f"positions and 30 x 9 heads, median of {rounds}")
+        speeds = attribution_speed(rounds)
+        for name, seconds in speeds.items():
+            print(f"  {name:22s} {seconds:8.2f} s")
+        ratio = speeds["activation patching"] / speeds["attribution patching"]
+        print(f"  attribution patching is {ratio:.0f}x faster")
 
 
 def trace_main(repeats: int, tokens: int) -> dict[str, float]:

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="time tracing and the default model's forward pass")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--tokens", type=int, default=32)
-    bench.add_argument("--suite", choices=["all", "trace", "load"], default="all")
+    bench.add_argument("--suite", choices=["all", "trace", "load", "attribution"], default="all")
     info = commands.add_parser("info", help="describe a model and its standard names")
     info.add_argument("model", nargs="?", help="a .gguf file, an mlx-lm directory or a repo id (default: the default model)")
     info.add_argument("--prompt", default="The capital of France is")

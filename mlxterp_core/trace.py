@@ -350,7 +350,8 @@ class Hooks:
     generation once per token, with a KV cache).
 
     Calling it runs one forward pass and returns ``(output, recorded)``, everything recorded
-    evaluated. ``edit=False`` runs that pass without the interventions.
+    evaluated (``evaluate=False`` leaves them lazy: needed inside ``mx.grad``). ``edit=False``
+    runs that pass without the interventions.
     """
 
     def __init__(
@@ -387,7 +388,7 @@ class Hooks:
         self._stack = None
         return False
 
-    def __call__(self, *args, edit: bool = True, **kwargs) -> tuple[Any, dict[str, Any]]:
+    def __call__(self, *args, edit: bool = True, evaluate: bool = True, **kwargs) -> tuple[Any, dict[str, Any]]:
         if self._stack is None:
             raise TraceError("Hooks are used inside their `with` block.")
         recorder = self._recorder
@@ -398,7 +399,8 @@ class Hooks:
         elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
             recorder.recorded[MODEL_OUTPUT] = output
         self._check_captured()
-        mx.eval(output, list(recorder.recorded.values()))
+        if evaluate:
+            mx.eval(output, list(recorder.recorded.values()))
         return output, recorder.recorded
 
     def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str]]:

@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from mlxterp_core.hookspecs import hookimpl
 
+from .attribution import attribution_patching
+from .decomposition import accumulated_resid, decompose_resid, direct_logit_attribution
+from .heads import attention_patterns
 from .lens import get_token_predictions, logit_lens
 from .patching import activation_patching
-from .results import GenerationResult, LogitLensResult, PatchingResult, SteeringVector
+from .results import (
+    AttentionPatterns,
+    AttributionResult,
+    DLAResult,
+    GenerationResult,
+    LogitLensResult,
+    PatchingResult,
+    ResidComponents,
+    SteeringVector,
+)
 from .steering import generate, steering_vector
 
 
@@ -21,12 +33,26 @@ def mlxterp_analyses():
         "get_token_predictions": get_token_predictions,
         "logit_lens": logit_lens,
         "activation_patching": activation_patching,
+        "attribution_patching": attribution_patching,
+        "decompose_resid": decompose_resid,
+        "accumulated_resid": accumulated_resid,
+        "direct_logit_attribution": direct_logit_attribution,
+        "attention_patterns": attention_patterns,
         "steering_vector": steering_vector,
         "generate": generate,
     }
 
 
 __all__ = [
+    "AttentionPatterns",
+    "DLAResult",
+    "ResidComponents",
+    "accumulated_resid",
+    "attention_patterns",
+    "decompose_resid",
+    "direct_logit_attribution",
+    "AttributionResult",
+    "attribution_patching",
     "GenerationResult",
     "LogitLensResult",
     "PatchingResult",

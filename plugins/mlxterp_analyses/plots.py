@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .results import LogitLensResult, PatchingResult, SteeringVector
+    from .results import AttentionPatterns, DLAResult, LogitLensResult, PatchingResult, ResidComponents, SteeringVector
 
 
 def _pyplot():
@@ -110,4 +110,71 @@ def steering_plot(result: SteeringVector, path, figsize):
     ax.set_xlabel(f"projection on the steering vector at {result.name} ({result.position} position)")
     ax.set_title(f"Steering vector, norm {result.norm:.1f}")
     ax.legend(loc="best")
+    return _finish(fig, path)
+
+
+def attention_plot(result: AttentionPatterns, path, columns: int, cell: float):
+    """One heatmap per head, query tokens down the side, key tokens along the bottom."""
+    plt = _pyplot()
+    rows = -(-len(result.heads) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(cell * columns, cell * rows), squeeze=False)
+    labels = [_label(t, 10) for t in result.tokens]
+    for k, ax in enumerate(axes.flat):
+        if k >= len(result.heads):
+            ax.axis("off")
+            continue
+        ax.imshow(result.patterns[k], cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(f"layer {result.layer} head {result.heads[k]}", fontsize=9)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+    fig.suptitle(f"Attention patterns (rows attend to columns)\n{result.text!r}")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def dla_plot(result: DLAResult, path, figsize):
+    """Per-layer attention and MLP contributions as bars, and per-head contributions as a heatmap."""
+    plt = _pyplot()
+    panels = 2 if result.n_heads else 1
+    fig, axes = plt.subplots(1, panels, figsize=figsize, squeeze=False)
+    layers = sorted({int(lab[1:].split(" ")[0].split("H")[0]) for lab in result.labels if lab.startswith("L")})
+    attn = [sum(v for lab, v in zip(result.labels, result.values)
+                if lab.startswith(f"L{i}H") or lab in (f"L{i} attn", f"L{i} attn bias")) for i in layers]
+    mlp = [result[f"L{i} mlp"] for i in layers]
+    ax = axes[0][0]
+    width = 0.4
+    ax.bar([i - width / 2 for i in layers], attn, width, label="attention")
+    ax.bar([i + width / 2 for i in layers], mlp, width, label="MLP")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"contribution to logit {result.answers[0]!r} - {result.answers[1]!r}")
+    ax.legend()
+    ax.set_title(f"Direct logit attribution (total {result.logit_diff:.2f}, embed {result['embed']:+.2f})")
+    if result.n_heads:
+        matrix = result.head_matrix()
+        bound = max(1e-6, max(abs(v) for row in matrix for v in row))
+        image = axes[0][1].imshow(matrix, aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, origin="lower")
+        axes[0][1].set_xlabel("head")
+        axes[0][1].set_ylabel("layer")
+        axes[0][1].set_title("per head")
+        fig.colorbar(image, ax=axes[0][1])
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def resid_norms_plot(result: ResidComponents, path, position: int, figsize):
+    """The norm of each component (or of the accumulated stream) at one position."""
+    plt = _pyplot()
+    import mlx.core as mx
+
+    norms = mx.linalg.norm(result.array[:, position], axis=-1).tolist()
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.bar(range(len(norms)), norms)
+    ax.set_xticks(range(len(norms)))
+    ax.set_xticklabels(result.labels, rotation=90, fontsize=7)
+    ax.set_ylabel("L2 norm")
+    ax.set_title(f"Residual stream, {result.kind}, at {result.tokens[position]!r} ({result.text!r})")
+    fig.tight_layout()
     return _finish(fig, path)

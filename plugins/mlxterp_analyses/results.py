@@ -133,6 +133,154 @@ class PatchingResult(Serialisable, LayerMapping):
 
 
 @attrs.frozen
+class AttributionResult(Serialisable):
+    """Attribution patching's estimated recovery (%) for every component at once:
+    ``result["resid"]`` (and "attn", "mlp", "resid_pre", "resid_mid") is a PatchingResult over
+    layers x positions, ``result["heads"]`` over layers x heads, each with ``.plot()``."""
+
+    clean_text: str
+    corrupted_text: str
+    layers: list[int]
+    positions: list[str]  # corrupted-prompt tokens
+    heads: list[str]
+    estimates: dict[str, list[list[float]]]  # component -> (layers, positions or heads)
+    clean_answer: str
+    corrupted_answer: str
+    clean_metric: float
+    corrupted_metric: float
+    metric: str
+
+    def __getitem__(self, component: str) -> PatchingResult:
+        heads = component == "heads"
+        return PatchingResult(
+            clean_text=self.clean_text,
+            corrupted_text=self.corrupted_text,
+            component=f"{component} (attribution patching)",
+            axis="head" if heads else "position",
+            layers=self.layers,
+            labels=self.heads if heads else self.positions,
+            recovery=self.estimates[component],
+            clean_answer=self.clean_answer,
+            corrupted_answer=self.corrupted_answer,
+            clean_metric=self.clean_metric,
+            corrupted_metric=self.corrupted_metric,
+            metric=self.metric,
+        )
+
+    def keys(self) -> list[str]:
+        return list(self.estimates)
+
+    def plot(self, component: str = "resid", path: str | Path | None = None, figsize=(12, 7)):
+        return self[component].plot(path, figsize)
+
+
+@attrs.frozen
+class ResidComponents(Serialisable):
+    """The residual stream as a stack: ``vectors[c]`` is component ``labels[c]``, (T, D) each.
+
+    ``kind`` "decomposed": embed, attn i / heads, mlp i: they sum to ``total``, the residual
+    stream entering ``layer``. ``kind`` "accumulated": the residual stream at each layer
+    boundary (embed, after L0, after L1, ...)."""
+
+    text: str
+    tokens: list[str]
+    layer: int
+    kind: str
+    labels: list[str]
+    vectors: list[list[list[float]]]
+    total: list[list[float]]
+
+    @property
+    def array(self):
+        """(C, T, D) mx.array of the components."""
+        import mlx.core as mx
+
+        return mx.array(self.vectors)
+
+    def __getitem__(self, label: str):
+        import mlx.core as mx
+
+        return mx.array(self.vectors[self.labels.index(label)])
+
+    def sum(self):
+        """The components summed, (T, D): equals ``total`` for a decomposition."""
+        return self.array.sum(axis=0)
+
+    def plot(self, path: str | Path | None = None, position: int = -1, figsize=(12, 5)):
+        from .plots import resid_norms_plot
+
+        return resid_norms_plot(self, path, position, figsize)
+
+
+@attrs.frozen
+class DLAResult(Serialisable):
+    """Direct logit attribution: ``values[c]`` is component ``labels[c]``'s contribution to
+    ``logit[answers[0]] - logit[answers[1]]`` at ``position``; they sum to ``logit_diff``."""
+
+    text: str
+    tokens: list[str]
+    position: int
+    answers: list[str]
+    labels: list[str]
+    values: list[float]
+    logit_diff: float
+    n_heads: int  # 0 when attention layers were not split into heads
+
+    def __getitem__(self, label: str) -> float:
+        return self.values[self.labels.index(label)]
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        """The n components of largest |contribution|."""
+        return sorted(zip(self.labels, self.values), key=lambda lv: abs(lv[1]), reverse=True)[:n]
+
+    def head_matrix(self) -> list[list[float]]:
+        """(layers, heads) of per-head contributions (needs heads=True)."""
+        if not self.n_heads:
+            raise ValueError("this attribution did not split attention into heads (heads=False)")
+        table: dict[int, list[float]] = {}
+        for label, value in zip(self.labels, self.values):
+            if label.startswith("L") and "H" in label and " " not in label:
+                layer, head = label[1:].split("H")
+                table.setdefault(int(layer), [0.0] * self.n_heads)[int(head)] = value
+        return [table[layer] for layer in sorted(table)]
+
+    def top_heads(self, n: int = 10) -> list[tuple[str, float]]:
+        return [(label, value) for label, value in self.top(len(self.labels)) if "H" in label and " " not in label][:n]
+
+    def table(self, n: int = 15) -> str:
+        """The top components as a text table."""
+        lines = [f"direct logit attribution of {self.answers[0]!r} - {self.answers[1]!r} at "
+                 f"position {self.position} ({self.tokens[self.position]!r}); total {self.logit_diff:.3f}"]
+        lines += [f"  {label:16s} {value:+8.3f}" for label, value in self.top(n)]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path | None = None, figsize=(14, 6)):
+        from .plots import dla_plot
+
+        return dla_plot(self, path, figsize)
+
+
+@attrs.frozen
+class AttentionPatterns(Serialisable):
+    """Attention probabilities of one layer: ``patterns[k]`` is head ``heads[k]``'s (T, T)
+    matrix, rows the attending (query) tokens, columns the attended (key) tokens."""
+
+    text: str
+    tokens: list[str]
+    layer: int
+    heads: list[int]
+    patterns: list[list[list[float]]]
+
+    def __getitem__(self, head: int) -> list[list[float]]:
+        return self.patterns[self.heads.index(head)]
+
+    def plot(self, path: str | Path | None = None, columns: int = 3, cell: float = 4.0):
+        from .plots import attention_plot
+
+        return attention_plot(self, path, columns, cell)
+
+
+@attrs.frozen
 class SteeringVector(Serialisable):
     """A direction in the residual stream: mean(positive) - mean(negative) activations at
     ``name`` (a standard name such as ``layers.12.output``)."""
