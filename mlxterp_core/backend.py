@@ -21,3 +21,15 @@ def describe() -> str:
 
 def on_cpu() -> bool:
     return mx.default_device().type == mx.cpu
+
+
+def reduced_float32_matmul() -> bool:
+    """Whether float32 matmuls run at TF32 precision (10-bit mantissa): MLX's CUDA backend does
+    unless ``MLX_ENABLE_TF32=0`` is set before MLX starts."""
+    import os
+
+    return (
+        mx.default_device().type == mx.gpu
+        and mx.cuda.is_available()
+        and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+    )

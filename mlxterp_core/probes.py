@@ -37,18 +37,20 @@ def walk_modules(root: nn.Module, prefix: str = "model") -> list[tuple[str, nn.M
     seen: set[int] = set()
 
     def visit(value: Any, path: str) -> None:
+        # only containers can hold modules: parameters (arrays) and settings are skipped here,
+        # not in a call per leaf
         if isinstance(value, nn.Module):
             if id(value) in seen:
                 return
             seen.add(id(value))
             found.append((path, value))
-            for key, child in value.items():
-                visit(child, f"{path}.{key}")
-        elif isinstance(value, (list, tuple)):
-            for i, child in enumerate(value):
-                visit(child, f"{path}.{i}")
+            children = value.items()
         elif isinstance(value, dict):
-            for key, child in value.items():
+            children = value.items()
+        else:
+            children = enumerate(value)
+        for key, child in children:
+            if isinstance(child, (dict, list, tuple)):  # nn.Module is a dict
                 visit(child, f"{path}.{key}")
 
     visit(root, prefix)
@@ -105,7 +107,8 @@ def probes_installed(targets: list[tuple[nn.Module, Probe | None]]) -> Iterator[
                     f"{type(module).__name__} is already probed: a trace is running on this "
                     "model (traces cannot start inside an intervention of another trace)."
                 )
-            module.__class__ = _probed_class(type(module))
+            # object.__setattr__: nn.Module.__setattr__ would type-check every assignment
+            object.__setattr__(module, "__class__", _probed_class(type(module)))
             installed.append(module)
             if probe is not None:
                 object.__setattr__(module, _PROBE_ATTR, probe)
@@ -113,4 +116,4 @@ def probes_installed(targets: list[tuple[nn.Module, Probe | None]]) -> Iterator[
     finally:
         for module in installed:
             module.__dict__.pop(_PROBE_ATTR, None)
-            module.__class__ = type(module).__dict__[_ORIGINAL_ATTR]
+            object.__setattr__(module, "__class__", type(module).__dict__[_ORIGINAL_ATTR])

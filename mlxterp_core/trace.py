@@ -162,17 +162,21 @@ class _Probe:
 
     def __call__(self, call, module, args, kwargs):
         recorder = self.recorder
-        k = recorder.calls[self.path] = recorder.calls.get(self.path, -1) + 1
-        site = self.path if k == 0 else f"{self.path}#{k}"
+        path = self.path
+        k = recorder.calls[path] = recorder.calls.get(path, -1) + 1
+        site = path if k == 0 else f"{path}#{k}"
         if args and isinstance(args[0], mx.array):
             x = recorder.visit(site + INPUT_PORT, args[0])
             if x is not args[0]:
                 args = (x, *args[1:])
-        recorder.stack.append(self.path)
-        try:
+        if recorder.pattern_paths:  # only attention patterns need to know who is running
+            recorder.stack.append(path)
+            try:
+                out = call(module, *args, **kwargs)
+            finally:
+                recorder.stack.pop()
+        else:
             out = call(module, *args, **kwargs)
-        finally:
-            recorder.stack.pop()
         if isinstance(out, mx.array):
             return recorder.visit(site, out)
         if isinstance(out, tuple) and out and isinstance(out[0], mx.array):
@@ -209,7 +213,7 @@ class Recorder:
         self.editing = edit
 
     def visit(self, site: str, x: mx.array) -> mx.array:
-        if self.editing:
+        if self.editing and (self.exact_edits or self.glob_edits):
             for edit in self.exact_edits.get(site, ()):
                 x = edit.apply(x, site, self.seen)
                 self.fired.add(edit.key)
@@ -217,7 +221,7 @@ class Recorder:
                 if _matches(site, edit.site):
                     x = edit.apply(x, site, self.seen)
                     self.fired.add(edit.key)
-        if site in self.keep:
+        if self.keep and site in self.keep:
             self.seen[site] = x
         if self.capture is None:
             if not site.endswith(PATTERN_PORT):
