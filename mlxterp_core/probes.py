@@ -111,7 +111,7 @@ def probes_installed(targets: list[tuple[nn.Module, Probe | None]]) -> Iterator[
             object.__setattr__(module, "__class__", _probed_class(type(module)))
             installed.append(module)
             if probe is not None:
-                object.__setattr__(module, _PROBE_ATTR, probe)
+                module.__dict__[_PROBE_ATTR] = probe  # the instance dict, not its parameters
         yield
     finally:
         for module in installed:

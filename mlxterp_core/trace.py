@@ -46,21 +46,22 @@ if TYPE_CHECKING:
 MODEL_OUTPUT = "__model_output__"
 INPUT_PORT = ":input"
 _SITE_GRAMMAR = re.compile(r"^(?P<path>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<port>input|pattern))?$")
-_GLOB_CHARS = set("*?[")
 
 
 def is_glob(name: str) -> bool:
-    return any(c in _GLOB_CHARS for c in name)
+    return "*" in name or "?" in name or "[" in name
 
 
 def module_part(name: str) -> str:
     """The module path a site name or pattern refers to: ``a.b#1:input`` -> ``a.b``."""
+    if "#" not in name and ":" not in name:
+        return name
     return re.split(r"[#:]", name, maxsplit=1)[0]
 
 
 def canonical_site(name: str) -> str:
     """``path#0`` is the same site as ``path``."""
-    return re.sub(r"#0(?=$|:)", "", name)
+    return re.sub(r"#0(?=$|:)", "", name) if "#0" in name else name
 
 
 def _matches(site: str, pattern: str) -> bool:
@@ -80,7 +81,9 @@ class NameSet:
         self.globs = [n for n in names if is_glob(n)]
 
     def __contains__(self, site: str) -> bool:
-        return site in self.exact or any(_matches(site, g) for g in self.globs)
+        if site in self.exact:
+            return True
+        return bool(self.globs) and any(_matches(site, g) for g in self.globs)
 
 
 @attrs.frozen
