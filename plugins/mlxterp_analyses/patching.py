@@ -61,8 +61,8 @@ def logit_difference(good: int, bad: int) -> Callable[[mx.array], mx.array]:
 
 def activation_patching(
     model,
-    clean_text,
-    corrupted_text,
+    clean_text: str | Sequence[int],
+    corrupted_text: str | Sequence[int],
     component: str = "mlp",
     layers: list[int] | None = None,
     plot: bool = False,
@@ -77,7 +77,8 @@ def activation_patching(
     """Patch clean activations into the corrupted run; recovery (%) per layer (and position or head).
 
     Args:
-        clean_text, corrupted_text: strings or token id lists.
+        clean_text: the clean prompt, a string or token ids.
+        corrupted_text: the corrupted prompt, a string or token ids.
         component: "mlp", "attn" (or "self_attn"), "resid" (layer output), "resid_pre" (layer
             input) or "resid_mid".
         layers: which layers (default all).

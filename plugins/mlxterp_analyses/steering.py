@@ -8,7 +8,7 @@ KV-cache decoding with interventions applied at every step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Callable
 
 import attrs
@@ -23,8 +23,8 @@ from .text import ids_text, token_ids
 
 def steering_vector(
     model,
-    positive,
-    negative,
+    positive: str | Sequence[str],
+    negative: str | Sequence[str],
     layer: int,
     position: str = "last",
     component: str = "output",
@@ -32,7 +32,8 @@ def steering_vector(
     """mean(activation on positive prompts) - mean(activation on negative prompts).
 
     Args:
-        positive, negative: a prompt or a list of prompts each.
+        positive: a prompt or a list of prompts.
+        negative: a prompt or a list of prompts.
         layer: the layer whose ``component`` is read.
         position: "last" (each prompt's last real token) or "mean" (its mean over real tokens).
         component: a block-level standard name; "output" is the residual stream leaving the layer.
@@ -80,7 +81,7 @@ class GenerationStep:
 
 def generate(
     model,
-    prompt,
+    prompt: str | Sequence[int],
     max_tokens: int = 50,
     interventions: Mapping[str, Callable] | None = None,
     temperature: float = 0.0,
@@ -99,7 +100,9 @@ def generate(
             (``intervene_on="all"``), only to ``"generated"`` tokens, or only to the ``"prompt"``.
             After the prompt each pass sees one token, so ``.at(positions=...)`` is meaningful
             only with ``intervene_on="prompt"``.
-        temperature, top_p, seed: sampling (temperature 0 is greedy).
+        temperature: sampling temperature; 0 is greedy.
+        top_p: nucleus sampling threshold.
+        seed: seed of MLX's random state before sampling.
         capture: names to record in every pass; ``result.activations[k]`` is the pass whose
             logits token k was sampled from.
         stream: return an iterator of GenerationStep instead of the finished result.
