@@ -189,6 +189,28 @@ class _Probe:
         return out
 
 
+class _RecordingProbe(_Probe):
+    """The probe of a trace that records everything and changes nothing: the same records as
+    _Probe, without its per-site checks (it runs on every module of the model)."""
+
+    __slots__ = ()
+
+    def __call__(self, call, module, args, kwargs):
+        recorder = self.recorder
+        path = self.path
+        k = recorder.calls[path] = recorder.calls.get(path, -1) + 1
+        site = path if k == 0 else f"{path}#{k}"
+        recorded = recorder.recorded
+        if args and isinstance(args[0], mx.array):
+            recorded[site + INPUT_PORT] = args[0]
+        out = call(module, *args, **kwargs)
+        if isinstance(out, mx.array):
+            recorded[site] = out
+        elif isinstance(out, tuple) and out and isinstance(out[0], mx.array):
+            recorded[site] = out[0]
+        return out
+
+
 class Recorder:
     """The state of one forward pass: what to record, what to change, what happened."""
 
@@ -383,7 +405,10 @@ class Hooks:
         stack = ExitStack()
         try:
             stack.enter_context(patterns_observed(self._pattern_modules, self._recorder))
-            stack.enter_context(probes_installed([(m, _Probe(self._recorder, p)) for p, m in self._probed]))
+            recorder = self._recorder
+            plain = recorder.capture is None and not (self._edits or recorder.pattern_paths)
+            probe = _RecordingProbe if plain else _Probe
+            stack.enter_context(probes_installed([(m, probe(recorder, p)) for p, m in self._probed]))
         except BaseException:
             stack.close()
             raise
