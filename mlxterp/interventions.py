@@ -1,4 +1,9 @@
 """``mlxterp.interventions``: re-exported from ``mlxterp_core.interventions``."""
 
-from mlxterp_core.interventions import *  # noqa: F401,F403
-from mlxterp_core.interventions import __all__  # noqa: F401
+import sys
+
+from mlxterp_core import interventions as _implementation
+
+# ``mlxterp.interventions`` is the implementation module itself, so that intervention types
+# added by plugins (its module-level __getattr__) appear here too.
+sys.modules[__name__] = _implementation

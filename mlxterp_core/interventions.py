@@ -243,3 +243,18 @@ class _Composer:
 def compose() -> _Composer:
     """Chain interventions: ``compose().add(scale(0.5)).add(noise(0.1)).build()``."""
     return _Composer()
+
+
+def __getattr__(name: str):
+    """Intervention types from plugins (the ``mlxterp_interventions`` hook): ``iv.<name>``."""
+    if name.startswith("__"):  # the import system's own questions (__path__, ...)
+        raise AttributeError(name)
+    from .plugins import intervention_types
+
+    found = intervention_types()
+    if name in found:
+        return found[name]
+    raise AttributeError(
+        f"mlxterp.interventions has no {name!r}; built in: {', '.join(__all__)}"
+        + (f"; from plugins: {', '.join(found)}" if found else "")
+    )

@@ -89,6 +89,14 @@ def families_with(sub: str) -> list[str]:
     return sorted({s.family for _, s in schemas() if base in s.block or (base == "attn.pattern" and s.attention.pattern)})
 
 
+def intervention_types() -> dict[str, Any]:
+    """name -> intervention factory, from every plugin (later plugins win on a clash)."""
+    found: dict[str, Any] = {}
+    for _, table in call_each("mlxterp_interventions")[::-1]:
+        found.update(table)
+    return found
+
+
 def analyses() -> dict[str, Any]:
     """name -> analysis function, from every plugin (later plugins win on a clash)."""
     found: dict[str, Any] = {}

@@ -79,6 +79,14 @@ def test_third_party_family_from_a_data_file_and_an_analysis(toy_installed):
     # the analysis is written against standard names: it works on a first-party family too
     llama = InterpretableModel(tiny_family("llama"))
     assert len(llama.residual_norms(ids)) == 3
+    # and the plugin's intervention type appears among mlxterp.interventions
+    from mlxterp import interventions as iv
+
+    direction = mx.random.normal((32,))
+    site = "layers[1].output"
+    ablated = model.run(ids, interventions={site: iv.project_out(direction)}, capture=[site]).activations[site]
+    unit = direction / mx.linalg.norm(direction)
+    assert mx.abs(ablated @ unit).max().item() < 1e-4
 
 
 def test_third_party_plugins_can_be_left_out(toy_installed):
@@ -90,6 +98,10 @@ def test_third_party_plugins_can_be_left_out(toy_installed):
     assert "model.blocks.0.attention.wq" in model.run([[1, 2]]).activations  # raw names still work
     with pytest.raises(AttributeError):
         model.residual_norms([[1, 2]])
+    from mlxterp import interventions as iv
+
+    with pytest.raises(AttributeError, match="has no 'project_out'"):
+        iv.project_out
     with pytest.raises(UnknownNameError, match=r"no plugin recognises this ToyLM \(model_type='toy'\).*schema="):
         model.run([[1, 2]], capture=["layers[0].attn.q"])
     schema = ArchitectureSchema.from_file(EXAMPLE / "mlxterp_toy" / "toy.toml")

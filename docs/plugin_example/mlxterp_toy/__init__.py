@@ -1,8 +1,9 @@
 """mlxterp-toy: an example third-party mlxterp plugin.
 
-It adds the "toy" model family from a data file (toy.toml: no code about names at all) and
-one analysis, ``model.residual_norms(text)``: the norm of the residual stream after every
-layer at the last position, written against standard names only, so it works on every family.
+It adds the "toy" model family from a data file (toy.toml: no code about names at all), one
+analysis, ``model.residual_norms(text)`` (the norm of the residual stream after every layer at
+the last position, written against standard names only, so it works on every family), and one
+intervention type, ``iv.project_out(direction)``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxterp import ArchitectureSchema, hookimpl
+from mlxterp.interventions import Intervention
 
 
 @hookimpl
@@ -29,3 +31,21 @@ def residual_norms(model, inputs) -> list[float]:
 @hookimpl
 def mlxterp_analyses():
     return {"residual_norms": residual_norms}
+
+
+def project_out(direction) -> Intervention:
+    """Remove the component of the activation along ``direction`` (a (D,) vector): directional
+    ablation, as in refusal-direction studies."""
+    unit = mx.array(direction, dtype=mx.float32)
+    unit = unit / mx.linalg.norm(unit)
+
+    def ablate(x: mx.array) -> mx.array:
+        along = (x.astype(mx.float32) @ unit)[..., None] * unit
+        return (x.astype(mx.float32) - along).astype(x.dtype)
+
+    return Intervention(ablate, "project_out")
+
+
+@hookimpl
+def mlxterp_interventions():
+    return {"project_out": project_out}
