@@ -55,23 +55,11 @@ def train_tokenizer(vocab_size: int = 300):
 
 def tiny_llama(**overrides):
     """A random-weight mlx-lm Llama small enough for unit tests."""
-    from mlx_lm.models import llama
+    from mlxterp_core.bench import random_llama
 
-    config = dict(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=320,
-    )
-    config.update(overrides)
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs(**config))
-    mx.eval(model.parameters())
-    return model
+    shape = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320)
+    return random_llama(**{**shape, **overrides})
 
 
 def bitwise_equal(a: mx.array, b: mx.array) -> bool:

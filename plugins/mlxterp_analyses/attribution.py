@@ -18,9 +18,9 @@ import mlx.core as mx
 
 from mlxterp_core.trace import Hooks
 
-from .patching import COMPONENTS, PatchingError, _aligned, _alignment, _answers, _text, logit_difference
+from .patching import COMPONENTS, PatchingError, _aligned, compare
 from .results import AttributionResult
-from .text import token_ids, token_text
+from .text import token_text
 
 ALL_COMPONENTS = ("resid", "attn", "mlp", "heads")
 
@@ -53,13 +53,9 @@ def attribution_patching(
             sites[component] = COMPONENTS[component]
         else:
             raise PatchingError(f"component {component!r} unknown; choose from {', '.join([*COMPONENTS, 'heads'])}.")
-    clean_ids, corrupted_ids = token_ids(model, clean_text), token_ids(model, corrupted_text)
-    offset = _alignment(model, clean_ids, corrupted_ids, align)
     names = [f"layers.{i}.{sub}" for sub in dict.fromkeys(sites.values()) for i in layers]
-    clean = model.run([clean_ids], capture=names + ["logits"]).activations
-    corrupted_logits = model.run([corrupted_ids], capture=["logits"]).activations["logits"]
-    clean_answer, corrupted_answer = _answers(model, answers, clean["logits"], corrupted_logits)
-    score = metric or logit_difference(clean_answer, corrupted_answer)
+    runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
+    clean, corrupted_ids, score = runs.clean, runs.corrupted_ids, runs.score
     resolved = {name: arch.resolve(name)[0] for name in names}
 
     def corrupted_metric(deltas: dict[str, mx.array]):
@@ -69,42 +65,34 @@ def attribution_patching(
         with Hooks(model, edits, capture=names + ["logits"]) as hooks:
             logits, recorded = hooks(mx.array([corrupted_ids]), evaluate=False)
         values = {name: resolved[name].read(recorded[resolved[name].site]) for name in names}
-        return score(logits).sum(), (logits, values)
+        return score(logits).sum(), values
 
     zeros = {}
     for name in names:
         shape = list(clean[name].shape)
         shape[2 if name.endswith("z_heads") else 1] = len(corrupted_ids)
         zeros[name] = mx.zeros(shape, dtype=clean[name].dtype)
-    (value, (_, corrupted)), grads = mx.value_and_grad(corrupted_metric)(zeros)
-    clean_metric, corrupted_value = score(clean["logits"]).item(), value.item()
-    if abs(clean_metric - corrupted_value) < 1e-6:
-        raise PatchingError("the clean and corrupted runs score the same: nothing to recover.")
+    (_, corrupted), grads = mx.value_and_grad(corrupted_metric)(zeros)
     estimates: dict[str, list[list[float]]] = {}
     for component, sub in sites.items():
         rows = []
         for i in layers:
             name = f"layers.{i}.{sub}"
-            source, valid = _aligned(clean[name], len(corrupted_ids), offset, per_head=sub == "attn.z_heads")
+            source, valid = _aligned(clean[name], len(corrupted_ids), runs.offset, per_head=sub == "attn.z_heads")
             effect = ((source - corrupted[name]) * grads[name]).astype(mx.float32)
             if sub == "attn.z_heads":  # (1, H, T, D) -> per head, all (matched) positions
                 effect = (effect * valid[None, None, :, None]).sum(axis=(2, 3))[0]
             else:  # (1, T, D) -> per position
                 effect = effect.sum(axis=-1)[0] * valid
             rows.append(effect)
-        estimates[component] = (mx.stack(rows) / (clean_metric - corrupted_value) * 100).tolist()
+        # a first-order change of the metric, as % of the clean - corrupted difference
+        estimates[component] = (runs.recovery(runs.corrupted_metric + mx.stack(rows))).tolist()
     result = AttributionResult(
-        clean_text=_text(model, clean_text),
-        corrupted_text=_text(model, corrupted_text),
         layers=layers,
         positions=[token_text(model, t) for t in corrupted_ids],
         heads=[str(h) for h in range(arch.n_heads)],
         estimates=estimates,
-        clean_answer=token_text(model, clean_answer),
-        corrupted_answer=token_text(model, corrupted_answer),
-        clean_metric=clean_metric,
-        corrupted_metric=corrupted_value,
-        metric=getattr(score, "__name__", "metric"),
+        **runs.described(model, clean_text, corrupted_text),
     )
     if plot:
         for component in estimates:

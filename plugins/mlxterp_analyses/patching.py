@@ -96,24 +96,13 @@ def activation_patching(
     arch = model.architecture_or_raise("activation patching")
     layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
     sub = _component(component, heads)
-    clean_ids, corrupted_ids = token_ids(model, clean_text), token_ids(model, corrupted_text)
-    offset = _alignment(model, clean_ids, corrupted_ids, align)
     names = [f"layers.{i}.{sub}" for i in layers]
-    clean = model.run([clean_ids], capture=names + ["logits"]).activations
-    corrupted_logits = model.run([corrupted_ids], capture=["logits"]).activations["logits"]
-    clean_logits = clean["logits"]
-    clean_answer, corrupted_answer = _answers(model, answers, clean_logits, corrupted_logits)
-    score = metric or logit_difference(clean_answer, corrupted_answer)
-    clean_metric, corrupted_metric = score(clean_logits).item(), score(corrupted_logits).item()
-    if abs(clean_metric - corrupted_metric) < 1e-6:
-        raise PatchingError(
-            f"the clean and corrupted runs score the same ({clean_metric:.4f}), so there is nothing "
-            "to recover: choose prompts (or answers=, metric=) that the model tells apart."
-        )
+    runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
+    corrupted_ids = runs.corrupted_ids
     cells = _cells(layers, len(corrupted_ids), arch.n_heads, positions, heads)
-    sources = {i: clean[f"layers.{i}.{sub}"] for i in layers}
-    scores = patch_sweep(model, corrupted_ids, sources, sub, cells, score, offset, memory_budget)
-    recovery = ((scores - corrupted_metric) / (clean_metric - corrupted_metric) * 100).tolist()
+    sources = {i: runs.clean[f"layers.{i}.{sub}"] for i in layers}
+    scores = patch_sweep(model, corrupted_ids, sources, sub, cells, runs.score, runs.offset, memory_budget)
+    recovery = runs.recovery(scores).tolist()
     per_layer = len(cells) // len(layers)
     values = [recovery[k * per_layer : (k + 1) * per_layer] for k in range(len(layers))]
     if heads:
@@ -123,22 +112,69 @@ def activation_patching(
     else:
         axis, labels = "layer", []
     result = PatchingResult(
-        clean_text=_text(model, clean_text),
-        corrupted_text=_text(model, corrupted_text),
         component=component + (" heads" if heads else ""),
         axis=axis,
         layers=layers,
         labels=labels,
         recovery=values,
-        clean_answer=token_text(model, clean_answer),
-        corrupted_answer=token_text(model, corrupted_answer),
-        clean_metric=clean_metric,
-        corrupted_metric=corrupted_metric,
-        metric=getattr(score, "__name__", "metric"),
+        **runs.described(model, clean_text, corrupted_text),
     )
     if plot:
         result.plot(save_path)
     return result
+
+
+@attrs.frozen
+class Comparison:
+    """A clean and a corrupted prompt, each run once: where both patching methods start.
+
+    ``clean`` holds the clean run's activations at the names asked for and its logits;
+    ``score`` is the metric, ``clean_metric`` / ``corrupted_metric`` its values on the two runs.
+    """
+
+    clean_ids: list[int]
+    corrupted_ids: list[int]
+    offset: int  # corrupted position p matches clean position p + offset
+    clean: Any
+    clean_answer: int
+    corrupted_answer: int
+    score: Callable[[mx.array], mx.array]
+    clean_metric: float
+    corrupted_metric: float
+
+    def recovery(self, scores: mx.array) -> mx.array:
+        """Metric values as % of the way from the corrupted run (0) to the clean run (100)."""
+        return (scores - self.corrupted_metric) / (self.clean_metric - self.corrupted_metric) * 100
+
+    def described(self, model, clean_text, corrupted_text) -> dict[str, Any]:
+        """The fields every patching result shares."""
+        return dict(
+            clean_text=_text(model, clean_text),
+            corrupted_text=_text(model, corrupted_text),
+            clean_answer=token_text(model, self.clean_answer),
+            corrupted_answer=token_text(model, self.corrupted_answer),
+            clean_metric=self.clean_metric,
+            corrupted_metric=self.corrupted_metric,
+            metric=getattr(self.score, "__name__", "metric"),
+        )
+
+
+def compare(model, clean_text, corrupted_text, names: list[str], answers, metric, align) -> Comparison:
+    """Run both prompts (the clean one capturing ``names``), pick the answers and the metric."""
+    clean_ids, corrupted_ids = token_ids(model, clean_text), token_ids(model, corrupted_text)
+    offset = _alignment(model, clean_ids, corrupted_ids, align)
+    clean = model.run([clean_ids], capture=names + ["logits"]).activations
+    corrupted_logits = model.run([corrupted_ids], capture=["logits"]).activations["logits"]
+    clean_answer, corrupted_answer = _answers(model, answers, clean["logits"], corrupted_logits)
+    score = metric or logit_difference(clean_answer, corrupted_answer)
+    clean_metric, corrupted_metric = score(clean["logits"]).item(), score(corrupted_logits).item()
+    if abs(clean_metric - corrupted_metric) < 1e-6:
+        raise PatchingError(
+            f"the clean and corrupted runs score the same ({clean_metric:.4f}), so there is nothing "
+            "to recover: choose prompts (or answers=, metric=) that the model tells apart."
+        )
+    return Comparison(clean_ids, corrupted_ids, offset, clean, clean_answer, corrupted_answer, score,
+                      clean_metric, corrupted_metric)
 
 
 def patch_sweep(
