@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "mlxterp"
 FIRST_PARTY = "mlxterp"  # the distribution whose entry points are mlxterp's own plugins
 
 _manager: pluggy.PluginManager | None = None
+_tables: dict[str, dict[str, Any]] = {}  # hook name -> merged {name: object}; reset on (re)registration
 
 
 def load_plugins(third_party: Iterable[str] | None = None) -> pluggy.PluginManager:
@@ -40,6 +41,7 @@ def load_plugins(third_party: Iterable[str] | None = None) -> pluggy.PluginManag
         except Exception as e:  # a broken plugin must not break mlxterp
             warnings.warn(f"mlxterp plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}", stacklevel=2)
     _manager = manager
+    _tables.clear()
     return manager
 
 
@@ -56,6 +58,7 @@ def plugin_manager() -> pluggy.PluginManager:
 
 def register(plugin: Any, name: str | None = None) -> str:
     """Register a plugin object or module in this process (a notebook's own plugin)."""
+    _tables.clear()
     return plugin_manager().register(plugin, name=name)
 
 
@@ -89,17 +92,22 @@ def families_with(sub: str) -> list[str]:
     return sorted({s.family for _, s in schemas() if base in s.block or (base == "attn.pattern" and s.attention.pattern)})
 
 
+def _merged(hook_name: str) -> dict[str, Any]:
+    """The {name: object} tables a hook returns, merged: first-party first, third-party plugins
+    override; cached until plugins change (attribute lookups on a model consult it)."""
+    if hook_name not in _tables:
+        found: dict[str, Any] = {}
+        for _, table in call_each(hook_name)[::-1]:
+            found.update(table)
+        _tables[hook_name] = found
+    return _tables[hook_name]
+
+
 def intervention_types() -> dict[str, Any]:
-    """name -> intervention factory, from every plugin (later plugins win on a clash)."""
-    found: dict[str, Any] = {}
-    for _, table in call_each("mlxterp_interventions")[::-1]:
-        found.update(table)
-    return found
+    """name -> intervention factory, from every plugin."""
+    return _merged("mlxterp_interventions")
 
 
 def analyses() -> dict[str, Any]:
-    """name -> analysis function, from every plugin (later plugins win on a clash)."""
-    found: dict[str, Any] = {}
-    for _, table in call_each("mlxterp_analyses")[::-1]:  # first-party first, others override
-        found.update(table)
-    return found
+    """name -> analysis function, from every plugin."""
+    return _merged("mlxterp_analyses")
