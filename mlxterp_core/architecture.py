@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UnknownNameError
-from .names import FORWARD_ORDER, HEAD_VIEWS, MODEL_NAMES, StandardName, parse
+from .names import FORWARD_ORDER, HEAD_VIEWS, StandardName, parse
 from .schema import ArchitectureSchema, Number, Port, SchemaError
 
 
@@ -381,4 +381,4 @@ def _then(outer: View | None, inner: View) -> View:
     return inner if outer is None else outer.then(inner)
 
 
-__all__ = ["Architecture", "Resolved", "View", "read_attribute", "MODEL_NAMES"]
+__all__ = ["Architecture", "Resolved", "View", "read_attribute"]

@@ -71,7 +71,7 @@ def load(
     """
     source = default_model_path() if source is None else source
     loaded = None
-    for plugin, loaders in plugins.call_each("mlxterp_loaders"):
+    for _, loaders in plugins.call_each("mlxterp_loaders"):
         for loader in loaders:
             loaded = loader(source)
             if loaded is not None:

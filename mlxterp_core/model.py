@@ -117,7 +117,7 @@ class InterpretableModel:
         capture: str | list[str] | None = None,
     ) -> Trace:
         """Like :meth:`trace` without the ``with`` block: returns the finished trace."""
-        return Trace(self, inputs, interventions=interventions, capture=capture).run()
+        return self.trace(inputs, interventions=interventions, capture=capture).run()
 
     def __call__(self, inputs: Any) -> Any:
         """A plain forward pass, no probes: the wrapped module's own output."""

@@ -9,12 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlxterp_core.errors import MlxterpError
 from mlxterp_core.hookspecs import hookimpl
-
-
-class LoadError(MlxterpError):
-    """A model source that cannot be loaded, and why."""
+from mlxterp_core.load import LoadError
 
 
 def load_gguf(source: Any, **options):

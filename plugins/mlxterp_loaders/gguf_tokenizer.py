@@ -50,14 +50,11 @@ class TokenizerError(MlxterpError):
     """The GGUF file's tokenizer cannot be rebuilt."""
 
 
-def _scalar(meta: dict, key: str, default=None):
-    value = meta.get(key, default)
-    return value.item() if hasattr(value, "item") else value
-
-
 def build_tokenizer(meta: dict[str, Any]):
     """An mlx-lm TokenizerWrapper around a PreTrainedTokenizerFast built from GGUF metadata."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from .gguf import _scalar
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
