@@ -7,10 +7,12 @@ The public API. Everything here is re-exported from ``mlxterp_core``, which impl
 
 from mlxterp_core import interventions
 from mlxterp_core.architecture import Architecture
+from mlxterp_core.corpus import Windows, default_corpus, read_documents, token_windows
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.plugins import load_plugins, register as register_plugin
 from mlxterp_core.schema import ArchitectureSchema, Attention, Port, SchemaError, Unembed
 from mlxterp_core.errors import (
+    CorpusError,
     InputError,
     InterventionError,
     MlxterpError,
@@ -43,4 +45,9 @@ __all__ = [
     "InterventionError",
     "InputError",
     "TraceError",
+    "CorpusError",
+    "read_documents",
+    "token_windows",
+    "default_corpus",
+    "Windows",
 ]

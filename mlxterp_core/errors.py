@@ -33,6 +33,10 @@ class TraceError(MlxterpError, RuntimeError):
     """A trace used out of order: ``model.output`` outside a trace, nested traces, ..."""
 
 
+class CorpusError(MlxterpError, ValueError):
+    """A corpus that cannot be read: missing file, empty corpus, a JSONL line without "text"."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates most similar to ``name``, best first (for 'did you mean' messages)."""
     pool = list(candidates)
