@@ -348,6 +348,14 @@ class Trace:
     def logits(self) -> mx.array:
         return self.activations["logits"] if self._model.architecture else self.output
 
+    def __repr__(self) -> str:
+        inputs = self._inputs.array
+        shape = "x".join(map(str, inputs.shape))
+        edits = f", interventions: {', '.join(self._interventions)}" if self._interventions else ""
+        if not self._ran:
+            return f"Trace(not run yet, inputs {shape}{edits})"
+        return f"Trace(inputs {shape}, {len(self.activations)} sites recorded{_sites_shown(self.activations)}{edits})"
+
     def __enter__(self) -> Trace:
         if not self._ran:
             self.run()
@@ -486,6 +494,20 @@ class Hooks:
                     f"{_calls_summary(recorder, entry)}); sites that take no array input have no "
                     "':input'."
                 )
+
+
+def _sites_shown(activations: Activations, n: int = 3) -> str:
+    """': name (shape), ...' for the first n recorded sites (the model output last)."""
+    names = [name for name in activations if name != MODEL_OUTPUT][:n]
+    if not names:
+        return ""
+
+    def shape(name: str) -> str:
+        value = activations[name]
+        return "x".join(map(str, value.shape)) if isinstance(value, mx.array) else type(value).__name__
+
+    more = ", ..." if len(activations) > len(names) + (MODEL_OUTPUT in activations) else ""
+    return ": " + ", ".join(f"{name} ({shape(name)})" for name in names) + more
 
 
 class _LayerAccessor:

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 
+from .views import Display, percent, short
+
 converter = cattrs.Converter()
 T = TypeVar("T", bound="Serialisable")
 
@@ -65,8 +67,8 @@ class LayerMapping:
 Prediction = tuple[int, float, str]  # (token id, probability, token text)
 
 
-@attrs.frozen
-class LogitLensResult(Serialisable, LayerMapping):
+@attrs.frozen(repr=False)
+class LogitLensResult(Display, Serialisable, LayerMapping):
     """What every layer predicts at every position: ``result[layer][position]`` is the top-k
     list of ``(token_id, probability, token_text)``, best first, so
     ``result[layer][-1][0][2]`` is the top token at the last position."""
@@ -85,14 +87,28 @@ class LogitLensResult(Serialisable, LayerMapping):
         """layer -> the top predicted token at ``position``."""
         return {layer: rows[position][0][2] for layer, rows in self.predictions.items()}
 
+    def _summary(self) -> str:
+        last = self.layers[-1] if self.layers else None
+        head = f"{short(self.text)}, {len(self.tokens)} tokens x {len(self.layers)} layers, top-{self.top_k}"
+        if last is None or not self.tokens:
+            return head
+        final_id, final_p, final_text = self.predictions[last][-1][0]
+        first = last
+        for layer in reversed(self.layers):
+            if self.predictions[layer][-1][0][0] != final_id:
+                break
+            first = layer
+        return (f"{head}; at {self.tokens[-1]!r} layer {last} predicts {final_text!r} "
+                f"({percent(100 * final_p)}), top-1 since layer {first}")
+
     def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
         from .plots import lens_heatmap
 
         return lens_heatmap(self, path, max_display_tokens, figsize)
 
 
-@attrs.frozen
-class PatchingResult(Serialisable, LayerMapping):
+@attrs.frozen(repr=False)
+class PatchingResult(Display, Serialisable, LayerMapping):
     """Recovery (%) from patching clean activations into the corrupted run.
 
     ``axis`` is "layer" (one number per layer: ``result[layer]`` is a float, as in the original
@@ -126,14 +142,26 @@ class PatchingResult(Serialisable, LayerMapping):
         ]
         return sorted(cells, key=lambda cell: cell[2], reverse=True)[:n]
 
+    def _cell_name(self, layer: int, j: int | None) -> str:
+        if j is None:
+            return f"L{layer}"
+        return f"L{layer}H{self.labels[j]}" if self.axis == "head" else f"L{layer} {self.labels[j]!r}"
+
+    def _summary(self) -> str:
+        size = f"{len(self.layers)} layers" + ("" if self.axis == "layer" else f" x {len(self.labels)} {self.axis}s")
+        top = ", ".join(f"{self._cell_name(layer, j)} {percent(v)}" for layer, j, v in self.top(3))
+        return (f"{self.component} by {self.axis}, {size}; {self.metric}: clean {self.clean_metric:.3g} "
+                f"({self.clean_answer!r}), corrupted {self.corrupted_metric:.3g} ({self.corrupted_answer!r}); "
+                f"top recovery: {top}")
+
     def plot(self, path: str | Path | None = None, figsize=(12, 7)):
         from .plots import patching_plot
 
         return patching_plot(self, path, figsize)
 
 
-@attrs.frozen
-class AttributionResult(Serialisable):
+@attrs.frozen(repr=False)
+class AttributionResult(Display, Serialisable):
     """Attribution patching's estimated recovery (%) for every component at once:
     ``result["resid"]`` (and "attn", "mlp", "resid_pre", "resid_mid") is a PatchingResult over
     layers x positions, ``result["heads"]`` over layers x heads, each with ``.plot()``."""
@@ -170,12 +198,23 @@ class AttributionResult(Serialisable):
     def keys(self) -> list[str]:
         return list(self.estimates)
 
+    def _summary(self) -> str:
+        tops = []
+        for component in self.estimates:
+            cells = self[component].top(1)
+            if cells:
+                layer, j, v = cells[0]
+                tops.append(f"{component} {self[component]._cell_name(layer, j)} {percent(v)}")
+        return (f"{len(self.estimates)} components, {len(self.layers)} layers x {len(self.positions)} positions "
+                f"/ {len(self.heads)} heads; {self.metric}: clean {self.clean_metric:.3g}, corrupted "
+                f"{self.corrupted_metric:.3g}; top: {', '.join(tops)}")
+
     def plot(self, component: str = "resid", path: str | Path | None = None, figsize=(12, 7)):
         return self[component].plot(path, figsize)
 
 
-@attrs.frozen
-class ResidComponents(Serialisable):
+@attrs.frozen(repr=False)
+class ResidComponents(Display, Serialisable):
     """The residual stream as a stack: ``vectors[c]`` is component ``labels[c]``, (T, D) each.
 
     ``kind`` "decomposed": embed, attn i / heads, mlp i: they sum to ``total``, the residual
@@ -206,14 +245,20 @@ class ResidComponents(Serialisable):
         """The components summed, (T, D): equals ``total`` for a decomposition."""
         return self.array.sum(axis=0)
 
+    def _summary(self) -> str:
+        shown = ", ".join(self.labels[:4]) + (", ..." if len(self.labels) > 4 else "")
+        width = len(self.total[0]) if self.total else 0
+        return (f"{self.kind}, {len(self.labels)} components x {len(self.tokens)} tokens x {width}, "
+                f"layer {self.layer}, {short(self.text)}: {shown}")
+
     def plot(self, path: str | Path | None = None, position: int = -1, figsize=(12, 5)):
         from .plots import resid_norms_plot
 
         return resid_norms_plot(self, path, position, figsize)
 
 
-@attrs.frozen
-class DLAResult(Serialisable):
+@attrs.frozen(repr=False)
+class DLAResult(Display, Serialisable):
     """Direct logit attribution: ``values[c]`` is component ``labels[c]``'s contribution to
     ``logit[answers[0]] - logit[answers[1]]`` at ``position``; they sum to ``logit_diff``."""
 
@@ -254,14 +299,20 @@ class DLAResult(Serialisable):
         lines += [f"  {label:16s} {value:+8.3f}" for label, value in self.top(n)]
         return "\n".join(lines)
 
+    def _summary(self) -> str:
+        top = ", ".join(f"{label} {value:+.3g}" for label, value in self.top(3))
+        at = self.tokens[self.position] if self.tokens else ""
+        return (f"logit {self.answers[0]!r} - {self.answers[1]!r} at {at!r}: {self.logit_diff:+.3f} over "
+                f"{len(self.labels)} components; top: {top}")
+
     def plot(self, path: str | Path | None = None, figsize=(14, 6)):
         from .plots import dla_plot
 
         return dla_plot(self, path, figsize)
 
 
-@attrs.frozen
-class AttentionPatterns(Serialisable):
+@attrs.frozen(repr=False)
+class AttentionPatterns(Display, Serialisable):
     """Attention probabilities of one layer: ``patterns[k]`` is head ``heads[k]``'s (T, T)
     matrix, rows the attending (query) tokens, columns the attended (key) tokens."""
 
@@ -274,14 +325,23 @@ class AttentionPatterns(Serialisable):
     def __getitem__(self, head: int) -> list[list[float]]:
         return self.patterns[self.heads.index(head)]
 
+    def _summary(self) -> str:
+        head = f"layer {self.layer}, {len(self.heads)} heads x {len(self.tokens)} tokens, {short(self.text)}"
+        link = strongest_link(self.patterns)
+        if link is None:
+            return head
+        k, query, key, weight = link
+        return (f"{head}; strongest link past the first token: head {self.heads[k]} "
+                f"{self.tokens[query]!r} -> {self.tokens[key]!r} {weight:.2f}")
+
     def plot(self, path: str | Path | None = None, columns: int = 3, cell: float = 4.0):
         from .plots import attention_plot
 
         return attention_plot(self, path, columns, cell)
 
 
-@attrs.frozen
-class SteeringVector(Serialisable):
+@attrs.frozen(repr=False)
+class SteeringVector(Display, Serialisable):
     """A direction in the residual stream: mean(positive) - mean(negative) activations at
     ``name`` (a standard name such as ``layers.12.output``)."""
 
@@ -316,14 +376,22 @@ class SteeringVector(Serialisable):
         sub = self.name.split(".", 2)[2]
         return {f"layers.{layer}.{sub}": edit for layer in (layers or [self.layer])}
 
+    def _summary(self) -> str:
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values) if values else float("nan")
+
+        return (f"{self.name} ({self.position} position), dim {len(self.vector)}, norm {self.norm:.3g}; "
+                f"{len(self.positive)} positive / {len(self.negative)} negative prompts, mean projection "
+                f"{mean(self.positive_projections):+.3g} / {mean(self.negative_projections):+.3g}")
+
     def plot(self, path: str | Path | None = None, figsize=(8, 4)):
         from .plots import steering_plot
 
         return steering_plot(self, path, figsize)
 
 
-@attrs.frozen
-class GenerationResult(Serialisable):
+@attrs.frozen(repr=False)
+class GenerationResult(Display, Serialisable):
     """A generated continuation. ``activations[k]`` holds what was captured in forward pass
     k: pass 0 is the prompt, pass k > 0 the step that consumed generated token k - 1 (not
     serialised)."""
@@ -339,3 +407,23 @@ class GenerationResult(Serialisable):
         data = converter.unstructure(self)
         data.pop("activations")
         return data
+
+    def _summary(self) -> str:
+        captured = f", {len(self.activations)} passes captured" if self.activations else ""
+        return (f"{short(self.prompt)} -> {short(self.text)}, {len(self.tokens)} new tokens, "
+                f"finished by {self.finish_reason}{captured}")
+
+
+def strongest_link(patterns: list[list[list[float]]]) -> tuple[int, int, int, float] | None:
+    """(head index, query, key, weight) of the largest attention weight that is neither to the
+    first token nor to the query itself, or None for fewer than 3 tokens."""
+    import numpy as np
+
+    array = np.asarray(patterns, dtype=np.float32)  # (H, T, T)
+    if array.ndim != 3 or array.shape[-1] < 3:
+        return None
+    masked = array.copy()
+    masked[:, :, 0] = -1
+    masked[:, np.arange(array.shape[1]), np.arange(array.shape[2])] = -1
+    k, query, key = np.unravel_index(int(np.argmax(masked)), masked.shape)
+    return int(k), int(query), int(key), float(array[k, query, key])

@@ -1,0 +1,303 @@
+"""How results show themselves: a short ``repr`` everywhere, and self-contained HTML views
+(``result.to_html(path)``; Jupyter calls ``_repr_html_`` and shows them inline).
+
+A result class takes both by inheriting :class:`Display` and declaring itself
+``@attrs.frozen(repr=False)`` (attrs would otherwise write its own, field-by-field ``repr``)::
+
+    @attrs.frozen(repr=False)
+    class MyResult(Serialisable, Display):
+        def _summary(self) -> str:          # one line: sizes and the headline finding
+            return f"{len(self.tokens)} tokens, top feature {self.top_feature}"
+
+        def _view(self) -> str | None:      # an HTML fragment (None: no HTML view)
+            return token_heatmap_html(self.tokens, self.values, title="...")
+
+The views are one HTML fragment each: a ``<div>``, its data as JSON in a
+``<script type="application/json">`` (every ``<``, ``>`` and ``&`` escaped, so a token like
+``</script>`` cannot end it), and the renderer (``static/views.js``, ``static/views.css``)
+inlined. The page reads no network and no CDN. Large arrays travel as base64: attention
+weights and probabilities as uint8 (1/255 steps), other values as float16. Text reaches the
+page only through ``textContent``, never as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import uuid
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- compact repr and the mixin
+
+
+def short(text: str, width: int = 40) -> str:
+    """``repr`` of a string, cut to about ``width`` characters."""
+    text = str(text)
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def percent(value: float) -> str:
+    return f"{value:.1f}%"
+
+
+class Display:
+    """Mixin of result classes: a one-line ``repr`` from ``_summary()``, and an HTML view from
+    ``_view()`` written by ``to_html(path)`` and shown inline by Jupyter (``_repr_html_``).
+
+    Declare the attrs class with ``repr=False`` so that attrs keeps this ``__repr__``.
+    """
+
+    def _summary(self) -> str:
+        """Sizes and the headline finding, one line (override)."""
+        return ""
+
+    def _view(self) -> str | None:
+        """The HTML fragment of this result, or None where it has no HTML view (override)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._summary()})"
+
+    def _repr_html_(self) -> str | None:
+        return self._view()
+
+    def to_html(self, path: str | Path, title: str | None = None) -> Path:
+        """Write this result's view to ``path`` as one self-contained HTML file."""
+        fragment = self._view()
+        if fragment is None:
+            from mlxterp_core.errors import InputError
+
+            raise InputError(f"{type(self).__name__} has no HTML view; use .plot() or .save().")
+        return write_html(path, fragment, title or type(self).__name__)
+
+
+# ---------------------------------------------------------------- encoding arrays for the page
+
+
+def encode_unit(values: Any) -> dict[str, Any]:
+    """Values in [0, 1] (probabilities) as uint8 base64: 255 steps, 1 byte each."""
+    array = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    quantised = np.rint(array * 255).astype(np.uint8)
+    return {"codec": "u8", "shape": list(array.shape), "b64": base64.b64encode(quantised.tobytes()).decode()}
+
+
+def encode_values(values: Any) -> dict[str, Any]:
+    """Any finite values as little-endian float16 base64 (3 significant digits), 2 bytes each."""
+    array = np.asarray(values, dtype=np.float32)
+    return {"codec": "f16", "shape": list(array.shape), "b64": base64.b64encode(array.astype("<f2").tobytes()).decode()}
+
+
+def encode_ids(values: Any) -> dict[str, Any]:
+    """Integer indices as little-endian int32 base64."""
+    array = np.asarray(values, dtype="<i4")
+    return {"codec": "i32", "shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode()}
+
+
+def decode(encoded: dict[str, Any]) -> np.ndarray:
+    """The array an ``encode_*`` function stored (for tests and round trips)."""
+    raw = base64.b64decode(encoded["b64"])
+    codec = encoded["codec"]
+    if codec == "u8":
+        array = np.frombuffer(raw, dtype=np.uint8).astype(np.float32) / 255
+    elif codec == "f16":
+        array = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    else:
+        array = np.frombuffer(raw, dtype="<i4")
+    return array.reshape(encoded["shape"])
+
+
+# ---------------------------------------------------------------- fragments and documents
+
+
+@cache
+def _static(name: str) -> str:
+    return resources.files("mlxterp_analyses").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def _script_json(data: Any) -> str:
+    """JSON that is safe inside a <script> element: no '<', '>' or '&' appear literally."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").replace(
+        "\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def fragment(kind: str, data: dict[str, Any]) -> str:
+    """One view as an HTML fragment: a div, its data, the stylesheet and the renderer."""
+    view_id = f"mlxterp-view-{uuid.uuid4().hex}"
+    payload = _script_json({"kind": kind, **data})
+    return (
+        f'<div class="mlxterp-view" id="{view_id}" data-kind="{kind}">'
+        f"<style>{_static('views.css')}</style>"
+        f'<script type="application/json" class="mlxterp-data">{payload}</script>'
+        f'<noscript>This view needs JavaScript.</noscript>'
+        f"<script>{_static('views.js')}\nmlxterpView(document.getElementById({json.dumps(view_id)}));</script>"
+        "</div>"
+    )
+
+
+def document(fragment_html: str, title: str = "mlxterp") -> str:
+    """A whole HTML page around a fragment."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1"></head>'
+        f'<body class="mlxterp-page">{fragment_html}</body></html>\n'
+    )
+
+
+def write_html(path: str | Path, fragment_html: str, title: str = "mlxterp") -> Path:
+    """Write ``fragment_html`` as a self-contained page (atomically: temporary file, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(document(fragment_html, title), encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- the views
+
+
+def token_heatmap_html(
+    tokens: Sequence[str] | Sequence[Sequence[str]],
+    values: Any,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+) -> str:
+    """Values over tokens: each token coloured by its value, hover for the number.
+
+    - one text: ``tokens`` (T strings), ``values`` (T,) or (F, T) with F ``labels`` (e.g.
+      SAE features) chosen from a menu;
+    - several texts (e.g. a feature's top examples): ``tokens`` a list of N token lists,
+      ``values`` a list of N arrays (T_n,), or of (F, T_n) with ``labels``; each text is a line.
+
+    Colours: blue for positive, red for negative, scaled to the largest |value| of the chosen
+    row. Returns an HTML fragment (``write_html(path, fragment)`` writes a page).
+    """
+    from mlxterp_core.errors import InputError
+
+    several = len(tokens) > 0 and not isinstance(tokens[0], str)
+    texts = [list(map(str, t)) for t in tokens] if several else [list(map(str, tokens))]
+    rows = list(values) if several else [values]
+    if len(rows) != len(texts):
+        raise InputError(f"token_heatmap_html: {len(texts)} texts but {len(rows)} value arrays.")
+    arrays = [np.asarray(r, dtype=np.float32) for r in rows]
+    arrays = [a[None] if a.ndim == 1 else a for a in arrays]
+    n_rows = {a.shape[0] for a in arrays}
+    for text, a in zip(texts, arrays):
+        if a.ndim != 2 or a.shape[1] != len(text):
+            raise InputError(
+                f"token_heatmap_html: values of shape {a.shape} for {len(text)} tokens; give (T,) "
+                "or (F, T) per text, T its number of tokens."
+            )
+    if len(n_rows) != 1:
+        raise InputError(f"token_heatmap_html: every text needs the same number of value rows, got {sorted(n_rows)}.")
+    (n_features,) = n_rows
+    labels = [str(label) for label in labels] if labels is not None else [f"row {i}" for i in range(n_features)]
+    if len(labels) != n_features:
+        raise InputError(f"token_heatmap_html: {n_features} value rows but {len(labels)} labels.")
+    joined = np.concatenate(arrays, axis=1) if arrays else np.zeros((n_features, 0), np.float32)
+    if not np.isfinite(joined).all():
+        raise InputError("token_heatmap_html: values must be finite (no NaN or inf).")
+    return fragment("tokens", {
+        "title": title,
+        "texts": texts,
+        "labels": labels,
+        "values": encode_values(joined),  # (F, sum of T_n)
+        "scale": np.abs(joined).max(axis=1).tolist() if joined.size else [0.0] * n_features,
+    })
+
+
+def attention_html(
+    tokens: Sequence[str],
+    patterns: Any,
+    layers: Sequence[int],
+    heads: Sequence[int],
+    title: str = "",
+) -> str:
+    """Attention patterns (L, H, T, T), rows attending to columns: pick a layer and a head
+    (or their mean); hover a token to see where it attends (or, switched, what attends to it);
+    click to keep it. Weights are stored as uint8."""
+    array = np.asarray(patterns, dtype=np.float32)
+    if array.ndim != 4 or array.shape[:2] != (len(layers), len(heads)) or array.shape[2:] != (len(tokens),) * 2:
+        from mlxterp_core.errors import InputError
+
+        raise InputError(
+            f"attention_html: patterns of shape {array.shape} for {len(layers)} layers, {len(heads)} "
+            f"heads and {len(tokens)} tokens; expected (layers, heads, T, T)."
+        )
+    return fragment("attention", {
+        "title": title,
+        "tokens": [str(t) for t in tokens],
+        "layers": [int(i) for i in layers],
+        "heads": [int(h) for h in heads],
+        "patterns": encode_unit(array),
+    })
+
+
+def lens_html(
+    tokens: Sequence[str],
+    layers: Sequence[int],
+    predictions: Sequence[Sequence[Sequence[tuple[int, float, str]]]],
+    title: str = "",
+) -> str:
+    """A logit lens grid (layers x positions): each cell shows the top token, coloured by its
+    probability; hover (or click) a cell for its top-k list. ``predictions[l][t]`` is the
+    top-k list of ``(token_id, probability, text)`` at layer ``layers[l]``, position t."""
+    vocab: dict[str, int] = {}
+    ids = [[[vocab.setdefault(str(text), len(vocab)) for _, _, text in cell] for cell in row] for row in predictions]
+    probs = [[[p for _, p, _ in cell] for cell in row] for row in predictions]
+    k = max((len(cell) for row in ids for cell in row), default=0)
+    ids_array = np.full((len(layers), len(tokens), k), -1, dtype=np.int32)
+    probs_array = np.zeros((len(layers), len(tokens), k), dtype=np.float32)
+    for li, row in enumerate(ids):
+        for t, cell in enumerate(row):
+            ids_array[li, t, : len(cell)] = cell
+            probs_array[li, t, : len(cell)] = probs[li][t]
+    return fragment("lens", {
+        "title": title,
+        "tokens": [str(t) for t in tokens],
+        "layers": [int(i) for i in layers],
+        "vocab": list(vocab),
+        "ids": encode_ids(ids_array),
+        "probs": encode_unit(probs_array),
+    })
+
+
+def heatmap_html(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    values: Any,
+    title: str = "",
+    subtitle: str = "",
+    unit: str = "",
+    row_name: str = "row",
+    column_name: str = "column",
+) -> str:
+    """A labelled (rows, columns) heatmap, diverging around 0, hover for the value: patching
+    recovery, head scores, per-layer metrics."""
+    array = np.asarray(values, dtype=np.float32)
+    if array.shape != (len(rows), len(columns)):
+        from mlxterp_core.errors import InputError
+
+        raise InputError(f"heatmap_html: values of shape {array.shape} for {len(rows)} rows x {len(columns)} columns.")
+    finite = array[np.isfinite(array)]
+    return fragment("heatmap", {
+        "title": title,
+        "subtitle": subtitle,
+        "unit": unit,
+        "rows": [str(r) for r in rows],
+        "columns": [str(c) for c in columns],
+        "row_name": row_name,
+        "column_name": column_name,
+        "values": encode_values(np.nan_to_num(array)),
+        "scale": float(np.abs(finite).max()) if finite.size else 0.0,
+    })

@@ -1,0 +1,118 @@
+"""Results display compactly (a one-line repr with the headline finding) and as self-contained
+HTML views whose data round-trips and whose text can never become markup."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+
+import numpy as np
+import pytest
+from helpers import tiny_llama
+
+import mlxterp_analyses
+from mlxterp import InterpretableModel, interventions as iv
+from mlxterp_analyses import results, views
+
+CLEAN = [5, 17, 3, 42, 9, 77, 1, 30]
+CORRUPTED = [5, 17, 8, 61, 9, 77, 1, 30]
+REPR_LIMIT = 400
+
+
+@pytest.fixture(scope="module")
+def model(wrapped_tokenizer):
+    return InterpretableModel(tiny_llama(num_hidden_layers=4), tokenizer=wrapped_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def all_results(model):
+    text = "the cat sat on the mat and the cat"
+    return {
+        "lens": model.logit_lens(text, top_k=3),
+        "patching": model.activation_patching(CLEAN, CORRUPTED, component="mlp", answers=(11, 12)),
+        "patching_positions": model.activation_patching(CLEAN, CORRUPTED, component="resid", positions="all", answers=(11, 12)),
+        "patching_heads": model.activation_patching(CLEAN, CORRUPTED, component="attn", heads=True, answers=(11, 12)),
+        "attribution": model.attribution_patching(CLEAN, CORRUPTED, answers=(11, 12)),
+        "dla": model.direct_logit_attribution(CLEAN, answers=(11, 12)),
+        "decomposition": model.decompose_resid(CLEAN, layer=2),
+        "attention": model.attention_patterns(text, layer=1),
+        "steering": model.steering_vector(["the cat"], ["the mat"], layer=1),
+        "generation": model.generate(CLEAN, max_tokens=3),
+    }
+
+
+def result_classes():
+    return [cls for _, cls in inspect.getmembers(results, inspect.isclass)
+            if cls.__module__ == results.__name__ and hasattr(cls, "__attrs_attrs__")]
+
+
+def test_every_result_class_keeps_the_compact_repr():
+    """attrs writes a field-by-field __repr__ unless told repr=False; none may have one."""
+    for cls in result_classes():
+        assert issubclass(cls, views.Display), cls
+        assert cls.__repr__ is views.Display.__repr__, f"{cls.__name__}: declare @attrs.frozen(repr=False)"
+
+
+def test_reprs_are_short_and_name_the_headline(all_results):
+    covered = {type(r) for r in all_results.values()}
+    assert covered == set(result_classes()), "a result class has no repr test"
+    for key, result in all_results.items():
+        text = repr(result)
+        assert text.startswith(type(result).__name__ + "("), text
+        assert len(text) <= REPR_LIMIT and "\n" not in text, (key, len(text), text)
+    lens = all_results["lens"]
+    final = lens[lens.layers[-1]][-1][0][2]
+    assert f"predicts {final!r}" in repr(lens) and f"{len(lens.tokens)} tokens x 4 layers" in repr(lens)
+    patching = all_results["patching"]
+    layer, _, value = patching.top(1)[0]
+    assert f"top recovery: L{layer} {value:.1f}%" in repr(patching)
+    heads = all_results["patching_heads"]
+    layer, head, value = heads.top(1)[0]
+    assert f"L{layer}H{head} {value:.1f}%" in repr(heads)
+
+
+def test_a_lens_repr_is_not_a_wall_of_lists(model):
+    """The issue's example: one short prompt printed thousands of characters."""
+    lens = model.logit_lens("the cat sat on the mat", top_k=10)
+    assert len(repr(lens)) < 200 < len(str(lens.to_data()))
+
+
+def test_strongest_link_skips_the_first_token_and_the_diagonal():
+    pattern = np.zeros((2, 4, 4), np.float32)
+    pattern[:, :, 0] = 0.9  # everything attends to BOS
+    pattern[:, np.arange(4), np.arange(4)] = 0.95  # and itself
+    pattern[1, 3, 2] = 0.3
+    pattern[0, 2, 1] = 0.2
+    assert results.strongest_link(pattern.tolist()) == (1, 3, 2, pytest.approx(0.3))
+    assert results.strongest_link([[[1.0, 0.0], [0.5, 0.5]]]) is None
+
+
+def test_trace_repr_says_what_it_recorded(model):
+    with model.trace(CLEAN, capture=["layers[1].output", "layers[2].attn.q"]) as trace:
+        pass
+    text = repr(trace)
+    assert text.startswith("Trace(inputs 1x8, 2 sites recorded: ")
+    assert "model.model.layers.1 (1x8x" in text and "self_attn.q_proj (1x8x" in text
+    everything = model.run([CLEAN, CLEAN[:4]])
+    text = repr(everything)
+    assert f"inputs 2x8, {len(everything.activations)} sites recorded" in text and text.endswith(", ...)")
+    assert len(text) < REPR_LIMIT
+    pending = model.trace(CLEAN, interventions={"layers.1.output": iv.zero_out})
+    assert repr(pending) == "Trace(not run yet, inputs 1x8, interventions: layers.1.output)"
+
+
+def test_dict_indexing_and_save_load_are_unchanged(all_results, tmp_path):
+    lens = all_results["lens"]
+    assert lens[0] is lens.predictions[0] and list(lens) == lens.layers
+    for key, result in all_results.items():
+        if key == "generation":
+            continue
+        assert type(result).load(result.save(tmp_path / f"{key}.json")) == result
+
+
+def test_exported_result_classes_display():
+    for name in mlxterp_analyses.__all__:
+        obj = getattr(mlxterp_analyses, name)
+        if inspect.isclass(obj):
+            assert issubclass(obj, views.Display), name
