@@ -22,6 +22,7 @@ from mlxterp_core.errors import (
 from mlxterp_core.load import default_model_path, load
 from mlxterp_core.model import InterpretableModel
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
+from mlxterp_saes import SAE, load_sae  # the SAE plugin's public names
 
 __all__ = [
     "InterpretableModel",
@@ -50,4 +51,6 @@ __all__ = [
     "token_windows",
     "default_corpus",
     "Windows",
+    "SAE",
+    "load_sae",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class InterpretableModel:
         self.tokenizer = tokenizer
         self.load_report: dict[str, Any] | None = None  # set by mlxterp.load
         self._active_traces: list[Trace] = []
+        self._splices: list[Any] = []  # attached by `with model.saes(...)`
         if schema is not None:
             if not isinstance(schema, ArchitectureSchema):
                 schema = ArchitectureSchema.from_file(schema)
@@ -99,6 +101,7 @@ class InterpretableModel:
         inputs: Any,
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
+        saes: Any = None,
     ) -> Trace:
         """A trace of one forward pass; use as ``with model.trace(...) as tr:``.
 
@@ -107,17 +110,36 @@ class InterpretableModel:
                 a list of id lists, or an mx.array passed to the model as is.
             interventions: site name (or glob pattern) -> callable ``array -> array``.
             capture: names or glob patterns to record; None records every site.
+            saes: splices (sparse autoencoders, transcoders; see :mod:`mlxterp_core.splice`)
+                that replace their sites in this pass; their sub-sites
+                (``layers.8.output.sae.features``) can be captured and intervened on.
         """
-        return Trace(self, inputs, interventions=interventions, capture=capture)
+        return Trace(self, inputs, interventions=interventions, capture=capture, saes=saes)
 
     def run(
         self,
         inputs: Any,
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
+        saes: Any = None,
     ) -> Trace:
         """Like :meth:`trace` without the ``with`` block: returns the finished trace."""
-        return self.trace(inputs, interventions=interventions, capture=capture).run()
+        return self.trace(inputs, interventions=interventions, capture=capture, saes=saes).run()
+
+    @contextmanager
+    def saes(self, *saes: Any) -> Iterator[InterpretableModel]:
+        """Attach splices (SAEs, transcoders) for a block: every trace, generation and
+        analysis inside ``with model.saes(sae, ...):`` runs with them."""
+        from .splice import Splices, splice_list
+
+        added = [s for group in saes for s in splice_list(group)]
+        Splices(self, [*self._splices, *added])  # fail now on a bad splice or site
+        before = list(self._splices)
+        self._splices.extend(added)
+        try:
+            yield self
+        finally:
+            self._splices[:] = before
 
     def __call__(self, inputs: Any) -> Any:
         """A plain forward pass, no probes: the wrapped module's own output."""

@@ -80,6 +80,7 @@ _TL_BLOCK = {
     "mlp.hook_pre": ("mlp.gate|mlp.up", None),  # the gate where the MLP is gated
     "mlp.hook_pre_linear": ("mlp.up", None),
     "mlp.hook_post": ("mlp.act", None),
+    "mlp.hook_in": ("ln2", None),  # circuit-tracer's transcoder input (= ln2.hook_normalized)
 }
 _TL_MODEL = {"hook_embed": "embed", "ln_final.hook_normalized": "ln_final"}
 _NNTERP = {
@@ -134,6 +135,18 @@ def parse(name: str) -> StandardName:
             + "."
         )
     raise UnknownNameError(f"{name!r} is not a name mlxterp understands: {GRAMMAR}; raw names start with 'model.'.")
+
+
+def transformerlens_name(name: str) -> str | None:
+    """The TransformerLens hook name of a standard name (``layers.8.output`` ->
+    ``blocks.8.hook_resid_post``), or None where TransformerLens has none."""
+    parsed = parse(name)
+    if parsed.layer is None:
+        return {v: k for k, v in _TL_MODEL.items()}.get(parsed.sub)
+    exact = [hook for hook, (sub, _) in _TL_BLOCK.items() if sub == parsed.sub and hook != "mlp.hook_in"]
+    either = [hook for hook, (sub, _) in _TL_BLOCK.items() if parsed.sub in sub.split("|")]
+    found = exact or either
+    return f"blocks.{parsed.layer}.{found[0]}" if found else None
 
 
 def _layer(text: str) -> int | str:

@@ -39,6 +39,7 @@ from .inputs import ModelInputs, prepare
 from .interventions import Intervention
 from .names import is_raw
 from .probes import probes_installed, walk_modules
+from .splice import Splices, dotted, splice_list
 
 if TYPE_CHECKING:
     from .model import InterpretableModel
@@ -104,9 +105,11 @@ class Activations(Mapping):
     :class:`UnknownNameError` naming the closest names that were.
     """
 
-    def __init__(self, recorded: dict[str, Any], model: InterpretableModel | None = None):
+    def __init__(self, recorded: dict[str, Any], model: InterpretableModel | None = None,
+                 splices: Splices | None = None):
         self._recorded = recorded
         self._model = model
+        self._splices = splices
 
     def __getitem__(self, name: str):
         if name in self._recorded:
@@ -114,6 +117,12 @@ class Activations(Mapping):
         canonical = canonical_site(name)
         if canonical in self._recorded:
             return self._recorded[canonical]
+        if self._splices is not None:
+            spliced = self._splices.name(name)
+            if spliced is not None:
+                if spliced in self._recorded:
+                    return self._recorded[spliced]
+                raise UnknownNameError(f"{name!r} ({spliced}) was not recorded in this trace: add it to capture=.")
         if self._model is not None and not is_raw(name):
             return self._standard(name)
         hint = ""
@@ -301,11 +310,13 @@ class Trace:
         inputs: Any,
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
+        saes: Any = None,
     ):
         self._model = model
         self._inputs: ModelInputs = prepare(inputs, model.tokenizer)
         self._interventions = dict(interventions or {})
         self._capture = [capture] if isinstance(capture, str) else capture
+        self._saes = splice_list(saes)
         self.activations = Activations({})
         self.output: Any = None
         self._ran = False
@@ -372,11 +383,11 @@ class Trace:
         """Run the forward pass (once)."""
         if self._ran:
             raise TraceError("this trace has already run; start a new model.trace(...).")
-        with Hooks(self._model, self._interventions, self._capture) as hooks:
+        with Hooks(self._model, self._interventions, self._capture, saes=self._saes) as hooks:
             output, recorded = hooks(self._inputs.array)
             hooks.check_reached()
         self.output = output
-        self.activations = Activations(recorded, self._model)
+        self.activations = Activations(recorded, self._model, hooks.splices)
         self._ran = True
         return self
 
@@ -389,6 +400,9 @@ class Hooks:
     Calling it runs one forward pass and returns ``(output, recorded)``, everything recorded
     evaluated (``evaluate=False`` leaves them lazy: needed inside ``mx.grad``). ``edit=False``
     runs that pass without the interventions.
+
+    ``saes``: splices (see :mod:`mlxterp_core.splice`) applied in every pass, after those
+    attached to the model with ``model.saes(...)``; ``edit=False`` runs without them too.
     """
 
     def __init__(
@@ -396,12 +410,16 @@ class Hooks:
         model: InterpretableModel,
         interventions: Mapping[str, Callable] | None = None,
         capture: list[str] | None = None,
+        saes: Any = None,
     ):
         self._model = model
         self._interventions = dict(interventions or {})
         self._capture_given = capture
+        attached = getattr(model, "_splices", [])
+        self.splices = Splices(model, [*attached, *splice_list(saes)]) if attached or saes else None
         self._capture, edits, self._asked = self._translate()
         names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (self._capture or [])
+        names = [n for n in names if not self._is_spliced(n)]
         self._probed, self._pattern_modules = _modules_to_probe(
             model.model, names, capture_all=self._capture is None
         )
@@ -443,6 +461,24 @@ class Hooks:
             mx.eval(output, list(recorder.recorded.values()))
         return output, recorder.recorded
 
+    def _is_spliced(self, name: str) -> bool:
+        """Whether a raw capture entry is a splice's sub-site (or a pattern over them)."""
+        if self.splices is None:
+            return False
+        if is_glob(name):
+            return any(fnmatch.fnmatchcase(n, name) for n in self.splices.by_name)
+        return name in self.splices.by_name
+
+    def _splice_sites(self, name: str) -> list[str] | None:
+        """The splice sub-sites a capture or intervention name means, or None if it means none."""
+        if self.splices is None:
+            return None
+        if is_glob(name):
+            found = [n for n in self.splices.by_name if fnmatch.fnmatchcase(n, dotted(name))]
+            return found or None
+        found = self.splices.name(name)
+        return None if found is None else [found]
+
     def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str]]:
         """Raw capture entries, raw edits, and raw entry -> the name the user gave."""
         asked: dict[str, str] = {}
@@ -450,12 +486,19 @@ class Hooks:
         if self._capture_given is not None:
             capture = []
             for name in self._capture_given:
-                sites = [name] if is_raw(name) else [r.site for r in self._resolve(name)]
+                sites = self._splice_sites(name)
+                if sites is None:
+                    sites = [name] if is_raw(name) else [r.site for r in self._resolve(name)]
                 for site in sites:
                     asked.setdefault(site, name)
                 capture += sites
-        edits = []
+        edits = [] if self.splices is None else self.splices.edits(Edit, lambda: self._recorder)
         for key, fn in self._interventions.items():
+            spliced = self._splice_sites(key)
+            if spliced is not None:
+                for site in spliced:
+                    edits.append(Edit(key, site, lambda x, s, seen, fn=fn, key=key: checked(fn, s, key)(x)))
+                continue
             if is_raw(key):
                 edits.append(Edit(key, key, lambda x, site, seen, fn=fn, key=key: checked(fn, site, key)(x)))
                 continue
@@ -472,6 +515,12 @@ class Hooks:
     def check_reached(self) -> None:
         """Fail on interventions that never ran in any pass."""
         recorder = self._recorder
+        for key in self.splices.keys() if self.splices is not None else ():
+            if key not in recorder.fired:
+                raise InterventionError(
+                    f"the splice {key.removesuffix(' (splice)')} never ran: its site was not reached "
+                    f"in this forward pass (module calls seen: {_calls_summary(recorder, key)})."
+                )
         for key in self._interventions:
             if key not in recorder.fired:
                 raise InterventionError(
