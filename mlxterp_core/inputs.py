@@ -9,6 +9,11 @@ batched matmuls); the activations at pad positions are meaningless. ``Trace.leng
 
 Tokenizers: mlx-lm's ``TokenizerWrapper``, a Hugging Face tokenizer, and a bare
 ``tokenizers.Tokenizer`` are all accepted.
+
+Token ids are checked before any kernel gathers with them: an id outside the model's embedding
+reads whatever memory lies past the table (a wrong answer, or a crash of the interpreter), so
+:func:`check_token_ids` rejects it with the id, its row and position. The vocabulary is the
+embedding's row count (:func:`embedding_vocab_size`), not the tokenizer's: the two can differ.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from typing import Any
 
 import attrs
 import mlx.core as mx
+import mlx.nn as nn
 
 from .errors import InputError
+
+_EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -74,33 +82,128 @@ class ModelInputs:
         return mx.arange(length)[None, :] < mx.array(self.lengths)[:, None]
 
 
-def prepare(inputs: Any, tokenizer: Any) -> ModelInputs:
-    """Accept a string, a list of strings, token ids, a list of id lists, or an mx.array."""
+def prepare(inputs: Any, tokenizer: Any, vocab_size: int | None = None) -> ModelInputs:
+    """Accept a string, a list of strings, token ids, a list of id lists, or an mx.array
+    (a NumPy array is taken as one).
+
+    ``vocab_size``: the model's embedding rows (:func:`embedding_vocab_size`). When given, the
+    inputs are token ids: integers, (T,) or (B, T), each in [0, vocab_size), else InputError.
+    Without it (a model with no token embedding) arrays are passed to the model as they are.
+    """
+    if _is_numpy(inputs):
+        inputs = mx.array(inputs)
     if isinstance(inputs, mx.array):
         if inputs.size == 0:
-            raise InputError("empty input array: the model needs at least one token / element.")
-        if inputs.ndim == 1 and mx.issubdtype(inputs.dtype, mx.integer):
+            raise InputError(f"empty input array of shape {tuple(inputs.shape)}: the model needs at least one token / element.")
+        if inputs.ndim == 1 and (vocab_size is not None or mx.issubdtype(inputs.dtype, mx.integer)):
             inputs = inputs[None]  # a single sequence of ids
+        if vocab_size is not None:
+            if inputs.ndim != 2:
+                raise InputError(
+                    f"token ids of shape {tuple(inputs.shape)}: pass (T,) ids of one prompt or a "
+                    "(B, T) batch."
+                )
+            check_token_ids(inputs, vocab_size)
         length = inputs.shape[1] if inputs.ndim > 1 else 1
         return ModelInputs(inputs, (length,) * inputs.shape[0])
     if isinstance(inputs, str):
-        return _pad([_encode_checked(tokenizer, inputs)], tokenizer)
+        return _pad([_encode_checked(tokenizer, inputs)], tokenizer, vocab_size)
     if isinstance(inputs, Sequence) and not inputs:
         raise InputError("empty input: pass at least one prompt or token id.")
     if isinstance(inputs, Sequence):
         if all(isinstance(x, str) for x in inputs):
-            return _pad([_encode_checked(tokenizer, text) for text in inputs], tokenizer)
-        if all(isinstance(x, int) for x in inputs):
-            return _pad([list(inputs)], tokenizer)
-        if all(isinstance(x, Sequence) and not isinstance(x, str) for x in inputs):
-            rows = [list(x) for x in inputs]
-            if any(not row for row in rows):
-                raise InputError("empty prompt in the batch: every row needs at least one token.")
-            return _pad(rows, tokenizer)
+            return _pad([_encode_checked(tokenizer, text) for text in inputs], tokenizer, vocab_size)
+        if all(_is_id(x) for x in inputs):
+            return _pad([list(inputs)], tokenizer, vocab_size)
+        if all(_is_row(x) for x in inputs):
+            rows = [x.tolist() if isinstance(x, mx.array) else list(x) for x in inputs]
+            empty = [b for b, row in enumerate(rows) if not row]
+            if empty:
+                raise InputError(f"empty prompt in the batch (row {empty[0]}): every row needs at least one token.")
+            return _pad(rows, tokenizer, vocab_size)
     raise InputError(
         f"cannot run on {type(inputs).__name__} {inputs!r:.80}: pass a string, a list of "
         "strings, a list of token ids, a list of id lists, or an mx.array."
     )
+
+
+def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
+    """Raise InputError unless ``ids`` (any shape) are integers in [0, vocab_size).
+
+    Costs one min and one max reduction, evaluated together; only a failing array is searched
+    for the first bad id, whose batch row and position (of a (B, T) array) the error names.
+    ``vocab_size=None`` (no token embedding) checks nothing.
+    """
+    if vocab_size is None:
+        return
+    if not mx.issubdtype(ids.dtype, mx.integer):
+        raise InputError(
+            f"token ids must be integers, got an array of {_dtype(ids)} with shape "
+            f"{tuple(ids.shape)}; convert with .astype(mx.int32) if the values are ids."
+        )
+    if ids.size == 0:
+        return
+    low, high = mx.min(ids), mx.max(ids)
+    mx.eval(low, high)
+    if low.item() >= 0 and high.item() < vocab_size:
+        return
+    bad = ((ids < 0) | (ids >= vocab_size)).flatten()
+    index = int(mx.argmax(bad).item())
+    where = [int(i) for i in _unravel(index, ids.shape)]
+    value = ids.flatten()[index].item()
+    at = f"batch row {where[0]}, position {where[1]}" if len(where) == 2 else f"index {tuple(where)}"
+    raise InputError(
+        f"token id {value} at {at} is outside the vocabulary: this model's embedding has "
+        f"{vocab_size} rows, so ids must be in [0, {vocab_size - 1}] (these ids run from "
+        f"{low.item()} to {high.item()}). Ids from another model's tokenizer do not fit this one."
+    )
+
+
+def embedding_vocab_size(module: nn.Module, paths: Sequence[str | None] = ()) -> int | None:
+    """Rows of ``module``'s token embedding, or None when it has none.
+
+    ``paths``: attribute paths to try first (an architecture schema's embedding and tied
+    unembedding); otherwise the largest ``nn.Embedding`` / ``nn.QuantizedEmbedding`` in the
+    module tree (a token table is larger than a position table).
+    """
+    from .architecture import read_attribute
+    from .probes import walk_modules
+
+    for path in paths:
+        if not path or ":" in path or "#" in path:
+            continue
+        try:
+            found = read_attribute(module, path)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(found, _EMBEDDINGS):
+            return int(found.weight.shape[0])
+    sizes = [int(m.weight.shape[0]) for _, m in walk_modules(module) if isinstance(m, _EMBEDDINGS)]
+    return max(sizes) if sizes else None
+
+
+def _unravel(index: int, shape: Sequence[int]) -> list[int]:
+    where = []
+    for size in reversed(shape):
+        index, rest = divmod(index, size)
+        where.append(rest)
+    return where[::-1]
+
+
+def _dtype(array: mx.array) -> str:
+    return str(array.dtype).removeprefix("mlx.core.")
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) or (type(x).__module__ == "numpy" and hasattr(x, "dtype") and x.ndim == 0 and x.dtype.kind in "iu")
+
+
+def _is_row(x: Any) -> bool:
+    return (isinstance(x, Sequence) and not isinstance(x, str)) or (isinstance(x, mx.array) and x.ndim == 1) or _is_numpy(x)
+
+
+def _is_numpy(x: Any) -> bool:
+    return type(x).__name__ == "ndarray" and type(x).__module__ == "numpy"
 
 
 def _encode_checked(tokenizer: Any, text: str) -> list[int]:
@@ -115,9 +218,21 @@ def _encode_checked(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def _pad(rows: list[list[int]], tokenizer: Any) -> ModelInputs:
+def _pad(rows: list[list[int]], tokenizer: Any, vocab_size: int | None = None) -> ModelInputs:
     lengths = tuple(len(row) for row in rows)
     width = max(lengths)
     fill = pad_id(tokenizer) if tokenizer is not None else 0
     padded = [row + [fill] * (width - len(row)) for row in rows]
-    return ModelInputs(mx.array(padded, dtype=mx.int32), lengths)
+    try:
+        # no dtype: MLX picks int64 for ids past int32, which the check then reports
+        array = mx.array(padded)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(
+            f"token ids must be integers that fit in 64 bits; could not read {rows!r:.80} "
+            f"({type(e).__name__}: {e})."
+        ) from None
+    if vocab_size is not None:
+        check_token_ids(array, vocab_size)
+    elif not mx.issubdtype(array.dtype, mx.integer):
+        raise InputError(f"token ids must be integers, got {_dtype(array)} values in {rows!r:.80}.")
+    return ModelInputs(array.astype(mx.int32), lengths)

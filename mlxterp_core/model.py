@@ -143,7 +143,22 @@ class InterpretableModel:
 
     def __call__(self, inputs: Any) -> Any:
         """A plain forward pass, no probes: the wrapped module's own output."""
-        return self.model(_inputs.prepare(inputs, self.tokenizer).array)
+        return self.model(self.prepare_inputs(inputs).array)
+
+    def prepare_inputs(self, inputs: Any) -> _inputs.ModelInputs:
+        """What the model runs on for ``inputs`` (text, ids, arrays), token ids checked
+        against the embedding: every path by which inputs enter the model goes through here."""
+        return _inputs.prepare(inputs, self.tokenizer, self.embedding_vocab_size)
+
+    @property
+    def embedding_vocab_size(self) -> int | None:
+        """Rows of the model's token embedding (valid ids are 0 .. rows - 1); None when the
+        model has no recognisable embedding (then ids are not checked)."""
+        if "_embedding_rows" not in self.__dict__:
+            schema = self.architecture.schema if self.architecture is not None else None
+            paths = (schema.embed, schema.unembed.tied_to) if schema is not None else ()
+            self.__dict__["_embedding_rows"] = _inputs.embedding_vocab_size(self.model, paths)
+        return self.__dict__["_embedding_rows"]
 
     @property
     def output(self) -> _OutputProxy:

@@ -35,7 +35,7 @@ import mlx.nn as nn
 
 from .attention import PATTERN_PORT, patterns_observed
 from .errors import InterventionError, TraceError, UnknownNameError, did_you_mean
-from .inputs import ModelInputs, prepare
+from .inputs import ModelInputs
 from .interventions import Intervention
 from .names import is_raw
 from .probes import probes_installed, walk_modules
@@ -313,7 +313,7 @@ class Trace:
         saes: Any = None,
     ):
         self._model = model
-        self._inputs: ModelInputs = prepare(inputs, model.tokenizer)
+        self._inputs: ModelInputs = model.prepare_inputs(inputs)
         self._interventions = dict(interventions or {})
         self._capture = [capture] if isinstance(capture, str) else capture
         self._saes = splice_list(saes)

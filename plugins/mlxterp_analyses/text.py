@@ -12,10 +12,11 @@ def ids_text(model, ids: list[int]) -> str:
 
 
 def token_ids(model, text) -> list[int]:
-    """A prompt as token ids: strings are encoded, id sequences taken as they are."""
+    """One prompt as token ids: a string is encoded, ids (a list, a 1-D array) are taken as they
+    are; either way checked against the model's embedding (``model.prepare_inputs``)."""
     from mlxterp_core.errors import InputError
 
-    ids = model.encode(text) if isinstance(text, str) else [int(t) for t in text]
-    if not ids:
-        raise InputError(f"empty prompt {text!r}: give at least one token.")
-    return ids
+    ids = model.prepare_inputs(text).array
+    if ids.shape[0] != 1:
+        raise InputError(f"expected one prompt (a string or a list of token ids), got {ids.shape[0]}: {text!r:.80}.")
+    return ids[0].tolist()
