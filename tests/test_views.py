@@ -37,6 +37,7 @@ def all_results(model):
         "dla": model.direct_logit_attribution(CLEAN, answers=(11, 12)),
         "decomposition": model.decompose_resid(CLEAN, layer=2),
         "attention": model.attention_patterns(text, layer=1),
+        "attention_layers": model.attention_patterns(text, layer="all"),
         "steering": model.steering_vector(["the cat"], ["the mat"], layer=1),
         "generation": model.generate(CLEAN, max_tokens=3),
     }
@@ -116,3 +117,112 @@ def test_exported_result_classes_display():
         obj = getattr(mlxterp_analyses, name)
         if inspect.isclass(obj):
             assert issubclass(obj, views.Display), name
+
+
+# ---------------------------------------------------------------- HTML: data and escaping
+
+HOSTILE = "</script><b>bold</b>"
+
+
+def embedded_data(page: str) -> list[dict]:
+    """The JSON payloads of every view in a page, parsed as a browser would split the page."""
+    from html.parser import HTMLParser
+
+    class Scripts(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.found = False, []
+
+        def handle_starttag(self, tag, attrs):
+            self.inside = tag == "script" and ("type", "application/json") in attrs
+
+        def handle_data(self, data):
+            if self.inside:
+                self.found.append(json.loads(data))
+
+        def handle_endtag(self, tag):
+            self.inside = False
+
+    parser = Scripts()
+    parser.feed(page)
+    return parser.found
+
+
+def test_codecs_round_trip_within_their_precision():
+    rng = np.random.default_rng(0)
+    unit = rng.random((3, 4, 5)).astype(np.float32)
+    assert np.abs(views.decode(views.encode_unit(unit)) - unit).max() <= 0.5 / 255 + 1e-7
+    values = rng.normal(size=(7, 9)).astype(np.float32) * 50
+    assert np.allclose(views.decode(views.encode_values(values)), values, rtol=1e-3, atol=1e-4)
+    ids = rng.integers(-1, 10**6, size=(2, 3, 4))
+    assert (views.decode(views.encode_ids(ids)) == ids).all()
+
+
+def test_text_never_becomes_markup(tmp_path):
+    tokens = ["a", HOSTILE, "&amp;", "\u2028"]
+    path = views.write_html(tmp_path / "t.html", views.token_heatmap_html(tokens, [1, 2, 3, 4], title=HOSTILE), title=HOSTILE)
+    page = path.read_text()
+    assert HOSTILE not in page and "<b>" not in page
+    (data,) = embedded_data(page)
+    assert data["texts"] == [tokens] and data["title"] == HOSTILE
+
+
+def test_attention_html_stores_one_byte_per_weight():
+    rng = np.random.default_rng(0)
+    tokens = [f"t{i}" for i in range(32)]
+
+    def size(layers: int) -> int:
+        weights = rng.random((layers, 4, 32, 32))
+        return len(views.attention_html(tokens, weights, list(range(layers)), [0, 1, 2, 3]))
+
+    per_layer = size(3) - size(2)
+    assert 4 * 32 * 32 <= per_layer <= 4 * 32 * 32 * 4 / 3 + 8  # base64 of uint8: 4/3 bytes each
+
+
+def test_views_reject_shapes_that_do_not_fit():
+    from mlxterp_core.errors import MlxterpError
+
+    with pytest.raises(MlxterpError, match="2 tokens"):
+        views.token_heatmap_html(["a", "b"], [1.0, 2.0, 3.0])
+    with pytest.raises(MlxterpError, match="labels"):
+        views.token_heatmap_html(["a", "b"], [[1.0, 2.0]] * 2, labels=["one"])
+    with pytest.raises(MlxterpError, match="finite"):
+        views.token_heatmap_html(["a"], [float("nan")])
+    with pytest.raises(MlxterpError, match="expected"):
+        views.attention_html(["a", "b"], np.zeros((1, 1, 3, 3)), [0], [0])
+
+
+def test_results_without_a_view_say_so(all_results, tmp_path):
+    from mlxterp_core.errors import MlxterpError
+
+    steering = all_results["steering"]
+    assert steering._repr_html_() is None  # Jupyter falls back to the repr
+    with pytest.raises(MlxterpError, match="no HTML view"):
+        steering.to_html(tmp_path / "s.html")
+
+
+def test_result_views_carry_their_data(all_results):
+    lens = all_results["lens"]
+    (data,) = embedded_data(views.document(lens._repr_html_()))
+    assert data["tokens"] == lens.tokens and data["layers"] == lens.layers
+    ids, probs = views.decode(data["ids"]), views.decode(data["probs"])
+    for li, layer in enumerate(lens.layers):
+        for t, cell in enumerate(lens[layer]):
+            assert [data["vocab"][i] for i in ids[li, t]] == [text for _, _, text in cell]
+            assert np.allclose(probs[li, t], [p for _, p, _ in cell], atol=0.5 / 255 + 1e-6)
+    patching = all_results["patching_positions"]
+    (data,) = embedded_data(views.document(patching._view()))
+    assert np.allclose(views.decode(data["values"]), patching.recovery, rtol=1e-3, atol=1e-3)
+    assert data["columns"] == patching.labels and data["rows"] == [f"L{i}" for i in patching.layers]
+    attribution = all_results["attribution"]
+    assert len(embedded_data(views.document(attribution._view()))) == len(attribution.keys())
+
+
+def test_attention_patterns_of_several_layers_come_from_one_pass(model):
+    text = "the cat sat on the mat"
+    stack = model.attention_patterns(text, layer=[1, 3], heads=[0, 2])
+    assert isinstance(stack, results.AttentionLayers) and list(stack) == [1, 3]
+    for layer in (1, 3):
+        alone = model.attention_patterns(text, layer=layer, heads=[0, 2])
+        assert stack[layer] == alone
+    assert len(model.attention_patterns(text, layer="all")) == model.architecture.n_layers

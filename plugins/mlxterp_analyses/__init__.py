@@ -15,6 +15,7 @@ from .heads import attention_patterns
 from .lens import get_token_predictions, logit_lens
 from .patching import activation_patching
 from .results import (
+    AttentionLayers,
     AttentionPatterns,
     AttributionResult,
     DLAResult,
@@ -44,6 +45,7 @@ def mlxterp_analyses():
 
 
 __all__ = [
+    "AttentionLayers",
     "AttentionPatterns",
     "DLAResult",
     "ResidComponents",

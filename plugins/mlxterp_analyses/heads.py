@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from .results import AttentionPatterns
+import mlx.core as mx
+
+from .results import AttentionLayers, AttentionPatterns
 from .text import ids_text, token_ids, token_text
 
 
-def attention_patterns(model, text, layer: int, heads: list[int] | None = None) -> AttentionPatterns:
-    """The attention probabilities of ``layer``'s heads (default all) on ``text``."""
+def attention_patterns(model, text, layer, heads: list[int] | None = None) -> AttentionPatterns | AttentionLayers:
+    """The attention probabilities of ``layer``'s heads (default all) on ``text``: an
+    AttentionPatterns for one layer; for a list of layers (or ``"all"``) an AttentionLayers,
+    from the same single forward pass."""
     arch = model.architecture_or_raise("attention patterns")
     ids = token_ids(model, text)
     heads = list(range(arch.n_heads)) if heads is None else [int(h) for h in heads]
-    name = f"layers.{layer}.attn.pattern"
-    pattern = model.run([ids], capture=[name]).activations[name][0]  # (H, T, T)
-    return AttentionPatterns(
-        text=ids_text(model, ids),
-        tokens=[token_text(model, t) for t in ids],
-        layer=layer,
-        heads=heads,
-        patterns=pattern[heads].tolist(),
-    )
+    several = isinstance(layer, (str, list, tuple, range))
+    layers = list(range(arch.n_layers)) if layer == "all" else [int(i) for i in layer] if several else [int(layer)]
+    names = [f"layers.{i}.attn.pattern" for i in layers]
+    acts = model.run([ids], capture=names).activations
+    patterns = mx.stack([acts[name][0][mx.array(heads)] for name in names])  # (L, H, T, T)
+    text, tokens = ids_text(model, ids), [token_text(model, t) for t in ids]
+    if several:
+        return AttentionLayers(text=text, tokens=tokens, layers=layers, heads=heads, patterns=patterns.tolist())
+    return AttentionPatterns(text=text, tokens=tokens, layer=layers[0], heads=heads, patterns=patterns[0].tolist())

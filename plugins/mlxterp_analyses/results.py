@@ -101,6 +101,12 @@ class LogitLensResult(Display, Serialisable, LayerMapping):
         return (f"{head}; at {self.tokens[-1]!r} layer {last} predicts {final_text!r} "
                 f"({percent(100 * final_p)}), top-1 since layer {first}")
 
+    def _view(self) -> str:
+        from .views import lens_html
+
+        return lens_html(self.tokens, self.layers, [self.predictions[layer] for layer in self.layers],
+                         title=f"Logit lens: {self.text}")
+
     def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
         from .plots import lens_heatmap
 
@@ -153,6 +159,21 @@ class PatchingResult(Display, Serialisable, LayerMapping):
         return (f"{self.component} by {self.axis}, {size}; {self.metric}: clean {self.clean_metric:.3g} "
                 f"({self.clean_answer!r}), corrupted {self.corrupted_metric:.3g} ({self.corrupted_answer!r}); "
                 f"top recovery: {top}")
+
+    def _view(self) -> str:
+        from .views import heatmap_html
+
+        subtitle = (f"clean {self.clean_text!r} ({self.clean_answer!r}, {self.metric} {self.clean_metric:.3g}); "
+                    f"corrupted {self.corrupted_text!r} ({self.corrupted_answer!r}, {self.corrupted_metric:.3g})")
+        title = f"Activation patching of {self.component}: recovery (%)"
+        bound = max([100.0] + [abs(v) for row in self.recovery for v in row])  # as .plot() colours it
+        if self.axis == "layer":  # one row of layers
+            return heatmap_html([self.component], [f"L{layer}" for layer in self.layers], [[row[0] for row in self.recovery]],
+                                title=title, subtitle=subtitle, unit="%", row_name="component", column_name="layer",
+                                scale=bound)
+        return heatmap_html([f"L{layer}" for layer in self.layers], self.labels, self.recovery, title=title,
+                            subtitle=subtitle, unit="%", row_name="layer", column_name=self.axis, flip=True, scale=bound,
+                            quote_columns=self.axis == "position")
 
     def plot(self, path: str | Path | None = None, figsize=(12, 7)):
         from .plots import patching_plot
@@ -208,6 +229,9 @@ class AttributionResult(Display, Serialisable):
         return (f"{len(self.estimates)} components, {len(self.layers)} layers x {len(self.positions)} positions "
                 f"/ {len(self.heads)} heads; {self.metric}: clean {self.clean_metric:.3g}, corrupted "
                 f"{self.corrupted_metric:.3g}; top: {', '.join(tops)}")
+
+    def _view(self) -> str:
+        return "".join(self[component]._view() for component in self.estimates)
 
     def plot(self, component: str = "resid", path: str | Path | None = None, figsize=(12, 7)):
         return self[component].plot(path, figsize)
@@ -334,10 +358,48 @@ class AttentionPatterns(Display, Serialisable):
         return (f"{head}; strongest link past the first token: head {self.heads[k]} "
                 f"{self.tokens[query]!r} -> {self.tokens[key]!r} {weight:.2f}")
 
+    def _view(self) -> str:
+        from .views import attention_html
+
+        return attention_html(self.tokens, [self.patterns], [self.layer], self.heads, title=f"Attention: {self.text}")
+
     def plot(self, path: str | Path | None = None, columns: int = 3, cell: float = 4.0):
         from .plots import attention_plot
 
         return attention_plot(self, path, columns, cell)
+
+
+@attrs.frozen(repr=False)
+class AttentionLayers(Display, Serialisable, LayerMapping):
+    """Attention probabilities of several layers: ``result[layer]`` is that layer's
+    AttentionPatterns; ``patterns`` is (layers, heads, T, T). ``to_html`` lets one pick the
+    layer and the head."""
+
+    text: str
+    tokens: list[str]
+    layers: list[int]
+    heads: list[int]
+    patterns: list[list[list[list[float]]]]
+
+    def __getitem__(self, layer: int) -> AttentionPatterns:
+        return AttentionPatterns(self.text, self.tokens, layer, self.heads, self.patterns[self.layers.index(layer)])
+
+    def _summary(self) -> str:
+        head = f"{len(self.layers)} layers x {len(self.heads)} heads x {len(self.tokens)} tokens, {short(self.text)}"
+        links = [(link, layer) for layer, p in zip(self.layers, self.patterns) if (link := strongest_link(p))]
+        if not links:
+            return head
+        (k, query, key, weight), layer = max(links, key=lambda item: item[0][3])
+        return (f"{head}; strongest link past the first token: L{layer}H{self.heads[k]} "
+                f"{self.tokens[query]!r} -> {self.tokens[key]!r} {weight:.2f}")
+
+    def _view(self) -> str:
+        from .views import attention_html
+
+        return attention_html(self.tokens, self.patterns, self.layers, self.heads, title=f"Attention: {self.text}")
+
+    def plot(self, layer: int, path: str | Path | None = None, columns: int = 3, cell: float = 4.0):
+        return self[layer].plot(path, columns, cell)
 
 
 @attrs.frozen(repr=False)

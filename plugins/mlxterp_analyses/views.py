@@ -281,9 +281,14 @@ def heatmap_html(
     unit: str = "",
     row_name: str = "row",
     column_name: str = "column",
+    flip: bool = False,
+    scale: float | None = None,
+    quote_columns: bool = False,
 ) -> str:
     """A labelled (rows, columns) heatmap, diverging around 0, hover for the value: patching
-    recovery, head scores, per-layer metrics."""
+    recovery, head scores, per-layer metrics. ``flip`` draws the first row at the bottom (layer
+    0 below, as the residual stream flows upwards); ``scale`` is the |value| of full colour
+    (default: the largest |value|); ``quote_columns`` shows column labels quoted (tokens)."""
     array = np.asarray(values, dtype=np.float32)
     if array.shape != (len(rows), len(columns)):
         from mlxterp_core.errors import InputError
@@ -299,5 +304,7 @@ def heatmap_html(
         "row_name": row_name,
         "column_name": column_name,
         "values": encode_values(np.nan_to_num(array)),
-        "scale": float(np.abs(finite).max()) if finite.size else 0.0,
+        "scale": float(scale) if scale is not None else float(np.abs(finite).max()) if finite.size else 0.0,
+        "flip": bool(flip),
+        "quote_columns": bool(quote_columns),
     })
