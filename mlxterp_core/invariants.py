@@ -17,7 +17,11 @@ runs the cheap ones on 3 tokens when it wraps a model):
   attention computes what the fused kernel computes;
 - ``edit``: an intervention on a standard name changes exactly that tensor, and the same as on
   its raw name where it has one;
-- ``padding``: a right-padded batch equals separate runs at real positions.
+- ``padding``: a right-padded batch equals separate runs at real positions;
+- ``snapshot``: every site a capture-everything trace records is the value an independent probe
+  copied when that module was called and returned (model code that edits an array in place,
+  ``h += pos`` or ``h *= scale``, must not change a record), and every embedding module's output
+  is its lookup of the ids it was given.
 
 Each check returns a :class:`Check`; ``field`` names the schema field to look at on failure.
 """
@@ -29,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
 from .architecture import read_attribute
 from .attention import explicit_attention
@@ -122,6 +128,7 @@ def check_all(model: InterpretableModel, ids: list[int], layers: Iterable[int] |
     if thorough:
         checks.append(_edits(model, inputs, layers))
         checks.append(_padding(model, ids))
+        checks.append(check_snapshots(model, ids))
     return checks
 
 
@@ -306,3 +313,88 @@ def _padding(model, ids: list[int]) -> Check:
     errors = [relative_error(a, b) for a, b in pairs]
     tol = max(tolerance(pairs[0][1].dtype), 1e-4)
     return Check("padding", max(errors) <= tol, f"worst relative error {max(errors):.2e}")
+
+
+def check_snapshots(model: InterpretableModel, ids: list[int]) -> Check:
+    """A capture-everything trace records, at every site, the value an independent probe copied
+    to NumPy when that module was called (``:input``) and when it returned; and the output of
+    every embedding module is its lookup of the ids it was given, computed afresh."""
+    inputs = mx.array([ids])
+    truth = copies_at_return(model.model, inputs)
+    recorded = dict(model.run(inputs).activations)
+    problems = []
+    if set(truth) != set(recorded):
+        extra, missing = sorted(set(recorded) - set(truth)), sorted(set(truth) - set(recorded))
+        problems.append(f"sites differ: recorded but never seen {extra[:3]}, seen but not recorded {missing[:3]}")
+    for site in truth.keys() & recorded.keys():
+        if not _same_value(recorded[site], truth[site]):
+            problems.append(f"{site} is not what the module returned then ({_difference(recorded[site], truth[site])})")
+    from .trace import INPUT_PORT, locate_module  # the trace imports nothing from here
+
+    lookups = 0
+    for site, value in recorded.items():
+        module = locate_module(model.model, site) if "#" not in site and ":" not in site else None
+        if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)) and site + INPUT_PORT in recorded:
+            lookups += 1
+            lookup = module(recorded[site + INPUT_PORT])
+            if not mx.array_equal(value, lookup).item():
+                problems.append(f"{site} is not the embedding lookup ({_difference(value, np.array(lookup.astype(mx.float32)))})")
+    detail = "; ".join(problems[:3]) or f"{len(recorded)} sites, {lookups} embedding lookups"
+    return Check("snapshot", not problems, detail, "")
+
+
+def copies_at_return(root: nn.Module, inputs: mx.array) -> dict[str, np.ndarray]:
+    """Run ``root(inputs)`` once with a probe of its own (not the trace's) on every module, which
+    copies each module's first positional array argument before the call and its output (the
+    first element of a tuple) after it to NumPy (float32): site name -> copy, named as a trace
+    names sites (``model.<path>``, ``#k`` for the k-th call, ``:input``, ``__model_output__``)."""
+    from .probes import walk_modules
+    from .trace import INPUT_PORT, MODEL_OUTPUT
+
+    copies: dict[str, np.ndarray] = {}
+    calls: dict[str, int] = {}
+    classes: dict[type, type] = {}
+
+    def copy(x: mx.array) -> np.ndarray:
+        return np.array(x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x)
+
+    def copying_class(cls: type) -> type:
+        def __call__(self, *args, **kwargs):
+            path = self.__dict__["_copies_at_return_path"]
+            k = calls[path] = calls.get(path, -1) + 1
+            site = path if k == 0 else f"{path}#{k}"
+            if args and isinstance(args[0], mx.array):
+                copies[site + INPUT_PORT] = copy(args[0])
+            out = cls.__call__(self, *args, **kwargs)
+            first = out[0] if isinstance(out, tuple) and out else out
+            if isinstance(first, mx.array):
+                copies[site] = copy(first)
+            return out
+
+        return classes.setdefault(cls, type(cls.__name__, (cls,), {"__call__": __call__}))
+
+    swapped = walk_modules(root)[1:]
+    try:
+        for path, module in swapped:
+            module.__dict__["_copies_at_return_path"] = path
+            object.__setattr__(module, "__class__", copying_class(type(module)))
+        output = root(inputs)
+    finally:
+        for _, module in swapped:
+            object.__setattr__(module, "__class__", type(module).__mro__[1])
+            module.__dict__.pop("_copies_at_return_path", None)
+    if isinstance(output, mx.array):
+        copies[MODEL_OUTPUT] = copy(output)
+    return copies
+
+
+def _same_value(recorded: mx.array, copied: np.ndarray) -> bool:
+    mine = np.array(recorded.astype(mx.float32) if mx.issubdtype(recorded.dtype, mx.floating) else recorded)
+    return mine.shape == copied.shape and np.array_equal(mine, copied, equal_nan=mine.dtype.kind == "f")
+
+
+def _difference(recorded: mx.array, copied: np.ndarray) -> str:
+    mine = np.array(recorded.astype(mx.float32))
+    if mine.shape != copied.shape:
+        return f"shape {mine.shape}, copied {copied.shape}"
+    return f"max abs difference {np.abs(mine - copied).max():.3g}"

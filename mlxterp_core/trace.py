@@ -17,8 +17,9 @@ standard names (``layers[5].attn.q``, see :mod:`mlxterp_core.names`) work wherev
 do: in ``capture=``, in ``interventions=`` and in ``trace.activations[...]``.
 
 Activations are recorded after the intervention at that site has run, i.e. they are what
-flowed on through the model. Everything recorded is evaluated together, once, at the end of
-the forward pass.
+flowed on through the model, as they were at that moment: model code that later updates the
+array in place (``h += pos``, ``h *= scale``) does not change the record. Everything recorded
+is evaluated together, once, at the end of the forward pass.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 
 MODEL_OUTPUT = "__model_output__"
 INPUT_PORT = ":input"
+# A record is a new handle on the recorded array: the same buffer and graph node (no copy, no
+# evaluation, mx.grad flows through it). MLX's in-place operators (``x += y``, ``x *= s``)
+# overwrite the descriptor of the one handle they are applied to, so the model's later edits
+# of the array it holds cannot reach the record.
+snapshot = mx.array.__copy__
 _SITE_GRAMMAR = re.compile(r"^(?P<path>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<port>input|pattern))?$")
 
 
@@ -211,12 +217,12 @@ class _RecordingProbe(_Probe):
         site = path if k == 0 else f"{path}#{k}"
         recorded = recorder.recorded
         if args and isinstance(args[0], mx.array):
-            recorded[site + INPUT_PORT] = args[0]
+            recorded[site + INPUT_PORT] = snapshot(args[0])
         out = call(module, *args, **kwargs)
         if isinstance(out, mx.array):
-            recorded[site] = out
+            recorded[site] = snapshot(out)
         elif isinstance(out, tuple) and out and isinstance(out[0], mx.array):
-            recorded[site] = out[0]
+            recorded[site] = snapshot(out[0])
         return out
 
 
@@ -256,12 +262,12 @@ class Recorder:
                     x = edit.apply(x, site, self.seen)
                     self.fired.add(edit.key)
         if self.keep and site in self.keep:
-            self.seen[site] = x
+            self.seen[site] = snapshot(x)
         if self.capture is None:
             if not site.endswith(PATTERN_PORT):
-                self.recorded[site] = x
+                self.recorded[site] = snapshot(x)
         elif site in self.capture:
-            self.recorded[site] = x
+            self.recorded[site] = snapshot(x)
         return x
 
 
