@@ -326,9 +326,10 @@ def check_snapshots(model: InterpretableModel, ids: list[int]) -> Check:
     if set(truth) != set(recorded):
         extra, missing = sorted(set(recorded) - set(truth)), sorted(set(truth) - set(recorded))
         problems.append(f"sites differ: recorded but never seen {extra[:3]}, seen but not recorded {missing[:3]}")
-    for site in truth.keys() & recorded.keys():
-        if not _same_value(recorded[site], truth[site]):
-            problems.append(f"{site} is not what the module returned then ({_difference(recorded[site], truth[site])})")
+    for site in recorded:  # in call order, so the first problem named is the earliest
+        if site in truth and not _same_value(recorded[site], truth[site]):
+            when = "was called with" if site.endswith(":input") else "returned"
+            problems.append(f"{site} is not what the module {when} ({_difference(recorded[site], truth[site])})")
     from .trace import INPUT_PORT, locate_module  # the trace imports nothing from here
 
     lookups = 0
@@ -339,7 +340,7 @@ def check_snapshots(model: InterpretableModel, ids: list[int]) -> Check:
             lookup = module(recorded[site + INPUT_PORT])
             if not mx.array_equal(value, lookup).item():
                 problems.append(f"{site} is not the embedding lookup ({_difference(value, np.array(lookup.astype(mx.float32)))})")
-    detail = "; ".join(problems[:3]) or f"{len(recorded)} sites, {lookups} embedding lookups"
+    detail = f"{len(problems)} problems: " + "; ".join(problems[:3]) if problems else f"{len(recorded)} sites, {lookups} embedding lookups"
     return Check("snapshot", not problems, detail, "")
 
 

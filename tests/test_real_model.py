@@ -8,7 +8,7 @@ import pytest
 from helpers import bitwise_equal
 
 import mlxterp
-from mlxterp_core.invariants import check_all, relative_error
+from mlxterp_core.invariants import check_all, check_snapshots, relative_error
 
 PROMPT = "The capital of France is"
 # A fixed English paragraph for perplexity (plain prose, no names the model must know).
@@ -104,6 +104,13 @@ def test_every_invariant_holds_on_the_real_model(smollm):
     ids = smollm.encode(PROMPT)
     failed = [c for c in check_all(smollm, ids, layers=[0, 1, 14, 28, 29], thorough=False) if c.passed is False]
     assert not failed, failed
+
+
+@pytest.mark.parametrize("which", ["dequantized", "quantized"])
+def test_every_recorded_site_is_a_snapshot_on_the_real_model(request, which):
+    model = request.getfixturevalue("smollm" if which == "dequantized" else "smollm_quantized")
+    check = check_snapshots(model, model.encode(PROMPT))
+    assert check.passed, check.detail
 
 
 def test_quantized_model_is_recognised(smollm_quantized):
