@@ -7,6 +7,7 @@ The public API. Everything here is re-exported from ``mlxterp_core``, which impl
 
 from mlxterp_core import interventions
 from mlxterp_core.architecture import Architecture
+from mlxterp_core.dataset import ActivationDataset, DatasetError
 from mlxterp_core.corpus import Windows, default_corpus, read_documents, token_windows
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.plugins import load_plugins, register as register_plugin
@@ -53,4 +54,6 @@ __all__ = [
     "Windows",
     "SAE",
     "load_sae",
+    "ActivationDataset",
+    "DatasetError",
 ]

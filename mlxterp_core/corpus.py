@@ -116,7 +116,7 @@ def default_corpus(min_chars: int = 40) -> list[str]:
     """An offline corpus of real English: the paragraphs of the Python language reference
     topics that ship with every CPython (``pydoc_data.topics``), in sorted topic order.
 
-    About 3,000 documents (~120K tokens for SmolLM2); the text varies with the Python
+    About 2,000 documents (~108K tokens for SmolLM2); the text varies with the Python
     version, so a dataset's manifest records the token stream's hash, not the corpus name.
     """
     from pydoc_data.topics import topics

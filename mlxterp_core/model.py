@@ -160,6 +160,15 @@ class InterpretableModel:
             self.__dict__["_embedding_rows"] = _inputs.embedding_vocab_size(self.model, paths)
         return self.__dict__["_embedding_rows"]
 
+    def cache_activations(self, corpus: Any, sites: str | list[str], out: str | Path, **options: Any):
+        """Run a corpus through the model and write the activations at ``sites`` to the
+        folder ``out``; returns the :class:`~mlxterp_core.dataset.ActivationDataset`.
+        Resumable, distributed under ``mlx.launch``; options and details:
+        :func:`mlxterp_core.caching.cache_activations`."""
+        from .caching import cache_activations
+
+        return cache_activations(self, corpus, sites, out, **options)
+
     @property
     def output(self) -> _OutputProxy:
         """Inside a trace block, ``model.output.save()`` returns the model's output."""

@@ -1,0 +1,649 @@
+"""``model.cache_activations``: run a corpus through the model and write an activation dataset.
+
+The pipeline::
+
+    corpus -> token windows (corpus.py) -> batched traces capturing the sites, stopped after the
+    last layer needed -> rows of real tokens -> background writer -> shards + manifest (dataset.py)
+
+Work is planned before anything runs: the windows are counted (tokenizing the corpus once), cut
+into batches, and consecutive batches into shards; the plan depends only on the corpus and the
+settings. A rank of an ``mlx.launch`` job (see :mod:`mlxterp_core.distributed`) owns shards
+``k`` with ``k % size == rank``, so no activation crosses between processes and any number of
+processes writes the same files. A shard is the unit of work and of loss: it is written to a
+temporary file, synced, checksummed, renamed into place, then recorded in the rank's journal; a
+rerun skips shards whose file matches its journal checksum and re-makes the rest. Rank 0 writes
+``manifest.json`` last, after a collective check that every rank finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from . import distributed
+from .corpus import DEFAULT_BATCH_SIZE, Windows, read_documents, token_windows
+from .dataset import (
+    FORMAT,
+    MANIFEST,
+    ROW_FIELDS,
+    SETTINGS,
+    VERSION,
+    ActivationDataset,
+    DatasetError,
+    ShardFile,
+    dtype_code,
+    sha256_file,
+    write_json_atomic,
+)
+from .errors import MlxterpError
+from .inputs import pad_id
+
+SHARD_BYTES = 256 << 20  # default shard size: bounds the RAM per shard and the work lost per crash
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# standard names whose tensors are not one row per token
+_NOT_ROWS = {"attn.q_heads", "attn.k_heads", "attn.v_heads", "attn.z_heads", "attn.q_rot", "attn.k_rot", "attn.pattern"}
+_RAW_LAYER = re.compile(r"\.layers\.(\d+)(?=$|[.#:])")
+_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+\.safetensors)(\.tmp)?$")
+
+
+@attrs.frozen
+class Site:
+    """One cached tensor: its stored name, the raw site it is read from, one row's shape."""
+
+    name: str
+    raw: str
+    read: Callable[[mx.array], mx.array] | None
+    shape: tuple[int, ...]
+    dtype: mx.Dtype
+    layer: int | None  # block it is computed in (-1: before layer 0); None: after the blocks or unknown
+
+
+class _StopForward(BaseException):
+    """Raised at the input of the first block no site needs: the rest of the forward is not built."""
+
+
+def _stop(x: mx.array) -> mx.array:
+    raise _StopForward
+
+
+def cache_activations(
+    model: Any,
+    corpus: str | Path | Iterable[str],
+    sites: str | list[str],
+    out: str | Path,
+    *,
+    context_size: int = 128,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str | mx.Dtype | None = None,
+    overwrite: bool = False,
+    packing: bool = True,
+    prepend_bos: bool = True,
+    max_tokens: int | None = None,
+    shard_tokens: int | None = None,
+    progress: bool | None = None,
+    group: Any = None,
+) -> ActivationDataset | None:
+    """Run ``corpus`` through the model and write the activations at ``sites`` to ``out``.
+
+    Args:
+        model: an InterpretableModel with a tokenizer.
+        corpus: a text file (one document per line), a .jsonl file with a "text" field, a
+            folder of .txt files, or an iterable of strings (see mlxterp_core.corpus).
+        sites: standard names ('layers[6]', 'layers[*].output', 'layers[3].mlp.act'), raw names
+            ('model.model.layers.6.mlp') or raw globs; each matched site becomes one (rows, d)
+            tensor. Per-head (B, H, T, D) views and attention patterns are not per-token rows.
+        out: the dataset folder (created; an unfinished cache there is resumed).
+        context_size: tokens per window.
+        batch_size: windows per forward pass.
+        dtype: stored dtype, 'float32', 'float16' or 'bfloat16'; None keeps each site's own.
+        overwrite: delete an existing dataset in ``out`` and start afresh.
+        packing: pack documents into full windows (True) or one document per window (False).
+        prepend_bos: start every document with the tokenizer's BOS token.
+        max_tokens: cache at most this many tokens (a prefix of the corpus).
+        shard_tokens: about how many tokens per shard (default: shards of ~256 MiB).
+        progress: show a tqdm bar (default: when stderr is a terminal).
+        group: an ``mx.distributed`` group (default: ``mx.distributed.init()``, a singleton
+            unless started by ``mlx.launch``).
+
+    Returns:
+        The :class:`ActivationDataset` (None on a rank that cannot see rank 0's folder).
+    """
+    started = time.perf_counter()
+    group = distributed.world(group)
+    rank, size = group.rank(), group.size()
+    out = Path(out).expanduser()
+    names = [sites] if isinstance(sites, str) else list(sites)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise DatasetError(f"sites must be a site name or a non-empty list of names, got {sites!r}.")
+    stored = _stored_dtype(dtype)
+    if not isinstance(corpus, (str, Path)) and not isinstance(corpus, (list, tuple)):
+        corpus = list(read_documents(corpus))  # read twice below: keep a one-shot iterator's documents
+    windows = dict(context_size=context_size, batch_size=batch_size, packing=packing,
+                   prepend_bos=prepend_bos, max_tokens=max_tokens)
+
+    plan_rows, corpus_id = _plan(model, corpus, windows)
+    first = next(token_windows(model, corpus, **windows))
+    site_list = resolve_sites(model, names, mx.array(first.tokens[:1, : min(5, int(first.lengths[0]))]), stored)
+    stop = _stop_site(model, site_list)
+    bytes_per_token = sum(int(np.prod(s.shape)) * s.dtype.size for s in site_list) + 21
+    if shard_tokens is None:
+        shard_tokens = max(1, SHARD_BYTES // bytes_per_token)
+    shard_batches = max(1, round(shard_tokens / (batch_size * context_size)))
+    shards = _shards(plan_rows, shard_batches)
+
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_identity(model),
+        "tokenizer": tokenizer_identity(model.tokenizer),
+        "sites": [{"name": s.name, "raw": s.raw, "shape": list(s.shape), "dtype": _dtype_name(s.dtype)} for s in site_list],
+        "context_size": context_size,
+        "batch_size": batch_size,
+        "packing": packing,
+        "prepend_bos": prepend_bos,
+        "max_tokens": max_tokens,
+        "shard_batches": shard_batches,
+        "corpus": corpus_id,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    if not distributed.same_everywhere(bytes.fromhex(fingerprint), group):
+        raise distributed.DistributedError(
+            "the ranks of this job disagree about the cache (model, corpus or settings differ "
+            "between processes); give every rank the same command and files."
+        )
+
+    ok, error = True, None
+    if rank == 0:
+        try:
+            _prepare_folder(out, settings, fingerprint, overwrite)
+        except MlxterpError as e:
+            ok, error = False, e
+    try:
+        distributed.all_ok(ok, group, f"preparing {out}")
+    except distributed.DistributedError:
+        raise error or distributed.DistributedError(f"rank 0 could not prepare {out}; see its error.") from None
+    if rank != 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / SETTINGS).is_file():
+            _check_settings(out, json.loads((out / SETTINGS).read_text()), settings)
+
+    mine = [k for k in range(len(shards)) if k % size == rank]
+    done = _verified(out, fingerprint, mine)
+    ok, error = True, None
+    written: dict[int, dict] = {}
+    try:
+        written = _run(model, corpus, windows, site_list, stop, shards, mine, done, out, fingerprint,
+                       rank, size, progress)
+    except (MlxterpError, OSError) as e:
+        ok, error = False, e
+    except BaseException:
+        raise  # KeyboardInterrupt etc.: the finished shards are kept; rerun to resume
+    entries = {**done, **written}
+    try:
+        distributed.all_ok(ok, group, "caching activations")
+    except distributed.DistributedError:
+        if isinstance(error, OSError):
+            raise DatasetError(
+                f"writing to {out} failed: {error}. Finished shards are kept: free space (or fix "
+                "the folder) and rerun the same command to resume."
+            ) from error
+        raise error or distributed.DistributedError("another rank failed while caching; rerun to resume.") from None
+
+    # every rank's journal entries reach rank 0, shared filesystem or not
+    everything = distributed.gather_bytes(json.dumps(list(entries.values())).encode(), group)
+    ok, error = True, None
+    if rank == 0:
+        try:
+            merged = {e["shard"]: e for blob in everything for e in json.loads(blob)}
+            _write_manifest(out, settings, fingerprint, shards, merged, time.perf_counter() - started)
+        except (MlxterpError, OSError) as e:
+            ok, error = False, e
+    try:
+        distributed.all_ok(ok, group, "writing the manifest")
+    except distributed.DistributedError:
+        raise error or distributed.DistributedError("rank 0 could not write the manifest; rerun to resume.") from None
+    return ActivationDataset(out) if (out / MANIFEST).is_file() else None
+
+
+def _stored_dtype(dtype: Any) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("mlx.core.") in DTYPES:
+        return DTYPES[dtype.removeprefix("mlx.core.")]
+    raise DatasetError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or None: each site's own dtype).")
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _plan(model, corpus, windows) -> tuple[list[int], dict]:
+    """Real tokens per batch, and the identity of the token stream (count and sha256)."""
+    digest = hashlib.sha256()
+    rows, documents = [], -1
+    for batch in token_windows(model, corpus, **windows):
+        mask = batch.mask
+        for field in (batch.tokens, batch.document, batch.position):
+            digest.update(np.ascontiguousarray(field[mask]).tobytes())
+        rows.append(batch.n_tokens)
+        documents = max(documents, int(batch.document.max()))
+    if not rows:
+        raise DatasetError("the corpus gives no tokens; pass some text.")
+    return rows, {"tokens": int(sum(rows)), "documents": documents + 1, "sha256": digest.hexdigest()}
+
+
+def _shards(rows: list[int], shard_batches: int) -> list[dict]:
+    shards, token = [], 0
+    for k, first in enumerate(range(0, len(rows), shard_batches)):
+        last = min(first + shard_batches, len(rows))
+        n = int(sum(rows[first:last]))
+        shards.append({"shard": k, "file": f"shard-{k:06d}.safetensors", "batches": [first, last], "rows": n, "tokens": [token, token + n]})
+        token += n
+    return shards
+
+
+def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | None) -> list[Site]:
+    """The tensors ``names`` mean, in order, each checked on a short ``probe`` forward pass."""
+    from .names import is_raw, parse
+    from .trace import Hooks, _matches, canonical_site, is_glob
+
+    asked: list[tuple[str, Any]] = []
+    capture: list[str] = []
+    for name in names:
+        if is_raw(name):
+            asked.append((name, None))
+            capture.append(name)
+            continue
+        for resolved in model.architecture_or_raise(name).resolve(name):
+            if parse(resolved.name).sub in _NOT_ROWS:
+                raise DatasetError(
+                    f"{name!r} ({resolved.name}) is not one row per token, so it cannot be cached as "
+                    "(rows, d); cache the (B, T, H*D) name instead (e.g. 'layers[i].attn.q' or '.attn.z')."
+                )
+            asked.append((name, resolved))
+            capture.append(resolved.site)
+    with Hooks(model, capture=capture) as hooks:
+        _, recorded = hooks(probe)
+    length = probe.shape[1]
+    found: dict[str, Site] = {}
+    for name, resolved in asked:
+        if resolved is not None:
+            layer = parse(resolved.name).layer
+            layer = -1 if resolved.name == "embed" else layer
+            candidates = [(resolved.name, resolved.site, resolved.read if resolved.view else None, layer)]
+        else:
+            keys = [k for k in recorded if _matches(k, name)] if is_glob(name) else [canonical_site(name)]
+            candidates = [(k, k, None, _raw_layer(k)) for k in keys]
+        for stored, raw, read, layer in candidates:
+            value = read(recorded[raw]) if read else recorded[raw]
+            if not isinstance(value, mx.array) or value.ndim < 2 or tuple(value.shape[:2]) != (1, length):
+                shape = tuple(value.shape) if isinstance(value, mx.array) else type(value).__name__
+                raise DatasetError(
+                    f"site {stored!r} (from {name!r}) has shape {shape} for 1 x {length} tokens: not one "
+                    "row per token, so it cannot be cached as (rows, d)."
+                )
+            width = int(np.prod(value.shape[2:], dtype=np.int64))
+            if not mx.issubdtype(value.dtype, mx.floating):
+                raise DatasetError(f"site {stored!r} holds {value.dtype} values, not activations.")
+            found.setdefault(stored, Site(stored, raw, read, (width,), dtype or value.dtype, layer))
+    return list(found.values())
+
+
+def _raw_layer(raw: str) -> int | None:
+    match = _RAW_LAYER.search(raw)
+    return int(match.group(1)) if match else None
+
+
+def _stop_site(model, site_list: list[Site]) -> str | None:
+    """The raw input port of the first block after every site, or None (run everything)."""
+    arch = model.architecture
+    if arch is None or any(s.layer is None for s in site_list):
+        return None
+    last = max(s.layer for s in site_list) + 1
+    if last >= arch.n_layers:
+        return None
+    return arch.resolve(f"layers.{last}.input")[0].site
+
+
+def _recorded(hooks, ids: mx.array) -> dict[str, mx.array]:
+    try:
+        _, recorded = hooks(ids, evaluate=False)
+    except _StopForward:
+        recorded = hooks._recorder.recorded
+    return recorded
+
+
+def model_identity(model) -> dict[str, Any]:
+    """What identifies the model's activations: class, family, weights and their sha256."""
+    from .architecture import model_type
+
+    report = model.load_report or {}
+    arch = model.architecture
+    source = report.get("file") or report.get("directory") or report.get("repo")
+    return {
+        "class": type(model.model).__name__,
+        "model_type": model_type(model.model),
+        "family": arch.family if arch else None,
+        "n_layers": arch.n_layers if arch else None,
+        "weights": report.get("weights", "as given"),
+        "weights_sha256": _weights_sha256(model, source),
+    }
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _weights_sha256(model, source: str | None) -> str:
+    """sha256 of the weights file (or of a directory's .safetensors / .gguf files, in name
+    order), else of the parameters as they are in memory."""
+    path = Path(source) if source else None
+    if path is not None and path.exists():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf")) if path.is_dir() else [path]
+        key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        if key not in _HASHES:
+            _HASHES[key] = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest() if len(files) > 1 else sha256_file(files[0])
+        return _HASHES[key]
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.sha256()
+    for name, value in tree_flatten(model.model.parameters()):
+        digest.update(name.encode())
+        digest.update(str(value.dtype).encode())
+        mx.eval(value)
+        digest.update(memoryview(value.view(mx.uint8) if value.dtype == mx.bfloat16 else value).cast("B"))
+    return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """The tokenizer's class, special ids, and the sha256 of its serialised form where it has one."""
+    from .inputs import vocab_size
+
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    backend = getattr(inner, "backend_tokenizer", inner)
+    serial = backend.to_str() if hasattr(backend, "to_str") else None
+    return {
+        "class": type(inner).__name__,
+        "vocab_size": vocab_size(tokenizer),
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+        "pad_id": pad_id(tokenizer),
+        "sha256": hashlib.sha256(serial.encode()).hexdigest() if serial else None,
+    }
+
+
+# -- the folder ------------------------------------------------------------------------------
+
+
+def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
+    """Rank 0: make sure ``out`` is empty, or holds this very cache (to resume), or is cleared."""
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file; cache_activations needs a folder (a new or empty one).")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list(out.iterdir())
+    ours = [p for p in entries if _OURS.match(p.name)]
+    foreign = [p for p in entries if not _OURS.match(p.name)]
+    existing = next((p for p in (out / SETTINGS, out / MANIFEST) if p.is_file()), None)
+    if foreign and existing is None:
+        raise DatasetError(
+            f"{out} holds files that are not an mlxterp activation dataset ({', '.join(p.name for p in foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder (nothing was written)."
+        )
+    if overwrite:
+        for p in ours:
+            p.unlink()
+    elif existing is not None:
+        _check_settings(out, json.loads(existing.read_text()), settings)
+    for p in out.glob("*.tmp"):  # a killed run's half-written file
+        p.unlink()
+    if overwrite or not (out / SETTINGS).is_file():
+        write_json_atomic(out / SETTINGS, {**settings, "fingerprint": fingerprint})
+
+
+def _check_settings(out: Path, existing: dict, settings: dict) -> None:
+    differ = [k for k in settings if existing.get(k) != settings[k]]
+    if not differ:
+        return
+    lines = []
+    for key in differ:
+        old, new = existing.get(key), settings[key]
+        if key == "sites":
+            old = [s["name"] + ":" + s["dtype"] for s in old or []]
+            new = [s["name"] + ":" + s["dtype"] for s in new]
+        lines.append(f"{key}: the folder has {_short(old)}, this call asks for {_short(new)}")
+    raise DatasetError(
+        f"{out} holds a different activation dataset ({'; '.join(lines)}). Use another folder, or "
+        "overwrite=True (--overwrite) to replace it; nothing was written."
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _journal_entries(out: Path, fingerprint: str) -> dict[int, dict]:
+    entries: dict[int, dict] = {}
+    for path in sorted(out.glob("journal-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if entry.get("fingerprint") == fingerprint:
+                entries[entry["shard"]] = entry
+    return entries
+
+
+def _verified(out: Path, fingerprint: str, mine: list[int]) -> dict[int, dict]:
+    """This rank's shards that are on disk and match their journal checksum."""
+    journal = _journal_entries(out, fingerprint)
+    done = {}
+    for k in mine:
+        entry = journal.get(k)
+        path = out / f"shard-{k:06d}.safetensors"
+        if entry is None or not path.is_file():
+            continue
+        if path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
+            done[k] = entry
+        else:
+            warnings.warn(f"{path.name} does not match its recorded checksum: re-making it.", stacklevel=3)
+    return done
+
+
+def _write_manifest(out, settings, fingerprint, shards, entries, seconds) -> None:
+    import mlxterp_core
+
+    missing = [s["shard"] for s in shards if s["shard"] not in entries]
+    if missing:
+        raise DatasetError(f"shards {missing[:5]} of {out} were not written; rerun the same command to finish them.")
+    listed = []
+    for s in shards:
+        e = entries[s["shard"]]
+        listed.append({**s, "sha256": e["sha256"], "bytes": e["bytes"], "rank": e["rank"], "host": e["host"]})
+    n_tokens = sum(s["rows"] for s in shards)
+    manifest = {
+        **settings,
+        "complete": True,
+        "fingerprint": fingerprint,
+        "n_tokens": n_tokens,
+        "row_fields": ROW_FIELDS,
+        "shards": listed,
+        "software": {"mlx": mx.__version__, "mlxterp": getattr(mlxterp_core, "__version__", None) or _version()},
+        "last_run": {"seconds": round(seconds, 3)},
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+def _version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("mlxterp")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# -- the work --------------------------------------------------------------------------------
+
+
+class _Writer:
+    """A background thread that runs write tasks in order, so the model never waits on the
+    disk; ``put`` blocks when ``depth`` tasks are waiting (bounding memory), and re-raises the
+    first error a task raised."""
+
+    def __init__(self, depth: int = 2):
+        self.tasks: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="mlxterp-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            if self.error is None:
+                try:
+                    task()
+                except BaseException as e:  # noqa: BLE001  handed to the main thread
+                    self.error = e
+
+    def put(self, task: Callable[[], None]) -> None:
+        self.check()
+        self.tasks.put(task)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.tasks.put(None)
+        self.thread.join()
+        self.check()
+
+
+def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, fingerprint, rank, size, progress):
+    """Compute and write this rank's unfinished shards; their journal entries."""
+    from tqdm.auto import tqdm
+
+    from .trace import Hooks
+
+    todo = [k for k in mine if k not in done]
+    if not todo:
+        return {}
+    todo_set = set(todo)
+    batch_shard = {}
+    for s in shards:
+        for b in range(*s["batches"]):
+            batch_shard[b] = s["shard"]
+    total = sum(shards[k]["rows"] for k in todo)
+    show = sys.stderr.isatty() if progress is None else progress
+    label = "caching" + (f" rank {rank}/{size}" if size > 1 else "")
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, disable=not show, dynamic_ncols=True)
+    journal = out / f"journal-rank{rank}.jsonl"
+    host = socket.gethostname()
+    written: dict[int, dict] = {}
+    writer = _Writer()
+    current: dict[str, Any] = {}
+    opened: set[ShardFile] = set()  # files not yet published (the writer removes finished ones)
+    capture = sorted({s.raw for s in site_list})
+    interventions = {stop: _stop} if stop else None
+    try:
+        with Hooks(model, interventions=interventions, capture=capture) as hooks:
+            row = 0
+            for batch in token_windows(model, corpus, **windows):
+                k = batch_shard[batch.index]
+                shard = shards[k]
+                if k not in todo_set:
+                    continue
+                if batch.index == shard["batches"][0]:
+                    file = ShardFile(out / shard["file"], _layout(site_list, shard["rows"]), {"format": FORMAT, "shard": str(k), "fingerprint": fingerprint})
+                    current = {"file": file, "shard": k, "started": time.perf_counter()}
+                    opened.add(file)
+                    row = 0
+                rows = {**_batch_rows(hooks, batch, site_list), **_batch_fields(batch)}
+                file = current["file"]
+                writer.put(lambda file=file, row=row, rows=rows: _write_batch(file, row, rows))
+                row += batch.n_tokens
+                bar.update(batch.n_tokens)
+                if batch.index == shard["batches"][1] - 1:
+                    entry = {"fingerprint": fingerprint, "shard": k, "rank": rank, "host": host}
+                    writer.put(lambda file=file, entry=entry, started=current["started"]: _finish(file, entry, journal, written, started, opened))
+                    current = {}
+        writer.close()
+    except BaseException:
+        writer.error = writer.error or RuntimeError("cancelled")  # the thread skips what is queued
+        writer.tasks.put(None)
+        writer.thread.join()
+        for file in opened:
+            file.discard()
+        raise
+    finally:
+        bar.close()
+    return written
+
+
+def _layout(site_list: list[Site], rows: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    layout = {s.name: (dtype_code(s.dtype), (rows, *s.shape)) for s in site_list}
+    layout.update({name: (code, (rows,)) for name, code in ROW_FIELDS.items()})
+    return layout
+
+
+def _batch_rows(hooks, batch: Windows, site_list: list[Site]) -> dict[str, mx.array]:
+    """Site name -> the (n_tokens, d) rows of the batch's real tokens, evaluated."""
+    recorded = _recorded(hooks, batch.inputs)
+    n, t = batch.tokens.shape
+    real = None if batch.n_tokens == n * t else mx.array(np.flatnonzero(batch.mask).astype(np.int32))
+    rows = []
+    for site in site_list:
+        x = recorded[site.raw]
+        x = site.read(x) if site.read else x
+        x = x.reshape(n * t, -1)
+        if real is not None:
+            x = x[real]
+        x = x.astype(site.dtype)
+        rows.append(x.view(mx.uint16) if site.dtype == mx.bfloat16 else x)
+    mx.eval(rows)
+    return {s.name: x for s, x in zip(site_list, rows)}
+
+
+def _batch_fields(batch: Windows) -> dict[str, np.ndarray]:
+    mask = batch.mask
+    n, t = batch.tokens.shape
+    fields = {
+        "tokens": batch.tokens[mask],
+        "document": batch.document[mask],
+        "position": batch.position[mask],
+        "window": np.broadcast_to(np.arange(batch.first_window, batch.first_window + n, dtype=np.int32)[:, None], (n, t))[mask],
+        "offset": np.broadcast_to(np.arange(t, dtype=np.int32)[None, :], (n, t))[mask],
+        "bos": batch.bos[mask],
+    }
+    return {name: np.ascontiguousarray(values) for name, values in fields.items()}
+
+
+def _write_batch(file: ShardFile, row: int, rows: dict[str, Any]) -> None:
+    for name, values in rows.items():
+        file.write_rows(name, row, values)
+
+
+def _finish(file: ShardFile, entry: dict, journal: Path, written: dict, started: float, opened: set) -> None:
+    digest, size = file.finish()
+    opened.discard(file)
+    entry = {**entry, "sha256": digest, "bytes": size, "seconds": round(time.perf_counter() - started, 3)}
+    with open(journal, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    written[entry["shard"]] = entry

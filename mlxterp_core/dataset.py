@@ -1,0 +1,407 @@
+"""Activation datasets on disk: safetensors shards, a manifest, and the reader.
+
+A dataset is a folder::
+
+    manifest.json               written last: model, tokenizer, sites, shards with checksums
+    cache.json                  the run's settings, written first (a resume checks against it)
+    shard-000000.safetensors    per site a (rows, d) tensor named by the site; per row
+    shard-000001.safetensors    'tokens', 'document', 'position' (in the document), 'window',
+    ...                         'offset' (in the window), int32, and 'bos' (bool)
+    journal-rank0.jsonl         one line per finished shard (the resume's record)
+
+Rows are the real tokens of the windows (:mod:`mlxterp_core.corpus`) in order; padding is
+never written. Shards are ordinary safetensors files (``mx.load``, ``safetensors`` and
+SAELens-style tools read them); they are written here with positioned writes so that a batch's
+rows go to disk as soon as they are computed, and bfloat16 needs no extra package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import MlxterpError
+
+MANIFEST = "manifest.json"
+SETTINGS = "cache.json"
+FORMAT = "mlxterp-activations"
+VERSION = 1
+ROW_FIELDS = {"tokens": "I32", "document": "I32", "position": "I32", "window": "I32", "offset": "I32", "bos": "BOOL"}
+
+# safetensors dtype codes <-> (numpy dtype used for the bytes, mx dtype)
+_CODES = {
+    "F32": (np.float32, mx.float32),
+    "F16": (np.float16, mx.float16),
+    "BF16": (np.uint16, mx.bfloat16),  # numpy has no bfloat16: its bits, viewed in MLX
+    "I32": (np.int32, mx.int32),
+    "I64": (np.int64, mx.int64),
+    "U8": (np.uint8, mx.uint8),
+    "BOOL": (np.bool_, mx.bool_),
+}
+_MX_CODES = {mx_dtype: code for code, (_, mx_dtype) in _CODES.items()}
+
+
+class DatasetError(MlxterpError):
+    """An activation dataset that cannot be written or read as asked, and what to do."""
+
+
+def dtype_code(dtype: mx.Dtype) -> str:
+    if dtype not in _MX_CODES:
+        raise DatasetError(f"cannot store {dtype} activations; use float32, float16 or bfloat16.")
+    return _MX_CODES[dtype]
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` so that readers see the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class ShardFile:
+    """A safetensors file written in place: the header first, then rows at their offsets.
+
+    ``tensors`` maps name -> (dtype code, shape); the layout is fixed up front, so rows can be
+    written in any order as they are computed. ``finish`` syncs, checksums and renames the
+    temporary file to ``path`` (atomic publish); ``discard`` removes it.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        header: dict[str, Any] = {"__metadata__": metadata}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, (code, shape) in tensors.items():
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_CODES[code][0]).itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [start, start + size]}
+            row = size // shape[0] if shape and shape[0] else 0
+            self.offsets[name] = (start, row)
+            start += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.data_start = 8 + len(text)
+        self.size = self.data_start + start
+        self.fd = os.open(self.tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            if hasattr(os, "posix_fallocate") and self.size:
+                os.posix_fallocate(self.fd, 0, self.size)  # a full disk fails here, not later
+            _pwrite(self.fd, memoryview(struct.pack("<Q", len(text)) + text), 0)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write_rows(self, name: str, first_row: int, data: Any) -> None:
+        start, row_bytes = self.offsets[name]
+        view = memoryview(data).cast("B")
+        _pwrite(self.fd, view, self.data_start + start + first_row * row_bytes)
+
+    def finish(self) -> tuple[str, int]:
+        """Publish the file; its sha256 and size."""
+        os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        digest = sha256_file(self.tmp)
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return digest, self.size
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> dtype/shape/offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise DatasetError(f"{path} is not a safetensors file (truncated); delete it and rerun the cache to re-make it.")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise DatasetError(f"{path} is not a safetensors file (header of {length} bytes).")
+        header = json.loads(f.read(length))
+    return header, 8 + length
+
+
+class SiteRows:
+    """The rows of one tensor of a dataset, memory-mapped shard by shard, indexed as one array.
+
+    ``rows[i]``, ``rows[a:b]`` and ``rows[index_array]`` return mx.arrays (reading only the
+    rows asked for); ``len(rows)`` is the number of rows; ``rows.shape``/``rows.dtype``.
+    """
+
+    def __init__(self, dataset: ActivationDataset, name: str):
+        self._maps = [dataset._mmap(k, name) for k in range(len(dataset.shards))]
+        self._starts = np.cumsum([0] + [len(m) for m in self._maps])
+        first = dataset._header(0)[0][name]
+        self.dtype = _CODES[first["dtype"]][1]
+        self.shape = (int(self._starts[-1]), *first["shape"][1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def numpy(self, index: Any) -> np.ndarray:
+        """The rows at ``index`` as numpy (bfloat16 as its uint16 bits)."""
+        n = len(self)
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (n if index < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {index} out of range for {n} rows")
+            k = int(np.searchsorted(self._starts, i, side="right") - 1)
+            return np.array(self._maps[k][i - self._starts[k]])
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step == 1:
+                parts = []
+                for k, m in enumerate(self._maps):
+                    a, b = max(start, self._starts[k]), min(stop, self._starts[k + 1])
+                    if a < b:
+                        parts.append(m[a - self._starts[k] : b - self._starts[k]])
+                return np.concatenate(parts) if parts else np.empty((0, *self.shape[1:]), self._maps[0].dtype)
+            index = np.arange(start, stop, step)
+        index = np.asarray(index)
+        if index.dtype == np.bool_:
+            index = np.flatnonzero(index)
+        index = np.where(index < 0, index + n, index)
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        out = np.empty((len(index), *self.shape[1:]), self._maps[0].dtype)
+        shard = np.searchsorted(self._starts, index, side="right") - 1
+        for k in np.unique(shard):
+            where = shard == k
+            local = index[where] - self._starts[k]
+            order = np.argsort(local, kind="stable")  # sequential reads within a shard
+            out[np.flatnonzero(where)[order]] = self._maps[k][local[order]]
+        return out
+
+    def __getitem__(self, index: Any) -> mx.array:
+        return _to_mx(self.numpy(index), self.dtype)
+
+
+def _to_mx(rows: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    array = mx.array(rows)
+    return array.view(mx.bfloat16) if dtype == mx.bfloat16 else array
+
+
+class ActivationDataset:
+    """A cached activation dataset (written by ``model.cache_activations``), read lazily.
+
+    Attributes:
+        path: the dataset folder.
+        manifest: the parsed manifest.json.
+        sites: the cached site names, in manifest order.
+        n_tokens: rows per site (real tokens; padding is never stored).
+        shards: the manifest's shard entries.
+
+    ``ds[site]`` (or ``ds.rows(site)``) is a :class:`SiteRows` over all shards (memory-mapped);
+    ``ds.tokens``, ``ds.document``, ``ds.position``, ``ds.bos`` are the per-row fields.
+    ``ds.batches(site, batch_size)`` streams shuffled (rows, d) batches with bounded memory.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            hint = (
+                " It holds an unfinished cache: rerun the same cache_activations call (or "
+                "`mlxterp cache` command) to finish it."
+                if (self.path / SETTINGS).is_file()
+                else ""
+            )
+            raise DatasetError(f"no activation dataset at {self.path}: {MANIFEST} is missing.{hint}")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT or not self.manifest.get("complete"):
+            raise DatasetError(f"{manifest_path} is not a complete {FORMAT} manifest.")
+        self.sites: list[str] = [s["name"] for s in self.manifest["sites"]]
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        self.n_tokens: int = int(self.manifest["n_tokens"])
+        self._headers: dict[int, tuple[dict, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"ActivationDataset({str(self.path)!r}, {len(self.sites)} sites, {self.n_tokens} tokens, {len(self.shards)} shards)"
+
+    def site_name(self, name: str) -> str:
+        """The stored name for ``name`` (standard names in any spelling: 'layers[3]')."""
+        if name in self.sites or name in ROW_FIELDS:
+            return name
+        from .names import is_raw, parse
+
+        if not is_raw(name):
+            try:
+                canonical = str(parse(name))
+            except MlxterpError:
+                canonical = None
+            if canonical in self.sites:
+                return canonical
+        from .errors import did_you_mean
+
+        raise DatasetError(f"no site {name!r} in the dataset at {self.path}; it has {len(self.sites)}: "
+                           f"{', '.join(self.sites[:6])}{', ...' if len(self.sites) > 6 else ''}." + did_you_mean(name, self.sites))
+
+    def site_info(self, site: str) -> dict[str, Any]:
+        """The manifest entry of a site: name, raw site, shape of one row, dtype."""
+        name = self.site_name(site)
+        return next(s for s in self.manifest["sites"] if s["name"] == name)
+
+    def _header(self, k: int) -> tuple[dict, int]:
+        if k not in self._headers:
+            self._headers[k] = read_header(self.path / self.shards[k]["file"])
+        return self._headers[k]
+
+    def _mmap(self, k: int, name: str) -> np.ndarray:
+        header, data_start = self._header(k)
+        entry = header[name]
+        shape = tuple(entry["shape"])
+        dtype = _CODES[entry["dtype"]][0]
+        if shape[0] == 0:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path / self.shards[k]["file"], dtype=dtype, mode="r",
+                         offset=data_start + entry["data_offsets"][0], shape=shape)
+
+    def rows(self, site: str) -> SiteRows:
+        return SiteRows(self, self.site_name(site))
+
+    def __getitem__(self, site: str) -> SiteRows:
+        return self.rows(site)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(n_tokens,) int32 token id of each row."""
+        return self._field("tokens")
+
+    @property
+    def document(self) -> np.ndarray:
+        """(n_tokens,) int32 document index of each row."""
+        return self._field("document")
+
+    @property
+    def position(self) -> np.ndarray:
+        """(n_tokens,) int32 index of each row's token within its document (BOS = 0)."""
+        return self._field("position")
+
+    @property
+    def bos(self) -> np.ndarray:
+        """(n_tokens,) bool, True where the row's token is a BOS token."""
+        return self._field("bos")
+
+    def _field(self, name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(self._mmap(k, name)) for k in range(len(self.shards))])
+
+    def load_shard(self, k: int) -> dict[str, mx.array]:
+        """Every tensor of shard ``k`` (lazy, through ``mx.load``)."""
+        return mx.load(str(self.path / self.shards[k]["file"]))
+
+    def verify(self) -> list[str]:
+        """Files whose sha256 does not match the manifest (empty when all are intact)."""
+        return [s["file"] for s in self.shards
+                if not (self.path / s["file"]).is_file() or sha256_file(self.path / s["file"]) != s["sha256"]]
+
+    def batches(
+        self,
+        site: str,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        *,
+        skip_bos: bool = True,
+        buffer_rows: int = 1 << 18,
+        drop_last: bool = False,
+        with_index: bool = False,
+    ) -> Iterator[mx.array]:
+        """Batches of rows of ``site``: (batch_size, d) mx.arrays in the stored dtype.
+
+        With ``shuffle`` (deterministic given ``seed``): shards are visited in a random order and
+        their rows are mixed in a buffer of about ``buffer_rows`` rows, of which half is served
+        before the buffer is refilled (the SAELens recipe); memory stays bounded by the buffer
+        and one shard. Without it, rows come in dataset order. BOS rows are left out unless
+        ``skip_bos=False`` (their activations are outliers). ``with_index`` yields
+        ``(batch, row_indices)`` so that ``ds.tokens[row_indices]`` etc. line up with the batch.
+        """
+        name = self.site_name(site)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise DatasetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        rng = np.random.default_rng(seed)
+        dtype = self.site_info(name)["dtype"] if name in self.sites else None
+        mx_dtype = getattr(mx, dtype) if dtype else None
+        starts = np.cumsum([0] + [s["rows"] for s in self.shards])
+        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        keep_rows = max(buffer_rows // 2, batch_size) if shuffle else 0
+        held_rows: list[np.ndarray] = []
+        held_index: list[np.ndarray] = []
+        held = 0
+
+        def emit(rows: np.ndarray, index: np.ndarray, n: int):
+            for a in range(0, n, batch_size):
+                batch = rows[a : a + batch_size]
+                out = _to_mx(batch, mx_dtype) if mx_dtype is not None else mx.array(batch)
+                yield (out, index[a : a + batch_size]) if with_index else out
+
+        for k in order:
+            rows = np.asarray(self._mmap(int(k), name))
+            index = np.arange(starts[k], starts[k + 1])
+            if skip_bos:
+                real = ~np.asarray(self._mmap(int(k), "bos"))
+                rows, index = rows[real], index[real]
+            held_rows.append(np.array(rows))
+            held_index.append(index)
+            held += len(index)
+            if held < buffer_rows + batch_size and shuffle:
+                continue
+            rows, index = np.concatenate(held_rows), np.concatenate(held_index)
+            if shuffle:
+                perm = rng.permutation(len(index))
+                rows, index = rows[perm], index[perm]
+            serve = (len(index) - keep_rows) // batch_size * batch_size
+            yield from emit(rows, index, serve)
+            held_rows, held_index, held = [rows[serve:]], [index[serve:]], len(index) - serve
+        if held:
+            rows, index = np.concatenate(held_rows), np.concatenate(held_index)
+            if shuffle:
+                perm = rng.permutation(len(index))
+                rows, index = rows[perm], index[perm]
+            n = len(index) // batch_size * batch_size if drop_last else len(index)
+            yield from emit(rows, index, n)
