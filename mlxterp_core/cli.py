@@ -18,7 +18,23 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--prompt", default="The capital of France is")
     demo = commands.add_parser("demo", help="logit lens, activation patching and steering on the default model")
     demo.add_argument("--out", default="mlxterp-demo", help="folder for the plots (default: ./mlxterp-demo)")
+    cache = commands.add_parser("cache", help="cache a corpus's activations at some sites to a dataset folder (resumable; mlx.launch splits it across processes)")
+    cache.add_argument("model", nargs="?", help="a .gguf file, an mlx-lm directory or a repo id (default: the default model)")
+    cache.add_argument("--corpus", help="a text file (one document per line), a .jsonl file with a \"text\" field or a folder of .txt files (default: the offline Python reference corpus)")
+    cache.add_argument("--sites", nargs="+", required=True, help="standard names, raw names or globs, e.g. 'layers[*].output' 'layers[6].mlp.act'")
+    cache.add_argument("--out", required=True, help="the dataset folder")
+    cache.add_argument("--context-size", type=int, default=128)
+    cache.add_argument("--batch-size", type=int, default=8)
+    cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="stored dtype (default: each site's own)")
+    cache.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    cache.add_argument("--max-tokens", type=int, help="cache at most this many tokens")
+    cache.add_argument("--shard-tokens", type=int, help="about how many tokens per shard (default: ~256 MiB shards)")
+    cache.add_argument("--no-packing", action="store_true", help="one document per window, right-padded (default: packed windows)")
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        from .caching import cache_main
+
+        return cache_main(args)
     if args.command == "bench":
         from .bench import main as run_bench
 

@@ -1,0 +1,237 @@
+"""Activation caching: every cached row is the traced activation at its token; reruns resume;
+bad input is refused before anything is written; the reader streams what was written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import CORPUS, tiny_llama, train_tokenizer
+
+import mlxterp
+from mlxterp import ActivationDataset, CorpusError, DatasetError, InterpretableModel, UnknownNameError, token_windows
+from mlxterp_core import caching, dataset
+
+DOCS = CORPUS * 4
+SITES = ["layers[1]", "layers[*].mlp", "model.model.layers.0.self_attn.*_proj"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    tok = train_tokenizer()
+    tok.bos_token = "<|endoftext|>"
+    return InterpretableModel(tiny_llama(), tokenizer=tok)
+
+
+def cache(model, out, sites=SITES, docs=DOCS, **options):
+    options = {"context_size": 16, "batch_size": 3, "shard_tokens": 40, **options}
+    return model.cache_activations(docs, sites, out, **options)
+
+
+def shard_digests(ds):
+    return [(s["file"], s["rows"], s["sha256"]) for s in ds.shards]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_cached_rows_are_the_traced_activations(model, tmp_path, packing):
+    ds = cache(model, tmp_path / "ds", packing=packing)
+    assert ds.sites == [
+        "layers.1.output", *[f"layers.{i}.mlp" for i in range(4)],
+        *[f"model.model.layers.0.self_attn.{p}_proj" for p in "qkvo"],
+    ]
+    assert len(ds.shards) > 3
+    names = {"layers.1.output": "layers[1]", **{f"layers.{i}.mlp": f"layers[{i}].mlp" for i in range(4)}}
+    row = 0
+    for batch in token_windows(model, DOCS, 16, batch_size=3, packing=packing):
+        mask = batch.mask
+        with model.trace(batch.inputs, capture=SITES) as tr:
+            pass
+        for site in ds.sites:
+            expected = np.array(tr.activations[names.get(site, site)])
+            expected = expected.reshape(mask.size, -1)[mask.reshape(-1)]
+            assert np.array_equal(np.array(ds[site][row : row + batch.n_tokens]), expected), site
+        assert (ds.tokens[row : row + batch.n_tokens] == batch.tokens[mask]).all()
+        assert (ds.document[row : row + batch.n_tokens] == batch.document[mask]).all()
+        assert (ds.position[row : row + batch.n_tokens] == batch.position[mask]).all()
+        row += batch.n_tokens
+    assert row == ds.n_tokens == len(ds["layers[1]"])
+    assert ds.bos.sum() == len(DOCS) and (ds.position[ds.bos] == 0).all()
+    assert ds.verify() == []
+    # shards are ordinary safetensors files
+    shard = mx.load(str(ds.path / ds.shards[1]["file"]))
+    start, stop = ds.shards[1]["tokens"]
+    assert np.array_equal(np.array(shard["layers.1.output"]), np.array(ds["layers.1.output"][start:stop]))
+    manifest = ds.manifest
+    assert manifest["context_size"] == 16 and manifest["model"]["family"] == "llama"
+    assert manifest["sites"][0] == {"name": "layers.1.output", "raw": "model.model.layers.1", "shape": [64], "dtype": "float32"}
+    assert [s["tokens"][0] for s in manifest["shards"]] == list(np.cumsum([0] + [s["rows"] for s in manifest["shards"][:-1]]))
+
+
+def test_forward_stops_after_the_last_layer_needed(model, tmp_path, monkeypatch):
+    sites = caching.resolve_sites(model, ["layers[1].mlp.act", "embed"], mx.array([[1, 2, 3]]), None)
+    assert caching._stop_site(model, sites) == "model.model.layers.2:input"
+    assert caching._stop_site(model, caching.resolve_sites(model, ["ln_final"], mx.array([[1, 2]]), None)) is None
+    calls = []
+    block = type(model.model.model.layers[2])
+    original = block.__call__
+    late = [model.model.model.layers[2], model.model.model.layers[3]]
+
+    def counted(self, x, *args, **kwargs):
+        if any(self is layer for layer in late) and x.shape[1] > 5:  # not the 5-token probe
+            calls.append(1)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(block, "__call__", counted)
+    ds = cache(model, tmp_path / "stop", sites=["layers[1].mlp.act"])
+    assert ds.n_tokens > 0 and not calls  # layers 2 and 3 never ran
+    cache(model, tmp_path / "full", sites=["layers[3]"])
+    assert calls  # the counter counts
+    batch = next(token_windows(model, DOCS, 16, batch_size=3))
+    with model.trace(batch.inputs, capture=["layers[1].mlp.act"]) as tr:
+        pass
+    expected = np.array(tr.activations["layers[1].mlp.act"]).reshape(-1, 128)[batch.mask.reshape(-1)]
+    assert np.array_equal(np.array(ds["layers[1].mlp.act"][: batch.n_tokens]), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stored_dtype(model, tmp_path, dtype):
+    full = cache(model, tmp_path / "f32", sites=["layers[2]"])
+    half = cache(model, tmp_path / dtype, sites=["layers[2]"], dtype=dtype)
+    rows = half["layers[2]"][:]
+    assert rows.dtype == getattr(mx, dtype) and half.site_info("layers[2]")["dtype"] == dtype
+    assert mx.array_equal(rows, full["layers[2]"][:].astype(getattr(mx, dtype))).item()
+    batch = next(half.batches("layers[2]", 7, seed=1))
+    assert batch.dtype == getattr(mx, dtype) and batch.shape == (7, 64)
+
+
+def test_batches_cover_every_row_once(model, tmp_path):
+    ds = cache(model, tmp_path / "ds", sites=["layers[0]"])
+    rows = np.array(ds["layers[0]"][:])
+    seen = []
+    for batch, index in ds.batches("layers[0]", 10, seed=3, buffer_rows=50, with_index=True):
+        assert np.array_equal(np.array(batch), rows[index])
+        seen.append(index)
+    seen = np.concatenate(seen)
+    assert sorted(seen) == list(np.flatnonzero(~ds.bos))  # every non-BOS row once
+    assert not np.array_equal(seen, np.sort(seen))  # shuffled
+    again = np.concatenate([i for _, i in ds.batches("layers[0]", 10, seed=3, buffer_rows=50, with_index=True)])
+    other = np.concatenate([i for _, i in ds.batches("layers[0]", 10, seed=4, buffer_rows=50, with_index=True)])
+    assert np.array_equal(seen, again) and not np.array_equal(seen, other)
+    ordered = np.concatenate([i for _, i in ds.batches("layers[0]", 10, shuffle=False, skip_bos=False, with_index=True)])
+    assert np.array_equal(ordered, np.arange(ds.n_tokens))
+    sizes = [len(b) for b in ds.batches("layers[0]", 10, drop_last=True)]
+    assert set(sizes) == {10}
+    assert np.array_equal(np.array(ds["layers[0]"][[5, 0, ds.n_tokens - 1]]), rows[[5, 0, -1]])
+    with pytest.raises(DatasetError, match=r"no site 'layers\[3\].mlp'"):
+        ds["layers[3].mlp"]
+
+
+def test_rerun_skips_verified_shards_and_remakes_bad_ones(model, tmp_path):
+    first = cache(model, tmp_path / "ds")
+    times = {p.name: p.stat().st_mtime_ns for p in first.path.glob("shard-*")}
+    again = cache(model, tmp_path / "ds")
+    assert shard_digests(again) == shard_digests(first)
+    assert {p.name: p.stat().st_mtime_ns for p in first.path.glob("shard-*")} == times
+    # a flipped byte: re-made, not trusted
+    victim = first.path / first.shards[2]["file"]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(data)
+    (first.path / first.shards[4]["file"]).unlink()
+    with pytest.warns(UserWarning, match="does not match its recorded checksum"):
+        remade = cache(model, tmp_path / "ds")
+    assert shard_digests(remade) == shard_digests(first)
+    changed = {p.name for p in first.path.glob("shard-*") if p.stat().st_mtime_ns != times[p.name]}
+    assert changed == {first.shards[2]["file"], first.shards[4]["file"]}
+
+
+def test_a_different_dataset_in_the_folder_is_refused(model, tmp_path):
+    out = tmp_path / "ds"
+    first = cache(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DatasetError, match="sites: the folder has"):
+        cache(model, out, sites=["layers[2]"])
+    with pytest.raises(DatasetError, match="context_size: the folder has 16, this call asks for 8"):
+        cache(model, out, context_size=8)
+    with pytest.raises(DatasetError, match="corpus"):
+        cache(model, out, docs=DOCS[:-1])
+    other = InterpretableModel(tiny_llama(hidden_size=32), tokenizer=model.tokenizer)
+    with pytest.raises(DatasetError, match="model: the folder has"):
+        cache(other, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    replaced = cache(model, out, sites=["layers[2]"], overwrite=True)
+    assert replaced.sites == ["layers.2.output"] and first.n_tokens == replaced.n_tokens
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(DatasetError, match="not an mlxterp activation dataset"):
+            cache(model, foreign, overwrite=overwrite)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_bad_input_writes_nothing(model, tmp_path):
+    out = tmp_path / "ds"
+    with pytest.raises(UnknownNameError):
+        cache(model, out, sites=["layers[9]"])
+    with pytest.raises(UnknownNameError):
+        cache(model, out, sites=["model.model.layers.0.nothing"])
+    with pytest.raises(DatasetError, match="not one row per token"):
+        cache(model, out, sites=["layers[0].attn.pattern"])
+    with pytest.raises(CorpusError, match="no corpus file"):
+        cache(model, out, docs=tmp_path / "missing.txt")
+    with pytest.raises(CorpusError, match="no documents"):
+        cache(model, out, docs=["", "  "])
+    with pytest.raises(DatasetError, match="dtype"):
+        cache(model, out, dtype="int8")
+    assert not out.exists()
+    with pytest.raises(DatasetError, match="manifest.json is missing"):
+        ActivationDataset(out)
+
+
+def test_write_error_keeps_the_folder_consistent_and_resume_recovers(model, tmp_path, monkeypatch):
+    reference = cache(model, tmp_path / "reference")
+    out = tmp_path / "ds"
+    real = dataset._pwrite
+    calls = {"n": 0}
+
+    def failing(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(dataset, "_pwrite", failing)
+    with pytest.raises(DatasetError, match="No space left on device.*rerun the same command"):
+        cache(model, out)
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    finished = [json.loads(line)["shard"] for line in (out / "journal-rank0.jsonl").read_text().splitlines()]
+    assert finished and len(finished) < len(reference.shards)
+    with pytest.raises(DatasetError, match="unfinished cache"):
+        ActivationDataset(out)
+    monkeypatch.setattr(dataset, "_pwrite", real)
+    resumed = cache(model, out)
+    assert shard_digests(resumed) == shard_digests(reference)
+
+
+def test_one_shot_iterators_and_files(model, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    from_file = cache(model, tmp_path / "a", docs=corpus, sites=["layers[0]"])
+    from_iter = cache(model, tmp_path / "b", docs=iter(DOCS), sites=["layers[0]"])
+    assert shard_digests(from_file) == shard_digests(from_iter)
+
+
+def test_max_tokens(model, tmp_path):
+    ds = cache(model, tmp_path / "ds", sites=["layers[0]"], max_tokens=50)
+    assert ds.n_tokens == 50
+
+
+def test_reexports():
+    assert mlxterp.ActivationDataset is ActivationDataset
+    assert issubclass(DatasetError, mlxterp.MlxterpError)
+    assert os.path.basename(caching.__file__) == "caching.py"
