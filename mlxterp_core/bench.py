@@ -1,35 +1,40 @@
-"""Benchmarks: the cost of tracing, and the speed of the default model as mlxterp loads it.
+"""``mlxterp bench``: one table of workloads, each figure beside its target.
 
-Tracing, as a ratio to the plain mlx-lm forward in the same run.
+A row is a function ``(repeats) -> list[Row]`` listed in :data:`ROWS` under a short key
+(``W1``, ``W2``, ...); ``mlxterp bench`` runs them in order (``--rows W1 W3`` picks some) and
+prints one line per result, ``--json PATH`` writes the same rows as JSON. To add a workload,
+write a row function and add one line to ``ROWS``.
 
-``mlxterp bench`` builds a randomly initialised Llama of SmolLM2-135M's shape (30 layers,
-d=576, 9 heads, 3 KV heads, MLP 1536, vocabulary 49152), runs a (1, 32) batch of token ids,
-and times, interleaved so that drift hits every case alike:
+Every ratio is measured in one run, cases interleaved in a shuffled order each round
+(:func:`median_times`), so that drift and other processes hit every case alike. Peers (HF
+transformers on torch, nnsight) are measured side by side when they are installed and never
+needed: a missing peer leaves its figure out and says so.
 
-- ``plain``: ``mx.eval(model(ids))`` on the bare mlx-lm model;
-- ``capture nothing``: a trace that records no site;
-- ``residual stream``: a trace that records the 30 layer outputs;
-- ``everything``: a trace that records every site (all module inputs and outputs).
+Rows:
 
-It prints the median time of each and its ratio to ``plain``.
-
-Loading (``--suite load``): the default model's forward pass of 32 tokens as shipped (quantized
-weights, MLX's own BLAS: measured in a subprocess, because the BLAS is chosen per process)
-against the same model as ``mlxterp.load()`` prepares it for this backend, and the ratio.
-
-Attribution (``--suite attribution``): on the default model, one attribution-patching call
-(resid, attn, mlp over layers x positions, and every head) against the batched activation
-patching sweeps that measure the same cells, in the same run.
+- ``W1``: the default model as ``mlxterp.load()`` prepares it, plain forward of 1 x 32 and
+  8 x 32 tokens, against HF transformers on torch's CPU backend (2 threads, the same float32
+  weights) where torch is installed and MLX runs on the CPU.
+- ``W2``: traces of the default model (1 x 32 tokens) recording the residual stream (30 layer
+  outputs) and everything, as ratios to the plain forward of the same run.
+- ``load``: the default model's forward as shipped (quantized, MLX's own BLAS; in a
+  subprocess, because the BLAS is chosen per process) against ``mlxterp.load()``'s.
+- ``attribution``: attribution patching of every component against the activation patching
+  sweeps that measure the same cells.
 
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
+import attrs
 import mlx.core as mx
 
 SMOLLM2_135M_SHAPE = dict(
@@ -147,39 +152,208 @@ def attribution_speed(repeats: int = 3) -> dict[str, float]:
     return median_times(cases, repeats)
 
 
-def main(repeats: int = 5, tokens: int = 32, suite: str = "all") -> None:
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@attrs.define
+class Row:
+    """One result: what was measured, the figure, the target beside it, and whether it was met
+    (None where there is nothing to compare against, e.g. a peer that is not installed)."""
+
+    workload: str
+    figure: str
+    target: str
+    met: bool | None = None
+    values: dict[str, Any] = attrs.field(factory=dict)  # the raw numbers, for --json
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _at_most(ratio: float, limit: float, what: str = "") -> tuple[str, bool]:
+    return f"<= {limit:.2f}x{what}", ratio <= limit
+
+
+def torch_llama(module):
+    """HF transformers' Llama on torch's CPU backend with ``module``'s weights in float32, or
+    None when torch / transformers are not installed or the model is not a Llama."""
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    args = getattr(module, "args", None)
+    if getattr(args, "model_type", None) != "llama":
+        return None
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        head_dim=args.head_dim or args.hidden_size // args.num_attention_heads,
+        rms_norm_eps=args.rms_norm_eps,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=max(args.max_position_embeddings or 0, 2048),
+        attn_implementation="sdpa",
+    )
+    peer = LlamaForCausalLM(config).eval()
+    weights = {
+        name: torch.from_numpy(np.array(value.astype(mx.float32)))
+        for name, value in tree_flatten(module.parameters())
+    }
+    peer.load_state_dict(weights, strict=not args.tie_word_embeddings)
+    return peer
+
+
+@functools.cache
+def default_model():
+    """The default model as ``mlxterp.load()`` prepares it, loaded once for all rows."""
+    from .load import load
+
+    return load(validate=False)
+
+
+def w1_forward(repeats: int = 5) -> list[Row]:
+    """The default model's plain forward, 1 x 32 and 8 x 32 tokens, against HF on torch CPU."""
+    import numpy as np
+
+    from .backend import on_cpu
+
+    model = default_model()
+    module = model.model
+    batches = {f"{b}x32": mx.arange(100, 100 + 32 * b).reshape(b, 32) for b in (1, 8)}
+    cases: dict[str, Callable[[], object]] = {
+        f"mlx {shape}": (lambda ids=ids: mx.eval(module(ids))) for shape, ids in batches.items()
+    }
+    peer = torch_llama(module) if on_cpu() else None
+    if peer is not None:
+        import torch
+
+        torch.set_num_threads(2)
+        for shape, ids in batches.items():
+            tokens = torch.from_numpy(np.array(ids))
+
+            def run(tokens=tokens):
+                with torch.inference_mode():
+                    peer(tokens)
+
+            cases[f"torch {shape}"] = run
+        with torch.inference_mode():  # the peer computes the same logits, or it is no peer
+            ids = batches["1x32"]
+            theirs = peer(torch.from_numpy(np.array(ids))).logits.numpy()
+            gap = float(np.abs(theirs - np.array(module(ids))).max())
+    medians = median_times(cases, repeats)
+    rows = []
+    for shape in batches:
+        ours = medians[f"mlx {shape}"]
+        values = {"mlx_s": ours}
+        if peer is None:
+            why = "MLX is not on the CPU" if not on_cpu() else "torch/transformers not installed"
+            rows.append(Row(f"W1 forward {shape}", _ms(ours), f"<= torch CPU ({why})", None, values))
+            continue
+        theirs = medians[f"torch {shape}"]
+        values.update(torch_s=theirs, ratio=ours / theirs, max_logit_gap=gap)
+        target, met = _at_most(ours / theirs, 1.0, " torch (2 threads)")
+        figure = f"{_ms(ours)}; torch {_ms(theirs)}: {ours / theirs:.2f}x"
+        rows.append(Row(f"W1 forward {shape}", figure, target, met, values))
+    return rows
+
+
+def w2_traces(repeats: int = 5) -> list[Row]:
+    """Traces of the default model (1 x 32 tokens) as ratios to its plain forward."""
+    model = default_model()
+    module = model.model
+    ids = mx.arange(100, 132)[None]
+    n_layers = len(module.layers)
+    residual = [f"layers.{i}.output" for i in range(n_layers)]
+    cases = {
+        "plain": lambda: mx.eval(module(ids)),
+        "residual stream": lambda: model.run(ids, capture=residual),
+        "everything": lambda: model.run(ids),
+    }
+    reference = module(ids)
+    for name in ("residual stream", "everything"):  # time only traces that compute the same thing
+        if not mx.array_equal(cases[name]().output, reference).item():
+            raise AssertionError(f"benchmark case {name!r} changed the model output")
+    medians = median_times(cases, repeats)
+    plain = medians["plain"]
+    rows = []
+    for name, limit in (("residual stream", 1.05), ("everything", 1.2)):
+        ratio = medians[name] / plain
+        target, met = _at_most(ratio, limit, " plain")
+        figure = f"{_ms(medians[name])} / plain {_ms(plain)}: {ratio:.3f}x"
+        values = {"trace_s": medians[name], "plain_s": plain, "ratio": ratio}
+        rows.append(Row(f"W2 trace, {name} ({n_layers} layers, 1x32)", figure, target, met, values))
+    return rows
+
+
+def load_rows(repeats: int = 5) -> list[Row]:
+    speeds = load_speed(repeats)
+    ratio = speeds["as shipped"] / speeds["mlxterp.load()"]
+    figure = f"{_ms(speeds['mlxterp.load()'])} vs as shipped {_ms(speeds['as shipped'])}: {ratio:.1f}x faster"
+    return [Row("load: forward 1x32 vs as shipped", figure, ">= 10x faster", ratio >= 10, speeds)]
+
+
+def attribution_rows(repeats: int = 3) -> list[Row]:
+    speeds = attribution_speed(max(1, min(repeats, 3)))
+    ratio = speeds["activation patching"] / speeds["attribution patching"]
+    figure = (f"{speeds['attribution patching']:.2f} s vs activation patching "
+              f"{speeds['activation patching']:.2f} s: {ratio:.0f}x faster")
+    return [Row("attribution patching, 1,170 cells", figure, "faster", ratio > 1, speeds)]
+
+
+ROWS: dict[str, Callable[[int], list[Row]]] = {
+    "W1": w1_forward,
+    "W2": w2_traces,
+    "load": load_rows,
+    "attribution": attribution_rows,
+}
+"""Every row of ``mlxterp bench``, in the order it prints them."""
+
+
+def run_rows(keys: list[str] | None = None, repeats: int = 5, out=print) -> list[Row]:
+    """Run the chosen rows (all by default), printing each result as it comes."""
     from .backend import describe
 
-    print(f"backend: {describe()}")
-    if suite in ("all", "trace"):
-        trace_main(repeats, tokens)
-    if suite in ("all", "load"):
-        from .load import DEFAULT_MODEL
+    unknown = [k for k in keys or [] if k not in ROWS]
+    if unknown:
+        from .errors import InputError
 
-        print(f"{DEFAULT_MODEL}, forward of 1 x {tokens} tokens, median of {repeats}")
-        speeds = load_speed(repeats, tokens)
-        shipped = speeds["as shipped"]
-        print(f"  as shipped (quantized, MLX's reference BLAS)  {shipped * 1000:9.1f} ms")
-        print(f"  as mlxterp.load() prepares it                {speeds['mlxterp.load()'] * 1000:9.1f} ms  "
-              f"{shipped / speeds['mlxterp.load()']:.1f}x faster (target >= 10x)")
-    if suite in ("all", "attribution"):
-        rounds = max(1, min(repeats, 3))
-        print(f"default model, {CLEAN!r} vs {CORRUPTED!r}: resid/attn/mlp x 30 layers x 10 "
-              f"positions and 30 x 9 heads, median of {rounds}")
-        speeds = attribution_speed(rounds)
-        for name, seconds in speeds.items():
-            print(f"  {name:22s} {seconds:8.2f} s")
-        ratio = speeds["activation patching"] / speeds["attribution patching"]
-        print(f"  attribution patching is {ratio:.0f}x faster")
+        raise InputError(f"unknown benchmark rows {unknown}: choose from {', '.join(ROWS)}")
+    out(f"backend: {describe()}")
+    out(f"{'workload':44s} {'figure':52s} {'target':28s} met")
+    rows = []
+    for key in keys or list(ROWS):
+        for row in ROWS[key](repeats):
+            rows.append(row)
+            met = {True: "yes", False: "NO", None: "-"}[row.met]
+            out(f"{row.workload:44s} {row.figure:52s} {row.target:28s} {met}")
+    return rows
 
 
-def trace_main(repeats: int, tokens: int) -> dict[str, float]:
-    print(f"random Llama, SmolLM2-135M shape, batch 1 x {tokens} tokens, median of {repeats}")
-    medians = trace_overhead(repeats, tokens)
-    plain = medians["plain"]
-    targets = {"capture nothing": 1.02, "residual stream": 1.05, "everything": 1.3}
-    for name, seconds in medians.items():
-        ratio = seconds / plain
-        target = f"  (target <= {targets[name]:.2f}x)" if name in targets else ""
-        print(f"  {name:16s} {seconds * 1000:9.1f} ms  {ratio:6.3f}x{target}")
-    return {name: seconds / plain for name, seconds in medians.items()}
+def write_json(rows: list[Row], path) -> None:
+    import platform
+    from pathlib import Path
+
+    from .backend import describe
+
+    document = {
+        "backend": describe(),
+        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
+        "rows": [attrs.asdict(row) for row in rows],
+    }
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def main(rows: list[str] | None = None, repeats: int = 5, json_path=None) -> None:
+    results = run_rows(rows, repeats)
+    if json_path is not None:
+        write_json(results, json_path)

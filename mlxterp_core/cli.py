@@ -9,10 +9,10 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxterp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time tracing and the default model's forward pass")
+    bench = commands.add_parser("bench", help="time every workload, each figure beside its target")
     bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--tokens", type=int, default=32)
-    bench.add_argument("--suite", choices=["all", "trace", "load", "attribution"], default="all")
+    bench.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run (default: all; W1 W2 ...)")
+    bench.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     info = commands.add_parser("info", help="describe a model and its standard names")
     info.add_argument("model", nargs="?", help="a .gguf file, an mlx-lm directory or a repo id (default: the default model)")
     info.add_argument("--prompt", default="The capital of France is")
@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return cache_main(args)
     if args.command == "bench":
         from .bench import main as run_bench
+        from .errors import MlxterpError
 
-        run_bench(repeats=args.repeats, tokens=args.tokens, suite=args.suite)
+        try:
+            run_bench(rows=args.rows, repeats=args.repeats, json_path=args.json)
+        except MlxterpError as e:
+            print(f"mlxterp bench: {e}", file=sys.stderr)
+            return 2
     elif args.command == "info":
         from .errors import MlxterpError
         from .info import describe_model

@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
-from mlxterp_core.bench import trace_overhead
+import json
+
+import pytest
+
+from mlxterp_core import bench
+from mlxterp_core.bench import Row, trace_overhead
 
 
 def test_trace_overhead_runs_on_a_small_shape():
     medians = trace_overhead(repeats=1, tokens=4, num_hidden_layers=2, vocab_size=64)
     assert list(medians) == ["plain", "capture nothing", "residual stream", "everything"]
     assert all(seconds > 0 for seconds in medians.values())
+
+
+def test_rows_print_each_figure_beside_its_target_and_write_the_same_json(monkeypatch, tmp_path):
+    def fake(repeats):
+        return [Row("W9 fake", f"{repeats} ms", "<= 2 ms", repeats <= 2, {"s": repeats / 1000})]
+
+    monkeypatch.setitem(bench.ROWS, "W9", fake)
+    printed = []
+    rows = bench.run_rows(["W9"], repeats=3, out=printed.append)
+    line = next(p for p in printed if p.startswith("W9 fake"))
+    assert "3 ms" in line and "<= 2 ms" in line and line.endswith("NO")
+    bench.write_json(rows, tmp_path / "bench.json")
+    document = json.loads((tmp_path / "bench.json").read_text())
+    assert document["rows"] == [
+        {"workload": "W9 fake", "figure": "3 ms", "target": "<= 2 ms", "met": False, "values": {"s": 0.003}}
+    ]
+
+
+def test_unknown_rows_are_a_clear_error(capsys):
+    from mlxterp_core.cli import main
+
+    assert main(["bench", "--rows", "W0"]) == 2
+    assert "unknown benchmark rows ['W0']" in capsys.readouterr().err
