@@ -23,7 +23,7 @@ from mlxterp_core.errors import (
 from mlxterp_core.load import default_model_path, load
 from mlxterp_core.model import InterpretableModel
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
-from mlxterp_saes import SAE, load_sae  # the SAE plugin's public names
+from mlxterp_saes import SAE, load_sae, train_sae  # the SAE plugin's public names
 
 __all__ = [
     "InterpretableModel",
@@ -56,4 +56,5 @@ __all__ = [
     "load_sae",
     "ActivationDataset",
     "DatasetError",
+    "train_sae",
 ]

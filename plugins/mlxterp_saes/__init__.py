@@ -8,6 +8,7 @@ third party's plugin. The public names are re-exported as ``mlxterp.load_sae``, 
 from __future__ import annotations
 
 from .formats import load_sae, save_sae
+from .train import TrainingLog, train_sae
 from .sae import SAE, SAEConfig, SAEError, topk_relu
 
-__all__ = ["SAE", "SAEConfig", "SAEError", "load_sae", "save_sae", "topk_relu"]
+__all__ = ["SAE", "SAEConfig", "SAEError", "TrainingLog", "load_sae", "save_sae", "topk_relu", "train_sae"]

@@ -332,7 +332,7 @@ def topk_relu(h: mx.array, k: int) -> mx.array:
     k = int(k)
     if k >= h.shape[-1]:
         return nn.relu(h)
-    index = mx.argpartition(-h, kth=k - 1, axis=-1)[..., :k]
+    index = mx.stop_gradient(mx.argpartition(-h, kth=k - 1, axis=-1)[..., :k])
     values = nn.relu(mx.take_along_axis(h, index, axis=-1))
     return mx.put_along_axis(mx.zeros_like(h), index, values, axis=-1)
 
