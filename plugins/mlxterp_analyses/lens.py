@@ -4,7 +4,9 @@ unembedding, as if the model stopped there (nostalgebraist, 2020).
 Written against standard names and the schema only: ``layers[i].output``, the family's final
 norm and unembedding (tied or not, quantized or not, with its logit scaling and soft-capping).
 All layers x positions go through one batched projection per chunk, never a loop over
-positions.
+positions. Top-k tokens and their probabilities come from the logits directly: the
+softmax denominator per row, and the k largest logits, never a full softmax. On MLX's CPU backend, whose ``exp`` and ``argpartition`` are slow, that last step
+runs in NumPy on the evaluated logits (see :func:`top_k_numpy`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
+
+from mlxterp_core.backend import on_cpu
 
 from .results import LogitLensResult
 from .text import ids_text, token_text
@@ -28,12 +33,69 @@ def project(model, hidden: mx.array) -> mx.array:
 def top_predictions(model, hidden: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
     """Top-k token ids and probabilities (..., k), best first, of hidden states (..., D)."""
     logits = project(model, hidden).astype(mx.float32)
-    probs = mx.softmax(logits, axis=-1)
-    k = min(top_k, probs.shape[-1])
-    ids = mx.argpartition(-probs, k - 1, axis=-1)[..., :k]
-    chosen = mx.take_along_axis(probs, ids, axis=-1)
+    if not on_cpu():
+        return top_k_mlx(logits, top_k)
+    ids, probs = top_k_numpy(np.asarray(logits).reshape(-1, logits.shape[-1]), top_k)
+    k = ids.shape[-1]
+    return mx.array(ids).reshape(*logits.shape[:-1], k), mx.array(probs).reshape(*logits.shape[:-1], k)
+
+
+def top_k_mlx(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
+    """Top-k ids and probabilities of float32 logits (..., V), best first, in MLX."""
+    k = min(top_k, logits.shape[-1])
+    peak = logits.max(axis=-1, keepdims=True)
+    total = mx.exp(logits - peak).sum(axis=-1, keepdims=True)
+    ids = mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    chosen = mx.take_along_axis(logits, ids, axis=-1)
     order = mx.argsort(-chosen, axis=-1)
-    return mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(chosen, order, axis=-1)
+    return mx.take_along_axis(ids, order, axis=-1), mx.exp(mx.take_along_axis(chosen, order, axis=-1) - peak) / total
+
+
+GROUPS = 64  # top-k candidates: the vocabulary as GROUPS rows of V // GROUPS columns
+ROWS_PER_CHUNK = 16  # log-sum-exp over a few rows at a time, in cache
+
+
+def top_k_numpy(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids (R, k) and probabilities (R, k), best first, of float32 logits (R, V).
+
+    The vocabulary is read as a (GROUPS, V // GROUPS) grid per row. The k largest logits lie in
+    the k columns with the largest maxima (a column holding none of them has a maximum no
+    larger than the k-th largest logit), so only those k columns are partitioned.
+    """
+    rows, vocab = logits.shape
+    k = min(top_k, vocab)
+    width = vocab // GROUPS
+    if width <= 2 * k:  # a small vocabulary: every id is a candidate
+        candidates = np.broadcast_to(np.arange(vocab), (rows, vocab))
+    else:
+        grid = logits[:, : GROUPS * width].reshape(rows, GROUPS, width)
+        columns = np.argpartition(-grid.max(axis=1), k - 1, axis=-1)[:, :k]  # (R, k)
+        candidates = (columns[:, None, :] + width * np.arange(GROUPS)[None, :, None]).reshape(rows, -1)
+        rest = np.arange(GROUPS * width, vocab)  # the last V % GROUPS ids
+        if rest.size:
+            candidates = np.concatenate([candidates, np.broadcast_to(rest, (rows, rest.size))], axis=1)
+    values = np.take_along_axis(logits, candidates, axis=-1)
+    best = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+    ids = np.take_along_axis(candidates, best, axis=-1)
+    chosen = np.take_along_axis(values, best, axis=-1)
+    peak, total = softmax_denominator(logits)
+    return ids, np.exp(chosen - peak[:, None]) / total[:, None]
+
+
+def softmax_denominator(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float32 logits (R, V): the maximum m and sum(exp(row - m)), a few rows at a
+    time; a probability is exp(logit - m) / sum (as softmax computes it: subtracting the
+    log-sum-exp instead loses digits when logits are large)."""
+    peaks = logits.max(axis=-1)
+    totals = np.empty(logits.shape[0], dtype=np.float32)
+    scratch = np.empty((min(ROWS_PER_CHUNK, logits.shape[0]), logits.shape[1]), dtype=np.float32)
+    for start in range(0, logits.shape[0], ROWS_PER_CHUNK):
+        part = logits[start : start + ROWS_PER_CHUNK]
+        buffer = scratch[: len(part)]
+        np.subtract(part, peaks[start : start + len(part), None], out=buffer)
+        np.exp(buffer, out=buffer)
+        totals[start : start + len(part)] = buffer.sum(axis=-1)
+    return peaks, totals
 
 
 def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs: bool = False) -> list[Any]:
@@ -72,11 +134,10 @@ def logit_lens(
     ids_parts, probs_parts = [], []
     for start in range(0, len(layers), chunk):
         ids, probs = top_predictions(model, resid[start : start + chunk], top_k)
-        mx.eval(ids, probs)
-        ids_parts.append(ids)
-        probs_parts.append(probs)
-    ids = mx.concatenate(ids_parts).tolist()
-    probs = mx.concatenate(probs_parts).tolist()
+        ids_parts.append(np.array(ids))
+        probs_parts.append(np.array(probs))
+    ids = np.concatenate(ids_parts).tolist()
+    probs = np.concatenate(probs_parts).tolist()
     names: dict[int, str] = {}
 
     def name(token: int) -> str:
