@@ -467,6 +467,15 @@ class Hooks:
             mx.eval(output, list(recorder.recorded.values()))
         return output, recorder.recorded
 
+    def call(self, part: Callable, *args, edit: bool = True, **kwargs) -> Any:
+        """Run ``part(*args, **kwargs)``, a piece of the model such as one block, as one pass
+        with these probes and interventions; what it returns, lazy. Patching sweeps re-enter
+        a forward pass at a block this way."""
+        if self._stack is None:
+            raise TraceError("Hooks are used inside their `with` block.")
+        self._recorder.start_pass(edit)
+        return part(*args, **kwargs)
+
     def _is_spliced(self, name: str) -> bool:
         """Whether a raw capture entry is a splice's sub-site (or a pattern over them)."""
         if self.splices is None:

@@ -99,3 +99,156 @@ def test_logit_lens_on_the_real_model_equals_float64(smollm):
             probs = np.array([p for _, p, _ in got])
             assert np.abs(probs - exact_probs[row]).max() <= 1e-6
             assert (np.abs(probs - np.asarray(old_probs[row])) <= 1e-3 * np.asarray(old_probs[row])).all()
+
+
+# -- patching sweeps with causal reuse ------------------------------------------------------------
+
+from mlxterp import interventions as iv  # noqa: E402
+from mlxterp_analyses import causal  # noqa: E402
+from mlxterp_analyses.patching import Cell, causal_sweep, full_sweep, logit_difference, patch_sweep, reads_last  # noqa: E402
+
+CLEAN = [5, 17, 3, 42, 9, 77, 1, 30]
+CORRUPTED = [5, 17, 8, 61, 9, 77, 1, 30]
+ANSWERS = (11, 12)
+SUBS = ["output", "input", "mlp", "attn", "resid_mid", "attn.z_heads"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2", "phi3"])
+def family_model(request):
+    return InterpretableModel(tiny_family(request.param))
+
+
+def naive_scores(model, clean, corrupted, sub, cells, score, offset=0):
+    """One traced forward pass per cell, patched through the public intervention API."""
+    names = {c.layer: f"layers.{c.layer}.{sub}" for c in cells}
+    acts = model.run([clean], capture=list(names.values())).activations
+    scores = []
+    for cell in cells:
+        source = acts[names[cell.layer]]
+        if offset:  # target position p takes source position p + offset
+            source = source[:, offset:] if offset > 0 else mx.concatenate([mx.zeros_like(source[:, :-offset]), source], axis=1)
+        at = {}
+        if cell.head is not None:
+            at["heads"] = [cell.head]
+        if cell.position is not None:
+            at["positions"] = [cell.position]
+        edit = iv.replace_with(source[:, : len(corrupted)])
+        edits = {names[cell.layer]: edit.at(**at) if at else edit}
+        if cell.position is not None and not 0 <= cell.position + offset < len(clean):
+            edits = {}  # no source position: nothing to patch
+        logits = model.run([corrupted], interventions=edits).output
+        scores.append(score(logits).item())
+    return scores
+
+
+def sweep_cells(model, sub):
+    arch = model.architecture
+    if sub == "attn.z_heads":
+        return [Cell(i, head=h) for i in range(arch.n_layers) for h in range(arch.n_heads)]
+    if sub == "mlp":
+        return [Cell(i) for i in range(arch.n_layers)] + [Cell(i, position=p) for i in (0, 2) for p in range(len(CORRUPTED))]
+    return [Cell(i, position=p) for i in range(arch.n_layers) for p in range(len(CORRUPTED))]
+
+
+def clean_sources(model, sub, ids=CLEAN):
+    names = [f"layers.{i}.{sub}" for i in range(model.architecture.n_layers)]
+    acts = model.run([ids], capture=names).activations
+    return {i: acts[name] for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize("call_cost", [0, causal.LAYER_CALL_COST])  # 0: one batch per start position
+@pytest.mark.parametrize("sub", SUBS)
+def test_causal_sweep_equals_one_trace_per_cell(family_model, sub, call_cost, monkeypatch):
+    """Every cell within 1e-4 of recovery fraction of the naive loop, re-entering the run."""
+    monkeypatch.setattr(causal, "LAYER_CALL_COST", call_cost)
+    model = family_model
+    score = logit_difference(*ANSWERS)
+    cells = sweep_cells(model, sub)
+    clean_metric, corrupted_metric = score(model.run([CLEAN]).output).item(), score(model.run([CORRUPTED]).output).item()
+    fast = causal_sweep(model, CORRUPTED, clean_sources(model, sub), sub, cells, score, progress=False).tolist()
+    naive = naive_scores(model, CLEAN, CORRUPTED, sub, cells, score)
+    fraction = lambda s: (s - corrupted_metric) / (clean_metric - corrupted_metric)  # noqa: E731
+    for cell, got, want in zip(cells, fast, naive):
+        assert abs(fraction(got) - fraction(want)) <= 1e-4, cell
+
+
+@pytest.mark.parametrize("declared", [None, 3, 5, 20])
+def test_causal_sweep_with_custom_metrics(family_model, declared, monkeypatch):
+    """A metric that declares no reads gets every position; one reading the last k gets those
+    (20: more than the prompt has, so all)."""
+    monkeypatch.setattr(causal, "LAYER_CALL_COST", 0)
+    model = family_model
+
+    def metric(logits):  # mean log-probability of token 11 over the last three positions
+        return (logits[:, -3:].astype(mx.float32) - mx.logsumexp(logits[:, -3:].astype(mx.float32), axis=-1, keepdims=True))[..., 11].mean(axis=-1)
+
+    score = metric if declared is None else reads_last(declared)(metric)
+    cells = sweep_cells(model, "output")
+    fast = causal_sweep(model, CORRUPTED, clean_sources(model, "output"), "output", cells, score, progress=False).tolist()
+    naive = naive_scores(model, CLEAN, CORRUPTED, "output", cells, metric)
+    assert fast == pytest.approx(naive, abs=1e-5)
+
+
+def test_causal_sweep_with_aligned_prompts_of_different_lengths(family_model, monkeypatch):
+    monkeypatch.setattr(causal, "LAYER_CALL_COST", 0)
+    model = family_model
+    longer = [99, 98, *CORRUPTED]
+    score = logit_difference(*ANSWERS)
+    cells = sweep_cells(model, "output")[: 2 * len(CORRUPTED)] + [Cell(1, position=p) for p in range(len(longer))]
+    fast = causal_sweep(model, longer, clean_sources(model, "output"), "output", cells, score, offset=-2, progress=False).tolist()
+    assert fast == pytest.approx(full_sweep(model, longer, clean_sources(model, "output"), "output", cells, score, offset=-2).tolist(), abs=1e-5)
+    assert fast == pytest.approx(naive_scores(model, CLEAN, longer, "output", cells, score, offset=-2), abs=1e-5)
+
+
+def test_sweeps_fall_back_where_reuse_is_not_exact(monkeypatch):
+    """Sliding-window caches: no reuse; a re-entry that breaks: the control row notices."""
+    gemma3 = InterpretableModel(tiny_family("gemma3_text"))
+    score = logit_difference(*ANSWERS)
+    cells = sweep_cells(gemma3, "output")
+    with pytest.raises(causal.CannotReuse, match="not plain KV caches"):
+        causal_sweep(gemma3, CORRUPTED, clean_sources(gemma3, "output"), "output", cells, score)
+    assert patch_sweep(gemma3, CORRUPTED, clean_sources(gemma3, "output"), "output", cells, score).tolist() == pytest.approx(
+        naive_scores(gemma3, CLEAN, CORRUPTED, "output", cells, score), abs=1e-4)
+
+    llama = InterpretableModel(tiny_family("llama"))
+    monkeypatch.setattr(causal, "LAYER_CALL_COST", 0)
+    real_cache = causal.CorruptedRun.prefix_cache
+    monkeypatch.setattr(causal.CorruptedRun, "prefix_cache", lambda self, layer, start, rows: real_cache(self, layer, 0, rows))
+    sources = clean_sources(llama, "output")
+    with pytest.raises(causal.CannotReuse, match="changed its logits"):
+        causal_sweep(llama, CORRUPTED, sources, "output", sweep_cells(llama, "output"), score)
+    assert patch_sweep(llama, CORRUPTED, sources, "output", sweep_cells(llama, "output"), score).tolist() == pytest.approx(
+        naive_scores(llama, CLEAN, CORRUPTED, "output", sweep_cells(llama, "output"), score), abs=1e-4)
+
+
+def test_causal_sweep_on_the_real_model_equals_one_trace_per_cell(smollm):
+    clean, corrupted = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
+    result = smollm.activation_patching(clean, corrupted, component="resid", positions="all", progress=False)
+    clean_ids, corrupted_ids = smollm.encode(clean), smollm.encode(corrupted)
+    score = logit_difference(smollm.encode(" Paris")[0], smollm.encode(" Rome")[0])
+    cells = [Cell(layer, position=p) for layer in (0, 9, 20, 29) for p in range(len(corrupted_ids))]
+    naive = naive_scores(smollm, clean_ids, corrupted_ids, "output", cells, score)
+    for cell, want in zip(cells, naive):
+        fraction = (want - result.corrupted_metric) / (result.clean_metric - result.corrupted_metric)
+        assert abs(result[cell.layer][cell.position] / 100 - fraction) <= 1e-4, cell
+
+
+def test_progress_bar_only_on_a_terminal(family_model, monkeypatch, capsys):
+    import io
+
+    import mlxterp_core.progress as progress
+
+    monkeypatch.setattr(progress, "DELAY", 0)
+    patch = dict(clean_text=CLEAN, corrupted_text=CORRUPTED, component="resid", positions="all", answers=ANSWERS)
+    family_model.activation_patching(**patch)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for shown in (True, False):
+        terminal = Terminal()
+        monkeypatch.setattr("sys.stderr", terminal)
+        family_model.activation_patching(**patch, progress=shown)
+        assert ("patching" in terminal.getvalue()) is shown

@@ -8,8 +8,11 @@ corrupted)``, in percent. The default metric is the logit difference between the
 answer and the corrupted run's answer at the last position.
 
 The sweep is batched: every patched cell is one row of a batch of the corrupted prompt, each row
-patched through a row-wise mask, in as few forward passes as the memory budget allows (not one
-pass per cell). Written against standard names only.
+patched through a row-wise mask (not one pass per cell). Rows reuse the corrupted run where the
+patch cannot have changed it (see :mod:`.causal`): a row patched at block l, position p starts at
+block l, runs positions p.. only and is unembedded only where the metric reads; models where that
+cannot be done exactly run whole forward passes, as many rows at a time as the memory budget
+allows. Written against standard names only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import attrs
 import mlx.core as mx
 
 from mlxterp_core.errors import MlxterpError
+from mlxterp_core.progress import progress_bar
 
+from .causal import CannotReuse, CorruptedRun, Row, check_control, rows_per_batch, run_rows, start_batches
 from .results import PatchingResult
 from .text import ids_text, token_ids, token_text
 
@@ -56,7 +61,23 @@ def logit_difference(good: int, bad: int) -> Callable[[mx.array], mx.array]:
         return last[:, good] - last[:, bad]
 
     metric.__name__ = "logit_difference"
-    return metric
+    return reads_last(1)(metric)
+
+
+def reads_last(positions: int) -> Callable:
+    """Declare that a metric reads only the last ``positions`` positions of the logits (and
+    indexes them from the end, ``logits[:, -1]``): sweeps then unembed only those and pass
+    logits (B, positions, V). A metric without the declaration gets every position.
+
+    >>> @reads_last(1)
+    ... def probability_of_paris(logits): ...
+    """
+
+    def declare(metric):
+        metric.reads_last = int(positions)
+        return metric
+
+    return declare
 
 
 def activation_patching(
@@ -73,6 +94,7 @@ def activation_patching(
     align: str | None = None,
     memory_budget: int = MEMORY_BUDGET,
     save_path=None,
+    progress: bool = True,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run; recovery (%) per layer (and position or head).
 
@@ -86,12 +108,14 @@ def activation_patching(
             one position per cell.
         heads: patch one attention head per cell (through ``attn.z_heads``, all positions).
         metric: ``logits (B, T, V) -> (B,)``; default: logit difference of the two answers at
-            the last position.
+            the last position. A metric that reads only the last k positions can say so with
+            ``@reads_last(k)`` (it then gets logits (B, k, V)), which makes sweeps faster.
         answers: (clean answer, corrupted answer) as token ids or strings; default: each run's
             top prediction at the last position.
         align: prompts of different token counts are an error unless ``align`` is "start" or
             "end": positions are then matched from that end, and only matched positions patched.
         memory_budget: bytes per batched forward pass.
+        progress: show a progress bar (only when stderr is a terminal).
     """
     arch = model.architecture_or_raise("activation patching")
     layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
@@ -101,7 +125,7 @@ def activation_patching(
     corrupted_ids = runs.corrupted_ids
     cells = _cells(layers, len(corrupted_ids), arch.n_heads, positions, heads)
     sources = {i: runs.clean[f"layers.{i}.{sub}"] for i in layers}
-    scores = patch_sweep(model, corrupted_ids, sources, sub, cells, runs.score, runs.offset, memory_budget)
+    scores = patch_sweep(model, corrupted_ids, sources, sub, cells, runs.score, runs.offset, memory_budget, progress)
     recovery = runs.recovery(scores).tolist()
     per_layer = len(cells) // len(layers)
     values = [recovery[k * per_layer : (k + 1) * per_layer] for k in range(len(layers))]
@@ -186,28 +210,95 @@ def patch_sweep(
     score: Callable[[mx.array], mx.array],
     offset: int = 0,
     memory_budget: int = MEMORY_BUDGET,
+    progress: bool = True,
 ) -> mx.array:
     """The metric of the target prompt with each cell patched from ``sources`` (layer -> the
-    activation at ``layers[layer].<sub>`` of the source run), one cell per batch row.
+    activation at ``layers[layer].<sub>`` of the source run), one cell per batch row: (cells,).
 
-    ``offset``: target position p takes the source's position p + offset.
+    ``offset``: target position p takes the source's position p + offset. Rows re-enter the
+    target's own run where they can (:func:`causal_sweep`), else run whole passes
+    (:func:`full_sweep`); both give the same numbers.
     """
+    try:
+        return causal_sweep(model, target_ids, sources, sub, cells, score, offset, memory_budget, progress)
+    except CannotReuse:
+        return full_sweep(model, target_ids, sources, sub, cells, score, offset, memory_budget, progress)
+
+
+def causal_sweep(model, target_ids, sources, sub, cells, score, offset=0, memory_budget=MEMORY_BUDGET, progress=True) -> mx.array:
+    """:func:`patch_sweep` by re-entering the target's run (see :mod:`.causal`); raises
+    CannotReuse where that is not exact for this model."""
+    arch = model.architecture
+    run = CorruptedRun(model, target_ids)
+    length, per_head = len(target_ids), sub == "attn.z_heads"
+    reads = getattr(score, "reads_last", None)
+    reads = None if reads is None else max(1, min(int(reads), length))
+    aligned = {layer: _aligned(sources[layer], length, offset, per_head) for layer in sorted({c.layer for c in cells})}
+    valid = {layer: v.tolist() for layer, (_, v) in aligned.items()}
+    rows = [_row(i, cell, sub, aligned[cell.layer][0], valid[cell.layer], arch) for i, cell in enumerate(cells)]
+    example = next(iter(sources.values()))
+    width = example.shape[-1] * (example.shape[1] if per_head else 1)
+    vocab = run.logits.shape[-1]
+    read = length if reads is None else reads
+    batches = start_batches(
+        rows, lambda span: rows_per_batch(span, read, width, arch.n_layers, vocab, memory_budget), length, arch.n_layers
+    )
+    sources_at = {layer: source for layer, (source, _) in aligned.items()}
+    scores: list[Any] = [None] * len(cells)
+    # Unpatched control rows check that re-entering is exact: in the first batch and in the
+    # one of the latest start (the two ends: an empty and the longest cache of earlier positions)
+    latest = max(range(len(batches)), key=lambda b: min(r.start for r in batches[b]))
+    with progress_bar(len(cells), "patching", progress, unit="cell") as bar:
+        for number, batch in enumerate(batches):
+            controlled = number in (0, latest)
+            if controlled:
+                batch = [*batch, Row(-1, min(r.layer for r in batch), min(r.start for r in batch))]
+            logits = run_rows(run, batch, sub, sources_at, reads)
+            values = score(logits)
+            mx.eval(values)
+            if controlled:
+                check_control(run, logits[-1:], reads)
+                batch, values = batch[:-1], values[:-1]
+            for row, value in zip(batch, values):
+                scores[row.index] = value
+            bar.update(len(batch))
+    return mx.stack(scores)
+
+
+def _row(index: int, cell: Cell, sub: str, source: mx.array, valid: list[bool], arch) -> Row:
+    """How the row of ``cell`` re-enters the target's run (see causal.Row)."""
+    length = len(valid)
+    positions = [p for p in range(length) if valid[p] and (cell.position is None or p == cell.position)]
+    if not positions:  # nothing to patch: the target's own run
+        return Row(index, arch.n_layers, length - 1)
+    at = mx.array([p in positions for p in range(length)])[:, None]  # (T, 1)
+    if sub == "attn.z_heads":
+        return Row(index, cell.layer, positions[0], mask=(mx.arange(arch.n_heads) == cell.head)[:, None, None] & at[None])
+    if sub in ("input", "output"):
+        return Row(index, cell.layer + (sub == "output"), positions[0], mask=at, source=source)
+    return Row(index, cell.layer, positions[0], mask=at)
+
+
+def full_sweep(model, target_ids, sources, sub, cells, score, offset=0, memory_budget=MEMORY_BUDGET, progress=True) -> mx.array:
+    """:func:`patch_sweep` by whole forward passes of the target, one row per cell."""
     length = len(target_ids)
     example = next(iter(sources.values()))
     width = example.shape[-1] * (example.shape[1] if example.ndim == 4 else 1)
     rows = _rows_per_pass(length, width, model.architecture.n_layers, memory_budget)
     scores = []
-    for start in range(0, len(cells), rows):
-        chunk = cells[start : start + rows]
-        ids = mx.array([target_ids] * len(chunk))
-        edits = {}
-        for layer in sorted({c.layer for c in chunk}):
-            source, valid = _aligned(sources[layer], length, offset, per_head=sub == "attn.z_heads")
-            mask = _mask(chunk, layer, valid, source.shape)
-            edits[f"layers.{layer}.{sub}"] = _replace_where(mask, source)
-        logits = model.run(ids, interventions=edits, capture=["logits"]).activations["logits"]
-        scores.append(score(logits))
-        mx.eval(scores[-1])
+    with progress_bar(len(cells), "patching", progress, unit="cell") as bar:
+        for start in range(0, len(cells), rows):
+            chunk = cells[start : start + rows]
+            ids = mx.array([target_ids] * len(chunk))
+            edits = {}
+            for layer in sorted({c.layer for c in chunk}):
+                source, valid = _aligned(sources[layer], length, offset, per_head=sub == "attn.z_heads")
+                mask = _mask(chunk, layer, valid, source.shape)
+                edits[f"layers.{layer}.{sub}"] = _replace_where(mask, source)
+            logits = model.run(ids, interventions=edits, capture=["logits"]).activations["logits"]
+            scores.append(score(logits))
+            mx.eval(scores[-1])
+            bar.update(len(chunk))
     return mx.concatenate(scores)
 
 
