@@ -371,7 +371,8 @@ class Trace:
         edits = f", interventions: {', '.join(self._interventions)}" if self._interventions else ""
         if not self._ran:
             return f"Trace(not run yet, inputs {shape}{edits})"
-        return f"Trace(inputs {shape}, {len(self.activations)} sites recorded{_sites_shown(self.activations)}{edits})"
+        n = len(self.activations)
+        return f"Trace(inputs {shape}, {n} site{'s' * (n != 1)} recorded{_sites_shown(self.activations)}{edits})"
 
     def __enter__(self) -> Trace:
         if not self._ran:
