@@ -214,6 +214,14 @@ def test_result_views_carry_their_data(all_results):
     (data,) = embedded_data(views.document(patching._view()))
     assert np.allclose(views.decode(data["values"]), patching.recovery, rtol=1e-3, atol=1e-3)
     assert data["columns"] == patching.labels and data["rows"] == [f"L{i}" for i in patching.layers]
+    dla = all_results["dla"]
+    (data,) = embedded_data(views.document(dla._view()))
+    table = views.decode(data["values"])  # (layers, attn + mlp + heads)
+    assert data["columns"] == ["attn", "mlp"] + [f"H{h}" for h in range(dla.n_heads)]
+    bias = np.array([dla[f"L{i} attn bias"] for i in range(len(table))])
+    assert np.allclose(table[:, 0], table[:, 2:].sum(axis=1) + bias, rtol=1e-2, atol=1e-2)  # heads + bias = attn
+    rest = sum(v for label, v in zip(dla.labels, dla.values) if not label.startswith("L"))
+    assert table[:, :2].sum() + rest == pytest.approx(dla.logit_diff, rel=1e-2, abs=1e-2)
     attribution = all_results["attribution"]
     assert len(embedded_data(views.document(attribution._view()))) == len(attribution.keys())
 

@@ -329,6 +329,21 @@ class DLAResult(Display, Serialisable):
         return (f"logit {self.answers[0]!r} - {self.answers[1]!r} at {at!r}: {self.logit_diff:+.3f} over "
                 f"{len(self.labels)} components; top: {top}")
 
+    def _view(self) -> str:
+        from .views import heatmap_html
+
+        value = dict(zip(self.labels, self.values))
+        layers = sorted({int(label[1:].split(" ")[0].split("H")[0]) for label in self.labels if label[:1] == "L"})
+        heads = [f"H{h}" for h in range(self.n_heads)]
+        table = [[sum(v for label, v in value.items() if label.startswith(f"L{i}H") or label in (f"L{i} attn", f"L{i} attn bias")),
+                  value.get(f"L{i} mlp", 0.0)] + [value.get(f"L{i}{h}", 0.0) for h in heads] for i in layers]
+        others = ", ".join(f"{label} {v:+.3g}" for label, v in value.items() if label[:1] != "L")
+        at = self.tokens[self.position] if self.tokens else ""
+        return heatmap_html([f"L{i}" for i in layers], ["attn", "mlp"] + heads, table,
+                            title=f"Direct logit attribution of {self.answers[0]!r} - {self.answers[1]!r} at {at!r}",
+                            subtitle=f"total {self.logit_diff:+.3f}; {others}", row_name="layer",
+                            column_name="component", flip=True)
+
     def plot(self, path: str | Path | None = None, figsize=(14, 6)):
         from .plots import dla_plot
 
