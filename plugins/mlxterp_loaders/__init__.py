@@ -32,10 +32,23 @@ def load_mlx_lm_directory(source: Any, **options):
             f"{', '.join(found) or 'nothing'}). Pass a model directory (config.json, *.safetensors, "
             "tokenizer files), a .gguf file, or a Hugging Face repo id."
         )
+    import json
+
     from mlx_lm import load as mlx_lm_load
 
-    module, tokenizer = mlx_lm_load(str(path))
-    return module, tokenizer, {"format": "mlx-lm", "directory": str(path)}
+    from .hf_config import check_required, legacy_keys
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path / 'config.json'} is not readable JSON ({e}).") from None
+    added = legacy_keys(config)  # transformers 5's keys, in the names mlx-lm reads
+    check_required({**config, **added})
+    module, tokenizer = mlx_lm_load(str(path), model_config=added)
+    report = {"format": "mlx-lm", "directory": str(path)}
+    if added:
+        report["config"] = "added for mlx-lm from transformers 5 keys: " + ", ".join(f"{k}={v!r}" for k, v in added.items())
+    return module, tokenizer, report
 
 
 def load_hub_repo(source: Any, **options):
