@@ -11,7 +11,7 @@ the same code runs in one process and in many.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -100,6 +100,21 @@ def gather_rows(local: mx.array, n: int, group: Any) -> mx.array:
     return rows.astype(mx.bool_) if as_bool else rows
 
 
+def map_rows(fn: Callable[[Sequence], mx.array], items: Sequence, group: Any = None) -> mx.array:
+    """``fn(items)``, a (len(items), ...) array, computed with the items split across the ranks
+    of ``group`` and gathered: every rank returns what one process computes alone.
+
+    ``fn`` must compute each row from its own item only (as a batched sweep does); fewer items
+    than ranks run everything on every rank. Outside ``mlx.launch`` this is ``fn(items)``."""
+    group = world(group)
+    if group.size() == 1 or len(items) < group.size():
+        return fn(items)
+    part = split(len(items), group)
+    local = fn(items[part.start : part.stop])
+    mx.eval(local)
+    return gather_rows(local, len(items), group)
+
+
 def gather_tree(local: Any, n: int, group: Any) -> Any:
     """:func:`gather_rows` over every array of a dict / list / tuple of arrays."""
     if isinstance(local, dict):
@@ -128,4 +143,4 @@ def rank_of(group: Any) -> tuple[int, int]:
     return group.rank(), group.size()
 
 
-__all__: Sequence[str] = ["world", "all_ok", "barrier", "same_everywhere", "gather_bytes", "split", "gather_rows", "gather_tree", "DistributedError"]
+__all__: Sequence[str] = ["world", "all_ok", "barrier", "same_everywhere", "gather_bytes", "split", "gather_rows", "gather_tree", "map_rows", "DistributedError"]

@@ -1,0 +1,133 @@
+"""Caching across processes: a SIGKILLed run resumes to the uninterrupted dataset, and two ring
+ranks on localhost write the one-process dataset bit for bit. Each rank's exit status is
+checked here (mlx.launch returns 0 whatever its ranks do)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import tiny_llama, train_tokenizer, write_gguf
+
+import mlxterp
+from mlxterp import default_corpus
+
+OPTIONS = ["--context-size", "16", "--batch-size", "2", "--shard-tokens", "32", "--max-tokens", "1200"]
+SITES = ["layers[*]", "layers[1].mlp.act"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("processes")
+    gguf = root / "tiny.gguf"
+    write_gguf(gguf, tiny_llama(), train_tokenizer(), "llama")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(d.replace("\n", " ") for d in default_corpus()[:60]) + "\n")
+    return root, gguf, corpus
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """The one-process dataset, made in this process."""
+    root, gguf, corpus = files
+    model = mlxterp.load(gguf)
+    return model.cache_activations(corpus, SITES, root / "reference", context_size=16, batch_size=2,
+                                   shard_tokens=32, max_tokens=1200)
+
+
+def command(gguf, corpus, out, *extra):
+    return [sys.executable, "-m", "mlxterp", "cache", str(gguf), "--corpus", str(corpus), "--sites", *SITES,
+            "--out", str(out), *OPTIONS, *extra]
+
+
+def environment(**extra):
+    return {**os.environ, "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def digests(path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    return [(s["file"], s["rows"], s["tokens"], s["sha256"]) for s in manifest["shards"]], manifest
+
+
+def test_sigkill_mid_run_loses_at_most_one_shard(files, reference):
+    root, gguf, corpus = files
+    out = root / "killed"
+    proc = subprocess.Popen(command(gguf, corpus, out), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = out / "journal-rank0.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-500:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    done = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
+    assert not (out / "manifest.json").exists() and len(done) < len(reference.shards)
+    kept = {f"shard-{k:06d}.safetensors": (out / f"shard-{k:06d}.safetensors").stat().st_mtime_ns for k in done}
+    resumed = subprocess.run(command(gguf, corpus, out), env=environment(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    shards, manifest = digests(out)
+    assert shards == digests(reference.path)[0]  # identical to the uninterrupted run
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # finished shards untouched
+    lines = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
+    assert sorted(lines) == list(range(len(manifest["shards"])))  # every shard made exactly once
+    assert not list(out.glob("*.tmp"))
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_ranks(commands, folder, timeout=240):
+    """Start one process per command as ranks of a localhost ring; (returncode, stderr) each."""
+    hostfile = folder / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(len(commands))]))
+    procs = [subprocess.Popen(cmd, env=environment(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, cmd in enumerate(commands)]
+    results = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append((proc.returncode, err))
+    return results
+
+
+def test_two_ring_ranks_write_the_one_process_dataset(files, reference):
+    root, gguf, corpus = files
+    out = root / "two-ranks"
+    results = run_ranks([command(gguf, corpus, out)] * 2, root)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-2000:]}"
+    shards, manifest = digests(out)
+    assert shards == digests(reference.path)[0]  # bit for bit
+    assert {s["rank"] for s in manifest["shards"]} == {0, 1}
+    assert sorted(p.name for p in out.glob("journal-*")) == ["journal-rank0.jsonl", "journal-rank1.jsonl"]
+
+
+def test_ranks_that_disagree_all_fail(files, tmp_path):
+    root, gguf, corpus = files
+    other = tmp_path / "other.txt"
+    other.write_text("A different first document.\n" + corpus.read_text())
+    out = tmp_path / "disagree"
+    results = run_ranks([command(gguf, corpus, out), command(gguf, other, out)], tmp_path)
+    for rank, (code, err) in enumerate(results):
+        assert code == 2 and "disagree" in err, f"rank {rank}: {code} {err[-1000:]}"
+    assert not (out / "manifest.json").exists()
