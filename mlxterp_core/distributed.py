@@ -100,9 +100,10 @@ def gather_rows(local: mx.array, n: int, group: Any) -> mx.array:
     return rows.astype(mx.bool_) if as_bool else rows
 
 
-def map_rows(fn: Callable[[Sequence], mx.array], items: Sequence, group: Any = None) -> mx.array:
-    """``fn(items)``, a (len(items), ...) array, computed with the items split across the ranks
-    of ``group`` and gathered: every rank returns what one process computes alone.
+def map_rows(fn: Callable[[Sequence], Any], items: Sequence, group: Any = None) -> Any:
+    """``fn(items)``, a (len(items), ...) array (or a dict / tuple of them), computed with the
+    items split across the ranks of ``group`` and gathered: every rank returns what one process
+    computes alone.
 
     ``fn`` must compute each row from its own item only (as a batched sweep does); fewer items
     than ranks run everything on every rank. Outside ``mlx.launch`` this is ``fn(items)``."""
@@ -112,7 +113,7 @@ def map_rows(fn: Callable[[Sequence], mx.array], items: Sequence, group: Any = N
     part = split(len(items), group)
     local = fn(items[part.start : part.stop])
     mx.eval(local)
-    return gather_rows(local, len(items), group)
+    return gather_tree(local, len(items), group)
 
 
 def gather_tree(local: Any, n: int, group: Any) -> Any:

@@ -235,3 +235,45 @@ def test_reexports():
     assert mlxterp.ActivationDataset is ActivationDataset
     assert issubclass(DatasetError, mlxterp.MlxterpError)
     assert os.path.basename(caching.__file__) == "caching.py"
+
+
+def test_memory_stays_flat_over_many_shards(model, tmp_path):
+    """Resident memory after most of a run of ~100 shards is within a few MB of its level
+    after the first shards: rows go to disk as they are computed, nothing accumulates."""
+    import threading
+    import time
+
+    from mlxterp import default_corpus
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    samples = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            with open("/proc/self/statm") as f:
+                samples.append((time.perf_counter(), int(f.read().split()[1]) * page))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        ds = model.cache_activations(default_corpus()[:400], ["layers[*]", "layers[*].mlp.act"], tmp_path / "ds",
+                                     context_size=64, batch_size=8, shard_tokens=512, max_tokens=48_000)
+    finally:
+        stop.set()
+        thread.join()
+    written = sum(s["bytes"] for s in ds.shards)
+    assert len(ds.shards) >= 90 and written > 140e6
+    rss = np.array([r for _, r in samples])
+    early = rss[len(rss) // 10 : len(rss) // 5].max()  # after the first shards (warm-up done)
+    late = rss[len(rss) // 2 :].max()
+    print(f"\nRSS {early / 1e6:.0f} MB early, {late / 1e6:.0f} MB late, {written / 1e6:.0f} MB written in {len(ds.shards)} shards")
+    assert late - early < 24e6
+
+
+def test_bench_cache_speed_runs_on_a_tiny_model(model):
+    from mlxterp_core.bench import cache_speed
+
+    speed = cache_speed(model, sites=("layers[1]",), cut=2, batch_size=2, context_size=8, batches=2, repeats=1)
+    assert set(speed) == {"plain", "cache"} and all(v > 0 for v in speed.values())

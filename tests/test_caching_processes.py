@@ -47,7 +47,9 @@ def command(gguf, corpus, out, *extra):
 
 
 def environment(**extra):
-    return {**os.environ, "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **extra}
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def digests(path):
@@ -131,3 +133,24 @@ def test_ranks_that_disagree_all_fail(files, tmp_path):
     for rank, (code, err) in enumerate(results):
         assert code == 2 and "disagree" in err, f"rank {rank}: {code} {err[-1000:]}"
     assert not (out / "manifest.json").exists()
+
+
+def test_patching_split_across_two_ranks_equals_one_process(tmp_path):
+    import numpy as np
+
+    script = os.path.join(os.path.dirname(__file__), "distributed_patching.py")
+    single = tmp_path / "single"
+    single.mkdir()
+    done = subprocess.run([sys.executable, script, str(single)], env=environment(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    alone = json.loads((single / "rank0.json").read_text())
+    assert alone["size"] == 1
+    outcome = run_ranks([[sys.executable, script, str(tmp_path)]] * 2, tmp_path)
+    for rank, (code, err) in enumerate(outcome):
+        assert code == 0, f"rank {rank}: {err[-2000:]}"
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["size"] == 2
+        for key in ("resid", "heads"):
+            assert got[key] == alone[key], key  # bit for bit
+        assert got["attribution"] == alone["attribution"]

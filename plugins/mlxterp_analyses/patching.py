@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
+from mlxterp_core.distributed import map_rows
 from mlxterp_core.errors import MlxterpError
 from mlxterp_core.progress import progress_bar
 
@@ -217,8 +218,13 @@ def patch_sweep(
 
     ``offset``: target position p takes the source's position p + offset. Rows re-enter the
     target's own run where they can (:func:`causal_sweep`), else run whole passes
-    (:func:`full_sweep`); both give the same numbers.
+    (:func:`full_sweep`); both give the same numbers. Under ``mlx.launch`` the cells are split
+    across the ranks and the scores gathered (every rank gets them all).
     """
+    return map_rows(lambda part: _sweep(model, target_ids, sources, sub, part, score, offset, memory_budget, progress), cells)
+
+
+def _sweep(model, target_ids, sources, sub, cells, score, offset, memory_budget, progress) -> mx.array:
     try:
         return causal_sweep(model, target_ids, sources, sub, cells, score, offset, memory_budget, progress)
     except CannotReuse:
