@@ -221,10 +221,14 @@ class Architecture:
             }[name.sub]
             return Resolved(str(name), site)
         i = name.layer
-        if not 0 <= i < self.n_layers:
+        if not -self.n_layers <= i < self.n_layers:
             raise UnknownNameError(
-                f"{name}: layer {i} does not exist; this {schema.family} model has layers 0..{self.n_layers - 1}."
+                f"{name}: layer {i} does not exist; this {schema.family} model has layers "
+                f"0..{self.n_layers - 1} (or -{self.n_layers}..-1 counted from the end)."
             )
+        if i < 0:  # layers[-1] is the last layer
+            i += self.n_layers
+            name = attrs.evolve(name, layer=i)
         block = f"model.{schema.layers}.{i}"
         sub = name.sub
         if sub == "input":

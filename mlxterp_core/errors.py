@@ -29,6 +29,15 @@ class InputError(MlxterpError, ValueError):
     """Inputs to a trace that cannot be run: text without a tokenizer, an empty prompt, ..."""
 
 
+class OptionError(InputError):
+    """An option out of its range or of the wrong kind: ``top_k=0``, ``positions=[50]`` on a
+    10-token prompt, ``max_tokens=-3``, a metric returning the wrong shape, ..."""
+
+
+class FileFormatError(MlxterpError, ValueError):
+    """A file that is missing, truncated, not the format expected, or of another kind."""
+
+
 class TraceError(MlxterpError, RuntimeError):
     """A trace used out of order: ``model.output`` outside a trace, nested traces, ..."""
 

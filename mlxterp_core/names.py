@@ -18,7 +18,8 @@ Standard names, one grammar (brackets and dots are interchangeable for the layer
     ln_final                    final norm output
     logits                      model output
 
-``layers[*]`` (or ``layers.*``) stands for every layer in ``capture=`` and ``interventions=``.
+``layers[*]`` (or ``layers.*``) stands for every layer in ``capture=`` and ``interventions=``;
+``layers[-1]`` (``layers.-1``) is the last layer, negative indices counting from the end.
 
 Aliases: TransformerLens hook names (``blocks.3.hook_resid_pre``, ``blocks.3.attn.hook_z``,
 ... in TransformerLens's own layouts: (B, T, H, D) for q/k/v/z) and nnterp-style accessors
@@ -58,7 +59,7 @@ GRAMMAR = (
     "standard names are 'embed', 'ln_final', 'logits', or 'layers[i]' followed by one of "
     "'.input', '.output', '.ln1', '.ln2', '.attn', '.attn.q' (k, v, z, q_heads, q_rot, pattern "
     "...), '.resid_mid', '.mlp', '.mlp.gate' (up, act, down, router); 'layers.i' works too, "
-    "and 'layers[*]' means every layer"
+    "'layers[*]' means every layer and 'layers[-1]' the last"
 )
 
 # TransformerLens names: (our sub-name, layout). Layout 'bthd' is TransformerLens's (B, T, H, D).
@@ -91,7 +92,7 @@ _NNTERP = {
     "attention_probabilities": "attn.pattern",
 }
 
-_LAYER = re.compile(r"^layers\.(\d+|\*)(?:\.(.+))?$")
+_LAYER = re.compile(r"^layers\.(-?\d+|\*)(?:\.(.+))?$")
 
 
 @attrs.frozen
@@ -112,15 +113,15 @@ def is_raw(name: str) -> bool:
 
 def parse(name: str) -> StandardName:
     """Parse a standard name or alias; raise UnknownNameError explaining the grammar."""
-    dotted = re.sub(r"\[(\d+|\*)\]", r".\1", name.strip())
+    dotted = re.sub(r"\[(-?\d+|\*)\]", r".\1", name.strip())
     if dotted in MODEL_NAMES:
         return StandardName(dotted)
     if dotted in _TL_MODEL:
         return StandardName(_TL_MODEL[dotted])
-    accessor = re.match(r"^(\w+)\.(\d+|\*)$", dotted)
+    accessor = re.match(r"^(\w+)\.(-?\d+|\*)$", dotted)
     if accessor and accessor.group(1) in _NNTERP:
         return StandardName(_NNTERP[accessor.group(1)], _layer(accessor.group(2)))
-    tl = re.match(r"^blocks\.(\d+|\*)\.(.+)$", dotted)
+    tl = re.match(r"^blocks\.(-?\d+|\*)\.(.+)$", dotted)
     if tl and tl.group(2) in _TL_BLOCK:
         sub, layout = _TL_BLOCK[tl.group(2)]
         return StandardName(sub, _layer(tl.group(1)), layout)

@@ -20,7 +20,6 @@ dotted attribute paths read from the block (for ports) or the model root (for th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Union
 
@@ -181,15 +180,14 @@ class ArchitectureSchema:
     @classmethod
     def from_file(cls, path: str | Path) -> ArchitectureSchema:
         """Load a schema from a ``.toml`` or ``.json`` file."""
+        from .files import read_json, read_toml
+
         path = Path(path)
+        expected = "an architecture schema (docs: plugin authoring)"
         if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(path.read_text())
+            data = read_toml(path, expected)
         elif path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = read_json(path, expected)
         else:
             raise SchemaError(f"{path}: a schema file is .toml or .json")
         try:

@@ -36,7 +36,7 @@ from .names import is_raw
 
 def dotted(name: str) -> str:
     """``layers[8].output`` -> ``layers.8.output``."""
-    return re.sub(r"\[(\d+|\*)\]", r".\1", name.strip())
+    return re.sub(r"\[(-?\d+|\*)\]", r".\1", name.strip())
 
 
 class Splices:

@@ -134,3 +134,159 @@ def test_embedding_found_in_raw_models():
     nn.quantize(quantized, group_size=32, bits=4, class_predicate=lambda p, m: p == "tokens")
     assert isinstance(quantized.tokens, nn.QuantizedEmbedding)
     assert embedding_vocab_size(quantized) == 50
+
+
+# -- options --------------------------------------------------------------------------------
+
+PROMPT = [5, 9, 17, 33, 65, 129]
+OTHER = [5, 9, 17, 33, 65, 130]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m.logit_lens(PROMPT, top_k=0), r"top_k=0 is out of range: it must be \[1, 320\]"),
+        (lambda m: m.logit_lens(PROMPT, top_k=10**6), r"top_k=1000000 is out of range"),
+        (lambda m: m.logit_lens(PROMPT, top_k=2.5), "top_k=2.5: expected an integer"),
+        (lambda m: m.logit_lens(PROMPT, layers=[4]), r"layers=4: layer 4 does not exist; there are 4 layers"),
+        (lambda m: m.logit_lens(PROMPT, layers=[]), r"layers=\[\]: give at least one layer"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, component="resid", positions=[50]), "position 50 does not exist; there are 6 positions"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, positions=[-7]), "position -7 does not exist"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, layers=[-5]), "layer -5 does not exist"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, answers=(1, 10**6)), r"answers=1000000 is out of range: it must be \[0, 319\]"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, answers=(1,)), "expected a pair"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, align="middle"), "align='middle': choose one of"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, answers=(1, 2), metric=lambda lg: lg.sum()), r"returned shape \(\) float32 for logits of shape \(1, 6, 320\)"),
+        (lambda m: m.activation_patching(PROMPT, OTHER, answers=(1, 2), metric=lambda lg: lg[:, -1]), r"returned shape \(1, 320\)"),
+        (lambda m: m.attribution_patching(PROMPT, OTHER, answers=(1, 2), metric=lambda lg: 3.0), "returned float"),
+        (lambda m: m.attribution_patching(PROMPT, OTHER, components=[]), "components=\\[\\]"),
+        (lambda m: m.generate(PROMPT, max_tokens=-3), r"max_tokens=-3 is out of range: it must be >= 0"),
+        (lambda m: m.generate(PROMPT, temperature=-1.0), "temperature=-1.0 is out of range"),
+        (lambda m: m.generate(PROMPT, top_p=0.0), r"top_p=0.0 is out of range: it must be in \(0.0, 1.0\]"),
+        (lambda m: m.generate(PROMPT, intervene_on="some"), "intervene_on='some': choose one of"),
+        (lambda m: m.steering_vector([], [PROMPT], layer=0), r"positive=\[\]: give at least one prompt"),
+        (lambda m: m.steering_vector([PROMPT], [OTHER], layer=9), "layer 9 does not exist"),
+        (lambda m: m.steering_vector([PROMPT], [OTHER], layer=0, position="first"), "position='first'"),
+        (lambda m: m.decompose_resid(PROMPT, layer=5), r"layer=5 is out of range: it must be \[-4, 4\]"),
+        (lambda m: m.direct_logit_attribution(PROMPT, position=6), "position 6 does not exist"),
+        (lambda m: m.attention_patterns(PROMPT, layer=0, heads=[4]), "head 4 does not exist; there are 4 heads"),
+        (lambda m: m.attention_patterns(PROMPT, layer=-9), "layer -9 does not exist"),
+        (lambda m: m.get_token_predictions(mx.zeros((64,)), top_k=0), "top_k=0"),
+    ],
+)
+def test_bad_options_are_clear_errors(llama, call, message):
+    from mlxterp_core.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        call(llama)
+
+
+def test_negative_layers_and_positions_count_from_the_end(llama):
+    tr = llama.run([PROMPT], capture=["layers[-1].output", "layers.-2.attn.q"])
+    assert bitwise_equal(tr.activations["layers[-1].output"], tr.activations["layers.3.output"])
+    assert bitwise_equal(tr.layers_output[-1], tr.activations["layers[3].output"])
+    assert bitwise_equal(tr.activations["blocks.-2.attn.hook_q"], tr.activations["layers.2.attn.q"].reshape(1, 6, 4, -1))
+    lens = llama.logit_lens(PROMPT, layers=[-1, 0])
+    assert lens.layers == [3, 0]
+    assert lens[3] == llama.logit_lens(PROMPT, layers=[3])[3]
+    by_end = llama.activation_patching(PROMPT, OTHER, component="resid", layers=[-1], positions=[-1], answers=(1, 2))
+    by_start = llama.activation_patching(PROMPT, OTHER, component="resid", layers=[3], positions=[5], answers=(1, 2))
+    assert by_end.layers == [3] and by_end.recovery == by_start.recovery
+    patterns = llama.attention_patterns(PROMPT, layer=-1, heads=[-1])
+    assert patterns.layer == 3 and patterns.heads == [3]
+    assert llama.decompose_resid(PROMPT, layer=-1).layer == 3
+    assert llama.direct_logit_attribution(PROMPT, position=-1).position == 5
+    edited = llama.run([PROMPT], interventions={"layers[-1].mlp": lambda x: x * 0}, capture=["layers.3.mlp"])
+    assert mx.all(edited.activations["layers.3.mlp"] == 0).item()
+
+
+def test_zero_max_tokens_is_an_empty_generation(llama):
+    result = llama.generate(PROMPT, max_tokens=0)
+    assert result.tokens == []
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def test_result_files_that_are_not_results(llama, tmp_path):
+    from mlxterp_analyses import LogitLensResult, PatchingResult
+
+    from mlxterp_core.errors import FileFormatError
+
+    result = llama.logit_lens(PROMPT, layers=[0])
+    saved = result.save(tmp_path / "lens.json")
+    assert LogitLensResult.load(saved) == result
+    text = saved.read_text()
+    cases = {
+        "missing.json": (None, "no such file .*expected a LogitLensResult"),
+        "cut.json": (text[: len(text) // 2], r"not valid JSON \(it ends early \(truncated\?\)\)"),
+        "noise.json": ("{'a': nan}", "not valid JSON .*line 1, column 2"),
+        "empty.json": ("", "is empty"),
+        "list.json": ("[1, 2]", "holds a JSON list, not the dict"),
+        "fields.json": ('{"text": "hi"}', r"is not a LogitLensResult saved by .save\(\): .*tokens"),
+        "binary.json": (b"\xff\xfe\x00", "is not text"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        with pytest.raises(FileFormatError, match=message) as raised:
+            LogitLensResult.load(path)
+        assert name in str(raised.value)
+    with pytest.raises(FileFormatError, match="holds a LogitLensResult, not a PatchingResult: load it with LogitLensResult.load"):
+        PatchingResult.load(saved)
+    with pytest.raises(FileFormatError, match="is not a file"):
+        LogitLensResult.load(tmp_path)
+
+
+def test_saving_is_atomic(llama, tmp_path, monkeypatch):
+    import json
+
+    result = llama.logit_lens(PROMPT, layers=[0])
+    path = result.save(tmp_path / "lens.json")
+    before = path.read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: "x" * 100)
+    monkeypatch.setattr("os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        result.save(path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["lens.json"]
+
+
+def test_schema_files(tmp_path):
+    from mlxterp_core.errors import FileFormatError
+    from mlxterp_core.schema import ArchitectureSchema, SchemaError
+
+    (tmp_path / "bad.toml").write_text('family = "x"\n[block\n')
+    (tmp_path / "bad.json").write_text('{"family": ')
+    with pytest.raises(FileFormatError, match=r"bad.toml is not valid TOML .*expected an architecture schema"):
+        ArchitectureSchema.from_file(tmp_path / "bad.toml")
+    with pytest.raises(FileFormatError, match="bad.json is not valid JSON"):
+        ArchitectureSchema.from_file(tmp_path / "bad.json")
+    with pytest.raises(FileFormatError, match="none.toml: no such file"):
+        ArchitectureSchema.from_file(tmp_path / "none.toml")
+    (tmp_path / "wrong.json").write_text('{"family": "x", "layerz": 1}')
+    with pytest.raises(SchemaError, match="wrong.json"):
+        ArchitectureSchema.from_file(tmp_path / "wrong.json")
+
+
+def test_broken_model_directories(tmp_path):
+    import mlxterp
+    from mlxterp_core.load import LoadError
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(LoadError, match="config.json is not readable JSON"):
+        mlxterp.load(tmp_path)
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, '
+        '"num_attention_heads": 4, "rms_norm_eps": 1e-5, "vocab_size": 320, "num_key_value_heads": 2}'
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(LoadError, match="could not be loaded as an mlx-lm model directory"):
+        mlxterp.load(tmp_path)

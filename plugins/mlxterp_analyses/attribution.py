@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxterp_core import options
 from mlxterp_core.distributed import map_rows
 from mlxterp_core.trace import Hooks
 
@@ -45,7 +46,12 @@ def attribution_patching(
     ``align`` as in activation_patching. ``plot=True`` draws one heatmap per component.
     """
     arch = model.architecture_or_raise("attribution patching")
-    layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
+    layers = options.layers(layers, arch.n_layers)
+    components = [components] if isinstance(components, str) else list(components)
+    if not components:
+        raise options.OptionError(f"components=[]: give at least one of {', '.join(ALL_COMPONENTS)}.")
+    metric, answers = options.metric(metric), options.pair(answers, "answers")
+    align = options.choice(align, (None, "start", "end"), "align")
     sites = {}
     for component in components:
         if component == "heads":

@@ -22,6 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxterp_core import options
 from mlxterp_core.architecture import read_attribute
 from mlxterp_core.errors import MlxterpError
 
@@ -70,7 +71,7 @@ def decompose_resid(model, text, layer: int | None = None, heads: bool = False) 
     as a stack of components (C, T, D): embed, then attn i and mlp i for each earlier layer
     (with ``heads=True``: one term per attention head and the attention bias instead of attn i)."""
     arch = model.architecture_or_raise("decompose_resid")
-    end = arch.n_layers if layer is None else int(layer)
+    end = options.boundary(layer, arch.n_layers)
     ids = token_ids(model, text)
     names = ["embed"] + [f"layers.{i}.{s}" for i in range(end) for s in ("attn", "mlp")]
     if heads:
@@ -103,7 +104,7 @@ def accumulated_resid(model, text, layer: int | None = None) -> ResidComponents:
     """The residual stream at every layer boundary up to ``layer`` (default: all), (C, T, D):
     embed (entering layer 0), then after layer 0, 1, ..."""
     arch = model.architecture_or_raise("accumulated_resid")
-    end = arch.n_layers if layer is None else int(layer)
+    end = options.boundary(layer, arch.n_layers)
     ids = token_ids(model, text)
     names = ["embed"] + [f"layers.{i}.output" for i in range(end)]
     acts = model.run([ids], capture=names).activations
@@ -169,7 +170,8 @@ def direct_logit_attribution(
     """
     arch = model.architecture_or_raise("direct logit attribution")
     ids = token_ids(model, text)
-    position = position % len(ids)
+    position = options.index(position, len(ids), "position", "position")
+    answers = options.pair(answers, "answers")
     parts = decompose_resid(model, ids, heads=heads)
     vectors = mx.array(parts.vectors)[:, position]  # (C, D)
     final = mx.array(parts.total)[position]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlxterp_core import options
+
 from .results import AttentionLayers, AttentionPatterns
 from .text import ids_text, token_ids, token_text
 
@@ -14,9 +16,12 @@ def attention_patterns(model, text, layer, heads: list[int] | None = None) -> At
     from the same single forward pass."""
     arch = model.architecture_or_raise("attention patterns")
     ids = token_ids(model, text)
-    heads = list(range(arch.n_heads)) if heads is None else [int(h) for h in heads]
+    heads = list(range(arch.n_heads)) if heads is None else options.indices(heads, arch.n_heads, "heads", "head")
     several = isinstance(layer, (str, list, tuple, range))
-    layers = list(range(arch.n_layers)) if layer == "all" else [int(i) for i in layer] if several else [int(layer)]
+    if isinstance(layer, str):
+        layers = list(range(arch.n_layers)) if options.choice(layer, ("all",), "layer") else []
+    else:
+        layers = options.layers(list(layer), arch.n_layers, "layer") if several else [options.layer(layer, arch.n_layers)]
     names = [f"layers.{i}.attn.pattern" for i in layers]
     acts = model.run([ids], capture=names).activations
     patterns = mx.stack([acts[name][0][mx.array(heads)] for name in names])  # (L, H, T, T)

@@ -18,8 +18,11 @@ import numpy as np
 
 from mlxterp_core.backend import on_cpu
 
+from mlxterp_core import options
+
 from .results import LogitLensResult
 from .text import ids_text, token_text
+from .text import token_ids as prompt_ids
 
 MEMORY_BUDGET = 512 * 2**20  # bytes of float32 logits per chunk of layers
 
@@ -101,6 +104,7 @@ def softmax_denominator(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs: bool = False) -> list[Any]:
     """The top-k tokens a hidden state (D,) predicts: token ids, best first, or with
     ``return_probs=True`` tuples ``(token_id, probability, token_text)``."""
+    top_k = options.top_k(top_k, model.embedding_vocab_size)
     ids, probs = top_predictions(model, mx.array(hidden).reshape(-1, hidden.shape[-1])[-1], top_k)
     mx.eval(ids, probs)
     if not return_probs:
@@ -125,7 +129,9 @@ def logit_lens(
     (shown inline in a notebook; written to ``save_path`` when given).
     """
     arch = model.architecture_or_raise("the logit lens")
-    layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
+    layers = options.layers(layers, arch.n_layers)
+    top_k = options.top_k(top_k, model.embedding_vocab_size)
+    text = text if isinstance(text, str) else prompt_ids(model, text)
     trace = model.run([text] if isinstance(text, str) else [list(text)], capture=[f"layers.{i}.output" for i in layers])
     token_ids = trace.inputs[0].tolist()
     resid = mx.stack([trace.activations[f"layers.{i}.output"][0] for i in layers])  # (L, T, D)

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
+from mlxterp_core import options
 from mlxterp_core.distributed import map_rows
 from mlxterp_core.errors import MlxterpError
 from mlxterp_core.progress import progress_bar
@@ -119,7 +120,12 @@ def activation_patching(
         progress: show a progress bar (only when stderr is a terminal).
     """
     arch = model.architecture_or_raise("activation patching")
-    layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
+    layers = options.layers(layers, arch.n_layers)
+    if positions is not None and positions != "all":
+        positions = options.positions(positions, len(token_ids(model, corrupted_text)))
+    metric, answers = options.metric(metric), options.pair(answers, "answers")
+    align = options.choice(align, (None, "start", "end"), "align")
+    memory_budget = options.integer(memory_budget, "memory_budget", 1)
     sub = _component(component, heads)
     names = [f"layers.{i}.{sub}" for i in layers]
     runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
@@ -405,8 +411,8 @@ def _answers(model, answers, clean_logits: mx.array, corrupted_logits: mx.array)
 
 
 def _token(model, answer) -> int:
-    if isinstance(answer, int):
-        return answer
+    if not isinstance(answer, str):
+        return options.token(answer, model.embedding_vocab_size, "answers")
     ids = model.encode(answer)
     if len(ids) != 1:
         raise PatchingError(f"answer {answer!r} is {len(ids)} tokens; give a single token (or its id).")

@@ -12,9 +12,13 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 
+from mlxterp_core.errors import FileFormatError
+from mlxterp_core.files import read_json, write_text_atomic
+
 from .views import Display, percent, short
 
 converter = cattrs.Converter()
+KIND_KEY = "mlxterp_result"  # which result class a saved file holds
 T = TypeVar("T", bound="Serialisable")
 
 
@@ -29,13 +33,23 @@ class Serialisable:
         return converter.structure(data, cls)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_data(), ensure_ascii=False))
-        return path
+        """Write JSON (atomically: an interrupted save leaves any earlier file whole)."""
+        data = {KIND_KEY: type(self).__name__, **self.to_data()}
+        return write_text_atomic(path, json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        return cls.from_data(json.loads(Path(path).read_text()))
+        """A result saved by ``save``; a file that is not one is a FileFormatError."""
+        expected = f"a {cls.__name__} saved by .save()"
+        data = read_json(path, expected)
+        kind = data.pop(KIND_KEY, cls.__name__)
+        if kind != cls.__name__:
+            raise FileFormatError(f"{path} holds a {kind}, not a {cls.__name__}: load it with {kind}.load().")
+        try:
+            return cls.from_data(data)
+        except Exception as e:  # cattrs' grouped errors: name the fields that do not fit
+            details = "; ".join(cattrs.transform_error(e)) if isinstance(e, cattrs.BaseValidationError) else str(e)
+            raise FileFormatError(f"{path} is not {expected}: {details:.300}") from None
 
 
 class LayerMapping:

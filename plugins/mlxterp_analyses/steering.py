@@ -14,7 +14,7 @@ from typing import Callable
 import attrs
 import mlx.core as mx
 
-from mlxterp_core.errors import MlxterpError
+from mlxterp_core import options
 from mlxterp_core.trace import Activations, Hooks
 
 from .results import GenerationResult, SteeringVector
@@ -38,11 +38,10 @@ def steering_vector(
         position: "last" (each prompt's last real token) or "mean" (its mean over real tokens).
         component: a block-level standard name; "output" is the residual stream leaving the layer.
     """
-    if position not in ("last", "mean"):
-        raise MlxterpError(f"position={position!r}: use 'last' or 'mean'.")
+    layer = options.layer(layer, model.architecture_or_raise("steering vectors").n_layers)
+    position = options.choice(position, ("last", "mean"), "position")
     name = f"layers.{layer}.{component}"
-    positive = [positive] if isinstance(positive, str) else list(positive)
-    negative = [negative] if isinstance(negative, str) else list(negative)
+    positive, negative = options.prompts(positive, "positive"), options.prompts(negative, "negative")
     pos, neg = _summaries(model, positive, name, position), _summaries(model, negative, name, position)
     vector = pos.mean(axis=0) - neg.mean(axis=0)
     unit = vector / (mx.linalg.norm(vector) + 1e-12)
@@ -107,8 +106,11 @@ def generate(
             logits token k was sampled from.
         stream: return an iterator of GenerationStep instead of the finished result.
     """
-    if intervene_on not in ("all", "generated", "prompt"):
-        raise MlxterpError(f"intervene_on={intervene_on!r}: use 'all', 'generated' or 'prompt'.")
+    intervene_on = options.choice(intervene_on, ("all", "generated", "prompt"), "intervene_on")
+    max_tokens = options.integer(max_tokens, "max_tokens", 0)
+    temperature = options.number(temperature, "temperature", 0.0)
+    top_p = options.number(top_p, "top_p", 0.0, 1.0, open_low=True)
+    seed = None if seed is None else options.integer(seed, "seed", 0)
     prompt_ids = token_ids(model, prompt)
     steps = _steps(model, prompt_ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos)
     if stream:

@@ -44,7 +44,13 @@ def load_mlx_lm_directory(source: Any, **options):
         raise LoadError(f"{path / 'config.json'} is not readable JSON ({e}).") from None
     added = legacy_keys(config)  # transformers 5's keys, in the names mlx-lm reads
     check_required({**config, **added})
-    module, tokenizer = mlx_lm_load(str(path), model_config=added)
+    try:
+        module, tokenizer = mlx_lm_load(str(path), model_config=added)
+    except Exception as e:  # missing or truncated weights, tokenizer files, ...
+        raise LoadError(
+            f"{path} could not be loaded as an mlx-lm model directory (config.json, "
+            f"*.safetensors, tokenizer files): {type(e).__name__}: {str(e)[:300]}"
+        ) from None
     report = {"format": "mlx-lm", "directory": str(path)}
     if added:
         report["config"] = "added for mlx-lm from transformers 5 keys: " + ", ".join(f"{k}={v!r}" for k, v in added.items())
