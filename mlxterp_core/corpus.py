@@ -39,7 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CorpusError
-from .inputs import encode, pad_id
+from .inputs import check_token_ids, encode, pad_id
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -208,15 +208,23 @@ def token_windows(
     fill = pad_id(tokenizer)
     marker = getattr(tokenizer, "bos_token_id", None)
     marker = marker if isinstance(marker, int) else None
+    vocab = getattr(model, "embedding_vocab_size", None) if tokenizer is not model else None
     batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     index = first = 0
     for window in windows:
         batch.append(window)
         if len(batch) == batch_size:
-            yield _batch(batch, fill, marker, index, first)
+            yield _checked(_batch(batch, fill, marker, index, first), vocab)
             index, first, batch = index + 1, first + len(batch), []
     if batch:
-        yield _batch(batch, fill, marker, index, first)
+        yield _checked(_batch(batch, fill, marker, index, first), vocab)
+
+
+def _checked(windows: Windows, vocab_size: int | None) -> Windows:
+    """The batch, its ids checked against the model's embedding (a tokenizer of another model
+    gives ids this one does not have)."""
+    check_token_ids(mx.array(windows.tokens), vocab_size)
+    return windows
 
 
 def _tokenizer(model: Any) -> Any:
