@@ -154,3 +154,20 @@ def pair(value: Any, option: str) -> tuple[Any, Any] | None:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise OptionError(f"{option}={value!r:.60}: expected a pair (first, second).")
     return tuple(value)
+
+
+def vectors(value: Any, width: int | None, option: str) -> mx.array:
+    """An array of vectors (..., width): at least one, each ``width`` long (when known)."""
+    if not isinstance(value, mx.array):
+        try:
+            value = mx.array(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise OptionError(f"{option}: expected an mx.array of shape (..., {width or 'D'}), got {type(value).__name__}.") from None
+    if value.ndim == 0 or value.size == 0 or (width is not None and value.shape[-1] != width):
+        raise OptionError(
+            f"{option} has shape {tuple(value.shape)}: expected (..., {width or 'D'}), one or more "
+            f"vectors of the model's width."
+        )
+    if not mx.issubdtype(value.dtype, mx.floating):
+        raise OptionError(f"{option} holds {str(value.dtype).removeprefix('mlx.core.')} values: expected floats.")
+    return value

@@ -105,6 +105,7 @@ def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs:
     """The top-k tokens a hidden state (D,) predicts: token ids, best first, or with
     ``return_probs=True`` tuples ``(token_id, probability, token_text)``."""
     top_k = options.top_k(top_k, model.embedding_vocab_size)
+    hidden = options.vectors(hidden, _width(model), "hidden")
     ids, probs = top_predictions(model, mx.array(hidden).reshape(-1, hidden.shape[-1])[-1], top_k)
     mx.eval(ids, probs)
     if not return_probs:
@@ -173,3 +174,12 @@ def logit_lens(
 
 def _vocab_size(model, resid: mx.array) -> int:
     return project(model, resid[:1, :1]).shape[-1]
+
+
+def _width(model) -> int | None:
+    """The residual stream's width, from the final norm's weight (None where it has none)."""
+    from mlxterp_core.architecture import read_attribute
+
+    arch = model.architecture_or_raise("the logit lens")
+    weight = getattr(read_attribute(arch.root, arch.schema.final_norm), "weight", None)
+    return None if weight is None else weight.shape[-1]
