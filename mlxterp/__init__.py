@@ -14,9 +14,11 @@ from mlxterp_core.plugins import load_plugins, register as register_plugin
 from mlxterp_core.schema import ArchitectureSchema, Attention, Port, SchemaError, Unembed
 from mlxterp_core.errors import (
     CorpusError,
+    FileFormatError,
     InputError,
     InterventionError,
     MlxterpError,
+    OptionError,
     TraceError,
     UnknownNameError,
 )
@@ -46,6 +48,8 @@ __all__ = [
     "UnknownNameError",
     "InterventionError",
     "InputError",
+    "OptionError",
+    "FileFormatError",
     "TraceError",
     "CorpusError",
     "read_documents",

@@ -34,7 +34,7 @@ def read_json(path: str | Path, expected: str, kind: type = dict) -> Any:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        truncated = e.pos >= len(text.rstrip()) - 1
+        truncated = e.pos >= len(text.rstrip()) - 1 or e.msg.startswith("Unterminated string")
         why = "it ends early (truncated?)" if truncated else f"line {e.lineno}, column {e.colno}: {e.msg}"
         raise FileFormatError(f"{Path(path)} is not valid JSON ({why}); expected {expected}.") from None
     if not isinstance(data, kind):

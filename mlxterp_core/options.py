@@ -8,6 +8,7 @@ kernel (an index past an array reads whatever memory lies there) and never wraps
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,12 +44,13 @@ def number(value: Any, option: str, low: float | None = None, high: float | None
     return value
 
 
-def index(value: Any, size: int, option: str, what: str) -> int:
-    """One index into ``size`` things (layers, positions, heads); -1 is the last."""
+def index(value: Any, size: int, option: str, what: str, given: Any = None) -> int:
+    """One index into ``size`` things (layers, positions, heads); -1 is the last. ``given``:
+    the whole option value, for the message (when ``value`` is one item of a list)."""
     i = integer(value, option)
     if not -size <= i < size:
         raise OptionError(
-            f"{option}={i}: {what} {i} does not exist; there are {size} {what}s "
+            f"{option}={value if given is None else given!r:.60}: {what} {i} does not exist; there are {size} {what}s "
             f"(0 .. {size - 1}, or -{size} .. -1 from the end)."
         )
     return i % size
@@ -64,7 +66,7 @@ def indices(values: Any, size: int, option: str, what: str) -> list[int]:
         raise OptionError(f"{option}={values!r:.60}: expected a list of {what} indices.")
     if not len(values):
         raise OptionError(f"{option}=[]: give at least one {what}, or leave it out for all.")
-    return [index(v, size, option, what) for v in values]
+    return [index(v, size, option, what, given=values) for v in values]
 
 
 def layers(value: Any, n_layers: int, option: str = "layers") -> list[int]:
@@ -133,7 +135,12 @@ def metric(fn: Callable[[mx.array], mx.array] | None, option: str = "metric") ->
             )
         return values
 
-    checked.__name__ = getattr(fn, "__name__", "metric")
+    try:  # keep the metric's name and declarations (``reads_last``) on the checked one
+        functools.update_wrapper(checked, fn)
+    except (AttributeError, TypeError):
+        pass
+    if checked.__name__ == "checked":  # a callable object has no __name__ of its own
+        checked.__name__ = type(fn).__name__
     return checked
 
 

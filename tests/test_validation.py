@@ -148,7 +148,7 @@ OTHER = [5, 9, 17, 33, 65, 130]
         (lambda m: m.logit_lens(PROMPT, top_k=0), r"top_k=0 is out of range: it must be \[1, 320\]"),
         (lambda m: m.logit_lens(PROMPT, top_k=10**6), r"top_k=1000000 is out of range"),
         (lambda m: m.logit_lens(PROMPT, top_k=2.5), "top_k=2.5: expected an integer"),
-        (lambda m: m.logit_lens(PROMPT, layers=[4]), r"layers=4: layer 4 does not exist; there are 4 layers"),
+        (lambda m: m.logit_lens(PROMPT, layers=[4]), r"layers=\[4\]: layer 4 does not exist; there are 4 layers"),
         (lambda m: m.logit_lens(PROMPT, layers=[]), r"layers=\[\]: give at least one layer"),
         (lambda m: m.activation_patching(PROMPT, OTHER, component="resid", positions=[50]), "position 50 does not exist; there are 6 positions"),
         (lambda m: m.activation_patching(PROMPT, OTHER, positions=[-7]), "position -7 does not exist"),
