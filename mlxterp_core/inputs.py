@@ -231,6 +231,8 @@ def _pad(rows: list[list[int]], tokenizer: Any, vocab_size: int | None = None) -
             f"token ids must be integers that fit in 64 bits; could not read {rows!r:.80} "
             f"({type(e).__name__}: {e})."
         ) from None
+    if array.ndim != 2:
+        raise InputError(f"token ids nested too deep: {rows!r:.80} is not a list of id lists.")
     if vocab_size is not None:
         check_token_ids(array, vocab_size)
     elif not mx.issubdtype(array.dtype, mx.integer):

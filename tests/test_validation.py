@@ -72,6 +72,7 @@ def test_ids_are_checked_before_the_model_runs(llama_module, wrapped_tokenizer):
         (mx.zeros((0, 3), dtype=mx.int32), "empty input array"),
         ([[1, 2**70]], "fit in 64 bits"),
         ([[1], []], "row 1"),
+        ([[[1]]], "nested too deep"),
         ("", "empty prompt"),
         ([], "empty input"),
         ({"ids": [1]}, "cannot run on dict"),
