@@ -468,6 +468,12 @@ class Hooks:
             mx.eval(output, list(recorder.recorded.values()))
         return output, recorder.recorded
 
+    @property
+    def recorded(self) -> dict[str, Any]:
+        """What the current (or last) pass has recorded so far, lazy: a pass that an
+        intervention stopped by raising keeps what it recorded before."""
+        return self._recorder.recorded
+
     def call(self, part: Callable, *args, edit: bool = True, **kwargs) -> Any:
         """Run ``part(*args, **kwargs)``, a piece of the model such as one block, as one pass
         with these probes and interventions; what it returns, lazy. Patching sweeps re-enter

@@ -11,6 +11,8 @@ runs in NumPy on the evaluated logits (see :func:`top_k_numpy`).
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import mlx.core as mx
@@ -81,24 +83,45 @@ def top_k_numpy(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]
     best = np.argsort(-values, axis=-1, kind="stable")[:, :k]
     ids = np.take_along_axis(candidates, best, axis=-1)
     chosen = np.take_along_axis(values, best, axis=-1)
-    peak, total = softmax_denominator(logits)
-    return ids, np.exp(chosen - peak[:, None]) / total[:, None]
+    peak = chosen[:, :1]  # the largest logit of each row
+    return ids, np.exp(chosen - peak) / softmax_denominator(logits, peak[:, 0])[:, None]
 
 
-def softmax_denominator(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of float32 logits (R, V): the maximum m and sum(exp(row - m)), a few rows at a
-    time; a probability is exp(logit - m) / sum (as softmax computes it: subtracting the
-    log-sum-exp instead loses digits when logits are large)."""
-    peaks = logits.max(axis=-1)
+def softmax_denominator(logits: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """sum(exp(row - peak)) per row of float32 logits (R, V), given each row's maximum; a
+    probability is exp(logit - peak) / sum, as softmax computes it (subtracting the
+    log-sum-exp instead loses digits when logits are large). Rows go a few at a time (in cache)
+    and shared among threads (NumPy releases the GIL)."""
     totals = np.empty(logits.shape[0], dtype=np.float32)
-    scratch = np.empty((min(ROWS_PER_CHUNK, logits.shape[0]), logits.shape[1]), dtype=np.float32)
-    for start in range(0, logits.shape[0], ROWS_PER_CHUNK):
-        part = logits[start : start + ROWS_PER_CHUNK]
-        buffer = scratch[: len(part)]
-        np.subtract(part, peaks[start : start + len(part), None], out=buffer)
-        np.exp(buffer, out=buffer)
-        totals[start : start + len(part)] = buffer.sum(axis=-1)
-    return peaks, totals
+
+    def chunks(first: int, stop: int) -> None:
+        scratch = np.empty((min(ROWS_PER_CHUNK, stop - first), logits.shape[1]), dtype=np.float32)
+        for start in range(first, stop, ROWS_PER_CHUNK):
+            end = min(start + ROWS_PER_CHUNK, stop)
+            buffer = scratch[: end - start]
+            np.subtract(logits[start:end], peaks[start:end, None], out=buffer)
+            np.exp(buffer, out=buffer)
+            totals[start:end] = buffer.sum(axis=-1)
+
+    workers = min(_threads(), max(1, logits.shape[0] // ROWS_PER_CHUNK))
+    if workers == 1:
+        chunks(0, logits.shape[0])
+    else:
+        bounds = [logits.shape[0] * i // workers for i in range(workers + 1)]
+        list(_pool().map(chunks, bounds[:-1], bounds[1:]))
+    return totals
+
+
+@functools.cache
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(_threads(), thread_name_prefix="mlxterp-lens")
 
 
 def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs: bool = False) -> list[Any]:
@@ -132,10 +155,8 @@ def logit_lens(
     arch = model.architecture_or_raise("the logit lens")
     layers = options.layers(layers, arch.n_layers)
     top_k = options.top_k(top_k, model.embedding_vocab_size)
-    text = text if isinstance(text, str) else prompt_ids(model, text)
-    trace = model.run([text] if isinstance(text, str) else [list(text)], capture=[f"layers.{i}.output" for i in layers])
-    token_ids = trace.inputs[0].tolist()
-    resid = mx.stack([trace.activations[f"layers.{i}.output"][0] for i in layers])  # (L, T, D)
+    token_ids = prompt_ids(model, text)
+    resid = mx.stack([x[0] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
     vocab_bytes = resid.shape[1] * _vocab_size(model, resid) * 4
     chunk = max(1, MEMORY_BUDGET // max(vocab_bytes, 1))
     ids_parts, probs_parts = [], []
@@ -170,6 +191,31 @@ def logit_lens(
     if plot:
         result.plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize)
     return result
+
+
+class _Stop(BaseException):
+    """Raised at the final norm: the lens needs no logits from the model itself."""
+
+
+def _stop(x: mx.array) -> mx.array:
+    raise _Stop
+
+
+def layer_outputs(model, token_ids: list[int], layers: list[int]) -> list[mx.array]:
+    """``layers[i].output`` (1, T, D) for each i in ``layers``, evaluated, from one forward
+    pass stopped at the final norm (the model's own unembedding is not computed)."""
+    from mlxterp_core.trace import Activations, Hooks
+
+    names = [f"layers.{i}.output" for i in layers]
+    with Hooks(model, {"ln_final": _stop}, capture=names) as hooks:
+        try:
+            hooks(mx.array([token_ids]), evaluate=False)
+        except _Stop:
+            pass
+        recorded = Activations(hooks.recorded, model)
+    outputs = [recorded[name] for name in names]
+    mx.eval(outputs)
+    return outputs
 
 
 def _vocab_size(model, resid: mx.array) -> int:
