@@ -135,31 +135,40 @@ def _steps(model, ids, max_tokens, interventions, temperature, top_p, seed, inte
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     cache = make_prompt_cache(model.model)
-    hooks = Hooks(model, interventions, capture)
+    hooks = Hooks(model, interventions, capture or [])  # Hooks' None would record every site
     eos = _eos_ids(model.tokenizer) if stop_at_eos else set()
     edit_prompt, edit_generated = intervene_on in ("all", "prompt"), intervene_on in ("all", "generated")
     edited = False
-    # Probes are installed for each pass and removed after it: an abandoned stream never
-    # leaves the model probed.
-    with hooks:
-        logits, recorded = hooks(mx.array([ids]), cache=cache, edit=edit_prompt)
+
+    def step(tokens: mx.array, edit: bool):
+        """Build one pass and start computing it; its sampled token (1,) and records, lazy.
+        Probes are installed for each pass and removed after it: an abandoned stream never
+        leaves the model probed."""
+        with hooks:
+            logits, recorded = hooks(tokens, cache=cache, edit=edit, evaluate=False)
+        last = logits[:, -1].astype(mx.float32)
+        token = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
+        mx.async_eval(token, [v for v in recorded.values() if isinstance(v, mx.array)])
+        return token, recorded
+
+    token, recorded = step(mx.array([ids]), edit_prompt)
     edited |= edit_prompt
     generated: list[int] = []
     text = ""
     for count in range(max_tokens):
-        last = logits[:, -1].astype(mx.float32)
-        token = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True)).item()
-        if token in eos:
+        if count + 1 < max_tokens:  # build the next pass while this one computes, as mlx-lm does
+            following = step(token[None], edit_generated)
+            edited |= edit_generated
+        value = token.item()
+        if value in eos:
             break
-        generated.append(token)
+        generated.append(value)
         new_text = ids_text(model, generated)
-        yield GenerationStep(token, new_text[len(text):], Activations(dict(recorded), model) if capture else None)
+        yield GenerationStep(value, new_text[len(text):], Activations(dict(recorded), model) if capture else None)
         text = new_text
         if count + 1 == max_tokens:
             break
-        with hooks:
-            logits, recorded = hooks(mx.array([[token]]), cache=cache, edit=edit_generated)
-        edited |= edit_generated
+        token, recorded = following
     if interventions and edited:
         hooks.check_reached()
 
