@@ -6,9 +6,13 @@ a 2-core x86 machine. Symbols of a library loaded into the process with RTLD_GLO
 on Linux x86-64) loaded first the same matmul runs 15-30x faster. Results change only by
 float rounding.
 
-This module must not import mlx. ``mlxterp_core/__init__.py`` calls :func:`load` first thing;
-it does nothing on macOS (Accelerate), on the CUDA backend, when ``MLXTERP_BLAS=reference`` is
-set, or when mlx was imported before mlxterp (then the state says so).
+This module must not import mlx. ``mlxterp_core/__init__.py`` calls :func:`load` first thing,
+and so does the ``mlxterp.pth`` startup hook (``_mlxterp_startup.py``, installed with the
+package) just before anything imports ``mlx.core``, so the import order of a script does not
+matter. It does nothing on macOS (Accelerate), on the CUDA backend, when
+``MLXTERP_BLAS=reference`` is set, or when mlx was imported before mlxterp without the hook
+(then the state says so, and ``mlxterp.load()`` keeps quantized weights quantized, which is
+faster than dequantized ones on the reference BLAS).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ def _has_distribution(name: str) -> bool:
     return True
 
 
+def optimized() -> bool:
+    """Whether MLX's CPU matmuls run on an optimized BLAS in this process (MKL, Accelerate)."""
+    return state.startswith(("Intel MKL", "platform BLAS"))
+
+
 def load() -> str:
     """Load MKL's single dynamic library into the process if it makes sense here."""
     global state
@@ -54,7 +63,8 @@ def load() -> str:
     elif any(_has_distribution(d) for d in ("mlx-cuda", "mlx-cuda-12", "mlx-cuda-13")):
         state = "not needed (CUDA backend installed)"
     elif "mlx.core" in sys.modules:
-        state = "reference BLAS (mlx was imported before mlxterp; import mlxterp first)"
+        state = ("reference BLAS (mlx was imported before mlxterp and mlxterp.pth did not run at "
+                 "startup: reinstall mlxterp, or import mlxterp first)")
     else:
         library = _library("mkl", "libmkl_rt")
         if library is None:

@@ -10,7 +10,7 @@ def describe_model(model: InterpretableModel, prompt: str = "The capital of Fran
     name of layer 0 (and the model-level names) with its shape on ``prompt``."""
     lines = []
     report = model.load_report or {}
-    for key in ("file", "directory", "repo", "name", "format", "quantization", "weights", "backend"):
+    for key in ("file", "directory", "repo", "name", "format", "quantization", "weights", "kernels", "backend"):
         if key in report:
             lines.append(f"{key:13s} {report[key]}")
     arch = model.architecture

