@@ -71,6 +71,7 @@ def main() -> None:
     negative = ["I hate this. It is terrible and awful.", "This is bad, I am so sad.", "What a horrible, miserable day."]
     model.steering_vector(positive, negative, layer=14).plot(IMAGES / "steering_projections.png")
     view_screenshots(model)
+    model.head_scores("induction", error_measure="stripe").plot(IMAGES / "induction_heads.png")
     for path in sorted(IMAGES.glob("*.png")):
         print(f"{path.name}: {path.stat().st_size // 1024} KiB")
 
