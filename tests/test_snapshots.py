@@ -139,3 +139,24 @@ def test_generation_records_each_step_as_it_was():
     for step in result.activations:
         wte = model.model.model.wte
         assert bitwise_equal(step["model.model.wte"], wte(step["model.model.wte:input"]))
+
+
+def test_queries_scaled_in_place_by_quantized_kv_attention():
+    """mlx-lm's attention over a quantized KV cache does ``queries *= scale``
+    (``base.quantized_scaled_dot_product_attention``): the recorded rotated queries are still
+    the rotation's output, the same as with a plain cache."""
+    from helpers import tiny_llama
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    from mlxterp_core.trace import Hooks
+
+    module = tiny_llama(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64
+    model = InterpretableModel(module)
+    ids = mx.array(IDS)
+    sites = ["model.model.layers.0.self_attn.rope", "model.model.layers.0.self_attn.rope#1"]  # before any cache
+    records = {}
+    for kind, make in (("plain", KVCache), ("quantized", lambda: QuantizedKVCache(group_size=64, bits=8))):
+        with Hooks(model, capture=sites) as hooks:
+            _, records[kind] = hooks(ids, cache=[make() for _ in module.layers])
+    for site in sites:
+        assert bitwise_equal(records["quantized"][site], records["plain"][site]), site
