@@ -138,8 +138,9 @@ def cache_activations(
 
     plan_rows, corpus_id = _plan(model, corpus, windows)
     first = next(token_windows(model, corpus, **windows))
-    site_list = resolve_sites(model, names, mx.array(first.tokens[:1, : min(5, int(first.lengths[0]))]), stored)
-    stop = _stop_site(model, site_list)
+    probe = mx.array(first.tokens[:1, : min(5, int(first.lengths[0]))])
+    site_list = resolve_sites(model, names, probe, stored)
+    stop = _stop_site(model, site_list, probe)
     bytes_per_token = sum(int(np.prod(s.shape)) * s.dtype.size for s in site_list) + 21
     if shard_tokens is None:
         shard_tokens = max(1, SHARD_BYTES // bytes_per_token)
@@ -309,15 +310,31 @@ def _raw_layer(raw: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _stop_site(model, site_list: list[Site]) -> str | None:
-    """The raw input port of the first block after every site, or None (run everything)."""
+def _stop_site(model, site_list: list[Site], probe: mx.array | None = None) -> str | None:
+    """The raw input port of the first block after every site, or None (run everything).
+
+    With a ``probe`` (B, T) the stop is checked: a stopped pass must record every site, each
+    equal to the whole pass's value; a model that computes its blocks in another order (or
+    reuses one) runs whole instead."""
+    from .trace import Hooks
+
     arch = model.architecture
     if arch is None or any(s.layer is None for s in site_list):
         return None
     last = max(s.layer for s in site_list) + 1
     if last >= arch.n_layers:
         return None
-    return arch.resolve(f"layers.{last}.input")[0].site
+    stop = arch.resolve(f"layers.{last}.input")[0].site
+    if probe is not None:
+        raws = sorted({s.raw for s in site_list})
+        with Hooks(model, capture=raws) as hooks:
+            _, whole = hooks(probe)
+        with Hooks(model, interventions={stop: _stop}, capture=raws) as hooks:
+            stopped = _recorded(hooks, probe)
+        mx.eval(list(stopped.values()))
+        if any(raw not in stopped or not mx.array_equal(stopped[raw], whole[raw]).item() for raw in raws):
+            return None
+    return stop
 
 
 def _recorded(hooks, ids: mx.array) -> dict[str, mx.array]:

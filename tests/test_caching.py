@@ -74,6 +74,7 @@ def test_cached_rows_are_the_traced_activations(model, tmp_path, packing):
 def test_forward_stops_after_the_last_layer_needed(model, tmp_path, monkeypatch):
     sites = caching.resolve_sites(model, ["layers[1].mlp.act", "embed"], mx.array([[1, 2, 3]]), None)
     assert caching._stop_site(model, sites) == "model.model.layers.2:input"
+    assert caching._stop_site(model, sites, mx.array([[1, 2, 3]])) == "model.model.layers.2:input"  # checked
     assert caching._stop_site(model, caching.resolve_sites(model, ["ln_final"], mx.array([[1, 2]]), None)) is None
     calls = []
     block = type(model.model.model.layers[2])
@@ -277,3 +278,21 @@ def test_bench_cache_speed_runs_on_a_tiny_model(model):
 
     speed = cache_speed(model, sites=("layers[1]",), cut=2, batch_size=2, context_size=8, batches=2, repeats=1)
     assert set(speed) == {"plain", "cache"} and all(v > 0 for v in speed.values())
+
+
+def test_real_model_rows_are_the_traced_activations(tmp_path):
+    model = mlxterp.load()
+    docs = mlxterp.default_corpus()[:10]
+    sites = ["layers[*]", "layers[3].mlp.act", "layers[7].attn.z"]
+    ds = model.cache_activations(docs, sites, tmp_path / "ds", context_size=16, batch_size=2, max_tokens=64)
+    assert ds.n_tokens == 64 and len(ds.sites) == 32
+    row = 0
+    for batch in token_windows(model, docs, 16, batch_size=2, max_tokens=64):
+        with model.trace(batch.inputs, capture=sites) as tr:
+            pass
+        for site, name in (("layers.0.output", "layers[0]"), ("layers.29.output", "layers[29]"),
+                           ("layers.3.mlp.act", "layers[3].mlp.act"), ("layers.7.attn.z", "layers[7].attn.z")):
+            expected = np.array(tr.activations[name]).reshape(batch.mask.size, -1)[batch.mask.reshape(-1)]
+            assert np.array_equal(np.array(ds[site][row : row + batch.n_tokens]), expected), site
+        row += batch.n_tokens
+    assert ds.manifest["model"]["weights_sha256"] == dataset.sha256_file(mlxterp.default_model_path())
