@@ -139,8 +139,9 @@ def cache_activations(
     plan_rows, corpus_id = _plan(model, corpus, windows)
     first = next(token_windows(model, corpus, **windows))
     probe = mx.array(first.tokens[:1, : min(5, int(first.lengths[0]))])
-    site_list = resolve_sites(model, names, probe, stored)
-    stop = _stop_site(model, site_list, probe)
+    whole: dict[str, mx.array] = {}
+    site_list = resolve_sites(model, names, probe, stored, whole)
+    stop = _stop_site(model, site_list, probe, whole)
     bytes_per_token = sum(int(np.prod(s.shape)) * s.dtype.size for s in site_list) + 21
     if shard_tokens is None:
         shard_tokens = max(1, SHARD_BYTES // bytes_per_token)
@@ -258,8 +259,10 @@ def _shards(rows: list[int], shard_batches: int) -> list[dict]:
     return shards
 
 
-def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | None) -> list[Site]:
-    """The tensors ``names`` mean, in order, each checked on a short ``probe`` forward pass."""
+def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | None,
+                  seen: dict[str, mx.array] | None = None) -> list[Site]:
+    """The tensors ``names`` mean, in order, each checked on a short ``probe`` forward pass
+    (whose raw records are put in ``seen`` when given)."""
     from .names import is_raw, parse
     from .trace import Hooks, _matches, canonical_site, is_glob
 
@@ -280,6 +283,8 @@ def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | No
             capture.append(resolved.site)
     with Hooks(model, capture=capture) as hooks:
         _, recorded = hooks(probe)
+    if seen is not None:
+        seen.update(recorded)
     length = probe.shape[1]
     found: dict[str, Site] = {}
     for name, resolved in asked:
@@ -310,12 +315,13 @@ def _raw_layer(raw: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _stop_site(model, site_list: list[Site], probe: mx.array | None = None) -> str | None:
+def _stop_site(model, site_list: list[Site], probe: mx.array | None = None,
+               whole: dict[str, mx.array] | None = None) -> str | None:
     """The raw input port of the first block after every site, or None (run everything).
 
     With a ``probe`` (B, T) the stop is checked: a stopped pass must record every site, each
-    equal to the whole pass's value; a model that computes its blocks in another order (or
-    reuses one) runs whole instead."""
+    equal to the whole pass's value (``whole``: raw site -> value, if already run); a model
+    that computes its blocks in another order (or reuses one) runs whole instead."""
     from .trace import Hooks
 
     arch = model.architecture
@@ -327,8 +333,9 @@ def _stop_site(model, site_list: list[Site], probe: mx.array | None = None) -> s
     stop = arch.resolve(f"layers.{last}.input")[0].site
     if probe is not None:
         raws = sorted({s.raw for s in site_list})
-        with Hooks(model, capture=raws) as hooks:
-            _, whole = hooks(probe)
+        if whole is None or any(raw not in whole for raw in raws):
+            with Hooks(model, capture=raws) as hooks:
+                _, whole = hooks(probe)
         with Hooks(model, interventions={stop: _stop}, capture=raws) as hooks:
             stopped = _recorded(hooks, probe)
         mx.eval(list(stopped.values()))
@@ -577,28 +584,43 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
     opened: set[ShardFile] = set()  # files not yet published (the writer removes finished ones)
     capture = sorted({s.raw for s in site_list})
     interventions = {stop: _stop} if stop else None
+    state = {"row": 0}
+
+    def dispatch(batch: Windows, rows: dict[str, Any]) -> None:
+        """Hand a computed batch to the writer, opening and closing its shard's file."""
+        nonlocal current
+        k = batch_shard[batch.index]
+        shard = shards[k]
+        if batch.index == shard["batches"][0]:
+            file = ShardFile(out / shard["file"], _layout(site_list, shard["rows"]), {"format": FORMAT, "shard": str(k), "fingerprint": fingerprint})
+            current = {"file": file, "shard": k, "started": time.perf_counter()}
+            opened.add(file)
+            state["row"] = 0
+        mx.eval(list(rows.values()))
+        rows = {**rows, **_batch_fields(batch)}
+        file, row = current["file"], state["row"]
+        writer.put(lambda: _write_batch(file, row, rows))
+        state["row"] += batch.n_tokens
+        bar.update(batch.n_tokens)
+        if batch.index == shard["batches"][1] - 1:
+            entry = {"fingerprint": fingerprint, "shard": k, "rank": rank, "host": host}
+            started = current["started"]
+            writer.put(lambda: _finish(file, entry, journal, written, started, opened))
+            current = {}
+
     try:
         with Hooks(model, interventions=interventions, capture=capture) as hooks:
-            row = 0
+            pending = None
             for batch in token_windows(model, corpus, **windows):
-                k = batch_shard[batch.index]
-                shard = shards[k]
-                if k not in todo_set:
+                if batch_shard[batch.index] not in todo_set:
                     continue
-                if batch.index == shard["batches"][0]:
-                    file = ShardFile(out / shard["file"], _layout(site_list, shard["rows"]), {"format": FORMAT, "shard": str(k), "fingerprint": fingerprint})
-                    current = {"file": file, "shard": k, "started": time.perf_counter()}
-                    opened.add(file)
-                    row = 0
-                rows = {**_batch_rows(hooks, batch, site_list), **_batch_fields(batch)}
-                file = current["file"]
-                writer.put(lambda file=file, row=row, rows=rows: _write_batch(file, row, rows))
-                row += batch.n_tokens
-                bar.update(batch.n_tokens)
-                if batch.index == shard["batches"][1] - 1:
-                    entry = {"fingerprint": fingerprint, "shard": k, "rank": rank, "host": host}
-                    writer.put(lambda file=file, entry=entry, started=current["started"]: _finish(file, entry, journal, written, started, opened))
-                    current = {}
+                rows = _batch_rows(hooks, batch, site_list)
+                mx.async_eval(list(rows.values()))  # computes while the previous batch is handed on
+                if pending is not None:
+                    dispatch(*pending)
+                pending = (batch, rows)
+            if pending is not None:
+                dispatch(*pending)
         writer.close()
     except BaseException:
         writer.error = writer.error or RuntimeError("cancelled")  # the thread skips what is queued
@@ -619,7 +641,7 @@ def _layout(site_list: list[Site], rows: int) -> dict[str, tuple[str, tuple[int,
 
 
 def _batch_rows(hooks, batch: Windows, site_list: list[Site]) -> dict[str, mx.array]:
-    """Site name -> the (n_tokens, d) rows of the batch's real tokens, evaluated."""
+    """Site name -> the (n_tokens, d) rows of the batch's real tokens (lazy)."""
     recorded = _recorded(hooks, batch.inputs)
     n, t = batch.tokens.shape
     real = None if batch.n_tokens == n * t else mx.array(np.flatnonzero(batch.mask).astype(np.int32))
@@ -632,7 +654,6 @@ def _batch_rows(hooks, batch: Windows, site_list: list[Site]) -> dict[str, mx.ar
             x = x[real]
         x = x.astype(site.dtype)
         rows.append(x.view(mx.uint16) if site.dtype == mx.bfloat16 else x)
-    mx.eval(rows)
     return {s.name: x for s, x in zip(site_list, rows)}
 
 
