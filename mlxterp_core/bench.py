@@ -525,23 +525,32 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "attribution": attribution_rows,
     "cache": cache_rows,
 }
-"""Every row of ``mlxterp bench``, in the order it prints them."""
+"""The core's rows of ``mlxterp bench``, in the order it prints them (plugins add theirs:
+the ``mlxterp_bench_rows`` hook; :func:`all_rows` has both)."""
+
+
+def all_rows() -> dict[str, Callable[[int], list[Row]]]:
+    """The core's rows, then every plugin's."""
+    from .plugins import bench_rows
+
+    return {**ROWS, **bench_rows()}
 
 
 def run_rows(keys: list[str] | None = None, repeats: int = 5, out=print) -> list[Row]:
     """Run the chosen rows (all by default), printing each result as it comes."""
     from .backend import describe
 
-    unknown = [k for k in keys or [] if k not in ROWS]
+    table = all_rows()
+    unknown = [k for k in keys or [] if k not in table]
     if unknown:
         from .errors import InputError
 
-        raise InputError(f"unknown benchmark rows {unknown}: choose from {', '.join(ROWS)}")
+        raise InputError(f"unknown benchmark rows {unknown}: choose from {', '.join(table)}")
     out(f"backend: {describe()}")
     out(f"{'workload':44s} {'figure':52s} {'target':28s} met")
     rows = []
-    for key in keys or list(ROWS):
-        for row in ROWS[key](repeats):
+    for key in keys or list(table):
+        for row in table[key](repeats):
             rows.append(row)
             met = {True: "yes", False: "NO", None: "-"}[row.met]
             out(f"{row.workload:44s} {row.figure:52s} {row.target:28s} {met}")

@@ -50,3 +50,9 @@ def mlxterp_loaders():
 def mlxterp_interventions():
     """Return {name: factory}; each becomes ``mlxterp.interventions.name`` (a factory returns a
     callable ``array -> array``)."""
+
+
+@hookspec
+def mlxterp_bench_rows():
+    """Return {key: function(repeats) -> list[mlxterp_core.bench.Row]}; each becomes rows of
+    ``mlxterp bench`` (``--rows key`` picks them), after the core's own."""

@@ -111,3 +111,8 @@ def intervention_types() -> dict[str, Any]:
 def analyses() -> dict[str, Any]:
     """name -> analysis function, from every plugin."""
     return _merged("mlxterp_analyses")
+
+
+def bench_rows() -> dict[str, Any]:
+    """key -> benchmark row function, from every plugin."""
+    return _merged("mlxterp_bench_rows")

@@ -322,3 +322,67 @@ def test_attached_saes_apply_to_runs_generation_and_patching(f32_llama):
     assert f32_llama.generate("The capital of", max_tokens=4).tokens == plain
     with pytest.raises(mlxterp.UnknownNameError):
         f32_llama.run("The capital of", capture=["layers.2.output.sae.features"])
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+def test_explained_variance_predicting_the_mean_is_zero_and_perfect_is_one():
+    from mlxterp_saes import explained_variance
+
+    x = mx.random.normal((200, 16), key=mx.random.key(0)) * 3 + 1
+    mean = mx.broadcast_to(x.mean(axis=0), x.shape)
+    assert explained_variance(x, mean) == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_constant_offset_does_not_inflate_explained_variance():
+    from mlxterp_saes import explained_variance
+
+    x = np.random.default_rng(0).normal(size=(300, 8))
+    x_hat = x + np.random.default_rng(1).normal(scale=0.5, size=x.shape)
+    expected = 1 - ((x - x_hat) ** 2).sum() / (x.var(axis=0, ddof=0).sum() * len(x))
+    for offset in (0.0, 1e4):
+        got = explained_variance(mx.array(x + offset), mx.array(x_hat + offset))
+        assert got == pytest.approx(expected, abs=1e-3 if offset else 1e-6)
+
+
+def test_mse_does_not_depend_on_the_batch_size():
+    from mlxterp_saes.evaluate import Accumulator
+
+    x = mx.random.normal((90, 8), key=mx.random.key(2))
+    x_hat = x * 0.7
+    whole, parts = Accumulator(1), Accumulator(1)
+    whole.add(x, x_hat)
+    for start in range(0, 90, 7):
+        parts.add(x[start : start + 7], x_hat[start : start + 7])
+    assert parts.mse() == pytest.approx(whole.mse(), rel=1e-9)
+    assert parts.explained_variance() == pytest.approx(whole.explained_variance(), rel=1e-9)
+    assert whole.mse() == pytest.approx(((x - x_hat) ** 2).sum(-1).mean().item(), rel=1e-5)
+
+
+def exact_sae(site="layers.2.output") -> SAE:
+    """ReLU(x) - ReLU(-x) = x: a standard SAE that reconstructs every input exactly."""
+    eye = mx.eye(D)
+    w = {"W_enc": mx.concatenate([eye, -eye], axis=1), "b_enc": mx.zeros((2 * D,)),
+         "W_dec": mx.concatenate([eye, -eye], axis=0), "b_dec": mx.zeros((D,))}
+    return SAE(SAEConfig("standard", D, 2 * D, site=site, apply_b_dec_to_input=False), w)
+
+
+def test_an_exact_sae_recovers_all_the_loss_and_a_null_one_none(f32_llama):
+    from helpers import CORPUS
+
+    result = exact_sae().evaluate(f32_llama, CORPUS, progress=False)
+    assert result.explained_variance == pytest.approx(1.0, abs=1e-6)
+    assert result.ce_spliced == pytest.approx(result.ce_clean, abs=1e-4)
+    assert result.ce_loss_recovered == pytest.approx(1.0, abs=1e-3)
+    assert result.kl_spliced == pytest.approx(0.0, abs=1e-5) and result.kl_zero_ablated > 0
+    assert result.l0 == pytest.approx(D)  # one of each +/- pair fires per dimension
+    assert sum(result.l0_histogram) == result.n_tokens
+    null = exact_sae()
+    null.W_dec = mx.zeros_like(null.W_dec)
+    zero = null.evaluate(f32_llama, CORPUS, progress=False)
+    assert zero.ce_loss_recovered == pytest.approx(0.0, abs=1e-4)
+    assert zero.explained_variance < 0.05
+    assert "CE recovered" in repr(result)
+    result.plot()

@@ -7,8 +7,24 @@ third party's plugin. The public names are re-exported as ``mlxterp.load_sae``, 
 
 from __future__ import annotations
 
+from mlxterp_core.hookspecs import hookimpl
+
+from .evaluate import SAEEvaluation, explained_variance, mse, normalized_mse
+from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
 from .train import TrainingLog, train_sae
 from .sae import SAE, SAEConfig, SAEError, topk_relu
 
-__all__ = ["SAE", "SAEConfig", "SAEError", "TrainingLog", "load_sae", "save_sae", "topk_relu", "train_sae"]
+
+@hookimpl
+def mlxterp_bench_rows():
+    from .bench import sae_rows
+
+    return {"saes": sae_rows}
+
+
+__all__ = [
+    "SAE", "SAEConfig", "SAEError", "SAEEvaluation", "TrainingLog", "Example", "FeatureExamples",
+    "FeatureAttribution", "load_sae", "save_sae", "train_sae", "top_activations", "feature_attribution",
+    "explained_variance", "mse", "normalized_mse", "topk_relu",
+]

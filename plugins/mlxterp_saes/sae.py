@@ -305,7 +305,40 @@ class SAE(nn.Module):
 
         return save_sae(self, path, sparsity=sparsity)
 
+    def evaluate(self, model, texts, **options):
+        """L0, explained variance, MSE, dead/dense fractions, CE loss recovered and KL of this
+        SAE spliced into ``model`` on ``texts``: an :class:`~mlxterp_saes.evaluate.SAEEvaluation`."""
+        from .evaluate import evaluate
+
+        return evaluate(self, model, texts, **options)
+
     # -- features ------------------------------------------------------------------------
+
+    def top_activations(self, model, texts, features, **options):
+        """Top-activating contexts, quantiles and density of ``features`` over ``texts``
+        (:func:`mlxterp_saes.features.top_activations`)."""
+        from .features import top_activations
+
+        return top_activations(self, model, texts, features, **options)
+
+    def steer(self, feature: int, scale: float, positions=None) -> dict:
+        """Interventions adding ``scale * W_dec[feature]`` at the site (for trace / generate)."""
+        from .features import steer
+
+        return steer(self, feature, scale, positions)
+
+    def ablate(self, features, value: float = 0.0, positions=None) -> dict:
+        """Interventions setting ``features`` to ``value`` through the splice (use with saes=[sae])."""
+        from .features import ablate
+
+        return ablate(self, features, value, positions)
+
+    def attribution(self, model, text, metric=None, answer=None, top: int = 10):
+        """Gradient x activation of a metric to every feature and the error term
+        (:func:`mlxterp_saes.features.feature_attribution`)."""
+        from .features import feature_attribution
+
+        return feature_attribution(self, model, text, metric=metric, answer=answer, top=top)
 
     def feature_name(self, sub: str = "features") -> str:
         """The trace name of one of this SAE's sub-sites: ``layers.8.output.sae.features``."""
