@@ -18,9 +18,10 @@ FOUR = ["layers.6.output", "layers.12.output", "layers.18.output", "layers.24.ou
 
 
 def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int = 32,
-                   batch_size: int = 512, context_size: int = 128, forward_batch: int = 4) -> dict[str, float]:
-    """Tokens per second: plain forward (full model), one SAE, four SAEs from one forward,
-    four separate runs (their total time)."""
+                   batch_size: int = 512, context_size: int = 128, forward_batch: int = 4,
+                   site: str = SITE, four: list[str] = FOUR) -> dict[str, float]:
+    """Tokens per second: plain forward (full model), one SAE at ``site``, four SAEs (at
+    ``four``) from one forward, and four separate runs (their total time)."""
     from mlxterp_core.corpus import token_windows
 
     from .train import train_sae
@@ -39,13 +40,13 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
         train_sae(model, sites, texts, **options)
         return time.perf_counter() - start
 
-    one = timed(SITE)
-    four = timed(FOUR)
-    separate = sum(timed(site) for site in FOUR)
+    one = timed(site)
+    joint = timed(four)
+    separate = sum(timed(s) for s in four)
     trained = n_tokens // batch_size * batch_size
     return {"plain_tokens_per_s": plain, "one_sae_tokens_per_s": trained / one,
-            "four_saes_tokens_per_s": trained / four, "four_separate_tokens_per_s": trained / separate,
-            "speedup_four_from_one_forward": separate / four}
+            "four_saes_tokens_per_s": trained / joint, "four_separate_tokens_per_s": trained / separate,
+            "speedup_four_from_one_forward": separate / joint}
 
 
 def sae_rows(repeats: int = 1) -> list:

@@ -1,7 +1,7 @@
 """Evaluating an SAE: reconstruction, sparsity and what splicing it costs the model.
 
 Definitions (``../shared/research/saes-lens-heads.md`` §1b.6), over all evaluated tokens
-(BOS and padding excluded), sums accumulated batch by batch so that no figure depends on the
+(BOS, padding and each window's first position excluded: see ``train.trainable``), sums accumulated batch by batch so that no figure depends on the
 batch size:
 
 - ``mse`` = E_t sum_d (x - x^)^2 (per token, summed over d);
@@ -20,8 +20,8 @@ batch size:
   KL(clean || spliced) and KL(clean || zero-ablated) per token, summed over the vocabulary,
   ``kl_score = (KL_zero - KL_sae) / KL_zero``.
 
-The splice and the ablation touch only real non-BOS positions (the BOS activation is an outlier
-an SAE is not trained on, and every later token attends to it).
+The splice and the ablation touch only those positions (BOS and the window's first token are
+outliers an SAE is not trained on, and every later token attends to them).
 """
 
 from __future__ import annotations
@@ -169,6 +169,8 @@ def evaluate(
 
     from mlxterp_core.corpus import token_windows
 
+    from .train import trainable
+
     if model.tokenizer is None:
         raise SAEError("evaluating on texts needs a model with a tokenizer.")
     context = context_size or sae.cfg.context_size or 128
@@ -179,7 +181,7 @@ def evaluate(
     counted = 0
     windows = token_windows(model, texts, context, batch_size=batch_size, max_tokens=n_tokens)
     for batch in tqdm(windows, desc="evaluate", unit="batch", disable=None if progress is None else not progress):
-        keep = batch.mask & ~batch.bos  # (B, T) positions the SAE works at
+        keep = trainable(batch)  # (B, T) positions the SAE works at
         if not keep.any():
             continue
         ids = batch.inputs

@@ -106,6 +106,8 @@ def top_activations(
 
     from mlxterp_core.corpus import token_windows
 
+    from .train import trainable
+
     from .train import trace_sites
 
     chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
@@ -120,7 +122,7 @@ def top_activations(
     for batch in tqdm(windows, desc="top_activations", unit="batch", disable=None if progress is None else not progress):
         x = trace_sites(model, batch.inputs, sites)[sae.cfg.site]
         values = mx.take(sae.encode(x), select, axis=-1)  # (B, T, F)
-        keep = batch.mask & ~batch.bos
+        keep = trainable(batch)
         for b in range(len(batch)):
             n = int(batch.lengths[b])
             token_rows.append(batch.tokens[b, :n])

@@ -22,7 +22,8 @@ The recipe (``../shared/research/saes-lens-heads.md`` §1b):
 - Adam (betas 0.9, 0.999, bias-corrected), gradient norm clipped at 1, linear warm-up over
   the first 5% of steps and a linear decay to lr/10 over the last 20%;
 - rows are shuffled in a buffer of ``buffer_tokens`` tokens, half of which is kept to mix with
-  the next fill (SAELens's mixing buffer); BOS and padding positions are never trained on.
+  the next fill (SAELens's mixing buffer); BOS, padding and the first position of each window
+  (an attention sink, see :func:`trainable`) are never trained on.
 """
 
 from __future__ import annotations
@@ -516,7 +517,7 @@ class _TextSource(_Source):
                 if self.position <= self._skip:
                     skipped += 1
                     continue
-                keep = (windows.mask & ~windows.bos).reshape(-1)
+                keep = trainable(windows).reshape(-1)
                 if not keep.any():
                     continue
                 read += 1
@@ -607,6 +608,16 @@ def _shuffled(source: _Source, batch_size: int, buffer_tokens: int, seed: int) -
             yield {s: r[start : start + batch_size] for s, r in rows.items()}
         held = [{s: r[serve:] for s, r in rows.items()}]
         count -= serve
+
+
+def trainable(windows) -> np.ndarray:
+    """(B, T) bool: the positions SAEs are trained and evaluated on. Not padding, not BOS, and
+    not the first position of a window: with nothing before it, it is the model's attention
+    sink, whose activations are outliers like BOS's (on the default model its norm is ~100x
+    the others'; the 1 token in 128 it is carries 98% of the residual stream's variance)."""
+    keep = windows.mask & ~windows.bos
+    keep[:, 0] = False
+    return keep
 
 
 class _Stop(BaseException):
