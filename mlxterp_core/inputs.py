@@ -147,7 +147,8 @@ def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
     mx.eval(low, high)
     if low.item() >= 0 and high.item() < vocab_size:
         return
-    bad = ((ids < 0) | (ids >= vocab_size)).flatten()
+    wide = ids.astype(mx.int64)  # vocab_size may not fit the ids' own dtype (int8, uint8 ...)
+    bad = ((wide < 0) | (wide >= vocab_size)).flatten()
     index = int(mx.argmax(bad).item())
     where = [int(i) for i in _unravel(index, ids.shape)]
     value = ids.flatten()[index].item()

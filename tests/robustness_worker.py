@@ -183,8 +183,9 @@ def attempt(label: str, call) -> None:
     TALLY["succeeded"] += 1
 
 
-texts = st.one_of(st.text(max_size=10), st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6), id_arrays())
-options = st.one_of(st.none(), st.integers(-12, 12), st.sampled_from([0, 10**6, -(10**6), 2.5, "all", "x", True, [], [0, -1], [99], (0, 1), [1.5]]))
+good_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6)
+texts = st.one_of(good_ids, good_ids, st.text(min_size=1, max_size=10), st.text(max_size=10), id_arrays())
+options = st.one_of(st.none(), st.none(), st.integers(-3, 3), st.integers(-12, 12), st.sampled_from([0, 10**6, -(10**6), 2.5, "all", "x", True, [], [0, -1], [99], (0, 1), [1.5]]))
 metrics = st.sampled_from([
     None,
     lambda lg: lg[:, -1, 0] - lg[:, -1, 1],

@@ -33,6 +33,7 @@ def test_vocabulary_comes_from_the_embedding(llama):
         ([1, 2, 3, 10**6], 10**6, 0, 3),
         (mx.array([[4, 5], [6, 7], [8, -1]]), -1, 2, 1),
         (np.array([9, VOCAB + 1]), VOCAB + 1, 0, 1),
+        (mx.array([[3, -64]], dtype=mx.int8), -64, 0, 1),  # the vocabulary does not fit int8
     ],
 )
 def test_out_of_range_ids_name_id_row_position_and_vocabulary(llama, ids, value, row, position):
