@@ -39,7 +39,7 @@ def test_bad_input_never_kills_the_interpreter(groups, examples, real):
         "\n".join(failures[:5]) + "\n" + done.stdout[-3000:] + done.stderr[-3000:]
     )
     succeeded = int(re.search(r"'succeeded': (\d+)", lines[-1]).group(1))
-    assert succeeded >= examples // 10, f"too few calls got past the checks to test the code behind them: {lines[-1]}"
+    assert succeeded >= max(1, examples // 20), f"too few calls got past the checks to test the code behind them: {lines[-1]}"
 
 
 def test_the_harness_fails_without_the_id_check():
