@@ -116,7 +116,8 @@ def cache_activations(
         prepend_bos: start every document with the tokenizer's BOS token.
         max_tokens: cache at most this many tokens (a prefix of the corpus).
         shard_tokens: about how many tokens per shard (default: shards of ~256 MiB).
-        progress: show a tqdm bar (default: when stderr is a terminal).
+        progress: False hides the tqdm bar (tokens, tokens/s, time left), shown by default
+            when stderr is a terminal.
         group: an ``mx.distributed`` group (default: ``mx.distributed.init()``, a singleton
             unless started by ``mlx.launch``).
 
@@ -560,8 +561,7 @@ class _Writer:
 
 def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, fingerprint, rank, size, progress):
     """Compute and write this rank's unfinished shards; their journal entries."""
-    from tqdm.auto import tqdm
-
+    from .progress import progress_bar
     from .trace import Hooks
 
     todo = [k for k in mine if k not in done]
@@ -573,9 +573,8 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
         for b in range(*s["batches"]):
             batch_shard[b] = s["shard"]
     total = sum(shards[k]["rows"] for k in todo)
-    show = sys.stderr.isatty() if progress is None else progress
     label = "caching" + (f" rank {rank}/{size}" if size > 1 else "")
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, disable=not show, dynamic_ncols=True)
+    bar = progress_bar(total, label, progress is not False, unit="tok")
     journal = out / f"journal-rank{rank}.jsonl"
     host = socket.gethostname()
     written: dict[int, dict] = {}
