@@ -154,6 +154,8 @@ def test_patching_view_hover_gives_the_recovery(model, open_view):
     result = attrs.evolve(result, labels=labels)
     page = open_view(result._repr_html_(), "patching")
     assert texts(page, "tr:last-child th.mv-col") == [shown(t) for t in labels]
+    cells = texts(page, "td.mv-cell")
+    assert len(cells) == len(result.layers) * len(labels) and not {"-0", "-0.00"} & set(cells)
     layer_row, column = 0, 2  # the last layer is on top
     page.hover(f"table.mv-grid tr:nth-child({layer_row + 1}) td:nth-child({column + 2})")
     layer = result.layers[-1]
@@ -187,6 +189,18 @@ def test_several_texts_are_lines(open_view):
     assert page.eval_on_selector_all(".mv-line", "ls => ls.map(l => l.children.length)") == [2, 3]
     page.hover(".mv-line:nth-child(2) .mv-tok:nth-child(3)")
     assert page.inner_text(".mv-info") == 'text 1, position 2 "e": row 0 = -1.00'
+
+
+def test_dla_view_cells_are_the_contributions(model, open_view):
+    result = model.direct_logit_attribution(CLEAN, answers=(11, 12))
+    page = open_view(result._repr_html_(), "dla")
+    heads = result.n_heads
+    assert texts(page, "tr:last-child th.mv-col") == ["attn", "mlp"] + [f"H{h}" for h in range(heads)]
+    page.hover("table.mv-grid tr:nth-child(1) td:nth-child(5)")  # the last layer, head 1 (after th, attn, mlp, H0)
+    last = len(result.head_matrix()) - 1
+    info = page.inner_text(".mv-info")
+    assert info.startswith(f"layer L{last}, component H1: "), info
+    assert float(info.rsplit(": ", 1)[1]) == pytest.approx(result[f"L{last}H1"], rel=2e-3, abs=1e-3)
 
 
 def test_two_views_in_one_page_render_independently(model, open_view):

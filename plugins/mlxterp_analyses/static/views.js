@@ -334,7 +334,8 @@ window.mlxterpView = (function () {
       tr.appendChild(el("th", null, data.rows[r]));
       for (var c = 0; c < C; c++) {
         var v = values[r * C + c], a = scale > 0 ? Math.abs(v) / scale : 0;
-        var td = el("td", "mv-cell", numbers ? (scale >= 10 ? Math.round(v).toString() : v.toFixed(2)) : "");
+        var label = numbers ? (scale >= 10 ? Math.round(v).toString() : v.toFixed(2)) : "";
+        var td = el("td", "mv-cell", /^-0(\.0+)?$/.test(label) ? label.slice(1) : label);  // no "-0"
         td.style.background = signedColour(v, scale);
         td.style.color = ink(a);
         td.dataset.row = String(r);
