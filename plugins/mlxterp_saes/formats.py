@@ -335,7 +335,7 @@ def _from_hub(source: str) -> Path:
         root = snapshot_download(repo, allow_patterns=[f"{folder}/*"] if folder else None)
     except Exception as e:
         raise SAEError(
-            f"could not fetch {source!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+            f"could not fetch {source!r} from the Hugging Face hub ({type(e).__name__}: {' '.join(str(e).split())[:200]}). "
             "Offline? Download the folder elsewhere and pass its local path."
         ) from e
     return Path(root) / folder if folder else Path(root)
