@@ -72,8 +72,20 @@ def main() -> None:
     model.steering_vector(positive, negative, layer=14).plot(IMAGES / "steering_projections.png")
     view_screenshots(model)
     model.head_scores("induction", error_measure="stripe").plot(IMAGES / "induction_heads.png")
+    sentiment_probe(model).plot(IMAGES / "sentiment_probe.png")
     for path in sorted(IMAGES.glob("*.png")):
         print(f"{path.name}: {path.stat().st_size // 1024} KiB")
+
+
+def sentiment_probe(model):
+    """The sentiment probe sweep of tests/test_linear_probes.py (120 statements, 6 templates)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_linear_probes import sentiment_statements
+
+    texts, labels, groups = sentiment_statements()
+    return model.probe(texts, labels, groups=groups)
 
 
 if __name__ == "__main__":

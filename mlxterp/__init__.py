@@ -62,3 +62,15 @@ __all__ = [
     "DatasetError",
     "train_sae",
 ]
+
+
+def __getattr__(name: str):
+    """Public classes and modules of plugins (the ``mlxterp_exports`` hook): ``mlxterp.TunedLens``."""
+    if name.startswith("__"):  # the import system's own questions
+        raise AttributeError(name)
+    from mlxterp_core.plugins import exports
+
+    found = exports()
+    if name in found:
+        return found[name]
+    raise AttributeError(f"module 'mlxterp' has no attribute {name!r}")

@@ -5,7 +5,11 @@
    about the Colosseum (equal token counts): per layer for the MLP and attention outputs, and
    per layer x position for the residual stream,
 3. a steering vector from contrastive sentiment prompts, and a steered against an unsteered
-   greedy continuation.
+   greedy continuation,
+4. the top induction heads (stripe score on repeated random tokens), and what ablating them does.
+
+Beside the logit lens, a tuned lens (trained briefly on the offline default corpus the first
+time, then loaded from the demo folder) reads the same prompt.
 
 The plots are written as PNG files to a folder the demo names at the end.
 """
@@ -31,6 +35,8 @@ NEGATIVE = [
 STEER_PROMPT = "I went to see the new movie yesterday. I thought it was"
 STEER_LAYER = 14
 STEER_SCALE = 1.5
+# A short tuned-lens training (the reference trains 250 steps x 2^18 tokens; see docs/guide/tuned_lens.md)
+DEMO_LENS = dict(num_steps=6, tokens_per_step=128, context_size=32, batch_size=4)
 
 
 def main(out: str | Path = "mlxterp-demo") -> Path:
@@ -51,6 +57,13 @@ def main(out: str | Path = "mlxterp-demo") -> Path:
     for layer in lens.layers:
         token, prob = lens[layer][-1][0][2], lens[layer][-1][0][1]
         print(f"  layer {layer:2d}: {token!r:12s} {prob:.2f}")
+
+    tuned = _demo_tuned_lens(model, out / "tuned_lens")
+    tuned_result = model.tuned_lens(LENS_PROMPT, tuned, plot=True, save_path=out / "tuned_lens.png")
+    print("  logit lens | tuned lens (trained briefly), top token at the last position, every third layer:")
+    for layer in lens.layers[::3]:
+        print(f"  layer {layer:2d}: {lens[layer][-1][0][2]!r:12s} | {tuned_result[layer][-1][0][2]!r:12s}"
+              f" KL to final {tuned_result.kl[layer][-1]:.2f} nats")
 
     print(f"\n2. Activation patching: clean {CLEAN!r}\n   corrupted {CORRUPTED!r}")
     for component in ("mlp", "attn"):
@@ -75,6 +88,29 @@ def main(out: str | Path = "mlxterp-demo") -> Path:
         steered = model.generate(STEER_PROMPT, max_tokens=30, interventions=vector.interventions(scale=sign * STEER_SCALE))
         print(f"  {label} x{STEER_SCALE}: {steered.text!r}")
 
+    print("\n4. Induction heads: attention on the token after the earlier copy, in repeated random tokens")
+    heads = model.head_scores("induction", error_measure="stripe", plot=True, save_path=out / "induction_heads.png")
+    print("  top 5 (layer, head, stripe score): " + ", ".join(f"L{layer}H{head} {score:.2f}" for layer, head, score in heads.top(5)))
+    clean = model.induction_loss(seed=1)
+    ablated = model.induction_loss([(layer, head) for layer, head, _ in heads.top(5)], seed=1)
+    print(f"  loss on the repeats {clean.second_half:.2f} -> {ablated.second_half:.2f} nats with the top 5 ablated "
+          f"(first copy {clean.first_half:.2f} -> {ablated.first_half:.2f})")
+
     print(f"\nplots written to {out.resolve()}/: " + ", ".join(sorted(p.name for p in out.glob("*.png"))))
     print(f"({time.perf_counter() - started:.0f} s)")
     return out
+
+
+def _demo_tuned_lens(model, folder: Path):
+    """The demo's tuned lens: loaded from ``folder`` if an earlier run saved one, else trained
+    briefly on the default corpus and saved there."""
+    from .plugins import exports
+
+    lens_class = exports()["TunedLens"]
+    if (folder / "config.json").is_file():
+        print(f"  tuned lens loaded from {folder}")
+        return lens_class.load(folder, model=model)
+    print(f"  training a tuned lens briefly ({DEMO_LENS['num_steps']} steps of {DEMO_LENS['tokens_per_step']} tokens) ...")
+    lens = model.train_tuned_lens(**DEMO_LENS)
+    lens.save(folder)
+    return lens

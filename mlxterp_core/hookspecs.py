@@ -56,3 +56,9 @@ def mlxterp_interventions():
 def mlxterp_bench_rows():
     """Return {key: function(repeats) -> list[mlxterp_core.bench.Row]}; each becomes rows of
     ``mlxterp bench`` (``--rows key`` picks them), after the core's own."""
+
+
+@hookspec
+def mlxterp_exports():
+    """Return {name: object}; each becomes ``mlxterp.name`` (a plugin's public classes and
+    modules, e.g. ``mlxterp.TunedLens``)."""

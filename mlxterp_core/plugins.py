@@ -116,3 +116,8 @@ def analyses() -> dict[str, Any]:
 def bench_rows() -> dict[str, Any]:
     """key -> benchmark row function, from every plugin."""
     return _merged("mlxterp_bench_rows")
+
+
+def exports() -> dict[str, Any]:
+    """name -> public object (class, module) from every plugin, for ``mlxterp.<name>``."""
+    return _merged("mlxterp_exports")

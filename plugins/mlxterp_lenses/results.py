@@ -1,0 +1,65 @@
+"""Result objects of the tuned lens (attrs values in the style of mlxterp_analyses.results)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from mlxterp_analyses.results import LogitLensResult, Serialisable
+
+
+@attrs.frozen
+class TunedLensResult(LogitLensResult):
+    """The logit lens's result (``result[layer][position]`` is the top-k list of
+    ``(token_id, probability, token_text)``), read through a tuned lens, plus per layer and
+    position: ``kl[layer][p]`` = KL(final || lens) in nats, ``entropy[layer][p]`` of the lens's
+    distribution (nats), and ``final_rank[layer][p]``, the rank (0 = top) that the lens gives the
+    model's final top-1 token."""
+
+    kl: dict[int, list[float]] = attrs.field(factory=dict)
+    entropy: dict[int, list[float]] = attrs.field(factory=dict)
+    final_rank: dict[int, list[int]] = attrs.field(factory=dict)
+    lens: str = "tuned"
+
+    def mean_kl(self) -> dict[int, float]:
+        """layer -> KL(final || lens) averaged over positions."""
+        return {layer: sum(row) / len(row) for layer, row in self.kl.items()}
+
+    def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
+        from mlxterp_analyses.plots import _finish, lens_heatmap
+
+        fig = lens_heatmap(self, None, max_display_tokens, figsize)
+        fig.axes[0].set_title(f"Tuned lens: top prediction after each layer\n{self.text!r}")
+        return _finish(fig, path)
+
+
+@attrs.frozen
+class LensEvaluation(Serialisable):
+    """Mean KL(final || lens) in nats over ``n_tokens`` held-out tokens, per translator:
+    ``layers[k]`` reads the stream entering block k (0 = the embeddings)."""
+
+    layers: list[int]
+    tuned_kl: list[float]
+    logit_kl: list[float]
+    n_tokens: int
+
+    def table(self) -> str:
+        """A Markdown table: layer, logit-lens KL, tuned-lens KL."""
+        lines = ["| input of layer | logit lens KL (nats) | tuned lens KL (nats) |", "| ---: | ---: | ---: |"]
+        lines += [f"| {layer} | {logit:.3f} | {tuned:.3f} |" for layer, logit, tuned in zip(self.layers, self.logit_kl, self.tuned_kl)]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path | None = None, figsize=(9, 5)):
+        from mlxterp_analyses.plots import _finish, _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=figsize)
+        ax.plot(self.layers, self.logit_kl, marker="o", label="logit lens")
+        ax.plot(self.layers, self.tuned_kl, marker="o", label="tuned lens")
+        ax.set_xlabel("input of layer (0 = embeddings)")
+        ax.set_ylabel("KL(final || lens), nats")
+        ax.set_yscale("log")
+        ax.set_title(f"Held-out KL to the final distribution ({self.n_tokens} tokens)")
+        ax.legend()
+        return _finish(fig, path)
