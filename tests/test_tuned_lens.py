@@ -4,6 +4,7 @@ exactly, and on the default model a trained lens beats the logit lens at every l
 from __future__ import annotations
 
 import json
+import os
 
 import mlx.core as mx
 import pytest
@@ -103,6 +104,7 @@ def _train_steps(model, folder, stop_after: int, **settings):
         training._save_checkpoint = original
 
 
+@pytest.mark.skipif(not os.environ.get("MLXTERP_SLOW_TESTS"), reason="trains a lens on the default model (minutes); set MLXTERP_SLOW_TESTS=1")
 def test_a_trained_lens_beats_the_logit_lens_at_every_layer(smollm):
     """Held-out KL(final || tuned) < KL(final || logit lens) for every translator of the
     default model, after a short training on an offline corpus (other paragraphs held out)."""
