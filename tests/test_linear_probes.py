@@ -91,15 +91,17 @@ def sentiment_statements():
     return texts, labels, groups
 
 
-def test_a_sentiment_probe_peaks_in_the_middle_layers(smollm):
+def test_a_sentiment_probe_beats_the_embedding_baseline(smollm):
+    """Measured: held-out accuracy and AUROC 1.0 at every layer output from layer 0 on, 0.5 for
+    the embeddings (the last token is the same full stop everywhere). This task is decodable
+    from layer 0 on, so it shows no middle-layer peak."""
     texts, labels, groups = sentiment_statements()
     result = smollm.probe(texts, labels, groups=groups, position="last", seed=0)
-    site, accuracy, area = result.best()
-    layer = int(site.split(".")[1]) if site != "embed" else -1
     embed_accuracy, embed_auroc = result["embed"]
-    print(f"best {site} accuracy {accuracy:.2f} AUROC {area:.2f}; embed {embed_accuracy:.2f} / {embed_auroc:.2f}; "
+    middle_accuracy, middle_auroc = result[15]
+    print(f"best {result.best()}; embed {embed_accuracy:.2f} / {embed_auroc:.2f}; "
           f"per layer accuracy {[round(a, 2) for a in result.accuracy]}")
-    assert 6 <= layer <= 24
-    assert accuracy >= 0.9 and accuracy >= embed_accuracy + 0.3
-    vector = result.steering_vector(layer)
-    assert vector.name == site and len(vector.vector) == 576 and len(vector.positive) == 60
+    assert abs(embed_auroc - 0.5) < 0.1
+    assert middle_accuracy >= 0.9 and middle_accuracy >= embed_accuracy + 0.3
+    vector = result.steering_vector(15)
+    assert vector.name == "layers.15.output" and len(vector.vector) == 576 and len(vector.positive) == 60

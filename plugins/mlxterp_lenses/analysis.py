@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxterp_analyses.lens import project, top_predictions
+from mlxterp_analyses.lens import MEMORY_BUDGET, _vocab_size, project, top_predictions
 from mlxterp_analyses.text import ids_text, token_text
 from mlxterp_core.errors import InputError
 
@@ -47,21 +47,27 @@ def tuned_lens(
             names[token] = token_text(model, token)
         return names[token]
 
-    predictions, kl, entropy, rank = {}, {}, {}, {}
+    hidden = []
     for layer in layers:
-        hidden = trace.activations[f"layers.{layer}.output"][0]
-        if layer + 1 < arch.n_layers:
-            hidden = lens.transform_hidden(hidden, layer + 1)
-        ids, probs = top_predictions(model, hidden, top_k)
-        logq = log_softmax(project(model, hidden).astype(mx.float32), axis=-1)
-        layer_kl = (mx.exp(final) * (final - logq)).sum(axis=-1)
-        layer_entropy = -(mx.exp(logq) * logq).sum(axis=-1)
-        top_logq = mx.take_along_axis(logq, final_top[:, None], axis=-1)
-        layer_rank = (logq > top_logq).sum(axis=-1)
-        mx.eval(ids, probs, layer_kl, layer_entropy, layer_rank)
+        h = trace.activations[f"layers.{layer}.output"][0]
+        hidden.append(lens.transform_hidden(h, layer + 1) if layer + 1 < arch.n_layers else h)
+    hidden = mx.stack(hidden)  # (L, T, D)
+    # the logit lens's chunks of layers, so that an untrained lens gives its numbers bit for bit
+    chunk = max(1, MEMORY_BUDGET // max(hidden.shape[1] * _vocab_size(model, hidden) * 4, 1))
+    predictions, kl, entropy, rank = {}, {}, {}, {}
+    for start in range(0, len(layers), chunk):
+        part = hidden[start : start + chunk]
+        ids, probs = top_predictions(model, part, top_k)
+        logq = log_softmax(project(model, part).astype(mx.float32), axis=-1)  # (l, T, V)
+        part_kl = (mx.exp(final) * (final - logq)).sum(axis=-1)
+        part_entropy = -(mx.exp(logq) * logq).sum(axis=-1)
+        top_logq = mx.take_along_axis(logq, mx.broadcast_to(final_top[None, :, None], (*logq.shape[:2], 1)), axis=-1)
+        part_rank = (logq > top_logq).sum(axis=-1)
+        mx.eval(ids, probs, part_kl, part_entropy, part_rank)
         ids, probs = ids.tolist(), probs.tolist()
-        predictions[layer] = [[(t, p, name(t)) for t, p in zip(ids[pos], probs[pos])] for pos in range(len(token_ids))]
-        kl[layer], entropy[layer], rank[layer] = layer_kl.tolist(), layer_entropy.tolist(), layer_rank.tolist()
+        for k, layer in enumerate(layers[start : start + chunk]):
+            predictions[layer] = [[(t, p, name(t)) for t, p in zip(ids[k][pos], probs[k][pos])] for pos in range(len(token_ids))]
+            kl[layer], entropy[layer], rank[layer] = part_kl[k].tolist(), part_entropy[k].tolist(), part_rank[k].tolist()
     result = TunedLensResult(
         text=text if isinstance(text, str) else ids_text(model, token_ids),
         tokens=[name(t) for t in token_ids],
