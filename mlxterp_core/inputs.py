@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import InputError
 
@@ -127,6 +128,9 @@ def prepare(inputs: Any, tokenizer: Any, vocab_size: int | None = None) -> Model
     )
 
 
+_HOST_CHECK_SIZE = 1 << 16  # ids up to this many are checked with numpy on the host
+
+
 def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
     """Raise InputError unless ``ids`` (any shape) are integers in [0, vocab_size).
 
@@ -143,9 +147,14 @@ def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
         )
     if ids.size == 0:
         return
-    low, high = mx.min(ids), mx.max(ids)
-    mx.eval(low, high)
-    if low.item() >= 0 and high.item() < vocab_size:
+    if ids.size <= _HOST_CHECK_SIZE:  # read on the host: no reduction kernels, no device sync
+        host = np.asarray(ids)
+        low, high = int(host.min()), int(host.max())
+    else:
+        low, high = mx.min(ids), mx.max(ids)
+        mx.eval(low, high)
+        low, high = low.item(), high.item()
+    if low >= 0 and high < vocab_size:
         return
     wide = ids.astype(mx.int64)  # vocab_size may not fit the ids' own dtype (int8, uint8 ...)
     bad = ((wide < 0) | (wide >= vocab_size)).flatten()
@@ -156,7 +165,7 @@ def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
     raise InputError(
         f"token id {value} at {at} is outside the vocabulary: this model's embedding has "
         f"{vocab_size} rows, so ids must be in [0, {vocab_size - 1}] (these ids run from "
-        f"{low.item()} to {high.item()}). Ids from another model's tokenizer do not fit this one."
+        f"{low} to {high}). Ids from another model's tokenizer do not fit this one."
     )
 
 

@@ -63,3 +63,41 @@ def test_without_an_optimized_blas_the_weights_stay_quantized(monkeypatch):
     assert report["weights"].startswith("quantized as stored (MLX runs on reference BLAS")
     assert "faster" in report["weights"] and report["blas"] == blas.state
     assert report["kernels"].startswith("mlx-lm's own")
+
+
+def test_a_cpu_library_over_the_cuda_one_is_reported_with_the_fix(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    from mlxterp_core import backend
+
+    library = tmp_path / "mlx" / "lib" / "libmlx.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"x" * 10)  # on disk: mlx-cpu's (10 bytes); mlx-cuda-13's has 99
+
+    class File:
+        name = "libmlx.so"
+
+        def __init__(self, size):
+            self.size = size
+
+        def locate(self):
+            return library
+
+    class Dist:
+        def __init__(self, size):
+            self.files = [File(size)]
+
+    dists = {"mlx-cpu": Dist(10), "mlx-cuda-13": Dist(99)}
+
+    def distribution(name):
+        if name not in dists:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return dists[name]
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.32.4")
+    assert "--force-reinstall --no-deps mlx-cuda-13==0.32.4" in backend.library_conflict()
+    dists["mlx-cuda-13"] = Dist(10)  # the CUDA build's library is the one on disk
+    assert backend.library_conflict() is None
+    del dists["mlx-cpu"]
+    assert backend.library_conflict() is None

@@ -1,0 +1,171 @@
+"""The fixed cost of a trace on a GPU, against plain MLX and against nnsight, in one run.
+
+    python benchmarks/gpu_trace.py [--rounds 25] [--tokens 128] [--batches 1 8 32] [--json out.json]
+                                   [--profile]
+
+A randomly initialised Llama of Llama-3.2-1B's shape (16 layers, d=2048, 32 heads, 8 KV heads,
+MLP 8192, vocabulary 128256) in bfloat16, T tokens, at each batch size:
+
+- ``plain``: ``mx.eval(module(ids))`` on the bare mlx-lm model;
+- ``residual stream``: ``model.run(ids, capture=<the 16 layer outputs>)``;
+- ``everything``: ``model.run(ids)`` (every module's input and output);
+- where torch, transformers and nnsight are installed and CUDA is available, on the same card:
+  ``torch``: HF transformers' Llama of the same shape (random weights, bfloat16, eager
+  attention) under ``torch.inference_mode()``; ``nnsight``: an ``NNsight`` trace of that model
+  saving the 16 decoder-layer outputs.
+
+Cases run interleaved in a shuffled order each round; medians. Targets (issue 14): residual
+stream <= 1.05x plain, everything <= 1.2x plain, and >= 2x faster than nnsight at B = 1 and 8,
+>= 1.25x at B = 32. ``--profile`` also prints where a residual-stream trace's Python time goes
+(cProfile of 50 traces at B = 1). torch and nnsight are optional; mlxterp never needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import random
+import statistics
+import time
+
+import mlx.core as mx
+
+import mlxterp  # noqa: F401  (before anything else touches mlx's BLAS; see mlxterp_core.blas)
+from mlxterp import InterpretableModel
+from mlxterp_core.bench import random_llama
+
+LLAMA_3_2_1B = dict(
+    hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=True, max_position_embeddings=131072,
+)
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def torch_cases(batches: dict[int, mx.array]):
+    """(cases, card) for plain torch and nnsight, or ({}, why) when they cannot run here."""
+    try:
+        import numpy as np
+        import torch
+        from nnsight import NNsight
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        return {}, f"torch/nnsight not installed ({e.name})"
+    if not torch.cuda.is_available():
+        return {}, "no CUDA device for torch"
+    config = LlamaConfig(**LLAMA_3_2_1B, attn_implementation="eager")
+    torch.manual_seed(0)
+    peer = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    traced = NNsight(peer)
+    cases = {}
+    for b, ids in batches.items():
+        tokens = torch.from_numpy(np.array(ids)).to("cuda")
+
+        def plain(tokens=tokens):
+            with torch.inference_mode():
+                peer(tokens)
+            torch.cuda.synchronize()
+
+        def nnsight_trace(tokens=tokens):
+            saved = []  # nnsight runs the block's body itself: fill a list from outside it
+            with torch.inference_mode(), traced.trace(tokens):
+                for i in range(config.num_hidden_layers):
+                    saved.append(traced.model.layers[i].output.save())
+            torch.cuda.synchronize()
+            return saved
+
+        cases[f"torch B={b}"] = plain
+        cases[f"nnsight B={b}"] = nnsight_trace
+    return cases, torch.cuda.get_device_name()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    module = random_llama(**LLAMA_3_2_1B)
+    module.set_dtype(mx.bfloat16)
+    mx.eval(module.parameters())
+    model = InterpretableModel(module)
+    residual = [f"model.model.layers.{i}" for i in range(LLAMA_3_2_1B["num_hidden_layers"])]
+    mx.random.seed(1)
+    batches = {b: mx.random.randint(0, 32000, (b, args.tokens)).astype(mx.int32) for b in args.batches}
+    mx.eval(list(batches.values()))
+    cases = {}
+    for b, ids in batches.items():
+        cases[f"plain B={b}"] = lambda ids=ids: mx.eval(module(ids))
+        cases[f"residual stream B={b}"] = lambda ids=ids: model.run(ids, capture=residual)
+        cases[f"everything B={b}"] = lambda ids=ids: model.run(ids)
+        reference = module(ids)
+        for name in ("residual stream", "everything"):
+            if not mx.array_equal(cases[f"{name} B={b}"]().output, reference).item():
+                raise AssertionError(f"{name} changed the model output")
+    peers, card = torch_cases(batches)
+    cases.update(peers)
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order = random.Random(0)
+    for round_ in range(args.rounds + 2):
+        names = list(cases)
+        order.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            cases[name]()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+
+    print(f"device: {mx.default_device()}, card: {card}, mlx {_version('mlx')}, mlx-lm {_version('mlx-lm')}, "
+          f"torch {_version('torch')}, transformers {_version('transformers')}, nnsight {_version('nnsight')}")
+    print(f"random Llama of Llama-3.2-1B's shape, bfloat16, T = {args.tokens}, medians of {args.rounds} rounds")
+    rows = []
+    for b in args.batches:
+        plain = medians[f"plain B={b}"]
+        row = {"batch": b, "plain_ms": plain * 1e3}
+        line = f"B={b:3d}  plain {plain * 1e3:7.2f} ms"
+        for name, limit in (("residual stream", 1.05), ("everything", 1.2)):
+            t = medians[f"{name} B={b}"]
+            row[f"{name}_ms"] = t * 1e3
+            line += f" | {name} {t * 1e3:7.2f} ms {t / plain:5.3f}x (<= {limit})"
+        if f"nnsight B={b}" in medians:
+            nn_t, torch_t = medians[f"nnsight B={b}"], medians[f"torch B={b}"]
+            speedup = nn_t / medians[f"residual stream B={b}"]
+            need = 2.0 if b <= 8 else 1.25
+            row.update(nnsight_ms=nn_t * 1e3, torch_ms=torch_t * 1e3, speedup_vs_nnsight=speedup)
+            line += f" | torch {torch_t * 1e3:7.2f} ms | nnsight {nn_t * 1e3:7.2f} ms: mlxterp {speedup:4.2f}x faster (>= {need})"
+        rows.append(row)
+        print(line)
+    if args.json:
+        document = {"device": str(mx.default_device()), "card": card, "machine": platform.machine(),
+                    "versions": {n: _version(n) for n in ("mlx", "mlx-lm", "torch", "transformers", "nnsight")},
+                    "tokens": args.tokens, "rounds": args.rounds, "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=2)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        ids = batches[args.batches[0]]
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(50):
+            model.run(ids, capture=residual)
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
