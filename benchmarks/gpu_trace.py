@@ -7,6 +7,9 @@ A randomly initialised Llama of Llama-3.2-1B's shape (16 layers, d=2048, 32 head
 MLP 8192, vocabulary 128256) in bfloat16, T tokens, at each batch size:
 
 - ``plain``: ``mx.eval(module(ids))`` on the bare mlx-lm model;
+- ``plain keeping the layer outputs``: the same forward written out, evaluating the logits and
+  the 16 layer outputs (what MLX itself costs for keeping them, with no mlxterp);
+- ``capture nothing``: ``model.run(ids, capture=[])``;
 - ``residual stream``: ``model.run(ids, capture=<the 16 layer outputs>)``;
 - ``everything``: ``model.run(ids)`` (every module's input and output);
 - where torch, transformers and nnsight are installed and CUDA is available, on the same card:
@@ -48,6 +51,21 @@ def _version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def forward_keeping_layers(module, ids):
+    """mlx-lm's Llama forward written out, returning the logits and the 16 layer outputs: what
+    a trace of the residual stream evaluates, without mlxterp (the cost MLX itself adds)."""
+    from mlx_lm.models.base import create_attention_mask
+
+    inner = module.model
+    h = inner.embed_tokens(ids)
+    mask = create_attention_mask(h, None)
+    outputs = []
+    for layer in inner.layers:
+        h = layer(h, mask, cache=None)
+        outputs.append(h)
+    return [inner.embed_tokens.as_linear(inner.norm(h)), *outputs]
 
 
 def torch_cases(batches: dict[int, mx.array]):
@@ -107,6 +125,8 @@ def main() -> None:
     cases = {}
     for b, ids in batches.items():
         cases[f"plain B={b}"] = lambda ids=ids: mx.eval(module(ids))
+        cases[f"plain keeping the layer outputs B={b}"] = lambda ids=ids: mx.eval(forward_keeping_layers(module, ids))
+        cases[f"capture nothing B={b}"] = lambda ids=ids: model.run(ids, capture=[])
         cases[f"residual stream B={b}"] = lambda ids=ids: model.run(ids, capture=residual)
         cases[f"everything B={b}"] = lambda ids=ids: model.run(ids)
         reference = module(ids)
@@ -146,6 +166,10 @@ def main() -> None:
             need = 2.0 if b <= 8 else 1.25
             row.update(nnsight_ms=nn_t * 1e3, torch_ms=torch_t * 1e3, speedup_vs_nnsight=speedup)
             line += f" | torch {torch_t * 1e3:7.2f} ms | nnsight {nn_t * 1e3:7.2f} ms: mlxterp {speedup:4.2f}x faster (>= {need})"
+        for name in ("plain keeping the layer outputs", "capture nothing"):
+            t = medians[f"{name} B={b}"]
+            row[f"{name}_ms"] = t * 1e3
+            line += f" | {name} {t * 1e3:7.2f} ms {t / plain:5.3f}x"
         rows.append(row)
         print(line)
     if args.json:
