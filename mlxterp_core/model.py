@@ -141,6 +141,11 @@ class InterpretableModel:
         finally:
             self._splices[:] = before
 
+    @property
+    def attached_saes(self) -> tuple[Any, ...]:
+        """The splices attached by the enclosing ``with model.saes(...)`` blocks (empty outside)."""
+        return tuple(self._splices)
+
     def __call__(self, inputs: Any) -> Any:
         """A plain forward pass, no probes: the wrapped module's own output."""
         return self.model(self.prepare_inputs(inputs).array)

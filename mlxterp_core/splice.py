@@ -44,7 +44,8 @@ class Splices:
 
     def __init__(self, model, splices: Sequence[Any]):
         self.model = model
-        self.splices = list(splices)
+        # the same object attached (model.saes) and given (saes=) splices once
+        self.splices = list({id(s): s for s in splices}.values())
         self.by_name: dict[str, Any] = {}  # virtual sub-site name -> splice
         self.heads: list[tuple[Any, str, Any, Any]] = []  # (splice, head name, resolved site, resolved reads)
         for splice in self.splices:

@@ -38,12 +38,15 @@ def attribution_patching(
     align: str | None = None,
     plot: bool = False,
     save_path=None,
+    saes=None,
 ) -> AttributionResult:
     """Estimated recovery (%) of patching each cell, for every component at once.
 
     ``components``: any of "resid" (layer output), "resid_pre", "resid_mid", "attn", "mlp"
     (layer x position) and "heads" (layer x head, every position). ``metric``, ``answers`` and
     ``align`` as in activation_patching. ``plot=True`` draws one heatmap per component.
+    ``saes``: splices (SAEs, transcoders) in both runs and the gradient, as in
+    ``with model.saes(...)``: the gradient flows through them.
     """
     arch = model.architecture_or_raise("attribution patching")
     layers = options.layers(layers, arch.n_layers)
@@ -61,46 +64,47 @@ def attribution_patching(
         else:
             raise PatchingError(f"component {component!r} unknown; choose from {', '.join([*COMPONENTS, 'heads'])}.")
     names = [f"layers.{i}.{sub}" for sub in dict.fromkeys(sites.values()) for i in layers]
-    runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
-    clean, corrupted_ids, score = runs.clean, runs.corrupted_ids, runs.score
-    resolved = {name: arch.resolve(name)[0] for name in names}
+    with model.saes(saes):
+        runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
+        clean, corrupted_ids, score = runs.clean, runs.corrupted_ids, runs.score
+        resolved = {name: arch.resolve(name)[0] for name in names}
 
-    def estimate(part: list[int]) -> dict[str, mx.array]:
-        """Per component, the (len(part), T or H) first-order metric changes at these layers."""
-        mine = [name for name in names if int(name.split(".")[1]) in part]
+        def estimate(part: list[int]) -> dict[str, mx.array]:
+            """Per component, the (len(part), T or H) first-order metric changes at these layers."""
+            mine = [name for name in names if int(name.split(".")[1]) in part]
 
-        def corrupted_metric(deltas: dict[str, mx.array]):
-            """The metric of the corrupted run with ``deltas`` added at every site (all zero:
-            its gradient is dM/dx), and the activations it saw."""
-            edits = {name: _adder(deltas[name]) for name in mine}
-            with Hooks(model, edits, capture=mine + ["logits"]) as hooks:
-                logits, recorded = hooks(mx.array([corrupted_ids]), evaluate=False)
-            values = {name: resolved[name].read(recorded[resolved[name].site]) for name in mine}
-            return score(logits).sum(), values
+            def corrupted_metric(deltas: dict[str, mx.array]):
+                """The metric of the corrupted run with ``deltas`` added at every site (all zero:
+                its gradient is dM/dx), and the activations it saw."""
+                edits = {name: _adder(deltas[name]) for name in mine}
+                with Hooks(model, edits, capture=mine + ["logits"]) as hooks:
+                    logits, recorded = hooks(mx.array([corrupted_ids]), evaluate=False)
+                values = {name: resolved[name].read(recorded[resolved[name].site]) for name in mine}
+                return score(logits).sum(), values
 
-        zeros = {}
-        for name in mine:
-            shape = list(clean[name].shape)
-            shape[2 if name.endswith("z_heads") else 1] = len(corrupted_ids)
-            zeros[name] = mx.zeros(shape, dtype=clean[name].dtype)
-        (_, corrupted), grads = mx.value_and_grad(corrupted_metric)(zeros)
-        changes = {}
-        for component, sub in sites.items():
-            rows = []
-            for i in part:
-                name = f"layers.{i}.{sub}"
-                source, valid = _aligned(clean[name], len(corrupted_ids), runs.offset, per_head=sub == "attn.z_heads")
-                effect = ((source - corrupted[name]) * grads[name]).astype(mx.float32)
-                if sub == "attn.z_heads":  # (1, H, T, D) -> per head, all (matched) positions
-                    effect = (effect * valid[None, None, :, None]).sum(axis=(2, 3))[0]
-                else:  # (1, T, D) -> per position
-                    effect = effect.sum(axis=-1)[0] * valid
-                rows.append(effect)
-            changes[component] = mx.stack(rows)
-        return changes
+            zeros = {}
+            for name in mine:
+                shape = list(clean[name].shape)
+                shape[2 if name.endswith("z_heads") else 1] = len(corrupted_ids)
+                zeros[name] = mx.zeros(shape, dtype=clean[name].dtype)
+            (_, corrupted), grads = mx.value_and_grad(corrupted_metric)(zeros)
+            changes = {}
+            for component, sub in sites.items():
+                rows = []
+                for i in part:
+                    name = f"layers.{i}.{sub}"
+                    source, valid = _aligned(clean[name], len(corrupted_ids), runs.offset, per_head=sub == "attn.z_heads")
+                    effect = ((source - corrupted[name]) * grads[name]).astype(mx.float32)
+                    if sub == "attn.z_heads":  # (1, H, T, D) -> per head, all (matched) positions
+                        effect = (effect * valid[None, None, :, None]).sum(axis=(2, 3))[0]
+                    else:  # (1, T, D) -> per position
+                        effect = effect.sum(axis=-1)[0] * valid
+                    rows.append(effect)
+                changes[component] = mx.stack(rows)
+            return changes
 
-    # under mlx.launch the layers are split across the ranks and the estimates gathered
-    changes = map_rows(estimate, layers)
+        # under mlx.launch the layers are split across the ranks and the estimates gathered
+        changes = map_rows(estimate, layers)
     # a first-order change of the metric, as % of the clean - corrupted difference
     estimates = {c: runs.recovery(runs.corrupted_metric + change).tolist() for c, change in changes.items()}
     result = AttributionResult(

@@ -97,6 +97,7 @@ def activation_patching(
     memory_budget: int = MEMORY_BUDGET,
     save_path=None,
     progress: bool = True,
+    saes=None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run; recovery (%) per layer (and position or head).
 
@@ -118,6 +119,8 @@ def activation_patching(
             "end": positions are then matched from that end, and only matched positions patched.
         memory_budget: bytes per batched forward pass.
         progress: show a progress bar (only when stderr is a terminal).
+        saes: splices (SAEs, transcoders) in every run, clean, corrupted and patched, as in
+            ``with model.saes(...)``.
     """
     arch = model.architecture_or_raise("activation patching")
     layers = options.layers(layers, arch.n_layers)
@@ -128,11 +131,12 @@ def activation_patching(
     memory_budget = options.integer(memory_budget, "memory_budget", 1)
     sub = _component(component, heads)
     names = [f"layers.{i}.{sub}" for i in layers]
-    runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
-    corrupted_ids = runs.corrupted_ids
-    cells = _cells(layers, len(corrupted_ids), arch.n_heads, positions, heads)
-    sources = {i: runs.clean[f"layers.{i}.{sub}"] for i in layers}
-    scores = patch_sweep(model, corrupted_ids, sources, sub, cells, runs.score, runs.offset, memory_budget, progress)
+    with model.saes(saes):
+        runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
+        corrupted_ids = runs.corrupted_ids
+        cells = _cells(layers, len(corrupted_ids), arch.n_heads, positions, heads)
+        sources = {i: runs.clean[f"layers.{i}.{sub}"] for i in layers}
+        scores = patch_sweep(model, corrupted_ids, sources, sub, cells, runs.score, runs.offset, memory_budget, progress)
     recovery = runs.recovery(scores).tolist()
     per_layer = len(cells) // len(layers)
     values = [recovery[k * per_layer : (k + 1) * per_layer] for k in range(len(layers))]
@@ -224,7 +228,7 @@ def patch_sweep(
 
     ``offset``: target position p takes the source's position p + offset. Rows re-enter the
     target's own run where they can (:func:`causal_sweep`), else run whole passes
-    (:func:`full_sweep`); both give the same numbers. Under ``mlx.launch`` the cells are split
+    (:func:`full_sweep`, always under ``model.saes(...)``); both give the same numbers. Under ``mlx.launch`` the cells are split
     across the ranks and the scores gathered (every rank gets them all).
     """
     return map_rows(lambda part: _sweep(model, target_ids, sources, sub, part, score, offset, memory_budget, progress), cells)
@@ -240,6 +244,9 @@ def _sweep(model, target_ids, sources, sub, cells, score, offset, memory_budget,
 def causal_sweep(model, target_ids, sources, sub, cells, score, offset=0, memory_budget=MEMORY_BUDGET, progress=True) -> mx.array:
     """:func:`patch_sweep` by re-entering the target's run (see :mod:`.causal`); raises
     CannotReuse where that is not exact for this model."""
+    if model.attached_saes:
+        # re-entered blocks are called one by one, outside the pass that applies splices
+        raise CannotReuse("splices (model.saes) are attached: the sweep runs whole forward passes")
     arch = model.architecture
     run = CorruptedRun(model, target_ids)
     length, per_head = len(target_ids), sub == "attn.z_heads"

@@ -90,6 +90,7 @@ def generate(
     capture: list[str] | None = None,
     stream: bool = False,
     stop_at_eos: bool = True,
+    saes=None,
 ) -> GenerationResult | Iterator[GenerationStep]:
     """Generate with mlx-lm's KV cache, with ``interventions`` applied in every forward pass.
 
@@ -105,6 +106,7 @@ def generate(
         capture: names to record in every pass; ``result.activations[k]`` is the pass whose
             logits token k was sampled from.
         stream: return an iterator of GenerationStep instead of the finished result.
+        saes: splices (SAEs, transcoders) in every pass, as in ``with model.saes(...)``.
     """
     intervene_on = options.choice(intervene_on, ("all", "generated", "prompt"), "intervene_on")
     max_tokens = options.integer(max_tokens, "max_tokens", 0)
@@ -112,7 +114,7 @@ def generate(
     top_p = options.number(top_p, "top_p", 0.0, 1.0, open_low=True)
     seed = None if seed is None else options.integer(seed, "seed", 0)
     prompt_ids = token_ids(model, prompt)
-    steps = _steps(model, prompt_ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos)
+    steps = _steps(model, prompt_ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos, saes)
     if stream:
         return steps
     collected = list(steps)
@@ -127,7 +129,7 @@ def generate(
     )
 
 
-def _steps(model, ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos):
+def _steps(model, ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos, saes=None):
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import make_sampler
 
@@ -135,7 +137,7 @@ def _steps(model, ids, max_tokens, interventions, temperature, top_p, seed, inte
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     cache = make_prompt_cache(model.model)
-    hooks = Hooks(model, interventions, capture or [])  # Hooks' None would record every site
+    hooks = Hooks(model, interventions, capture or [], saes=saes)  # Hooks' None would record every site
     eos = _eos_ids(model.tokenizer) if stop_at_eos else set()
     edit_prompt, edit_generated = intervene_on in ("all", "prompt"), intervene_on in ("all", "generated")
     edited = False
