@@ -238,7 +238,7 @@ class ActivationDataset:
         shards: the manifest's shard entries.
 
     ``ds[site]`` (or ``ds.rows(site)``) is a :class:`SiteRows` over all shards (memory-mapped);
-    ``ds.tokens``, ``ds.document``, ``ds.position``, ``ds.bos`` are the per-row fields.
+    ``ds.tokens``, ``ds.document``, ``ds.position``, ``ds.offset``, ``ds.bos`` are the per-row fields.
     ``ds.batches(site, batch_size)`` streams shuffled (rows, d) batches with bounded memory.
     """
 
@@ -324,6 +324,11 @@ class ActivationDataset:
         return self._field("position")
 
     @property
+    def offset(self) -> np.ndarray:
+        """(n_tokens,) int32 index of each row's token within its window (0: the first)."""
+        return self._field("offset")
+
+    @property
     def bos(self) -> np.ndarray:
         """(n_tokens,) bool, True where the row's token is a BOS token."""
         return self._field("bos")
@@ -348,6 +353,7 @@ class ActivationDataset:
         seed: int = 0,
         *,
         skip_bos: bool = True,
+        skip_first: bool = True,
         buffer_rows: int = 1 << 18,
         drop_last: bool = False,
         with_index: bool = False,
@@ -358,7 +364,9 @@ class ActivationDataset:
         their rows are mixed in a buffer of about ``buffer_rows`` rows, of which half is served
         before the buffer is refilled (the SAELens recipe); memory stays bounded by the buffer
         and one shard. Without it, rows come in dataset order. BOS rows are left out unless
-        ``skip_bos=False`` (their activations are outliers). ``with_index`` yields
+        ``skip_bos=False``, and so is the first position of every window unless
+        ``skip_first=False``: with nothing before it, that token is the model's attention sink
+        and its activations are outliers like BOS's, BOS or not. ``with_index`` yields
         ``(batch, row_indices)`` so that ``ds.tokens[row_indices]`` etc. line up with the batch.
         """
         name = self.site_name(site)
@@ -383,8 +391,12 @@ class ActivationDataset:
         for k in order:
             rows = np.asarray(self._mmap(int(k), name))
             index = np.arange(starts[k], starts[k + 1])
+            real = np.ones(len(index), dtype=bool)
             if skip_bos:
-                real = ~np.asarray(self._mmap(int(k), "bos"))
+                real &= ~np.asarray(self._mmap(int(k), "bos"))
+            if skip_first:
+                real &= np.asarray(self._mmap(int(k), "offset")) != 0
+            if not real.all():
                 rows, index = rows[real], index[real]
             held_rows.append(np.array(rows))
             held_index.append(index)

@@ -117,12 +117,16 @@ def test_batches_cover_every_row_once(model, tmp_path):
         assert np.array_equal(np.array(batch), rows[index])
         seen.append(index)
     seen = np.concatenate(seen)
-    assert sorted(seen) == list(np.flatnonzero(~ds.bos))  # every non-BOS row once
+    # every row once but BOS and each window's first position (the attention sink)
+    assert sorted(seen) == list(np.flatnonzero(~ds.bos & (ds.offset != 0)))
+    assert (ds.offset == 0).sum() > (ds.bos & (ds.offset == 0)).sum()  # first positions that are not BOS
+    kept = np.concatenate([i for _, i in ds.batches("layers[0]", 10, seed=3, skip_first=False, with_index=True)])
+    assert sorted(kept) == list(np.flatnonzero(~ds.bos))
     assert not np.array_equal(seen, np.sort(seen))  # shuffled
     again = np.concatenate([i for _, i in ds.batches("layers[0]", 10, seed=3, buffer_rows=50, with_index=True)])
     other = np.concatenate([i for _, i in ds.batches("layers[0]", 10, seed=4, buffer_rows=50, with_index=True)])
     assert np.array_equal(seen, again) and not np.array_equal(seen, other)
-    ordered = np.concatenate([i for _, i in ds.batches("layers[0]", 10, shuffle=False, skip_bos=False, with_index=True)])
+    ordered = np.concatenate([i for _, i in ds.batches("layers[0]", 10, shuffle=False, skip_bos=False, skip_first=False, with_index=True)])
     assert np.array_equal(ordered, np.arange(ds.n_tokens))
     sizes = [len(b) for b in ds.batches("layers[0]", 10, drop_last=True)]
     assert set(sizes) == {10}

@@ -103,6 +103,31 @@ def test_bos_padding_and_window_starts_are_never_trained_on(llama_module, hf_tok
     got, expected = mx.concatenate(got), mx.concatenate(expected)
     assert got.shape == expected.shape
     assert mx.allclose(got, expected, atol=1e-5).item()
+    # skip_first=False keeps the window starts that are not BOS (never BOS, never padding)
+    source = _source(model, ["layers.2.output"], CORPUS, context, 4, 0, skip_first=False)
+    kept = sum(next(source.chunks())["layers.2.output"].shape[0] for _ in range(1))
+    first = windows[0]
+    assert kept == int((first.mask & ~first.bos).sum()) > int((first.mask & ~first.bos)[:, 1:].sum())
+
+
+def sorted_rows(x) -> list[tuple]:
+    return sorted(map(tuple, np.round(np.array(x.astype(mx.float32)), 5).tolist()))
+
+
+def test_training_from_a_cache_leaves_out_bos_and_window_starts(llama, tmp_path):
+    """An ActivationDataset feeds the trainer the rows the text path trains on: no BOS and no
+    first position of a window (here the windows start mid-document, so those are not BOS)."""
+    ds = llama.cache_activations(CORPUS, ["layers.2.output"], tmp_path / "ds", context_size=16, batch_size=3,
+                                 shard_tokens=40, progress=False)
+    rows = np.array(ds["layers.2.output"][:])
+    starts = ds.offset == 0
+    assert (starts & ~ds.bos).any()
+    chunk = next(_source(llama, ["layers.2.output"], ds, 16, 3, 0).chunks())["layers.2.output"]
+    assert sorted_rows(chunk) == sorted_rows(mx.array(rows[~ds.bos & ~starts]))
+    chunk = next(_source(llama, ["layers.2.output"], ds, 16, 3, 0, skip_first=False).chunks())["layers.2.output"]
+    assert sorted_rows(chunk) == sorted_rows(mx.array(rows[~ds.bos]))
+    sae = train_sae(llama, "layers.2.output", ds, architecture="topk", k=4, **SMALL)
+    assert sae.training_log.fvu[-1] < sae.training_log.fvu[0]
 
 
 def test_auxk_decodes_dead_latents_without_b_dec():
@@ -161,7 +186,7 @@ def test_save_dir_writes_saelens_folders_that_load_back(llama, tmp_path):
 def test_an_activation_dataset_or_arrays_feed_training_too(llama):
     x = rows(llama, "layers.2.output", CORPUS * 3)
 
-    class Dataset:  # the ActivationDataset interface the trainer uses
+    class Dataset:  # the ActivationDataset interface the trainer uses (skip_first when not the default)
         def batches(self, site, batch_size, shuffle=True, seed=0):
             order = np.random.default_rng(seed).permutation(x.shape[0])
             for start in range(0, len(order), batch_size):

@@ -104,6 +104,7 @@ def train_sae(
     context_size: int = 128,
     forward_batch: int = 8,
     buffer_tokens: int = 65_536,
+    skip_first: bool = True,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 500,
@@ -125,7 +126,7 @@ def train_sae(
         architecture: "topk", "batchtopk" (exported as "jumprelu"), "jumprelu" or "relu".
         d_sae: number of features (default ``expansion * d_in``).
         k: active features per token (topk, batchtopk: the mean over a batch).
-        n_tokens: training tokens (BOS and padding excluded).
+        n_tokens: training tokens (BOS, padding and window starts excluded).
         batch_size: tokens per optimiser step.
         lr: Adam's learning rate (default ``2e-4 / sqrt(d_sae / 2**14)``, sparsify's rule).
         l1_coefficient, l0_coefficient: sparsity penalties of "relu" and "jumprelu".
@@ -133,6 +134,9 @@ def train_sae(
         dead_tokens: a latent is dead after this many tokens without firing (default
             ``min(10M, n_tokens // 10)``).
         buffer_tokens: size of the shuffle buffer, in tokens.
+        skip_first: leave out the first position of every window (texts or a dataset), the
+            model's attention sink whose activations are outliers like BOS's (see
+            :func:`trainable`); False trains on it (BOS is left out either way).
         checkpoint_dir: write a checkpoint every ``checkpoint_every`` steps there, and resume
             from the one found there.
         save_dir: save each trained SAE there in the SAELens v6 layout (one folder per site).
@@ -157,14 +161,14 @@ def train_sae(
     names = [_standard(model, s) for s in sites]
     if len(set(names)) != len(names):
         raise SAEError(f"the same site is named twice in {sites}.")
-    source = _source(model, names, data, context_size, forward_batch, seed)
+    source = _source(model, names, data, context_size, forward_batch, seed, skip_first)
     batches = _shuffled(source, batch_size, buffer_tokens, seed)
     steps = max(1, n_tokens // batch_size)
     dead_tokens = dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_tokens // 10))
     settings = dict(architecture=architecture, d_sae=d_sae, k=k, expansion=expansion, lr=lr, l1=l1_coefficient,
                     l0=l0_coefficient, aux=aux_coefficient, k_aux=k_aux, dead_tokens=dead_tokens, steps=steps,
                     bandwidth=jumprelu_bandwidth, init_threshold=jumprelu_init_threshold, seed=seed,
-                    batch_size=batch_size, context_size=context_size)
+                    batch_size=batch_size, context_size=context_size, skip_first=skip_first)
     trainers: list[_Trainer] | None = None
     resumed = _peek(Path(checkpoint_dir), names, settings) if checkpoint_dir is not None else None
     step = 0
@@ -499,12 +503,12 @@ class _Source:
 
 
 class _TextSource(_Source):
-    def __init__(self, model, sites, corpus, context_size, forward_batch):
+    def __init__(self, model, sites, corpus, context_size, forward_batch, skip_first=True):
         from mlxterp_core.corpus import read_documents
 
         self.model, self.sites = model, sites
         self.corpus = corpus if isinstance(corpus, (str, os.PathLike)) else list(read_documents(corpus))
-        self.context_size, self.forward_batch = context_size, forward_batch
+        self.context_size, self.forward_batch, self.skip_first = context_size, forward_batch, skip_first
         self._skip = 0
 
     def chunks(self):
@@ -517,7 +521,7 @@ class _TextSource(_Source):
                 if self.position <= self._skip:
                     skipped += 1
                     continue
-                keep = trainable(windows).reshape(-1)
+                keep = trainable(windows, self.skip_first).reshape(-1)
                 if not keep.any():
                     continue
                 read += 1
@@ -529,14 +533,17 @@ class _TextSource(_Source):
 
 
 class _DatasetSource(_Source):
-    def __init__(self, dataset, sites, batch_size, seed):
+    def __init__(self, dataset, sites, batch_size, seed, skip_first=True):
         self.dataset, self.sites, self.batch_size, self.seed = dataset, sites, batch_size, seed
+        # ActivationDataset.batches leaves out window starts by default
+        self.options = {} if skip_first else {"skip_first": False}
         self._skip = 0
 
     def chunks(self):
         epoch = 0
         while True:
-            streams = [self.dataset.batches(s, self.batch_size, shuffle=True, seed=self.seed + epoch) for s in self.sites]
+            streams = [self.dataset.batches(s, self.batch_size, shuffle=True, seed=self.seed + epoch, **self.options)
+                       for s in self.sites]
             empty = True
             for rows in zip(*streams):
                 empty = False
@@ -566,9 +573,9 @@ class _ArraySource(_Source):
                 yield {s: a[start : start + self.chunk].astype(mx.float32) for s, a in self.arrays.items()}
 
 
-def _source(model, sites, data, context_size, forward_batch, seed) -> _Source:
+def _source(model, sites, data, context_size, forward_batch, seed, skip_first=True) -> _Source:
     if hasattr(data, "batches"):
-        return _DatasetSource(data, sites, 4096, seed)
+        return _DatasetSource(data, sites, 4096, seed, skip_first)
     if isinstance(data, (mx.array, np.ndarray)):
         if len(sites) != 1:
             raise SAEError("one activation array trains one site: pass {site: array} for several.")
@@ -583,7 +590,7 @@ def _source(model, sites, data, context_size, forward_batch, seed) -> _Source:
         raise SAEError(f"data={data[:60]!r} is not a file or folder: pass texts as a list of strings.")
     if model.tokenizer is None:
         raise SAEError("training on texts needs a model with a tokenizer.")
-    return _TextSource(model, sites, data, context_size, forward_batch)
+    return _TextSource(model, sites, data, context_size, forward_batch, skip_first)
 
 
 def _shuffled(source: _Source, batch_size: int, buffer_tokens: int, seed: int) -> Iterator[dict[str, mx.array]]:
@@ -610,13 +617,15 @@ def _shuffled(source: _Source, batch_size: int, buffer_tokens: int, seed: int) -
         count -= serve
 
 
-def trainable(windows) -> np.ndarray:
+def trainable(windows, skip_first: bool = True) -> np.ndarray:
     """(B, T) bool: the positions SAEs are trained and evaluated on. Not padding, not BOS, and
-    not the first position of a window: with nothing before it, it is the model's attention
-    sink, whose activations are outliers like BOS's (on the default model its norm is ~100x
-    the others'; the 1 token in 128 it is carries 98% of the residual stream's variance)."""
+    (unless ``skip_first=False``) not the first position of a window: with nothing before it,
+    it is the model's attention sink, whose activations are outliers like BOS's (on the default
+    model its norm is ~100x the others'; the 1 token in 128 it is carries 98% of the residual
+    stream's variance). ``ActivationDataset.batches`` leaves out the same rows."""
     keep = windows.mask & ~windows.bos
-    keep[:, 0] = False
+    if skip_first:
+        keep[:, 0] = False
     return keep
 
 
