@@ -38,7 +38,7 @@ def attribution_patching(
     align: str | None = None,
     plot: bool = False,
     save_path=None,
-    saes=None,
+    saes: Any = None,
 ) -> AttributionResult:
     """Estimated recovery (%) of patching each cell, for every component at once.
 

@@ -97,7 +97,7 @@ def activation_patching(
     memory_budget: int = MEMORY_BUDGET,
     save_path=None,
     progress: bool = True,
-    saes=None,
+    saes: Any = None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run; recovery (%) per layer (and position or head).
 

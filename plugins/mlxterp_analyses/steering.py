@@ -9,7 +9,7 @@ KV-cache decoding with interventions applied at every step.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 import mlx.core as mx
@@ -90,7 +90,7 @@ def generate(
     capture: list[str] | None = None,
     stream: bool = False,
     stop_at_eos: bool = True,
-    saes=None,
+    saes: Any = None,
 ) -> GenerationResult | Iterator[GenerationStep]:
     """Generate with mlx-lm's KV cache, with ``interventions`` applied in every forward pass.
 
