@@ -8,7 +8,7 @@ Quantized weights: kept quantized where MLX's quantized kernels are fast (Metal,
 default dequantized on the CPU backend where an optimized BLAS serves MLX (its quantized matmul
 is slower than a float32 one through MKL, but faster than one through MLX's reference BLAS, so
 there they stay quantized). On the CPU with float32 weights the MLPs get mlxterp's vectorised
-SiLU (:mod:`mlxterp_core.cpu_kernels`). ``quantized=`` and ``kernels=`` override;
+SiLU and the attention modules its vectorised softmax (:mod:`mlxterp_core.cpu_kernels`). ``quantized=`` and ``kernels=`` override;
 ``load_report`` says what was done.
 """
 
@@ -76,7 +76,8 @@ def load(
             elsewhere).
         tokenizer: use this tokenizer instead of the one the source provides.
         validate: check the family's schema on a 3-token forward pass.
-        kernels: use mlxterp's vectorised SiLU in the MLPs (see ``cpu_kernels``; None: on the
+        kernels: use mlxterp's vectorised SiLU in the MLPs and softmax in the attention
+            modules (see ``cpu_kernels``; None: on the
             CPU backend with float32 weights, where it is faster; False: mlx-lm's own).
     """
     source = default_model_path() if source is None else source
