@@ -132,7 +132,9 @@ class SAEEvaluation(Serialisable, Display):
         return getattr(self, key)
 
     def plot(self, path=None):
-        import matplotlib.pyplot as plt
+        from mlxterp_analyses.plots import _finish, _pyplot
+
+        plt = _pyplot()
 
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
         axes[0].bar(range(len(self.l0_histogram)), self.l0_histogram, width=1.0)
@@ -144,9 +146,7 @@ class SAEEvaluation(Serialisable, Display):
         axes[2].set(title=f"next-token CE (recovered {self.ce_loss_recovered:.1%})", ylabel="nats")
         fig.suptitle(f"{self.architecture} SAE at {self.site}, EV {self.explained_variance:.3f}")
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        return fig
+        return _finish(fig, path)
 
 
 def evaluate(

@@ -59,7 +59,9 @@ class FeatureExamples(Serialisable, Display):
         return f"{len(self.features)} features at {self.site} over {self.n_tokens} tokens: {shown}"
 
     def plot(self, path=None):
-        import matplotlib.pyplot as plt
+        from mlxterp_analyses.plots import _finish, _pyplot
+
+        plt = _pyplot()
 
         n = len(self.features)
         fig, axes = plt.subplots(n, 1, figsize=(8, 1.2 + 1.6 * n), squeeze=False)
@@ -69,9 +71,7 @@ class FeatureExamples(Serialisable, Display):
             ax.set_yticks(range(len(labels))[::-1], [label[-40:] for label in labels], fontsize=7)
             ax.set_title(f"feature {feature} at {self.site}: density {density:.2%}", fontsize=9)
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        return fig
+        return _finish(fig, path)
 
     def _view(self) -> str:
         from mlxterp_analyses.views import token_heatmap_html
@@ -226,16 +226,16 @@ class FeatureAttribution(Serialisable, Display):
         return f"{self.metric} = {self.metric_value:.3f} at {self.site}; top features {shown}; error {sum(self.error):+.3f}"
 
     def plot(self, path=None):
-        import matplotlib.pyplot as plt
+        from mlxterp_analyses.plots import _finish, _pyplot
+
+        plt = _pyplot()
 
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(self.top_features) + 2), 3))
         labels = [str(f) for f in self.top_features] + ["error"]
         ax.bar(labels, self.total_effect + [sum(self.error)], color=["C0"] * len(self.top_features) + ["C7"])
         ax.set(title=f"attribution of {self.metric} at {self.site}", xlabel="feature", ylabel="gradient x activation")
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        return fig
+        return _finish(fig, path)
 
 
 def feature_attribution(

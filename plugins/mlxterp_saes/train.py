@@ -69,7 +69,9 @@ class TrainingLog:
     input_scale: float
 
     def plot(self, path=None):
-        import matplotlib.pyplot as plt
+        from mlxterp_analyses.plots import _finish, _pyplot
+
+        plt = _pyplot()
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
         for ax, values, label in zip(axes, (self.l0, self.fvu, self.dead), ("L0", "FVU", "dead fraction")):
@@ -77,9 +79,7 @@ class TrainingLog:
             ax.set_xlabel("training tokens")
             ax.set_title(f"{label} ({self.site})")
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-        return fig
+        return _finish(fig, path)
 
 
 def train_sae(
