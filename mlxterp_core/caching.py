@@ -73,12 +73,38 @@ class Site:
     layer: int | None  # block it is computed in (-1: before layer 0); None: after the blocks or unknown
 
 
-class _StopForward(BaseException):
+class StopForward(BaseException):
     """Raised at the input of the first block no site needs: the rest of the forward is not built."""
 
 
-def _stop(x: mx.array) -> mx.array:
-    raise _StopForward
+def stop_forward(x: mx.array) -> mx.array:
+    """An intervention that stops the forward pass where it is installed (see :func:`stop_before`)."""
+    raise StopForward
+
+
+def stop_before(model, layers) -> str | None:
+    """Where a pass that needs only sites computed in blocks ``layers`` (-1: before layer 0;
+    None: after the blocks, or unknown) can stop: the raw input port of the block after the
+    last of them, or None (run the whole forward). Install :func:`stop_forward` there and run
+    with :func:`run_until_stopped`; every trainer and the cache writer stop this way."""
+    arch = model.architecture
+    layers = list(layers)
+    if arch is None or not layers or any(layer is None for layer in layers):
+        return None
+    last = max(layers) + 1
+    if last >= arch.n_layers:
+        return None
+    return arch.resolve(f"layers.{last}.input")[0].site
+
+
+def run_until_stopped(hooks, inputs: mx.array) -> dict[str, Any]:
+    """``hooks(inputs)`` (lazy) with :func:`stop_forward` installed: what the pass recorded,
+    whether it ran to the end or stopped."""
+    try:
+        _, recorded = hooks(inputs, evaluate=False)
+    except StopForward:
+        recorded = hooks.recorded
+    return recorded
 
 
 def cache_activations(
@@ -325,32 +351,20 @@ def _stop_site(model, site_list: list[Site], probe: mx.array | None = None,
     that computes its blocks in another order (or reuses one) runs whole instead."""
     from .trace import Hooks
 
-    arch = model.architecture
-    if arch is None or any(s.layer is None for s in site_list):
+    stop = stop_before(model, [s.layer for s in site_list])
+    if stop is None:
         return None
-    last = max(s.layer for s in site_list) + 1
-    if last >= arch.n_layers:
-        return None
-    stop = arch.resolve(f"layers.{last}.input")[0].site
     if probe is not None:
         raws = sorted({s.raw for s in site_list})
         if whole is None or any(raw not in whole for raw in raws):
             with Hooks(model, capture=raws) as hooks:
                 _, whole = hooks(probe)
-        with Hooks(model, interventions={stop: _stop}, capture=raws) as hooks:
-            stopped = _recorded(hooks, probe)
+        with Hooks(model, interventions={stop: stop_forward}, capture=raws) as hooks:
+            stopped = run_until_stopped(hooks, probe)
         mx.eval(list(stopped.values()))
         if any(raw not in stopped or not mx.array_equal(stopped[raw], whole[raw]).item() for raw in raws):
             return None
     return stop
-
-
-def _recorded(hooks, ids: mx.array) -> dict[str, mx.array]:
-    try:
-        _, recorded = hooks(ids, evaluate=False)
-    except _StopForward:
-        recorded = hooks._recorder.recorded
-    return recorded
 
 
 def model_identity(model) -> dict[str, Any]:
@@ -582,7 +596,7 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
     current: dict[str, Any] = {}
     opened: set[ShardFile] = set()  # files not yet published (the writer removes finished ones)
     capture = sorted({s.raw for s in site_list})
-    interventions = {stop: _stop} if stop else None
+    interventions = {stop: stop_forward} if stop else None
     state = {"row": 0}
 
     def dispatch(batch: Windows, rows: dict[str, Any]) -> None:
@@ -641,7 +655,7 @@ def _layout(site_list: list[Site], rows: int) -> dict[str, tuple[str, tuple[int,
 
 def _batch_rows(hooks, batch: Windows, site_list: list[Site]) -> dict[str, mx.array]:
     """Site name -> the (n_tokens, d) rows of the batch's real tokens (lazy)."""
-    recorded = _recorded(hooks, batch.inputs)
+    recorded = run_until_stopped(hooks, batch.inputs)
     n, t = batch.tokens.shape
     real = None if batch.n_tokens == n * t else mx.array(np.flatnonzero(batch.mask).astype(np.int32))
     rows = []

@@ -221,3 +221,26 @@ def test_the_bench_rows_are_registered_and_measure_the_shared_forward(llama):
                            site="layers.1.output", four=[f"layers.{i}.output" for i in range(4)])
     assert set(speed) >= {"plain_tokens_per_s", "one_sae_tokens_per_s", "speedup_four_from_one_forward"}
     assert all(v > 0 for v in speed.values())
+
+
+def test_tracing_sites_stops_the_forward_after_the_last_layer_needed(llama, monkeypatch):
+    from mlxterp_saes.train import trace_sites
+
+    ids = mx.array([[5, 17, 3, 42, 9]])
+    full = llama.run(ids, capture=["layers.1.output", "layers.0.mlp"]).activations
+    mlps = [layer.mlp for layer in llama.model.model.layers]
+    calls = []
+    original = type(mlps[3]).__call__
+
+    def counted(self, *args, **kwargs):  # the MLPs that no probe swapped
+        calls.append(next(i for i, mlp in enumerate(mlps) if mlp is self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(mlps[3]), "__call__", counted)
+    got = trace_sites(llama, ids, ["layers.1.output", "layers.0.mlp"])
+    assert calls == [1]  # stopped at the input of block 2
+    for site in got:
+        assert mx.array_equal(got[site], full[site]).item()
+    calls.clear()
+    trace_sites(llama, ids, ["ln_final"])
+    assert calls == [0, 1, 2, 3]  # a site after the blocks: the whole forward

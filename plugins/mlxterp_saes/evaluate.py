@@ -165,9 +165,8 @@ def evaluate(
     ``n_tokens`` caps the tokens read (None: all), in windows of ``context_size`` tokens
     (default: the SAE's own context size, else 128).
     """
-    from tqdm.auto import tqdm
-
     from mlxterp_core.corpus import token_windows
+    from mlxterp_core.progress import progress_over
 
     from .train import trainable
 
@@ -180,7 +179,7 @@ def evaluate(
     kl = {"sae": 0.0, "zero": 0.0}
     counted = 0
     windows = token_windows(model, texts, context, batch_size=batch_size, max_tokens=n_tokens)
-    for batch in tqdm(windows, desc="evaluate", unit="batch", disable=None if progress is None else not progress):
+    for batch in progress_over(windows, n_tokens, "evaluate", progress is not False, "tok", lambda b: b.n_tokens):
         keep = trainable(batch)  # (B, T) positions the SAE works at
         if not keep.any():
             continue

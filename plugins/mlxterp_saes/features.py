@@ -102,9 +102,8 @@ def top_activations(
     progress: bool | None = None,
 ) -> FeatureExamples:
     """The top-activating contexts of ``features`` over ``texts`` (see the module doc)."""
-    from tqdm.auto import tqdm
-
     from mlxterp_core.corpus import token_windows
+    from mlxterp_core.progress import progress_over
 
     from .train import trainable
 
@@ -119,7 +118,7 @@ def top_activations(
     token_rows, value_rows, keep_rows, doc_rows, pos_rows = [], [], [], [], []
     windows = token_windows(model, texts, context_size, batch_size=batch_size, max_tokens=n_tokens)
     sites = list(dict.fromkeys([sae.cfg.site]))
-    for batch in tqdm(windows, desc="top_activations", unit="batch", disable=None if progress is None else not progress):
+    for batch in progress_over(windows, n_tokens, "top_activations", progress is not False, "tok", lambda b: b.n_tokens):
         x = trace_sites(model, batch.inputs, sites)[sae.cfg.site]
         values = mx.take(sae.encode(x), select, axis=-1)  # (B, T, F)
         keep = trainable(batch)

@@ -43,6 +43,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxterp_core.names import is_raw
+from mlxterp_core.progress import progress_bar
 
 from .sae import SAE, SAEConfig, SAEError, topk_relu
 
@@ -140,7 +141,8 @@ def train_sae(
         checkpoint_dir: write a checkpoint every ``checkpoint_every`` steps there, and resume
             from the one found there.
         save_dir: save each trained SAE there in the SAELens v6 layout (one folder per site).
-        progress: a tqdm bar with live L0 / FVU / dead fraction (default: when on a terminal).
+        progress: False hides the tqdm bar with live L0 / FVU / dead fraction (shown only
+            when stderr is a terminal).
 
     Returns:
         the SAE, or a list of SAEs (one per site) when ``site`` is a list. Each has
@@ -176,7 +178,7 @@ def train_sae(
         step = resumed["step"]
         source.skip(resumed["source_position"])
     start = time.perf_counter()
-    bar = _bar(steps, progress)
+    bar = progress_bar(steps, "train_sae", progress is not False, unit="step")
     bar.update(step)
     try:
         for batch in batches:
@@ -629,21 +631,14 @@ def trainable(windows, skip_first: bool = True) -> np.ndarray:
     return keep
 
 
-class _Stop(BaseException):
-    """Raised at the first site after the last one needed: the rest of the forward is skipped."""
-
-
 def trace_sites(model, inputs: mx.array, sites: list[str]) -> dict[str, mx.array]:
     """{site: activation} of one forward pass, stopped after the last layer any site needs."""
+    from mlxterp_core.caching import run_until_stopped, stop_before, stop_forward
     from mlxterp_core.trace import Hooks
 
-    stop = _stop_site(model, sites)
-    interventions = {stop: _raise_stop} if stop else None
-    with Hooks(model, interventions, capture=list(sites)) as hooks:
-        try:
-            _, recorded = hooks(inputs, evaluate=False)
-        except _Stop:
-            recorded = hooks._recorder.recorded
+    stop = stop_before(model, [_layer(site) for site in sites])
+    with Hooks(model, {stop: stop_forward} if stop else None, capture=list(sites)) as hooks:
+        recorded = run_until_stopped(hooks, inputs)
     out = {}
     arch = model.architecture
     for site in sites:
@@ -656,33 +651,15 @@ def trace_sites(model, inputs: mx.array, sites: list[str]) -> dict[str, mx.array
     return out
 
 
-def _raise_stop(x):
-    raise _Stop
-
-
-def _stop_site(model, sites: list[str]) -> str | None:
+def _layer(site: str) -> int | None:
+    """The block a standard name ``layers.i....`` is computed in; None for any other site
+    (model-level or raw: the whole forward runs)."""
     import re
 
-    arch = model.architecture
-    if arch is None:
-        return None
-    layers = []
-    for site in sites:
-        match = re.match(r"^layers\.(\d+)\.", site)
-        if match is None:
-            return None  # model-level or raw: run the whole forward
-        layers.append(int(match.group(1)))
-    nxt = max(layers) + 1
-    return None if nxt >= arch.n_layers else f"layers.{nxt}.input"
+    match = re.match(r"^layers\.(\d+)\.", site)
+    return None if match is None else int(match.group(1))
 
 
 def _model_name(model) -> str | None:
     report = getattr(model, "load_report", None) or {}
     return report.get("repo") or report.get("file") or type(model.model).__name__
-
-
-def _bar(total: int, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train_sae", unit="step", disable=None if progress is None else not progress)
-
