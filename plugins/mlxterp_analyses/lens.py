@@ -37,7 +37,11 @@ def project(model, hidden: mx.array) -> mx.array:
 
 def top_predictions(model, hidden: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
     """Top-k token ids and probabilities (..., k), best first, of hidden states (..., D)."""
-    logits = project(model, hidden).astype(mx.float32)
+    return top_of_logits(project(model, hidden).astype(mx.float32), top_k)
+
+
+def top_of_logits(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
+    """Top-k token ids and probabilities (..., k), best first, of float32 logits (..., V)."""
     if not on_cpu():
         return top_k_mlx(logits, top_k)
     ids, probs = top_k_numpy(np.asarray(logits).reshape(-1, logits.shape[-1]), top_k)
@@ -157,29 +161,15 @@ def logit_lens(
     top_k = options.top_k(top_k, model.embedding_vocab_size)
     token_ids = prompt_ids(model, text)
     resid = mx.stack([x[0] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
-    vocab_bytes = resid.shape[1] * _vocab_size(model, resid) * 4
-    chunk = max(1, MEMORY_BUDGET // max(vocab_bytes, 1))
+    chunk = layers_per_chunk(model, resid)
     ids_parts, probs_parts = [], []
     for start in range(0, len(layers), chunk):
         ids, probs = top_predictions(model, resid[start : start + chunk], top_k)
         ids_parts.append(np.array(ids))
         probs_parts.append(np.array(probs))
-    ids = np.concatenate(ids_parts).tolist()
-    probs = np.concatenate(probs_parts).tolist()
-    names: dict[int, str] = {}
-
-    def name(token: int) -> str:
-        if token not in names:
-            names[token] = token_text(model, token)
-        return names[token]
-
-    predictions = {
-        layer: [
-            [(t, p, name(t)) for t, p in zip(ids[li][pos], probs[li][pos])]
-            for pos in range(len(token_ids))
-        ]
-        for li, layer in enumerate(layers)
-    }
+    name = token_namer(model)
+    rows = prediction_rows(np.concatenate(ids_parts), np.concatenate(probs_parts), name)
+    predictions = dict(zip(layers, rows))
     result = LogitLensResult(
         text=text if isinstance(text, str) else ids_text(model, token_ids),
         tokens=[name(t) for t in token_ids],
@@ -191,6 +181,25 @@ def logit_lens(
     if plot:
         result.plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize)
     return result
+
+
+def layers_per_chunk(model, hidden: mx.array) -> int:
+    """How many layers of hidden states (L, T, D) to project at once: their float32 logits
+    within MEMORY_BUDGET (the same chunks give the same numbers bit for bit)."""
+    return max(1, MEMORY_BUDGET // max(hidden.shape[1] * _vocab_size(model, hidden) * 4, 1))
+
+
+def token_namer(model):
+    """``token_text`` of the model's tokenizer, remembered per token id."""
+    return functools.lru_cache(maxsize=None)(lambda token: token_text(model, token))
+
+
+def prediction_rows(ids, probs, name) -> list[list[list[tuple[int, float, str]]]]:
+    """Top-k ids and probabilities (L, T, k) as, per layer and position, the lens results'
+    lists of ``(token_id, probability, token_text)``."""
+    ids, probs = np.asarray(ids).tolist(), np.asarray(probs).tolist()
+    return [[[(t, p, name(t)) for t, p in zip(i, q)] for i, q in zip(layer_ids, layer_probs)]
+            for layer_ids, layer_probs in zip(ids, probs)]
 
 
 class _Stop(BaseException):

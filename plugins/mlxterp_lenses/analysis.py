@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxterp_analyses.lens import MEMORY_BUDGET, _vocab_size, project, top_predictions
-from mlxterp_analyses.text import ids_text, token_text
+from mlxterp_analyses.lens import layers_per_chunk, prediction_rows, project, token_namer, top_of_logits
+from mlxterp_analyses.text import ids_text
 from mlxterp_core.errors import InputError
 
 from .lens import TunedLens, log_softmax
@@ -40,33 +40,27 @@ def tuned_lens(
     token_ids = trace.inputs[0].tolist()
     final = log_softmax(trace.output[0].astype(mx.float32), axis=-1)  # (T, V)
     final_top = mx.argmax(final, axis=-1)
-    names: dict[int, str] = {}
-
-    def name(token: int) -> str:
-        if token not in names:
-            names[token] = token_text(model, token)
-        return names[token]
-
+    name = token_namer(model)
     hidden = []
     for layer in layers:
         h = trace.activations[f"layers.{layer}.output"][0]
         hidden.append(lens.transform_hidden(h, layer + 1) if layer + 1 < arch.n_layers else h)
     hidden = mx.stack(hidden)  # (L, T, D)
     # the logit lens's chunks of layers, so that an untrained lens gives its numbers bit for bit
-    chunk = max(1, MEMORY_BUDGET // max(hidden.shape[1] * _vocab_size(model, hidden) * 4, 1))
+    chunk = layers_per_chunk(model, hidden)
     predictions, kl, entropy, rank = {}, {}, {}, {}
     for start in range(0, len(layers), chunk):
-        part = hidden[start : start + chunk]
-        ids, probs = top_predictions(model, part, top_k)
-        logq = log_softmax(project(model, part).astype(mx.float32), axis=-1)  # (l, T, V)
+        logits = project(model, hidden[start : start + chunk]).astype(mx.float32)  # (l, T, V)
+        ids, probs = top_of_logits(logits, top_k)
+        logq = log_softmax(logits, axis=-1)
         part_kl = (mx.exp(final) * (final - logq)).sum(axis=-1)
         part_entropy = -(mx.exp(logq) * logq).sum(axis=-1)
         top_logq = mx.take_along_axis(logq, mx.broadcast_to(final_top[None, :, None], (*logq.shape[:2], 1)), axis=-1)
         part_rank = (logq > top_logq).sum(axis=-1)
         mx.eval(ids, probs, part_kl, part_entropy, part_rank)
-        ids, probs = ids.tolist(), probs.tolist()
-        for k, layer in enumerate(layers[start : start + chunk]):
-            predictions[layer] = [[(t, p, name(t)) for t, p in zip(ids[k][pos], probs[k][pos])] for pos in range(len(token_ids))]
+        part_layers = layers[start : start + chunk]
+        predictions.update(zip(part_layers, prediction_rows(ids, probs, name)))
+        for k, layer in enumerate(part_layers):
             kl[layer], entropy[layer], rank[layer] = part_kl[k].tolist(), part_entropy[k].tolist(), part_rank[k].tolist()
     result = TunedLensResult(
         text=text if isinstance(text, str) else ids_text(model, token_ids),
