@@ -26,6 +26,13 @@ Rows:
   one site, against the forward cut at the last layer it needs (target: cost <= 1.05x).
 
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
+
+Workloads that need several processes or a GPU with its peers are scripts under
+``benchmarks/``: ``gpu_trace.py`` (traces against plain MLX, torch and nnsight on one GPU),
+``cache_gpu.py`` (caching on one GPU), ``sae_training.py`` (the longer SAE run) and
+``distributed_gpu.py`` (the cache and the patching sweep on 1 and N ranks, e.g. two GPUs over
+NCCL: ``python benchmarks/distributed_gpu.py --ranks 2 --backend nccl --out DIR``); see
+docs/performance.md for their figures.
 """
 
 from __future__ import annotations
