@@ -2,6 +2,8 @@
 
     python benchmarks/sae_training.py                 # CPU or Metal: defaults sized for a laptop
     python benchmarks/sae_training.py --tokens 200000 --d-sae 9216 --batch-size 4096   # a GPU
+    python benchmarks/sae_training.py --model random --skip-run --speed-tokens 65536 \
+        --d-sae 9216 --batch-size 4096 --forward-batch 32   # throughput only, without the GGUF
 
 1. Throughput (the ``mlxterp bench --rows saes`` figures at the sizes given): training tokens/s
    of one TopK SAE and of four SAEs from one forward, beside the plain forward's tokens/s and
@@ -10,6 +12,12 @@
    trained on the offline corpus (``mlxterp.default_corpus()``, documents before the last 150),
    evaluated on the last 150 documents (held out): L0, explained variance, CE loss recovered,
    dead fraction, and PCA with k components on the same held-out tokens as the sanity bar.
+
+``--model random`` (for a machine without the default model's file, such as a lent GPU): a
+random-weight Llama of SmolLM2-135M's shape, quantized to 4 bits in groups of 32 (as the GGUF's
+Q4_1 blocks load), float16, with a byte-level BPE of SmolLM2's vocabulary size trained on the
+corpus. Its throughput is the default model's (the cost does not depend on the weights' values;
+its token counts per text differ, tokens/s does not). ``--skip-run`` measures throughput only.
 
 Writes ``--out``/sae_training.json and the figures (sae_evaluation.png, sae_training.png,
 sae_top_activations.png: the top-activating held-out contexts of three features that fire on
@@ -38,6 +46,28 @@ def pca_explained_variance(train: np.ndarray, test: np.ndarray, k: int) -> float
     return explained_variance(mx.array(test), mx.array(recons))
 
 
+def random_model(corpus: list[str]):
+    """The ``--model random`` stand-in for the default model (see the module doc)."""
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mlxterp_core.bench import SMOLLM2_135M_SHAPE, random_llama
+
+    module = random_llama()
+    nn.quantize(module, group_size=32, bits=4)
+    module.set_dtype(mx.float16)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=SMOLLM2_135M_SHAPE["vocab_size"], special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return mlxterp.InterpretableModel(module, tokenizer=TokenizerWrapper(hf))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=40_000, help="training tokens of the longer run")
@@ -46,7 +76,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--speed-tokens", type=int, default=4096)
+    parser.add_argument("--forward-batch", type=int, default=4, help="windows per forward in the throughput runs")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-run", action="store_true", help="throughput only")
+    parser.add_argument("--model", choices=["default", "random"], default="default")
     parser.add_argument("--out", default="sae-benchmark")
     args = parser.parse_args()
     out = Path(args.out)
@@ -55,18 +88,28 @@ def main() -> None:
     from mlxterp_saes.bench import training_speed
     from mlxterp_saes.train import _source
 
-    model = mlxterp.load()
     corpus = mlxterp.default_corpus()
+    model = mlxterp.load() if args.model == "default" else random_model(corpus)
     train_texts, test_texts = corpus[:-150], corpus[-150:]
-    report: dict = {"backend": describe(), "args": vars(args)}
+    import mlx_lm
+
+    report: dict = {"backend": describe(), "mlx_lm": mlx_lm.__version__, "args": vars(args)}
+    print(json.dumps(report), flush=True)
     if not args.skip_speed:
-        report["speed"] = training_speed(model, train_texts, n_tokens=args.speed_tokens, d_sae=args.d_sae,
-                                         k=args.k, batch_size=min(args.batch_size, args.speed_tokens))
+        speed = dict(n_tokens=args.speed_tokens, d_sae=args.d_sae, k=args.k,
+                     batch_size=min(args.batch_size, args.speed_tokens), forward_batch=args.forward_batch)
+        training_speed(model, train_texts, **{**speed, "n_tokens": speed["batch_size"]})  # warm-up: kernels compiled
+        report["speed"] = training_speed(model, train_texts, **speed)
         print(json.dumps(report["speed"], indent=2), flush=True)
+    if args.skip_run:
+        (out / "sae_training.json").write_text(json.dumps(report, indent=2))
+        return
     site = "layers.15.output"
     start = time.perf_counter()
     sae = mlxterp.train_sae(model, site, train_texts, architecture="topk", d_sae=args.d_sae, k=args.k,
-                            n_tokens=args.tokens, batch_size=args.batch_size, save_dir=out / "sae")
+                            n_tokens=args.tokens, batch_size=args.batch_size, save_dir=out / "sae",
+                            # a buffer larger than the run would trace ~2x the tokens it trains on
+                            buffer_tokens=min(65_536, max(args.batch_size, args.tokens // 4)))
     seconds = time.perf_counter() - start
     sae.training_log.plot(out / "sae_training.png")
     result = sae.evaluate(model, test_texts, n_tokens=args.eval_tokens)
