@@ -66,7 +66,8 @@ class FeatureExamples(Serialisable, Display):
         n = len(self.features)
         fig, axes = plt.subplots(n, 1, figsize=(8, 1.2 + 1.6 * n), squeeze=False)
         for ax, feature, examples, density in zip(axes[:, 0], self.features, self.top, self.density):
-            labels = ["".join(e.tokens[max(0, e.index - 4): e.index]) + "[" + e.tokens[e.index] + "]" for e in examples[:8]]
+            labels = [("".join(e.tokens[max(0, e.index - 4): e.index]) + "[" + e.tokens[e.index] + "]").replace("\n", "\\n")
+                      for e in examples[:8]]  # one line per bar
             ax.barh(range(len(labels))[::-1], [e.activation for e in examples[:8]])
             ax.set_yticks(range(len(labels))[::-1], [label[-40:] for label in labels], fontsize=7)
             ax.set_title(f"feature {feature} at {self.site}: density {density:.2%}", fontsize=9)
