@@ -17,6 +17,10 @@ Rows:
   weights) where torch is installed and MLX runs on the CPU.
 - ``W2``: traces of the default model (1 x 32 tokens) recording the residual stream (30 layer
   outputs) and everything, as ratios to the plain forward of the same run.
+- ``trace-python``: the Python a trace adds to the forward, per trace (probing, recording,
+  name resolution), on a tiny random Llama whose graph is built but never evaluated
+  (:func:`trace_python_cost`): on a GPU that time adds to the plain forward's, so it is what
+  decides W2's ratios there.
 - ``load``: the default model's forward as shipped (quantized, MLX's own BLAS; in a
   subprocess, because the BLAS is chosen per process) against ``mlxterp.load()``'s.
 - ``attribution``: attribution patching of every component against the activation patching
@@ -111,6 +115,61 @@ def trace_overhead(repeats: int = 5, tokens: int = 32, **shape) -> dict[str, flo
         if not mx.array_equal(case().output, reference).item():
             raise AssertionError(f"benchmark case {name!r} changed the model output")
     return median_times(cases, repeats)
+
+
+def trace_python_cost(repeats: int = 200, layers: int = 16, tokens: int = 4) -> dict[str, float]:
+    """Seconds per call: building the plain forward's graph (``plain``), and what each trace
+    adds to it (medians over rounds of the trace's time minus the plain forward's in the same
+    round; cases shuffled each round).
+
+    A random Llama of d = 64 with ``layers`` layers on 1 x ``tokens`` ids; ``mx.eval`` is a
+    no-op while timing, so the figures are Python (building the graph, probing, recording,
+    resolving names) and not MLX's evaluation, whose cost per operation on a loaded CPU is
+    large and noisy. Times are this thread's CPU time (``time.thread_time``: with nothing
+    evaluated, all the work is on this thread), so time lost to other processes on a shared
+    machine is not counted. Traces capture ``capture=[]`` (nothing), the ``layers`` layer
+    outputs by raw and by standard names, and everything.
+    """
+    import random
+
+    from .model import InterpretableModel
+
+    module = random_llama(hidden_size=64, num_hidden_layers=layers, intermediate_size=128,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = InterpretableModel(module)
+    ids = mx.arange(1, 1 + tokens)[None]
+    raw = [f"model.model.layers.{i}" for i in range(layers)]
+    standard = [f"layers.{i}.output" for i in range(layers)]
+    cases = {
+        "plain": lambda: module(ids),
+        "capture nothing": lambda: model.run(ids, capture=[]),
+        "residual stream (raw names)": lambda: model.run(ids, capture=raw),
+        "residual stream (standard names)": lambda: model.run(ids, capture=standard),
+        "everything": lambda: model.run(ids),
+    }
+    reference = module(ids)
+    for name, case in list(cases.items())[1:]:
+        if not mx.array_equal(case().output, reference).item():
+            raise AssertionError(f"benchmark case {name!r} changed the model output")
+    order = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    evaluate = mx.eval
+    mx.eval = lambda *args, **kwargs: None
+    try:
+        for round_ in range(repeats + 5):
+            names = list(cases)
+            order.shuffle(names)
+            took = {}
+            for name in names:
+                start = time.thread_time()
+                cases[name]()  # what it returns is freed inside the timing
+                took[name] = time.thread_time() - start
+            if round_ >= 5:
+                for name in names:
+                    times[name].append(took[name] - (took["plain"] if name != "plain" else 0.0))
+    finally:
+        mx.eval = evaluate
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def default_model_forward(quantized: bool | None, repeats: int = 5, tokens: int = 32) -> float:
@@ -302,6 +361,18 @@ def w2_traces(repeats: int = 5) -> list[Row]:
         figure = f"{_ms(medians[name])} / plain {_ms(plain)}: {ratio:.3f}x"
         values = {"trace_s": medians[name], "plain_s": plain, "ratio": ratio}
         rows.append(Row(f"W2 trace, {name} ({n_layers} layers, 1x32)", figure, target, met, values))
+    return rows
+
+
+def trace_python_rows(repeats: int = 5) -> list[Row]:
+    """``trace-python``: per-trace Python of :func:`trace_python_cost`, 16 layers."""
+    costs = trace_python_cost(repeats=max(100, 40 * repeats))
+    plain = costs.pop("plain")
+    rows = []
+    for name, added in costs.items():
+        figure = f"+{added * 1e3:.3f} ms per trace = {added / plain:.3f}x the plain graph ({_ms(plain)})"
+        values = {"added_s": added, "plain_graph_s": plain, "ratio": added / plain}
+        rows.append(Row(f"trace Python, {name} (16 layers)", figure, "- (GPU: W2)", None, values))
     return rows
 
 
@@ -528,6 +599,7 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "W3": w3_logit_lens,
     "W4": w4_patching,
     "W5": w5_steering,
+    "trace-python": trace_python_rows,
     "load": load_rows,
     "attribution": attribution_rows,
     "cache": cache_rows,

@@ -25,6 +25,7 @@ is evaluated together, once, at the end of the forward pass.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
@@ -172,19 +173,30 @@ class Activations(Mapping):
 class _Probe:
     """What a probed module runs: count the call, intervene and record input and output."""
 
-    __slots__ = ("recorder", "path")
+    __slots__ = ("recorder", "path", "input_site")
 
     def __init__(self, recorder: Recorder, path: str):
         self.recorder = recorder
         self.path = path
+        self.input_site = path + INPUT_PORT  # the first call's, made once
+
+    def _sites(self, calls: dict[str, int]) -> tuple[str, str]:
+        """(output site, input site) of this call, counting it: ``path``, then ``path#1`` ..."""
+        path = self.path
+        k = calls.get(path)
+        if k is None:
+            calls[path] = 0
+            return path, self.input_site
+        calls[path] = k = k + 1
+        site = f"{path}#{k}"
+        return site, site + INPUT_PORT
 
     def __call__(self, call, module, args, kwargs):
         recorder = self.recorder
         path = self.path
-        k = recorder.calls[path] = recorder.calls.get(path, -1) + 1
-        site = path if k == 0 else f"{path}#{k}"
+        site, input_site = self._sites(recorder.calls)
         if args and isinstance(args[0], mx.array):
-            x = recorder.visit(site + INPUT_PORT, args[0])
+            x = recorder.visit(input_site, args[0])
             if x is not args[0]:
                 args = (x, *args[1:])
         if recorder.pattern_paths:  # only attention patterns need to know who is running
@@ -212,12 +224,15 @@ class _RecordingProbe(_Probe):
 
     def __call__(self, call, module, args, kwargs):
         recorder = self.recorder
-        path = self.path
-        k = recorder.calls[path] = recorder.calls.get(path, -1) + 1
-        site = path if k == 0 else f"{path}#{k}"
+        calls = recorder.calls
+        if self.path in calls:
+            site, input_site = self._sites(calls)
+        else:  # the first call, as most are: no string is built
+            calls[self.path] = 0
+            site, input_site = self.path, self.input_site
         recorded = recorder.recorded
         if args and isinstance(args[0], mx.array):
-            recorded[site + INPUT_PORT] = snapshot(args[0])
+            recorded[input_site] = snapshot(args[0])
         out = call(module, *args, **kwargs)
         if isinstance(out, mx.array):
             recorded[site] = snapshot(out)
@@ -503,6 +518,34 @@ class Hooks:
 
     def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str]]:
         """Raw capture entries, raw edits, and raw entry -> the name the user gave."""
+        capture, asked, targets = self._names()
+        edits = [] if self.splices is None else self.splices.edits(Edit, lambda: self._recorder)
+        for key, fn in self._interventions.items():
+            for target in targets[key]:
+                if isinstance(target, str):  # a raw site or a splice's sub-site
+                    edits.append(Edit(key, target, lambda x, site, seen, fn=fn, key=key: checked(fn, site, key)(x)))
+                    continue
+                resolved = target
+                if isinstance(fn, Intervention) and fn.heads is not None and fn.n_heads is None and resolved.n_heads:
+                    fn = fn.at(n_heads=resolved.n_heads)
+                site, raw_edit = resolved.edit(checked(fn, resolved.name, key))
+                edits.append(Edit(key, site, lambda x, s, seen, e=raw_edit: e(x, seen), resolved.needs))
+        return capture, edits, asked
+
+    def _names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list]]:
+        """What the capture entries and intervention keys name, in raw terms: the raw capture
+        entries (None: everything), raw entry -> the name given, and intervention key -> its
+        targets (raw site names, or the ``Resolved`` of a standard name).
+
+        A function of the names, the architecture and the splices alone (never of a module or
+        an intervention's function), so without splices it is worked out once per model and
+        request (:func:`_cached_names`): a loop of traces with the same names resolves them
+        once. Modules are looked up afresh by every trace (:func:`_modules_to_probe`)."""
+        if self.splices is None:
+            return _cached_names(self)
+        return self._resolve_names()
+
+    def _resolve_names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list]]:
         asked: dict[str, str] = {}
         capture = None
         if self._capture_given is not None:
@@ -514,22 +557,16 @@ class Hooks:
                 for site in sites:
                     asked.setdefault(site, name)
                 capture += sites
-        edits = [] if self.splices is None else self.splices.edits(Edit, lambda: self._recorder)
-        for key, fn in self._interventions.items():
+        targets: dict[str, list] = {}
+        for key in self._interventions:
             spliced = self._splice_sites(key)
             if spliced is not None:
-                for site in spliced:
-                    edits.append(Edit(key, site, lambda x, s, seen, fn=fn, key=key: checked(fn, s, key)(x)))
-                continue
-            if is_raw(key):
-                edits.append(Edit(key, key, lambda x, site, seen, fn=fn, key=key: checked(fn, site, key)(x)))
-                continue
-            for resolved in self._resolve(key):
-                if isinstance(fn, Intervention) and fn.heads is not None and fn.n_heads is None and resolved.n_heads:
-                    fn = fn.at(n_heads=resolved.n_heads)
-                site, raw_edit = resolved.edit(checked(fn, resolved.name, key))
-                edits.append(Edit(key, site, lambda x, s, seen, e=raw_edit: e(x, seen), resolved.needs))
-        return capture, edits, asked
+                targets[key] = spliced
+            elif is_raw(key):
+                targets[key] = [key]
+            else:
+                targets[key] = self._resolve(key)
+        return capture, asked, targets
 
     def _resolve(self, name: str):
         return self._model.architecture_or_raise(name).resolve(name)
@@ -565,6 +602,31 @@ class Hooks:
                     f"{_calls_summary(recorder, entry)}); sites that take no array input have no "
                     "':input'."
                 )
+
+
+_NAMES_CACHE_SIZE = 256  # requests remembered per model; then the cache starts afresh
+
+
+def _cached_names(hooks: Hooks) -> tuple[list[str] | None, dict[str, str], dict[str, list]]:
+    """``hooks._resolve_names()``, remembered per model, keyed by the request's names and
+    checked against the model's current architecture. The result is shared: never mutate it."""
+    model = hooks._model
+    given = hooks._capture_given
+    key = (None if given is None else tuple(given), tuple(hooks._interventions))
+    try:
+        hash(key)
+    except TypeError:  # not names: let the resolution report it
+        return hooks._resolve_names()
+    cache = model.__dict__.get("_trace_names")
+    if cache is None or cache[0] is not model.architecture:
+        cache = model.__dict__["_trace_names"] = (model.architecture, {})
+    names = cache[1].get(key)
+    if names is None:
+        names = hooks._resolve_names()  # raises on an unknown name: nothing is remembered
+        if len(cache[1]) >= _NAMES_CACHE_SIZE:
+            cache[1].clear()
+        cache[1][key] = names
+    return names
 
 
 def _sites_shown(activations: Activations, n: int = 3) -> str:
@@ -622,10 +684,10 @@ def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
     """Module path -> module for exact site names; an unknown name fails with suggestions."""
     found: dict[str, nn.Module] = {}
     for name in names:
-        if canonical_site(name) == MODEL_OUTPUT:
+        path, well_formed = _exact_site(name)
+        if path is None:
             continue
-        path = module_part(name)
-        module = locate_module(root, path) if _SITE_GRAMMAR.match(name) else None
+        module = locate_module(root, path) if well_formed else None
         if module is None:
             known = [p for p, _ in walk_modules(root)[1:]]
             raise UnknownNameError(
@@ -637,17 +699,39 @@ def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def locate_module(root: nn.Module, path: str) -> nn.Module | None:
-    """The module at a dotted path ('model.layers.0'), or None; the root is 'model'."""
+@functools.lru_cache(maxsize=8192)
+def _exact_site(name: str) -> tuple[str | None, bool]:
+    """(module path, whether the name follows the site grammar) of an exact site name; the
+    path is None for the model output. A function of the string alone, so it is cached."""
+    if canonical_site(name) == MODEL_OUTPUT:
+        return None, True
+    return module_part(name), _SITE_GRAMMAR.match(name) is not None
+
+
+@functools.lru_cache(maxsize=8192)
+def _path_steps(path: str) -> tuple[tuple[str, int | None], ...] | None:
+    """'model.layers.0' -> (('layers', None), ('0', 0)): each key, and its list index if it
+    is one; None when the path does not start at the root 'model'."""
     head, _, rest = path.partition(".")
     if head != "model" or not rest:
         return None
+    return tuple((part, int(part) if part.isdigit() else None) for part in rest.split("."))
+
+
+def locate_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path ('model.layers.0'), or None; the root is 'model'.
+
+    Looked up afresh on every call (only the parsing of the path is cached), so a module that
+    was replaced since the last trace is the one found."""
+    steps = _path_steps(path)
+    if steps is None:
+        return None
     node = root
-    for part in rest.split("."):
+    for key, index in steps:
         if isinstance(node, dict):  # nn.Module is a dict of its children
-            node = node.get(part)
-        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
+            node = node.get(key)
+        elif isinstance(node, (list, tuple)) and index is not None and index < len(node):
+            node = node[index]
         else:
             return None
     return node if isinstance(node, nn.Module) else None
