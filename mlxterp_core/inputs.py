@@ -129,6 +129,21 @@ def prepare(inputs: Any, tokenizer: Any, vocab_size: int | None = None) -> Model
 
 
 _HOST_CHECK_SIZE = 1 << 16  # ids up to this many are checked with numpy on the host
+# ids up to this many are first scanned by Python's max() over the buffer: inside a loop of
+# traces a numpy reduction costs tens of microseconds of cold code, the scan a few
+_HOST_SCAN_SIZE = 1024
+
+
+def _host_max_unsigned(ids: mx.array) -> int:
+    """The largest id read as an unsigned integer of the same width, so that a negative id
+    reads as at least 2 ** (bits - 1): below a vocabulary no larger than that, it means every
+    id is in range. A buffer that cannot be scanned so (not contiguous) gives a number that
+    sends the check the long way."""
+    try:
+        view = memoryview(ids)
+        return max(view.cast("B").cast(view.format.upper()))
+    except (TypeError, ValueError):
+        return 1 << 64
 
 
 def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
@@ -147,6 +162,10 @@ def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
         )
     if ids.size == 0:
         return
+    # read unsigned, a negative id is >= 2 ** (bits - 1): out of range if the vocabulary is smaller
+    small = vocab_size <= 1 << (8 * ids.itemsize - 1)
+    if ids.size <= _HOST_SCAN_SIZE and small and _host_max_unsigned(ids) < vocab_size:
+        return  # the common case, at the cost of a few microseconds
     if ids.size <= _HOST_CHECK_SIZE:  # read on the host: no reduction kernels, no device sync
         host = np.asarray(ids)
         low, high = int(host.min()), int(host.max())

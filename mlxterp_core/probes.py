@@ -9,8 +9,7 @@ restores the original class. Probes live only while a trace runs its forward pas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import mlx.nn as nn
@@ -54,6 +53,7 @@ def walk_modules(root: nn.Module, prefix: str = "model") -> list[tuple[str, nn.M
                 visit(child, f"{path}.{key}")
 
     visit(root, prefix)
+    visit = None  # noqa: F841 (the closure refers to itself: break the cycle, free it now)
     return found
 
 
@@ -91,35 +91,50 @@ def is_probed(module: nn.Module) -> bool:
 Probe = Callable[[Callable, nn.Module, tuple, dict], Any]
 
 
-@contextmanager
-def probes_installed(targets: list[tuple[nn.Module, Probe | None]]) -> Iterator[None]:
+class probes_installed:  # noqa: N801 (used as a context manager, like contextlib's)
     """Install ``probe`` on each module for the duration of the block, then restore it.
 
     A probe of ``None`` installs an idle probe (the generated class, no recording), which is
     how tests show that probing alone changes nothing. Restoration runs whatever happens in
     the block, so an exception never leaves a probe behind.
     """
-    # (module, its class before): one dict lookup per module on the way in, none on the way
-    # out; a trace of every module installs a few hundred of these
-    installed: list[tuple[nn.Module, type]] = []
-    try:
-        for module, probe in targets:
-            cls = type(module)
-            probed = _probed_classes.get(cls)
-            if probed is None:
-                if _ORIGINAL_ATTR in cls.__dict__:
-                    raise TraceError(
-                        f"{cls.__name__} is already probed: a trace is running on this "
-                        "model (traces cannot start inside an intervention of another trace)."
-                    )
-                probed = _probed_class(cls)
-            # object.__setattr__: nn.Module.__setattr__ would type-check every assignment
-            object.__setattr__(module, "__class__", probed)
-            installed.append((module, cls))
-            if probe is not None:
-                module.__dict__[_PROBE_ATTR] = probe  # the instance dict, not its parameters
-        yield
-    finally:
+
+    __slots__ = ("_targets", "_installed")
+
+    def __init__(self, targets: list[tuple[nn.Module, Probe | None]]):
+        self._targets = targets
+        # (module, its class before): one dict lookup per module on the way in, none on the
+        # way out; a trace of every module installs a few hundred of these
+        self._installed: list[tuple[nn.Module, type]] = []
+
+    def __enter__(self) -> None:
+        installed = self._installed
+        try:
+            for module, probe in self._targets:
+                cls = type(module)
+                probed = _probed_classes.get(cls)
+                if probed is None:
+                    if _ORIGINAL_ATTR in cls.__dict__:
+                        raise TraceError(
+                            f"{cls.__name__} is already probed: a trace is running on this "
+                            "model (traces cannot start inside an intervention of another trace)."
+                        )
+                    probed = _probed_class(cls)
+                # object.__setattr__: nn.Module.__setattr__ would type-check every assignment
+                object.__setattr__(module, "__class__", probed)
+                installed.append((module, cls))
+                if probe is not None:
+                    module.__dict__[_PROBE_ATTR] = probe  # the instance dict, not its parameters
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc_info) -> bool:
+        self._restore()
+        return False
+
+    def _restore(self) -> None:
+        installed, self._installed = self._installed, []
         for module, cls in installed:
             module.__dict__.pop(_PROBE_ATTR, None)
             object.__setattr__(module, "__class__", cls)

@@ -241,11 +241,45 @@ class _RecordingProbe(_Probe):
         return out
 
 
+class _CapturingProbe(_Probe):
+    """The probe of a trace that records exact names and changes nothing: whether its first
+    call's input and output are wanted is known when it is made, so that call records them
+    without asking the recorder. The same records as _Probe; later calls (``path#1`` ...) go
+    through _Probe."""
+
+    __slots__ = ("wants_input", "wants_output")
+
+    def __init__(self, recorder: Recorder, path: str):
+        super().__init__(recorder, path)
+        exact = recorder.capture.exact
+        self.wants_input = self.input_site in exact
+        self.wants_output = path in exact
+
+    def __call__(self, call, module, args, kwargs):
+        recorder = self.recorder
+        calls = recorder.calls
+        path = self.path
+        if path in calls:
+            return _Probe.__call__(self, call, module, args, kwargs)
+        calls[path] = 0
+        if self.wants_input and args and isinstance(args[0], mx.array):
+            recorder.recorded[self.input_site] = snapshot(args[0])
+        out = call(module, *args, **kwargs)
+        if self.wants_output:
+            if isinstance(out, mx.array):
+                recorder.recorded[path] = snapshot(out)
+            elif isinstance(out, tuple) and out and isinstance(out[0], mx.array):
+                recorder.recorded[path] = snapshot(out[0])
+        return out
+
+
 class Recorder:
     """The state of one forward pass: what to record, what to change, what happened."""
 
-    def __init__(self, capture: list[str] | None, edits: list[Edit], patterns: set[str]):
-        self.capture = None if capture is None else NameSet(capture)  # None: everything
+    def __init__(self, capture: list[str] | NameSet | None, edits: list[Edit], patterns: set[str]):
+        if capture is not None and not isinstance(capture, NameSet):
+            capture = NameSet(capture)
+        self.capture = capture  # None: everything
         self.exact_edits: dict[str, list[Edit]] = {}
         self.glob_edits: list[Edit] = []
         for edit in edits:
@@ -439,24 +473,31 @@ class Hooks:
         self._capture_given = capture
         attached = getattr(model, "_splices", [])
         self.splices = Splices(model, [*attached, *splice_list(saes)]) if attached or saes else None
-        self._capture, edits, self._asked = self._translate()
+        self._capture, edits, self._asked, self._capture_set = self._translate()
         names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (self._capture or [])
-        names = [n for n in names if not self._is_spliced(n)]
+        if self.splices is not None:
+            names = [n for n in names if not self._is_spliced(n)]
         self._probed, self._pattern_modules = _modules_to_probe(
             model.model, names, capture_all=self._capture is None
         )
         self._edits = edits
-        self._recorder = Recorder(self._capture, edits, set(self._pattern_modules))
+        self._recorder = Recorder(self._capture_set, edits, set(self._pattern_modules))
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> Hooks:
+        recorder = self._recorder
+        probe = _Probe
+        if not (self._edits or recorder.pattern_paths):  # records, changes nothing
+            if recorder.capture is None:
+                probe = _RecordingProbe
+            elif not recorder.capture.globs:
+                probe = _CapturingProbe
+        probes = probes_installed([(m, probe(recorder, p)) for p, m in self._probed])
         stack = ExitStack()
         try:
-            stack.enter_context(patterns_observed(self._pattern_modules, self._recorder))
-            recorder = self._recorder
-            plain = recorder.capture is None and not (self._edits or recorder.pattern_paths)
-            probe = _RecordingProbe if plain else _Probe
-            stack.enter_context(probes_installed([(m, probe(recorder, p)) for p, m in self._probed]))
+            if self._pattern_modules:
+                stack.enter_context(patterns_observed(self._pattern_modules, recorder))
+            stack.enter_context(probes)
         except BaseException:
             stack.close()
             raise
@@ -516,9 +557,10 @@ class Hooks:
         found = self.splices.name(name)
         return None if found is None else [found]
 
-    def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str]]:
-        """Raw capture entries, raw edits, and raw entry -> the name the user gave."""
-        capture, asked, targets = self._names()
+    def _translate(self) -> tuple[list[str] | None, list[Edit], dict[str, str], NameSet | None]:
+        """Raw capture entries, raw edits, raw entry -> the name the user gave, and the
+        capture entries as a NameSet."""
+        capture, asked, targets, capture_set = self._names()
         edits = [] if self.splices is None else self.splices.edits(Edit, lambda: self._recorder)
         for key, fn in self._interventions.items():
             for target in targets[key]:
@@ -530,12 +572,13 @@ class Hooks:
                     fn = fn.at(n_heads=resolved.n_heads)
                 site, raw_edit = resolved.edit(checked(fn, resolved.name, key))
                 edits.append(Edit(key, site, lambda x, s, seen, e=raw_edit: e(x, seen), resolved.needs))
-        return capture, edits, asked
+        return capture, edits, asked, capture_set
 
-    def _names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list]]:
+    def _names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list], NameSet | None]:
         """What the capture entries and intervention keys name, in raw terms: the raw capture
-        entries (None: everything), raw entry -> the name given, and intervention key -> its
-        targets (raw site names, or the ``Resolved`` of a standard name).
+        entries (None: everything), raw entry -> the name given, intervention key -> its
+        targets (raw site names, or the ``Resolved`` of a standard name), and the raw capture
+        entries as a NameSet.
 
         A function of the names, the architecture and the splices alone (never of a module or
         an intervention's function), so without splices it is worked out once per model and
@@ -545,7 +588,7 @@ class Hooks:
             return _cached_names(self)
         return self._resolve_names()
 
-    def _resolve_names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list]]:
+    def _resolve_names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list], NameSet | None]:
         asked: dict[str, str] = {}
         capture = None
         if self._capture_given is not None:
@@ -566,7 +609,7 @@ class Hooks:
                 targets[key] = [key]
             else:
                 targets[key] = self._resolve(key)
-        return capture, asked, targets
+        return capture, asked, targets, None if capture is None else NameSet(capture)
 
     def _resolve(self, name: str):
         return self._model.architecture_or_raise(name).resolve(name)
@@ -607,7 +650,7 @@ class Hooks:
 _NAMES_CACHE_SIZE = 256  # requests remembered per model; then the cache starts afresh
 
 
-def _cached_names(hooks: Hooks) -> tuple[list[str] | None, dict[str, str], dict[str, list]]:
+def _cached_names(hooks: Hooks) -> tuple[list[str] | None, dict[str, str], dict[str, list], NameSet | None]:
     """``hooks._resolve_names()``, remembered per model, keyed by the request's names and
     checked against the model's current architecture. The result is shared: never mutate it."""
     model = hooks._model
@@ -659,9 +702,17 @@ def _modules_to_probe(root: nn.Module, names: list[str], capture_all: bool):
     a few lookups, not a walk of the whole model. Unknown names fail here, before anything
     runs.
     """
-    exact = _check_exact([n for n in names if not is_glob(n)], root)
-    patterns = {module_part(n): exact[module_part(n)] for n in names if n.endswith(PATTERN_PORT) and not is_glob(n)}
-    globs = [n for n in names if is_glob(n)]
+    paths, pattern_paths, globs = _split_names(tuple(names))
+    if paths is not None:  # every exact name is well formed: look their modules up
+        exact = {}
+        for path, name in paths:
+            module = locate_module(root, path)
+            if module is None:
+                _check_exact([name], root)  # raises, with suggestions
+            exact[path] = module
+    else:
+        exact = _check_exact([n for n in names if not is_glob(n)], root)
+    patterns = {path: exact[path] for path in pattern_paths}
     if not capture_all and not globs:
         return list(exact.items()), patterns
     sites = walk_modules(root)[1:]
@@ -678,6 +729,26 @@ def _modules_to_probe(root: nn.Module, names: list[str], capture_all: bool):
         return sites, patterns
     wanted = NameSet([module_part(n) for n in names])
     return [(path, m) for path, m in sites if path in wanted], patterns
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_names(names: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...] | None, tuple[str, ...], tuple[str, ...]]:
+    """The names a trace probes, sorted out once per tuple of names (a function of the
+    strings alone): ((module path, the first exact name on it) for every path, in order;
+    or None if some exact name breaks the site grammar), the module paths of exact
+    ':pattern' names, and the glob names."""
+    paths: dict[str, str] = {}
+    well_formed = True
+    for name in names:
+        if is_glob(name):
+            continue
+        path, ok = _exact_site(name)
+        well_formed = well_formed and ok
+        if path is not None:
+            paths.setdefault(path, name)
+    patterns = tuple(module_part(n) for n in names if n.endswith(PATTERN_PORT) and not is_glob(n))
+    globs = tuple(n for n in names if is_glob(n))
+    return (tuple(paths.items()) if well_formed else None), patterns, globs
 
 
 def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
