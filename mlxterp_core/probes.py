@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import TraceError
@@ -22,7 +23,8 @@ _PROBE_ATTR = "_mlxterp_probe"
 # Class attribute of a generated subclass that names the class it stands in for.
 _ORIGINAL_ATTR = "_mlxterp_original_class"
 
-_probed_classes: dict[type, type] = {}
+_CONTAINERS = (dict, list, tuple)
+_probed_classes: dict[Callable, dict[type, type]] = {}  # make_call -> class -> probed class
 
 
 def walk_modules(root: nn.Module, prefix: str = "model") -> list[tuple[str, nn.Module]]:
@@ -34,11 +36,10 @@ def walk_modules(root: nn.Module, prefix: str = "model") -> list[tuple[str, nn.M
     """
     found: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
+    array, module_type = mx.array, nn.Module
 
     def visit(value: Any, path: str) -> None:
-        # only containers can hold modules: parameters (arrays) and settings are skipped here,
-        # not in a call per leaf
-        if isinstance(value, nn.Module):
+        if isinstance(value, module_type):
             if id(value) in seen:
                 return
             seen.add(id(value))
@@ -49,38 +50,46 @@ def walk_modules(root: nn.Module, prefix: str = "model") -> list[tuple[str, nn.M
         else:
             children = enumerate(value)
         for key, child in children:
-            if isinstance(child, (dict, list, tuple)):  # nn.Module is a dict
-                visit(child, f"{path}.{key}")
+            # only containers (nn.Module is a dict) can hold modules; most leaves are
+            # parameters, skipped by the cheapest test first
+            if type(child) is not array and isinstance(child, _CONTAINERS):
+                visit(child, path + "." + str(key))
 
     visit(root, prefix)
     visit = None  # noqa: F841 (the closure refers to itself: break the cycle, free it now)
     return found
 
 
-def _probed_class(cls: type) -> type:
-    """The generated subclass of ``cls`` whose ``__call__`` consults the instance's probe."""
-    probed = _probed_classes.get(cls)
-    if probed is not None:
-        return probed
-    original_call = cls.__call__
+def consult_probe(original_call: Callable) -> Callable:
+    """The probed classes' ``__call__``: hand the call to the instance's probe, or behave
+    exactly like the original when it has none (installed but idle)."""
 
     def __call__(self, *args, **kwargs):
         probe = self.__dict__.get(_PROBE_ATTR)
-        if probe is None:  # installed but idle: behave exactly like the original
+        if probe is None:
             return original_call(self, *args, **kwargs)
         return probe(original_call, self, args, kwargs)
 
+    return __call__
+
+
+def _probed_class(cls: type, make_call: Callable[[Callable], Callable] = consult_probe) -> type:
+    """The generated subclass of ``cls`` whose ``__call__`` is ``make_call(cls.__call__)``."""
+    classes = _probed_classes.setdefault(make_call, {})
+    probed = classes.get(cls)
+    if probed is not None:
+        return probed
     probed = type(
         cls.__name__,
         (cls,),
         {
-            "__call__": __call__,
+            "__call__": make_call(cls.__call__),
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             _ORIGINAL_ATTR: cls,
         },
     )
-    _probed_classes[cls] = probed
+    classes[cls] = probed
     return probed
 
 
@@ -97,29 +106,37 @@ class probes_installed:  # noqa: N801 (used as a context manager, like contextli
     A probe of ``None`` installs an idle probe (the generated class, no recording), which is
     how tests show that probing alone changes nothing. Restoration runs whatever happens in
     the block, so an exception never leaves a probe behind.
+
+    ``make_call``: how the generated classes' ``__call__`` is made from the original's; by
+    default it calls the probe (:func:`consult_probe`). Another one may run what a probe
+    would, itself, with whatever it finds as the instance's probe (one Python call less per
+    module call, where a trace probes every module).
     """
 
-    __slots__ = ("_targets", "_installed")
+    __slots__ = ("_targets", "_installed", "_classes", "_make_call")
 
-    def __init__(self, targets: list[tuple[nn.Module, Probe | None]]):
+    def __init__(self, targets: list[tuple[nn.Module, Any]], make_call: Callable[[Callable], Callable] = consult_probe):
         self._targets = targets
+        self._make_call = make_call
+        self._classes = _probed_classes.setdefault(make_call, {})
         # (module, its class before): one dict lookup per module on the way in, none on the
         # way out; a trace of every module installs a few hundred of these
         self._installed: list[tuple[nn.Module, type]] = []
 
     def __enter__(self) -> None:
         installed = self._installed
+        classes = self._classes
         try:
             for module, probe in self._targets:
                 cls = type(module)
-                probed = _probed_classes.get(cls)
+                probed = classes.get(cls)
                 if probed is None:
                     if _ORIGINAL_ATTR in cls.__dict__:
                         raise TraceError(
                             f"{cls.__name__} is already probed: a trace is running on this "
                             "model (traces cannot start inside an intervention of another trace)."
                         )
-                    probed = _probed_class(cls)
+                    probed = _probed_class(cls, self._make_call)
                 # object.__setattr__: nn.Module.__setattr__ would type-check every assignment
                 object.__setattr__(module, "__class__", probed)
                 installed.append((module, cls))

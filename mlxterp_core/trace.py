@@ -40,7 +40,7 @@ from .errors import InterventionError, TraceError, UnknownNameError, did_you_mea
 from .inputs import ModelInputs
 from .interventions import Intervention
 from .names import is_raw
-from .probes import probes_installed, walk_modules
+from .probes import _PROBE_ATTR, probes_installed, walk_modules
 from .splice import Splices, dotted, splice_list
 
 if TYPE_CHECKING:
@@ -216,61 +216,39 @@ class _Probe:
         return out
 
 
-class _RecordingProbe(_Probe):
-    """The probe of a trace that records everything and changes nothing: the same records as
-    _Probe, without its per-site checks (it runs on every module of the model)."""
+def _recording_call(original_call: Callable) -> Callable:
+    """The probed ``__call__`` of a trace that records and changes nothing (no interventions,
+    no patterns, no globs among the capture entries): the same records as _Probe, made here
+    rather than in a probe's own call, and for a module's first call (most calls) without
+    asking the recorder what is wanted. The instance's probe is ``(recorder, path, input
+    site, whether the first call's input is wanted, whether its output is)``."""
 
-    __slots__ = ()
-
-    def __call__(self, call, module, args, kwargs):
-        recorder = self.recorder
+    def __call__(self, *args, **kwargs):
+        probe = self.__dict__.get(_PROBE_ATTR)
+        if probe is None:
+            return original_call(self, *args, **kwargs)
+        recorder, path, input_site, wants_input, wants_output = probe
         calls = recorder.calls
-        if self.path in calls:
-            site, input_site = self._sites(calls)
-        else:  # the first call, as most are: no string is built
-            calls[self.path] = 0
-            site, input_site = self.path, self.input_site
-        recorded = recorder.recorded
-        if args and isinstance(args[0], mx.array):
-            recorded[input_site] = snapshot(args[0])
-        out = call(module, *args, **kwargs)
-        if isinstance(out, mx.array):
-            recorded[site] = snapshot(out)
-        elif isinstance(out, tuple) and out and isinstance(out[0], mx.array):
-            recorded[site] = snapshot(out[0])
-        return out
-
-
-class _CapturingProbe(_Probe):
-    """The probe of a trace that records exact names and changes nothing: whether its first
-    call's input and output are wanted is known when it is made, so that call records them
-    without asking the recorder. The same records as _Probe; later calls (``path#1`` ...) go
-    through _Probe."""
-
-    __slots__ = ("wants_input", "wants_output")
-
-    def __init__(self, recorder: Recorder, path: str):
-        super().__init__(recorder, path)
-        exact = recorder.capture.exact
-        self.wants_input = self.input_site in exact
-        self.wants_output = path in exact
-
-    def __call__(self, call, module, args, kwargs):
-        recorder = self.recorder
-        calls = recorder.calls
-        path = self.path
-        if path in calls:
-            return _Probe.__call__(self, call, module, args, kwargs)
-        calls[path] = 0
-        if self.wants_input and args and isinstance(args[0], mx.array):
-            recorder.recorded[self.input_site] = snapshot(args[0])
-        out = call(module, *args, **kwargs)
-        if self.wants_output:
+        if path in calls:  # a later call: path#1, path#2 ...
+            k = calls[path] = calls[path] + 1
+            site = f"{path}#{k}"
+            input_site = site + INPUT_PORT
+            if recorder.capture is not None:
+                wants_input, wants_output = input_site in recorder.capture, site in recorder.capture
+        else:
+            calls[path] = 0
+            site = path
+        if wants_input and args and isinstance(args[0], mx.array):
+            recorder.recorded[input_site] = snapshot(args[0])
+        out = original_call(self, *args, **kwargs)
+        if wants_output:
             if isinstance(out, mx.array):
-                recorder.recorded[path] = snapshot(out)
+                recorder.recorded[site] = snapshot(out)
             elif isinstance(out, tuple) and out and isinstance(out[0], mx.array):
-                recorder.recorded[path] = snapshot(out[0])
+                recorder.recorded[site] = snapshot(out[0])
         return out
+
+    return __call__
 
 
 class Recorder:
@@ -486,13 +464,17 @@ class Hooks:
 
     def __enter__(self) -> Hooks:
         recorder = self._recorder
-        probe = _Probe
-        if not (self._edits or recorder.pattern_paths):  # records, changes nothing
-            if recorder.capture is None:
-                probe = _RecordingProbe
-            elif not recorder.capture.globs:
-                probe = _CapturingProbe
-        probes = probes_installed([(m, probe(recorder, p)) for p, m in self._probed])
+        capture = recorder.capture
+        if not (self._edits or recorder.pattern_paths) and (capture is None or not capture.globs):
+            # records, changes nothing: the lean probes of _recording_call
+            if capture is None:
+                targets = [(m, (recorder, p, p + INPUT_PORT, True, True)) for p, m in self._probed]
+            else:
+                exact = capture.exact
+                targets = [(m, (recorder, p, p + INPUT_PORT, p + INPUT_PORT in exact, p in exact)) for p, m in self._probed]
+            probes = probes_installed(targets, make_call=_recording_call)
+        else:
+            probes = probes_installed([(m, _Probe(recorder, p)) for p, m in self._probed])
         stack = ExitStack()
         try:
             if self._pattern_modules:
