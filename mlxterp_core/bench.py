@@ -117,7 +117,7 @@ def trace_overhead(repeats: int = 5, tokens: int = 32, **shape) -> dict[str, flo
     return median_times(cases, repeats)
 
 
-def trace_python_cost(repeats: int = 200, layers: int = 16, tokens: int = 4) -> dict[str, float]:
+def trace_python_cost(repeats: int = 200, layers: int = 16, tokens: int = 4, wrap=None) -> dict[str, float]:
     """Seconds per call: building the plain forward's graph (``plain``), and what each trace
     adds to it (medians over rounds of the trace's time minus the plain forward's in the same
     round; cases shuffled each round).
@@ -128,7 +128,8 @@ def trace_python_cost(repeats: int = 200, layers: int = 16, tokens: int = 4) -> 
     large and noisy. Times are this thread's CPU time (``time.thread_time``: with nothing
     evaluated, all the work is on this thread), so time lost to other processes on a shared
     machine is not counted. Traces capture ``capture=[]`` (nothing), the ``layers`` layer
-    outputs by raw and by standard names, and everything.
+    outputs by raw and by standard names, and everything. ``wrap``: the class that wraps the
+    module (default InterpretableModel; another version's, to compare versions in one run).
     """
     import random
 
@@ -136,15 +137,15 @@ def trace_python_cost(repeats: int = 200, layers: int = 16, tokens: int = 4) -> 
 
     module = random_llama(hidden_size=64, num_hidden_layers=layers, intermediate_size=128,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    model = InterpretableModel(module)
+    model = (wrap or InterpretableModel)(module)
     ids = mx.arange(1, 1 + tokens)[None]
     raw = [f"model.model.layers.{i}" for i in range(layers)]
     standard = [f"layers.{i}.output" for i in range(layers)]
     cases = {
         "plain": lambda: module(ids),
         "capture nothing": lambda: model.run(ids, capture=[]),
-        "residual stream (raw names)": lambda: model.run(ids, capture=raw),
-        "residual stream (standard names)": lambda: model.run(ids, capture=standard),
+        "residual stream, raw names": lambda: model.run(ids, capture=raw),
+        "residual stream, standard": lambda: model.run(ids, capture=standard),
         "everything": lambda: model.run(ids),
     }
     reference = module(ids)
@@ -365,14 +366,14 @@ def w2_traces(repeats: int = 5) -> list[Row]:
 
 
 def trace_python_rows(repeats: int = 5) -> list[Row]:
-    """``trace-python``: per-trace Python of :func:`trace_python_cost`, 16 layers."""
+    """``trace-python``: per-trace Python of :func:`trace_python_cost` (16 layers)."""
     costs = trace_python_cost(repeats=max(100, 40 * repeats))
     plain = costs.pop("plain")
     rows = []
     for name, added in costs.items():
-        figure = f"+{added * 1e3:.3f} ms per trace = {added / plain:.3f}x the plain graph ({_ms(plain)})"
+        figure = f"+{added * 1e3:.3f} ms a trace = {added / plain:.3f}x the plain graph ({_ms(plain)})"
         values = {"added_s": added, "plain_graph_s": plain, "ratio": added / plain}
-        rows.append(Row(f"trace Python, {name} (16 layers)", figure, "- (GPU: W2)", None, values))
+        rows.append(Row(f"trace Python, {name}", figure, "- (GPU: W2)", None, values))
     return rows
 
 

@@ -37,3 +37,13 @@ def test_unknown_rows_are_a_clear_error(capsys):
 
     assert main(["bench", "--rows", "W0"]) == 2
     assert "unknown benchmark rows ['W0']" in capsys.readouterr().err
+
+
+def test_trace_python_cost_runs_and_gives_mx_eval_back():
+    import mlx.core as mx
+
+    evaluate = mx.eval
+    costs = bench.trace_python_cost(repeats=3, layers=2)
+    assert mx.eval is evaluate
+    assert list(costs) == ["plain", "capture nothing", "residual stream, raw names", "residual stream, standard", "everything"]
+    assert costs["plain"] > 0
