@@ -127,10 +127,21 @@ def trace_python_cost(repeats: int = 200, layers: int = 16, tokens: int = 4, wra
     resolving names) and not MLX's evaluation, whose cost per operation on a loaded CPU is
     large and noisy. Times are this thread's CPU time (``time.thread_time``: with nothing
     evaluated, all the work is on this thread), so time lost to other processes on a shared
-    machine is not counted. Traces capture ``capture=[]`` (nothing), the ``layers`` layer
-    outputs by raw and by standard names, and everything. ``wrap``: the class that wraps the
-    module (default InterpretableModel; another version's, to compare versions in one run).
+    machine is not counted. It runs on MLX's CPU device whatever the default (on CUDA the
+    token-id check waits for two reductions, which is not Python). Traces capture
+    ``capture=[]`` (nothing), the ``layers`` layer outputs by raw and by standard names, and
+    everything. ``wrap``: the class that wraps the module (default InterpretableModel;
+    another version's, to compare versions in one run).
     """
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        return _trace_python_cost(repeats, layers, tokens, wrap)
+    finally:
+        mx.set_default_device(device)
+
+
+def _trace_python_cost(repeats: int, layers: int, tokens: int, wrap) -> dict[str, float]:
     import random
 
     from .model import InterpretableModel
