@@ -637,6 +637,8 @@ def _cached_names(hooks: Hooks) -> tuple[list[str] | None, dict[str, str], dict[
     checked against the model's current architecture. The result is shared: never mutate it."""
     model = hooks._model
     given = hooks._capture_given
+    if given is not None and not isinstance(given, (list, tuple)):
+        return hooks._resolve_names()  # an iterator can be read once: remember nothing
     key = (None if given is None else tuple(given), tuple(hooks._interventions))
     try:
         hash(key)
