@@ -29,6 +29,8 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
     options = dict(architecture="topk", d_sae=d_sae, k=k, n_tokens=n_tokens, batch_size=batch_size,
                    buffer_tokens=batch_size, context_size=context_size, forward_batch=forward_batch, progress=False)
     windows = list(token_windows(model, texts, context_size, batch_size=forward_batch, max_tokens=n_tokens))
+    mx.eval(model.model(windows[0].inputs))  # warm-up: kernels compiled, buffers allocated
+    train_sae(model, four, texts, **{**options, "n_tokens": batch_size})
     start = time.perf_counter()
     for w in windows:
         mx.eval(model.model(w.inputs))
