@@ -29,15 +29,12 @@ import argparse
 import importlib.metadata
 import json
 import platform
-import random
-import statistics
-import time
 
 import mlx.core as mx
 
 import mlxterp  # noqa: F401  (before anything else touches mlx's BLAS; see mlxterp_core.blas)
 from mlxterp import InterpretableModel
-from mlxterp_core.bench import random_llama
+from mlxterp_core.bench import median_times, random_llama
 
 LLAMA_3_2_1B = dict(
     hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
@@ -136,17 +133,7 @@ def main() -> None:
     peers, card = torch_cases(batches)
     cases.update(peers)
 
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    order = random.Random(0)
-    for round_ in range(args.rounds + 2):
-        names = list(cases)
-        order.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            cases[name]()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    medians = median_times(cases, args.rounds, warmup=2)
 
     print(f"device: {mx.default_device()}, card: {card}, mlx {_version('mlx')}, mlx-lm {_version('mlx-lm')}, "
           f"torch {_version('torch')}, transformers {_version('transformers')}, nnsight {_version('nnsight')}")

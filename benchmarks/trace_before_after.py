@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 
 import mlxterp  # noqa: F401  (first: see mlxterp_core.blas)
-from mlxterp_core.bench import random_llama, trace_python_cost
+from mlxterp_core.bench import median_times, random_llama, trace_python_cost
 from mlxterp_core.model import InterpretableModel
 
 from gpu_trace import LLAMA_3_2_1B
@@ -65,17 +62,7 @@ def main() -> None:
         assert list(old.activations) == list(new.activations), what
         for name, value in old.activations.items():
             assert mx.array_equal(value, new.activations[name]).item(), (what, name)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    order = random.Random(0)
-    for round_ in range(args.rounds + 2):
-        names = list(cases)
-        order.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            cases[name]()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    medians = median_times(cases, args.rounds, warmup=2)
     print(f"device {mx.default_device()}, T = {args.tokens}, medians of {args.rounds} rounds: ms (ratio to plain)")
     rows = []
     for b in args.batches:
