@@ -170,14 +170,7 @@ def logit_lens(
     name = token_namer(model)
     rows = prediction_rows(np.concatenate(ids_parts), np.concatenate(probs_parts), name)
     predictions = dict(zip(layers, rows))
-    result = LogitLensResult(
-        text=text if isinstance(text, str) else ids_text(model, token_ids),
-        tokens=[name(t) for t in token_ids],
-        token_ids=token_ids,
-        layers=layers,
-        predictions=predictions,
-        top_k=top_k,
-    )
+    result = LogitLensResult(**lens_fields(model, text, token_ids, layers, predictions, top_k, name))
     if plot:
         result.plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize)
     return result
@@ -192,6 +185,18 @@ def layers_per_chunk(model, hidden: mx.array) -> int:
 def token_namer(model):
     """``token_text`` of the model's tokenizer, remembered per token id."""
     return functools.lru_cache(maxsize=None)(lambda token: token_text(model, token))
+
+
+def lens_fields(model, text, token_ids: list[int], layers: list[int], predictions: dict, top_k: int, name) -> dict:
+    """The fields every lens result (LogitLensResult and its subclasses) takes, by keyword."""
+    return dict(
+        text=text if isinstance(text, str) else ids_text(model, token_ids),
+        tokens=[name(t) for t in token_ids],
+        token_ids=token_ids,
+        layers=layers,
+        predictions=predictions,
+        top_k=top_k,
+    )
 
 
 def prediction_rows(ids, probs, name) -> list[list[list[tuple[int, float, str]]]]:

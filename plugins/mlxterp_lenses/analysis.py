@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxterp_analyses.lens import layers_per_chunk, prediction_rows, project, token_namer, top_of_logits
-from mlxterp_analyses.text import ids_text
+from mlxterp_analyses.lens import layers_per_chunk, lens_fields, prediction_rows, project, token_namer, top_of_logits
 from mlxterp_core.errors import InputError
 
 from .lens import TunedLens, log_softmax
@@ -62,17 +61,8 @@ def tuned_lens(
         predictions.update(zip(part_layers, prediction_rows(ids, probs, name)))
         for k, layer in enumerate(part_layers):
             kl[layer], entropy[layer], rank[layer] = part_kl[k].tolist(), part_entropy[k].tolist(), part_rank[k].tolist()
-    result = TunedLensResult(
-        text=text if isinstance(text, str) else ids_text(model, token_ids),
-        tokens=[name(t) for t in token_ids],
-        token_ids=token_ids,
-        layers=layers,
-        predictions=predictions,
-        top_k=top_k,
-        kl=kl,
-        entropy=entropy,
-        final_rank=rank,
-    )
+    result = TunedLensResult(**lens_fields(model, text, token_ids, layers, predictions, top_k, name),
+                             kl=kl, entropy=entropy, final_rank=rank)
     if plot:
         result.plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize)
     return result
