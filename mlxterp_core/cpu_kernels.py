@@ -40,6 +40,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .probes import stand_in
+
 _TANH_CLAMP = 7.90531110763549805  # tanh(x) rounds to +-1 in float32 beyond this
 _TANH_NUMERATOR = (  # odd coefficients, x^1 .. x^13
     4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
@@ -261,12 +263,7 @@ def _fast_class(cls: type, names: tuple[str, ...]) -> type:
         fast_call = types.FunctionType(call.__code__, scope, call.__name__, call.__defaults__, call.__closure__)
         fast_call.__kwdefaults__ = call.__kwdefaults__
         fast_call.__qualname__ = call.__qualname__
-        fast = type(cls.__name__, (cls,), {
-            "__call__": fast_call,
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            _ORIGINAL_ATTR: cls,
-        })
+        fast = stand_in(cls, fast_call, _ORIGINAL_ATTR)
         _fast_classes[cls] = fast
     return fast
 

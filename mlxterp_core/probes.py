@@ -79,18 +79,21 @@ def _probed_class(cls: type, make_call: Callable[[Callable], Callable] = consult
     probed = classes.get(cls)
     if probed is not None:
         return probed
-    probed = type(
-        cls.__name__,
-        (cls,),
-        {
-            "__call__": make_call(cls.__call__),
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            _ORIGINAL_ATTR: cls,
-        },
-    )
+    probed = stand_in(cls, make_call(cls.__call__), _ORIGINAL_ATTR)
     classes[cls] = probed
     return probed
+
+
+def stand_in(cls: type, call: Callable, marker: str) -> type:
+    """A subclass of ``cls`` that looks like it (name, module, qualified name) and differs only
+    in its ``__call__``; the class attribute ``marker`` names ``cls``, so an instance swapped
+    to it can be swapped back (``object.__setattr__(module, "__class__", ...)``)."""
+    return type(cls.__name__, (cls,), {
+        "__call__": call,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        marker: cls,
+    })
 
 
 def is_probed(module: nn.Module) -> bool:
