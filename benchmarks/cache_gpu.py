@@ -34,6 +34,9 @@ class ByteTokenizer:
     bos_token_id = 256
     eos_token_id = 257
 
+    def __init__(self, vocab_size: int = SMOLLM2_135M_SHAPE["vocab_size"]):
+        self.vocab_size = vocab_size
+
     def encode(self, text):
         return list(text.encode("utf-8"))
 
@@ -41,7 +44,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
     def __len__(self):
-        return SMOLLM2_135M_SHAPE["vocab_size"]
+        return self.vocab_size
 
 
 def model_for_bench():

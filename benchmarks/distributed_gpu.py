@@ -28,49 +28,28 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA_3_2_1B = dict(
-    model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-    num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
-    head_dim=64,
-)
+# this folder is on sys.path: the other benchmarks' stand-in tokenizer and model shape
+from cache_gpu import ByteTokenizer
+from gpu_trace import LLAMA_3_2_1B
+
 TINY = dict(
-    model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
+    hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
     num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512, rope_theta=10000.0, tie_word_embeddings=True,
 )
 CLEAN = list(b"The Eiffel Tower is in the city of")  # byte ids, the same count: positions correspond
 CORRUPTED = list(b"The Colosseum!!! is in the city of")
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids, with a BOS and an EOS (no download)."""
-
-    bos_token_id = 256
-    eos_token_id = 257
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
-
-    def __len__(self):
-        return self.vocab_size
-
-
 def worker(args) -> None:
     import mlx.core as mx
-    from mlx_lm.models import llama
 
     import mlxterp
+    from mlxterp_core.bench import random_llama
     from mlxterp_core.corpus import default_corpus
 
     group = mx.distributed.init()
     shape = LLAMA_3_2_1B if args.shape == "1b" else TINY
-    mx.random.seed(0)  # every rank builds the same weights
-    module = llama.Model(llama.ModelArgs(**shape))
+    module = random_llama(**shape)  # seeded: every rank builds the same weights
     module.set_dtype(mx.bfloat16 if args.dtype == "bfloat16" else mx.float32)
     mx.eval(module.parameters())
     model = mlxterp.InterpretableModel(module, tokenizer=ByteTokenizer(shape["vocab_size"]))
