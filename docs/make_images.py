@@ -23,7 +23,7 @@ def view_screenshots(model) -> None:
     """Each HTML view as the browser shows it, after a hover (docs/guide/views.md)."""
     from playwright.sync_api import sync_playwright
 
-    from mlxterp_analyses.views import token_heatmap_html, write_html
+    from mlxterp_core.views import token_heatmap_html, write_html
 
     sentiment = model.steering_vector(["I love this. It is wonderful."], ["I hate this. It is awful."], layer=14)
     text = "What a wonderful day, but the food was awful."

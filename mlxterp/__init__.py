@@ -25,7 +25,6 @@ from mlxterp_core.errors import (
 from mlxterp_core.load import default_model_path, load
 from mlxterp_core.model import InterpretableModel
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
-from mlxterp_saes import SAE, load_sae, train_sae  # the SAE plugin's public names
 
 __all__ = [
     "InterpretableModel",
@@ -56,11 +55,8 @@ __all__ = [
     "token_windows",
     "default_corpus",
     "Windows",
-    "SAE",
-    "load_sae",
     "ActivationDataset",
     "DatasetError",
-    "train_sae",
 ]
 
 
@@ -74,3 +70,10 @@ def __getattr__(name: str):
     if name in found:
         return found[name]
     raise AttributeError(f"module 'mlxterp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, plugins' exports included (tab completion: ``mlxterp.TunedLens``)."""
+    from mlxterp_core.plugins import exports
+
+    return sorted({*globals(), *exports()})

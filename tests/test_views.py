@@ -13,7 +13,8 @@ from helpers import tiny_llama
 
 import mlxterp_analyses
 from mlxterp import InterpretableModel, interventions as iv
-from mlxterp_analyses import results, views
+from mlxterp_analyses import results
+from mlxterp_core import views
 
 CLEAN = [5, 17, 3, 42, 9, 77, 1, 30]
 CORRUPTED = [5, 17, 8, 61, 9, 77, 1, 30]

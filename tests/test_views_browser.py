@@ -18,7 +18,7 @@ import pytest
 from helpers import tiny_llama
 
 from mlxterp import InterpretableModel
-from mlxterp_analyses import views
+from mlxterp_core import views
 
 CHROMIUM = Path(os.environ.get("MLXTERP_CHROMIUM", "/usr/bin/chromium"))
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

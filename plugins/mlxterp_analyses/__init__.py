@@ -7,7 +7,7 @@ and the architecture schema only, never one family's module paths.
 
 from __future__ import annotations
 
-from mlxterp_core.hookspecs import hookimpl
+from mlxterp.plugin import hookimpl
 
 from .attribution import attribution_patching
 from .decomposition import accumulated_resid, decompose_resid, direct_logit_attribution

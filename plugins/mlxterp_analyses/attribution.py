@@ -16,13 +16,13 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp_core import options
-from mlxterp_core.distributed import map_rows
-from mlxterp_core.trace import Hooks
+from mlxterp.plugin import options
+from mlxterp.plugin import map_rows
+from mlxterp.plugin import Hooks
 
 from .patching import COMPONENTS, PatchingError, _aligned, compare
 from .results import AttributionResult
-from .text import token_text
+from mlxterp.plugin import token_text
 
 ALL_COMPONENTS = ("resid", "attn", "mlp", "heads")
 

@@ -27,9 +27,9 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
-from mlxterp_core.architecture import read_attribute
-from mlxterp_core.probes import probes_installed
-from mlxterp_core.trace import Activations, Hooks
+from mlxterp.plugin import read_attribute
+from mlxterp.plugin import probes_installed
+from mlxterp.plugin import Activations, Hooks
 
 
 class CannotReuse(Exception):

@@ -22,13 +22,13 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp_core import options
-from mlxterp_core.architecture import read_attribute
-from mlxterp_core.errors import MlxterpError
+from mlxterp.plugin import options
+from mlxterp.plugin import read_attribute
+from mlxterp.plugin import MlxterpError
 
 from .patching import _token
 from .results import DLAResult, ResidComponents
-from .text import ids_text, token_ids, token_text
+from mlxterp.plugin import ids_text, token_ids, token_text
 
 
 def frozen_norm(norm: Callable[[mx.array], mx.array], x: mx.array) -> tuple[Callable[[mx.array], mx.array], mx.array]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxterp_core import options
+from mlxterp.plugin import options
 
 from .results import AttentionLayers, AttentionPatterns
-from .text import ids_text, token_ids, token_text
+from mlxterp.plugin import ids_text, token_ids, token_text
 
 
 def attention_patterns(model, text, layer, heads: list[int] | None = None) -> AttentionPatterns | AttentionLayers:

@@ -18,13 +18,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxterp_core.backend import on_cpu
+from mlxterp.plugin import on_cpu
 
-from mlxterp_core import options
+from mlxterp.plugin import options
 
 from .results import LogitLensResult
-from .text import ids_text, token_text
-from .text import token_ids as prompt_ids
+from mlxterp.plugin import ids_text, token_text
+from mlxterp.plugin import token_ids as prompt_ids
 
 MEMORY_BUDGET = 512 * 2**20  # bytes of float32 logits per chunk of layers
 
@@ -218,7 +218,7 @@ def _stop(x: mx.array) -> mx.array:
 def layer_outputs(model, token_ids: list[int], layers: list[int]) -> list[mx.array]:
     """``layers[i].output`` (1, T, D) for each i in ``layers``, evaluated, from one forward
     pass stopped at the final norm (the model's own unembedding is not computed)."""
-    from mlxterp_core.trace import Activations, Hooks
+    from mlxterp.plugin import Activations, Hooks
 
     names = [f"layers.{i}.output" for i in layers]
     with Hooks(model, {"ln_final": _stop}, capture=names) as hooks:
@@ -238,7 +238,7 @@ def _vocab_size(model, resid: mx.array) -> int:
 
 def _width(model) -> int | None:
     """The residual stream's width, from the final norm's weight (None where it has none)."""
-    from mlxterp_core.architecture import read_attribute
+    from mlxterp.plugin import read_attribute
 
     arch = model.architecture_or_raise("the logit lens")
     weight = getattr(read_attribute(arch.root, arch.schema.final_norm), "weight", None)

@@ -23,14 +23,14 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
-from mlxterp_core import options
-from mlxterp_core.distributed import map_rows
-from mlxterp_core.errors import MlxterpError
-from mlxterp_core.progress import progress_bar
+from mlxterp.plugin import options
+from mlxterp.plugin import map_rows
+from mlxterp.plugin import MlxterpError
+from mlxterp.plugin import progress_bar
 
 from .causal import CannotReuse, CorruptedRun, Row, check_control, rows_per_batch, run_rows, start_batches
 from .results import PatchingResult
-from .text import ids_text, token_ids, token_text
+from mlxterp.plugin import ids_text, token_ids, token_text
 
 COMPONENTS = {
     "mlp": "mlp",

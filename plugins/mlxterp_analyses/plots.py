@@ -10,46 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlxterp.plugin import finish, pyplot, token_label
+
 if TYPE_CHECKING:
     from .results import AttentionPatterns, DLAResult, LogitLensResult, PatchingResult, ResidComponents, SteeringVector
 
 
-def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg",) and not _display_available():
-        matplotlib.use("Agg")  # no screen: draw to files
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _display_available() -> bool:
-    import os
-    import sys
-
-    return "ipykernel" in sys.modules or sys.platform == "darwin" or bool(os.environ.get("DISPLAY"))
-
-
-def _finish(fig, path: str | Path | None):
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        _pyplot().close(fig)
-    return fig
-
-
-def _label(text: str, width: int = 10) -> str:
-    """A token as a readable label: whitespace-only tokens shown quoted, '$' escaped for mathtext."""
-    shown = repr(text) if not text.strip() else text.replace("\n", "\\n")
-    shown = shown.replace("$", r"\$")
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
-
-
 def lens_heatmap(result: LogitLensResult, path, max_display_tokens: int, figsize):
     """Layers x positions; each cell shows the top predicted token, coloured by its probability."""
-    plt = _pyplot()
+    plt = pyplot()
     positions = list(range(len(result.tokens)))[-max_display_tokens:]
     layers = result.layers
     probs = [[result[layer][p][0][1] for p in positions] for layer in layers]
@@ -58,22 +27,22 @@ def lens_heatmap(result: LogitLensResult, path, max_display_tokens: int, figsize
     for i, layer in enumerate(layers):
         for j, p in enumerate(positions):
             token_id, prob, text = result[layer][p][0]
-            ax.text(j, i, _label(text, 9), ha="center", va="center", fontsize=7,
+            ax.text(j, i, token_label(text, 9), ha="center", va="center", fontsize=7,
                     color="white" if prob < 0.6 else "black")
     ax.set_xticks(range(len(positions)))
-    ax.set_xticklabels([_label(result.tokens[p], 12) for p in positions], rotation=45, ha="right")
+    ax.set_xticklabels([token_label(result.tokens[p], 12) for p in positions], rotation=45, ha="right")
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([str(layer) for layer in layers])
     ax.set_xlabel("input token (position)")
     ax.set_ylabel("layer")
     ax.set_title(f"Logit lens: top prediction after each layer\n{result.text!r}")
     fig.colorbar(image, ax=ax, label="probability of the top token")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def patching_plot(result: PatchingResult, path, figsize):
     """A bar per layer, or a layers x positions/heads heatmap, of recovery (%)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     title = (f"Activation patching of {result.component}: clean {result.clean_answer!r} vs "
              f"corrupted {result.corrupted_answer!r}")
@@ -89,19 +58,19 @@ def patching_plot(result: PatchingResult, path, figsize):
         bound = max(100.0, max(abs(v) for row in result.recovery for v in row))
         image = ax.imshow(result.recovery, aspect="auto", cmap="RdBu", vmin=-bound, vmax=bound, origin="lower")
         ax.set_xticks(range(len(result.labels)))
-        ax.set_xticklabels([_label(t, 12) for t in result.labels], rotation=45, ha="right")
+        ax.set_xticklabels([token_label(t, 12) for t in result.labels], rotation=45, ha="right")
         ax.set_yticks(range(len(result.layers)))
         ax.set_yticklabels([str(layer) for layer in result.layers])
         ax.set_xlabel("corrupted-prompt token (position)" if result.axis == "position" else "head")
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, label="recovery (%)")
     ax.set_title(f"{title}\n{result.corrupted_text!r}")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def steering_plot(result: SteeringVector, path, figsize):
     """Each prompt's projection onto the (unit) steering vector."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     ax.scatter(result.positive_projections, [1] * len(result.positive_projections), label="positive", color="tab:green")
     ax.scatter(result.negative_projections, [0] * len(result.negative_projections), label="negative", color="tab:red")
@@ -110,15 +79,15 @@ def steering_plot(result: SteeringVector, path, figsize):
     ax.set_xlabel(f"projection on the steering vector at {result.name} ({result.position} position)")
     ax.set_title(f"Steering vector, norm {result.norm:.1f}")
     ax.legend(loc="best")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def attention_plot(result: AttentionPatterns, path, columns: int, cell: float):
     """One heatmap per head, query tokens down the side, key tokens along the bottom."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = -(-len(result.heads) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(cell * columns, cell * rows), squeeze=False)
-    labels = [_label(t, 10) for t in result.tokens]
+    labels = [token_label(t, 10) for t in result.tokens]
     for k, ax in enumerate(axes.flat):
         if k >= len(result.heads):
             ax.axis("off")
@@ -131,12 +100,12 @@ def attention_plot(result: AttentionPatterns, path, columns: int, cell: float):
         ax.set_yticklabels(labels, fontsize=7)
     fig.suptitle(f"Attention patterns (rows attend to columns)\n{result.text!r}")
     fig.tight_layout()
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def dla_plot(result: DLAResult, path, figsize):
     """Per-layer attention and MLP contributions as bars, and per-head contributions as a heatmap."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = 2 if result.n_heads else 1
     fig, axes = plt.subplots(1, panels, figsize=figsize, squeeze=False)
     layers = sorted({int(lab[1:].split(" ")[0].split("H")[0]) for lab in result.labels if lab.startswith("L")})
@@ -161,12 +130,12 @@ def dla_plot(result: DLAResult, path, figsize):
         axes[0][1].set_title("per head")
         fig.colorbar(image, ax=axes[0][1])
     fig.tight_layout()
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def resid_norms_plot(result: ResidComponents, path, position: int, figsize):
     """The norm of each component (or of the accumulated stream) at one position."""
-    plt = _pyplot()
+    plt = pyplot()
     import mlx.core as mx
 
     norms = mx.linalg.norm(result.array[:, position], axis=-1).tolist()
@@ -177,4 +146,4 @@ def resid_norms_plot(result: ResidComponents, path, position: int, figsize):
     ax.set_ylabel("L2 norm")
     ax.set_title(f"Residual stream, {result.kind}, at {result.tokens[position]!r} ({result.text!r})")
     fig.tight_layout()
-    return _finish(fig, path)
+    return finish(fig, path)

@@ -4,79 +4,13 @@ values, plot themselves with matplotlib, and serialise with cattrs (``to_data`` 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
-import cattrs
 
-from mlxterp_core.errors import FileFormatError
-from mlxterp_core.files import read_json, write_text_atomic
-
-from .views import Display, percent, short
-
-converter = cattrs.Converter()
-KIND_KEY = "mlxterp_result"  # which result class a saved file holds
-T = TypeVar("T", bound="Serialisable")
-
-
-class Serialisable:
-    """``to_data`` (plain dicts and lists), ``save`` (JSON) and ``load`` for attrs results."""
-
-    def to_data(self) -> dict[str, Any]:
-        return converter.unstructure(self)
-
-    @classmethod
-    def from_data(cls: type[T], data: dict[str, Any]) -> T:
-        return converter.structure(data, cls)
-
-    def save(self, path: str | Path) -> Path:
-        """Write JSON (atomically: an interrupted save leaves any earlier file whole)."""
-        data = {KIND_KEY: type(self).__name__, **self.to_data()}
-        return write_text_atomic(path, json.dumps(data, ensure_ascii=False))
-
-    @classmethod
-    def load(cls: type[T], path: str | Path) -> T:
-        """A result saved by ``save``; a file that is not one is a FileFormatError."""
-        expected = f"a {cls.__name__} saved by .save()"
-        data = read_json(path, expected)
-        kind = data.pop(KIND_KEY, cls.__name__)
-        if kind != cls.__name__:
-            raise FileFormatError(f"{path} holds a {kind}, not a {cls.__name__}: load it with {kind}.load().")
-        try:
-            return cls.from_data(data)
-        except Exception as e:  # cattrs' grouped errors: name the fields that do not fit
-            details = "; ".join(cattrs.transform_error(e)) if isinstance(e, cattrs.BaseValidationError) else str(e)
-            raise FileFormatError(f"{path} is not {expected}: {details:.300}") from None
-
-
-class LayerMapping:
-    """Read-only dict-like access by layer (kept out of the class hierarchy of ``Mapping`` so
-    that cattrs still sees an attrs class)."""
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __contains__(self, layer: object) -> bool:
-        return layer in self.layers
-
-    def keys(self) -> list[int]:
-        return list(self.layers)
-
-    def values(self) -> list[Any]:
-        return [self[layer] for layer in self.layers]
-
-    def items(self) -> list[tuple[int, Any]]:
-        return [(layer, self[layer]) for layer in self.layers]
-
-    def get(self, layer: int, default: Any = None) -> Any:
-        return self[layer] if layer in self.layers else default
-
+from mlxterp.plugin import LayerMapping, Serialisable
+from mlxterp.plugin import Display, percent, short
 
 Prediction = tuple[int, float, str]  # (token id, probability, token text)
 
@@ -116,7 +50,7 @@ class LogitLensResult(Display, Serialisable, LayerMapping):
                 f"({percent(100 * final_p)}), top-1 since layer {first}")
 
     def _view(self) -> str:
-        from .views import lens_html
+        from mlxterp.plugin import lens_html
 
         return lens_html(self.tokens, self.layers, [self.predictions[layer] for layer in self.layers],
                          title=f"Logit lens: {self.text}")
@@ -175,7 +109,7 @@ class PatchingResult(Display, Serialisable, LayerMapping):
                 f"top recovery: {top}")
 
     def _view(self) -> str:
-        from .views import heatmap_html
+        from mlxterp.plugin import heatmap_html
 
         subtitle = (f"clean {self.clean_text!r} ({self.clean_answer!r}, {self.metric} {self.clean_metric:.3g}); "
                     f"corrupted {self.corrupted_text!r} ({self.corrupted_answer!r}, {self.corrupted_metric:.3g})")
@@ -344,7 +278,7 @@ class DLAResult(Display, Serialisable):
                 f"{len(self.labels)} components; top: {top}")
 
     def _view(self) -> str:
-        from .views import heatmap_html
+        from mlxterp.plugin import heatmap_html
 
         value = dict(zip(self.labels, self.values))
         layers = sorted({int(label[1:].split(" ")[0].split("H")[0]) for label in self.labels if label[:1] == "L"})
@@ -388,7 +322,7 @@ class AttentionPatterns(Display, Serialisable):
                 f"{self.tokens[query]!r} -> {self.tokens[key]!r} {weight:.2f}")
 
     def _view(self) -> str:
-        from .views import attention_html
+        from mlxterp.plugin import attention_html
 
         return attention_html(self.tokens, [self.patterns], [self.layer], self.heads, title=f"Attention: {self.text}")
 
@@ -423,7 +357,7 @@ class AttentionLayers(Display, Serialisable, LayerMapping):
                 f"{self.tokens[query]!r} -> {self.tokens[key]!r} {weight:.2f}")
 
     def _view(self) -> str:
-        from .views import attention_html
+        from mlxterp.plugin import attention_html
 
         return attention_html(self.tokens, self.patterns, self.layers, self.heads, title=f"Attention: {self.text}")
 
@@ -459,9 +393,9 @@ class SteeringVector(Display, Serialisable):
         """``{name: iv.add_vector(scale * vector)}`` at this vector's site (or the same site of
         other ``layers``), optionally restricted to ``positions``: ready for ``trace`` and
         ``generate``."""
-        from mlxterp_core.interventions import add_vector
+        from mlxterp.plugin import interventions as iv
 
-        edit = add_vector(self.array * scale)
+        edit = iv.add_vector(self.array * scale)
         if positions is not None:
             edit = edit.at(positions=positions)
         sub = self.name.split(".", 2)[2]
@@ -495,7 +429,7 @@ class GenerationResult(Display, Serialisable):
     activations: list[Any] = attrs.field(factory=list, eq=False)
 
     def to_data(self) -> dict[str, Any]:
-        data = converter.unstructure(self)
+        data = super().to_data()
         data.pop("activations")
         return data
 

@@ -14,11 +14,11 @@ from typing import Any, Callable
 import attrs
 import mlx.core as mx
 
-from mlxterp_core import options
-from mlxterp_core.trace import Activations, Hooks
+from mlxterp.plugin import options
+from mlxterp.plugin import Activations, Hooks
 
 from .results import GenerationResult, SteeringVector
-from .text import ids_text, token_ids
+from mlxterp.plugin import ids_text, token_ids
 
 
 def steering_vector(

@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from mlxterp_core.hookspecs import hookimpl
-from mlxterp_core.schema import ArchitectureSchema
+from mlxterp.plugin import hookimpl
+from mlxterp.plugin import ArchitectureSchema
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 

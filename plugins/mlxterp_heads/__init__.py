@@ -10,7 +10,7 @@ suggest.
 
 from __future__ import annotations
 
-from mlxterp_core.hookspecs import hookimpl
+from mlxterp.plugin import hookimpl
 
 from .detection import (
     KINDS,

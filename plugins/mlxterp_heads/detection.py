@@ -34,8 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp_core.errors import InputError
-from mlxterp_core.inputs import prepare
+from mlxterp.plugin import InputError
 
 from .results import HeadScores, InductionLoss
 
@@ -200,7 +199,7 @@ def head_scores(
         lengths = [tokens.shape[1]] * tokens.shape[0]
         source = f"{n_sequences} sequences of {n_tokens} random ordinary tokens x {repeats} (seed {seed}{', BOS first' if bos else ', no BOS'})"
     else:
-        prepared = prepare([text] if isinstance(text, str) else text, model.tokenizer)
+        prepared = model.prepare_inputs([text] if isinstance(text, str) else text)
         tokens, lengths = prepared.array, list(prepared.lengths)
         source = text if isinstance(text, str) else f"{len(lengths)} prompts"
     names = [f"layers.{i}.attn.pattern" for i in layers]
@@ -240,7 +239,7 @@ def induction_loss(
     """Next-token cross-entropy on repeated random tokens, in the first copy and in the repeats,
     with the (layer, head) pairs in ``ablate`` zero-ablated (their ``layers[i].attn.z`` set to
     0). Induction heads make the repeats predictable: ablating them raises the second number."""
-    from mlxterp_core.interventions import zero_out
+    from mlxterp.plugin import interventions as iv
 
     arch = model.architecture_or_raise("the induction loss")
     ablate = [(int(layer), int(head)) for layer, head in (ablate or [])]
@@ -249,7 +248,7 @@ def induction_loss(
         if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
             raise InputError(f"head ({layer}, {head}) does not exist: layers 0..{arch.n_layers - 1}, heads 0..{arch.n_heads - 1}.")
         by_layer.setdefault(layer, []).append(head)
-    edits = {f"layers.{layer}.attn.z": zero_out.at(heads=heads) for layer, heads in by_layer.items()}
+    edits = {f"layers.{layer}.attn.z": iv.zero_out.at(heads=heads) for layer, heads in by_layer.items()}
     tokens = repeated_random_tokens(model, n_tokens, n_sequences, repeats, seed, bos)
     logits = model.run(tokens, interventions=edits, capture=["logits"]).output.astype(mx.float32)
     losses = nn.losses.cross_entropy(logits[:, :-1], tokens[:, 1:]).mean(axis=0)  # (T - 1,): target p + 1
@@ -278,7 +277,7 @@ def _check_kind(kind: str) -> None:
 
 
 def _embedding(model):
-    from mlxterp_core.architecture import read_attribute
+    from mlxterp.plugin import read_attribute
 
     arch = model.architecture_or_raise("random tokens without a tokenizer")
     return read_attribute(model.model, arch.schema.embed)

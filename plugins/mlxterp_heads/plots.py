@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from mlxterp_analyses.plots import _finish, _pyplot
+from mlxterp.plugin import finish, pyplot
 
 
 def head_scores_plot(result, path, figsize):
     """Layers x heads heatmap, the five best heads annotated."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     image = ax.imshow(result.scores, aspect="auto", cmap="viridis", origin="lower")
     for layer, head, value in result.top(5):
@@ -19,4 +19,4 @@ def head_scores_plot(result, path, figsize):
     ax.set_ylabel("layer")
     ax.set_title(f"{result.kind.replace('_', '-')} scores ({result.error_measure})\n{result.source}", fontsize=9)
     fig.colorbar(image, ax=ax, label="score")
-    return _finish(fig, path)
+    return finish(fig, path)

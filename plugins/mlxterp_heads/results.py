@@ -1,4 +1,4 @@
-"""Result objects of head detection (attrs values in the style of mlxterp_analyses.results)."""
+"""Result objects of head detection (attrs values with the kit of mlxterp_core.results)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from mlxterp_analyses.results import Serialisable
+from mlxterp.plugin import Serialisable
 
 
 @attrs.frozen

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from mlxterp_core.hookspecs import hookimpl
+from mlxterp.plugin import hookimpl
 
 from .analysis import tuned_lens
 from .lens import TunedLens, unembed_hash

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp_core.errors import InputError
+from mlxterp.plugin import InputError
 
 WEIGHTS = "params.safetensors"
 REFERENCE_WEIGHTS = "params.pt"

@@ -1,4 +1,4 @@
-"""Result objects of the tuned lens (attrs values in the style of mlxterp_analyses.results)."""
+"""Result objects of the tuned lens (attrs values with the kit of mlxterp_core.results)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import attrs
 
-from mlxterp_analyses.results import LogitLensResult, Serialisable
+from mlxterp_analyses.results import LogitLensResult
+from mlxterp.plugin import Serialisable
 
 
 @attrs.frozen
@@ -27,11 +28,12 @@ class TunedLensResult(LogitLensResult):
         return {layer: sum(row) / len(row) for layer, row in self.kl.items()}
 
     def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
-        from mlxterp_analyses.plots import _finish, lens_heatmap
+        from mlxterp_analyses.plots import lens_heatmap
+        from mlxterp.plugin import finish
 
         fig = lens_heatmap(self, None, max_display_tokens, figsize)
         fig.axes[0].set_title(f"Tuned lens: top prediction after each layer\n{self.text!r}")
-        return _finish(fig, path)
+        return finish(fig, path)
 
 
 @attrs.frozen
@@ -51,9 +53,9 @@ class LensEvaluation(Serialisable):
         return "\n".join(lines)
 
     def plot(self, path: str | Path | None = None, figsize=(9, 5)):
-        from mlxterp_analyses.plots import _finish, _pyplot
+        from mlxterp.plugin import finish, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=figsize)
         ax.plot(self.layers, self.logit_kl, marker="o", label="logit lens")
         ax.plot(self.layers, self.tuned_kl, marker="o", label="tuned lens")
@@ -62,4 +64,4 @@ class LensEvaluation(Serialisable):
         ax.set_yscale("log")
         ax.set_title(f"Held-out KL to the final distribution ({self.n_tokens} tokens)")
         ax.legend()
-        return _finish(fig, path)
+        return finish(fig, path)

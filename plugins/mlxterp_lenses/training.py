@@ -22,8 +22,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxterp_analyses.lens import project
-from mlxterp_core.corpus import default_corpus, token_windows
-from mlxterp_core.errors import InputError
+from mlxterp.plugin import default_corpus, token_windows
+from mlxterp.plugin import InputError
 
 from .lens import TunedLens, _atomic, log_softmax
 from .results import LensEvaluation

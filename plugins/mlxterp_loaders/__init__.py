@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlxterp_core.hookspecs import hookimpl
-from mlxterp_core.load import LoadError
+from mlxterp.plugin import hookimpl
+from mlxterp.plugin import LoadError
 
 
 def load_gguf(source: Any, **options):

@@ -23,7 +23,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp_core.errors import MlxterpError
+from mlxterp.plugin import MlxterpError
 
 GROUP_SIZE = 32  # llama.cpp's block size for Q4_0 / Q4_1 / Q8_0
 

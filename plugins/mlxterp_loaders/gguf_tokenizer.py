@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlxterp_core.errors import MlxterpError
+from mlxterp.plugin import MlxterpError
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_SPLIT = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mlxterp_core.load import LoadError
+from mlxterp.plugin import LoadError
 
 # mlx-lm's name <- transformers 5's name, per model_type ("*": every model type)
 _RENAMED = {

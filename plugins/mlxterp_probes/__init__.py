@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from mlxterp_core.hookspecs import hookimpl
+from mlxterp.plugin import hookimpl
 
 from .fitting import LinearProbe, auroc, fit, fit_logistic, fit_mass_mean, split_groups
 from .results import ProbeSweep

@@ -14,7 +14,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp_core.errors import InputError
+from mlxterp.plugin import InputError
 
 NEWTON_STEPS = 30
 

@@ -1,4 +1,4 @@
-"""Result objects of probe sweeps (attrs values in the style of mlxterp_analyses.results)."""
+"""Result objects of probe sweeps (attrs values with the kit of mlxterp_core.results)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import attrs
 
-from mlxterp_analyses.results import Serialisable, SteeringVector
+from mlxterp_analyses.results import SteeringVector
+from mlxterp.plugin import Serialisable
 
 
 @attrs.frozen
@@ -65,9 +66,9 @@ class ProbeSweep(Serialisable):
         )
 
     def plot(self, path: str | Path | None = None, figsize=(10, 5)):
-        from mlxterp_analyses.plots import _finish, _pyplot
+        from mlxterp.plugin import finish, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=figsize)
         xs = list(range(len(self.sites)))
         ax.plot(xs, self.accuracy, marker="o", label="held-out accuracy")
@@ -79,4 +80,4 @@ class ProbeSweep(Serialisable):
         ax.set_ylim(0.3, 1.02)
         ax.set_title(f"{self.method} probe at the {self.position} position ({self.n_train} train / {self.n_test} test)")
         ax.legend()
-        return _finish(fig, path)
+        return finish(fig, path)

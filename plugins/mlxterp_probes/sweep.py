@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp_core.errors import InputError
+from mlxterp.plugin import InputError
 
 from .fitting import auroc, fit, split_groups
 from .results import ProbeSweep

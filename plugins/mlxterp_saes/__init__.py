@@ -7,13 +7,18 @@ third party's plugin. The public names are re-exported as ``mlxterp.load_sae``, 
 
 from __future__ import annotations
 
-from mlxterp_core.hookspecs import hookimpl
+from mlxterp.plugin import hookimpl
 
 from .evaluate import SAEEvaluation, explained_variance, mse, normalized_mse
 from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
 from .train import TrainingLog, train_sae
 from .sae import SAE, SAEConfig, SAEError, topk_relu
+
+
+@hookimpl
+def mlxterp_exports():
+    return {"SAE": SAE, "load_sae": load_sae, "train_sae": train_sae}
 
 
 @hookimpl

@@ -22,7 +22,7 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
                    site: str = SITE, four: list[str] = FOUR) -> dict[str, float]:
     """Tokens per second: plain forward (full model), one SAE at ``site``, four SAEs (at
     ``four``) from one forward, and four separate runs (their total time)."""
-    from mlxterp_core.corpus import token_windows
+    from mlxterp.plugin import token_windows
 
     from .train import train_sae
 
@@ -53,7 +53,7 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
 
 def sae_rows(repeats: int = 1) -> list:
     from mlxterp_core.bench import Row, default_model
-    from mlxterp_core.corpus import default_corpus
+    from mlxterp.plugin import default_corpus
 
     model = default_model()
     texts = default_corpus()[:300]

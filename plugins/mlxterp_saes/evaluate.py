@@ -32,8 +32,8 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp_analyses.results import Serialisable
-from mlxterp_analyses.views import Display
+from mlxterp.plugin import Serialisable
+from mlxterp.plugin import Display
 
 from .sae import SAE, SAEError
 
@@ -132,9 +132,9 @@ class SAEEvaluation(Serialisable, Display):
         return getattr(self, key)
 
     def plot(self, path=None):
-        from mlxterp_analyses.plots import _finish, _pyplot
+        from mlxterp.plugin import finish, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
 
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
         axes[0].bar(range(len(self.l0_histogram)), self.l0_histogram, width=1.0)
@@ -146,7 +146,7 @@ class SAEEvaluation(Serialisable, Display):
         axes[2].set(title=f"next-token CE (recovered {self.ce_loss_recovered:.1%})", ylabel="nats")
         fig.suptitle(f"{self.architecture} SAE at {self.site}, EV {self.explained_variance:.3f}")
         fig.tight_layout()
-        return _finish(fig, path)
+        return finish(fig, path)
 
 
 def evaluate(
@@ -165,8 +165,8 @@ def evaluate(
     ``n_tokens`` caps the tokens read (None: all), in windows of ``context_size`` tokens
     (default: the SAE's own context size, else 128).
     """
-    from mlxterp_core.corpus import token_windows
-    from mlxterp_core.progress import progress_over
+    from mlxterp.plugin import token_windows
+    from mlxterp.plugin import progress_over
 
     from .train import trainable
 

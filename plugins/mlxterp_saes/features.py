@@ -16,8 +16,8 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp_analyses.results import Serialisable
-from mlxterp_analyses.views import Display
+from mlxterp.plugin import Serialisable
+from mlxterp.plugin import Display
 
 from .sae import SAE, SAEError
 
@@ -59,9 +59,9 @@ class FeatureExamples(Serialisable, Display):
         return f"{len(self.features)} features at {self.site} over {self.n_tokens} tokens: {shown}"
 
     def plot(self, path=None):
-        from mlxterp_analyses.plots import _finish, _pyplot
+        from mlxterp.plugin import finish, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
 
         n = len(self.features)
         fig, axes = plt.subplots(n, 1, figsize=(8, 1.2 + 1.6 * n), squeeze=False)
@@ -72,10 +72,10 @@ class FeatureExamples(Serialisable, Display):
             ax.set_yticks(range(len(labels))[::-1], [label[-40:] for label in labels], fontsize=7)
             ax.set_title(f"feature {feature} at {self.site}: density {density:.2%}", fontsize=9)
         fig.tight_layout()
-        return _finish(fig, path)
+        return finish(fig, path)
 
     def _view(self) -> str:
-        from mlxterp_analyses.views import token_heatmap_html
+        from mlxterp.plugin import token_heatmap_html
 
         parts = []
         for feature, examples, density in zip(self.features, self.top, self.density):
@@ -103,8 +103,8 @@ def top_activations(
     progress: bool | None = None,
 ) -> FeatureExamples:
     """The top-activating contexts of ``features`` over ``texts`` (see the module doc)."""
-    from mlxterp_core.corpus import token_windows
-    from mlxterp_core.progress import progress_over
+    from mlxterp.plugin import token_windows
+    from mlxterp.plugin import progress_over
 
     from .train import trainable
 
@@ -179,7 +179,7 @@ def top_activations(
 def steer(sae: SAE, feature: int, scale: float, positions=None) -> dict[str, Callable]:
     """Interventions that add ``scale * W_dec[feature]`` at the SAE's site, for ``trace``,
     ``run`` and ``generate`` (no splice needed): ``model.generate(p, interventions=sae.steer(3, 8.0))``."""
-    from mlxterp_core import interventions as iv
+    from mlxterp.plugin import interventions as iv
 
     add = iv.add_vector(scale * sae.direction(feature))
     return {sae.site: add if positions is None else add.at(positions=positions)}
@@ -189,7 +189,7 @@ def ablate(sae: SAE, features: int | Sequence[int], value: float = 0.0, position
     """Interventions that set ``features`` to ``value`` (0: ablate; else clamp) through the
     splice: use with ``saes=[sae]``. With the error term on, the site moves by exactly
     ``(value - f_i) * W_dec[i]``."""
-    from mlxterp_core import interventions as iv
+    from mlxterp.plugin import interventions as iv
 
     chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
     for f in chosen:
@@ -226,16 +226,16 @@ class FeatureAttribution(Serialisable, Display):
         return f"{self.metric} = {self.metric_value:.3f} at {self.site}; top features {shown}; error {sum(self.error):+.3f}"
 
     def plot(self, path=None):
-        from mlxterp_analyses.plots import _finish, _pyplot
+        from mlxterp.plugin import finish, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(self.top_features) + 2), 3))
         labels = [str(f) for f in self.top_features] + ["error"]
         ax.bar(labels, self.total_effect + [sum(self.error)], color=["C0"] * len(self.top_features) + ["C7"])
         ax.set(title=f"attribution of {self.metric} at {self.site}", xlabel="feature", ylabel="gradient x activation")
         fig.tight_layout()
-        return _finish(fig, path)
+        return finish(fig, path)
 
 
 def feature_attribution(
@@ -251,8 +251,8 @@ def feature_attribution(
     features and its error term, by gradient x activation through the splice. The effects and
     the error's add up to ``(x - b_dec) . dM/dx`` at the site (exactly, to float rounding).
     """
-    from mlxterp_analyses.text import token_ids, token_text
-    from mlxterp_core.trace import Hooks
+    from mlxterp.plugin import token_ids, token_text
+    from mlxterp.plugin import Hooks
 
     ids = token_ids(model, text)
     inputs = mx.array([ids])

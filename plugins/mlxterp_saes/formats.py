@@ -24,8 +24,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp_core.errors import UnknownNameError
-from mlxterp_core.names import StandardName, parse, transformerlens_name
+from mlxterp.plugin import UnknownNameError
+from mlxterp.plugin import StandardName, parse, transformerlens_name
 
 from .sae import SAE, SAEConfig, SAEError
 

@@ -30,7 +30,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp_core.errors import MlxterpError
+from mlxterp.plugin import MlxterpError
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder")
 TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")

@@ -42,8 +42,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxterp_core.names import is_raw
-from mlxterp_core.progress import progress_bar
+from mlxterp.plugin import is_raw
+from mlxterp.plugin import progress_bar
 
 from .sae import SAE, SAEConfig, SAEError, topk_relu
 
@@ -70,9 +70,9 @@ class TrainingLog:
     input_scale: float
 
     def plot(self, path=None):
-        from mlxterp_analyses.plots import _finish, _pyplot
+        from mlxterp.plugin import finish, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
         for ax, values, label in zip(axes, (self.l0, self.fvu, self.dead), ("L0", "FVU", "dead fraction")):
@@ -80,7 +80,7 @@ class TrainingLog:
             ax.set_xlabel("training tokens")
             ax.set_title(f"{label} ({self.site})")
         fig.tight_layout()
-        return _finish(fig, path)
+        return finish(fig, path)
 
 
 def train_sae(
@@ -506,7 +506,7 @@ class _Source:
 
 class _TextSource(_Source):
     def __init__(self, model, sites, corpus, context_size, forward_batch, skip_first=True):
-        from mlxterp_core.corpus import read_documents
+        from mlxterp.plugin import read_documents
 
         self.model, self.sites = model, sites
         self.corpus = corpus if isinstance(corpus, (str, os.PathLike)) else list(read_documents(corpus))
@@ -514,7 +514,7 @@ class _TextSource(_Source):
         self._skip = 0
 
     def chunks(self):
-        from mlxterp_core.corpus import token_windows
+        from mlxterp.plugin import token_windows
 
         while True:
             read = skipped = 0
@@ -634,7 +634,7 @@ def trainable(windows, skip_first: bool = True) -> np.ndarray:
 def trace_sites(model, inputs: mx.array, sites: list[str]) -> dict[str, mx.array]:
     """{site: activation} of one forward pass, stopped after the last layer any site needs."""
     from mlxterp_core.caching import run_until_stopped, stop_before, stop_forward
-    from mlxterp_core.trace import Hooks
+    from mlxterp.plugin import Hooks
 
     stop = stop_before(model, [_layer(site) for site in sites])
     with Hooks(model, {stop: stop_forward} if stop else None, capture=list(sites)) as hooks:

@@ -73,7 +73,7 @@ class Display:
         """Write this result's view to ``path`` as one self-contained HTML file."""
         fragment = self._view()
         if fragment is None:
-            from mlxterp_core.errors import InputError
+            from .errors import InputError
 
             raise InputError(f"{type(self).__name__} has no HTML view; use .plot() or .save().")
         return write_html(path, fragment, title or type(self).__name__)
@@ -119,7 +119,7 @@ def decode(encoded: dict[str, Any]) -> np.ndarray:
 
 @cache
 def _static(name: str) -> str:
-    return resources.files("mlxterp_analyses").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("mlxterp_core").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def _script_json(data: Any) -> str:
@@ -182,7 +182,7 @@ def token_heatmap_html(
     Colours: blue for positive, red for negative, scaled to the largest |value| of the chosen
     row. Returns an HTML fragment (``write_html(path, fragment)`` writes a page).
     """
-    from mlxterp_core.errors import InputError
+    from .errors import InputError
 
     several = len(tokens) > 0 and not isinstance(tokens[0], str)
     texts = [list(map(str, t)) for t in tokens] if several else [list(map(str, tokens))]
@@ -228,7 +228,7 @@ def attention_html(
     click to keep it. Weights are stored as uint8."""
     array = np.asarray(patterns, dtype=np.float32)
     if array.ndim != 4 or array.shape[:2] != (len(layers), len(heads)) or array.shape[2:] != (len(tokens),) * 2:
-        from mlxterp_core.errors import InputError
+        from .errors import InputError
 
         raise InputError(
             f"attention_html: patterns of shape {array.shape} for {len(layers)} layers, {len(heads)} "
@@ -291,7 +291,7 @@ def heatmap_html(
     (default: the largest |value|); ``quote_columns`` shows column labels quoted (tokens)."""
     array = np.asarray(values, dtype=np.float32)
     if array.shape != (len(rows), len(columns)):
-        from mlxterp_core.errors import InputError
+        from .errors import InputError
 
         raise InputError(f"heatmap_html: values of shape {array.shape} for {len(rows)} rows x {len(columns)} columns.")
     finite = array[np.isfinite(array)]

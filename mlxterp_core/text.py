@@ -14,7 +14,7 @@ def ids_text(model, ids: list[int]) -> str:
 def token_ids(model, text) -> list[int]:
     """One prompt as token ids: a string is encoded, ids (a list, a 1-D array) are taken as they
     are; either way checked against the model's embedding (``model.prepare_inputs``)."""
-    from mlxterp_core.errors import InputError
+    from .errors import InputError
 
     ids = model.prepare_inputs(text).array
     if ids.shape[0] != 1:

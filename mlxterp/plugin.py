@@ -1,0 +1,81 @@
+"""What a plugin may use: the one documented import place for plugin authors.
+
+mlxterp's own plugins import from here (and from each other's public names), exactly as a
+third party's plugin does, so this surface is always exercised; ``mlxterp_core`` behind it can
+move without breaking plugins. docs/plugins.md describes every name.
+
+    from mlxterp.plugin import hookimpl, Hooks, Serialisable, Display
+
+Sections: registering (``hookimpl``), errors, running the model (trace hooks, stopping a
+forward early, module probes), names and sites, options, token windows and corpora, the
+activation stream and datasets, files, progress, distributed helpers, the result kit
+(serialisation, layer mappings), the view kit (HTML views, figures, token text).
+"""
+
+from mlxterp_core import interventions, options
+from mlxterp_core.architecture import Architecture, read_attribute
+from mlxterp_core.backend import on_cpu
+from mlxterp_core.corpus import Windows, default_corpus, read_documents, token_windows
+from mlxterp_core.dataset import ActivationDataset, DatasetError
+from mlxterp_core.distributed import map_rows
+from mlxterp_core.errors import (
+    CorpusError,
+    FileFormatError,
+    InputError,
+    InterventionError,
+    MlxterpError,
+    OptionError,
+    TraceError,
+    UnknownNameError,
+    did_you_mean,
+)
+from mlxterp_core.figures import finish, pyplot, token_label
+from mlxterp_core.files import read_json, read_text, write_text_atomic
+from mlxterp_core.hookspecs import hookimpl
+from mlxterp_core.interventions import Intervention
+from mlxterp_core.load import LoadError
+from mlxterp_core.names import StandardName, is_raw, parse, transformerlens_name
+from mlxterp_core.probes import probes_installed
+from mlxterp_core.progress import progress_bar, progress_over
+from mlxterp_core.results import LayerMapping, Serialisable
+from mlxterp_core.schema import ArchitectureSchema
+from mlxterp_core.text import ids_text, token_ids, token_text
+from mlxterp_core.trace import MODEL_OUTPUT, Activations, Hooks
+from mlxterp_core.views import (
+    Display,
+    attention_html,
+    encode_ids,
+    encode_unit,
+    encode_values,
+    heatmap_html,
+    lens_html,
+    percent,
+    short,
+    token_heatmap_html,
+    write_html,
+)
+
+__all__ = [
+    # registering
+    "hookimpl",
+    # errors
+    "MlxterpError", "InputError", "OptionError", "FileFormatError", "UnknownNameError", "TraceError",
+    "InterventionError", "CorpusError", "DatasetError", "LoadError", "did_you_mean",
+    # running the model
+    "Hooks", "Activations", "MODEL_OUTPUT", "probes_installed", "interventions", "Intervention", "on_cpu",
+    # names, sites, architectures
+    "Architecture", "ArchitectureSchema", "StandardName", "parse", "is_raw", "transformerlens_name",
+    "read_attribute",
+    # options
+    "options",
+    # corpora, windows, datasets
+    "Windows", "token_windows", "read_documents", "default_corpus", "ActivationDataset",
+    # files, progress, distributed
+    "read_text", "read_json", "write_text_atomic", "progress_bar", "progress_over", "map_rows",
+    # the result kit
+    "Serialisable", "LayerMapping",
+    # the view kit
+    "Display", "short", "percent", "encode_unit", "encode_values", "encode_ids", "token_heatmap_html",
+    "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish", "token_label",
+    "token_text", "ids_text", "token_ids",
+]
