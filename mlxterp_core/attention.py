@@ -29,11 +29,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UnknownNameError
+from .sites import PATTERN_PORT
 
 if TYPE_CHECKING:
     from .trace import Recorder
 
-PATTERN_PORT = ":pattern"
 
 
 def strategy(module: nn.Module) -> str | None:

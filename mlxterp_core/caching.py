@@ -57,7 +57,6 @@ SHARD_BYTES = 256 << 20  # default shard size: bounds the RAM per shard and the 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # standard names whose tensors are not one row per token
 _NOT_ROWS = {"attn.q_heads", "attn.k_heads", "attn.v_heads", "attn.z_heads", "attn.q_rot", "attn.k_rot", "attn.pattern"}
-_RAW_LAYER = re.compile(r"\.layers\.(\d+)(?=$|[.#:])")
 _OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+\.safetensors)(\.tmp)?$")
 
 
@@ -71,40 +70,6 @@ class Site:
     shape: tuple[int, ...]
     dtype: mx.Dtype
     layer: int | None  # block it is computed in (-1: before layer 0); None: after the blocks or unknown
-
-
-class StopForward(BaseException):
-    """Raised at the input of the first block no site needs: the rest of the forward is not built."""
-
-
-def stop_forward(x: mx.array) -> mx.array:
-    """An intervention that stops the forward pass where it is installed (see :func:`stop_before`)."""
-    raise StopForward
-
-
-def stop_before(model, layers) -> str | None:
-    """Where a pass that needs only sites computed in blocks ``layers`` (-1: before layer 0;
-    None: after the blocks, or unknown) can stop: the raw input port of the block after the
-    last of them, or None (run the whole forward). Install :func:`stop_forward` there and run
-    with :func:`run_until_stopped`; every trainer and the cache writer stop this way."""
-    arch = model.architecture
-    layers = list(layers)
-    if arch is None or not layers or any(layer is None for layer in layers):
-        return None
-    last = max(layers) + 1
-    if last >= arch.n_layers:
-        return None
-    return arch.resolve(f"layers.{last}.input")[0].site
-
-
-def run_until_stopped(hooks, inputs: mx.array) -> dict[str, Any]:
-    """``hooks(inputs)`` (lazy) with :func:`stop_forward` installed: what the pass recorded,
-    whether it ran to the end or stopped."""
-    try:
-        _, recorded = hooks(inputs, evaluate=False)
-    except StopForward:
-        recorded = hooks.recorded
-    return recorded
 
 
 def cache_activations(
@@ -291,7 +256,8 @@ def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | No
     """The tensors ``names`` mean, in order, each checked on a short ``probe`` forward pass
     (whose raw records are put in ``seen`` when given)."""
     from .names import is_raw, parse
-    from .trace import Hooks, _matches, canonical_site, is_glob
+    from .sites import canonical_site, is_glob, layer_of, matches
+    from .trace import Hooks
 
     asked: list[tuple[str, Any]] = []
     capture: list[str] = []
@@ -316,12 +282,10 @@ def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | No
     found: dict[str, Site] = {}
     for name, resolved in asked:
         if resolved is not None:
-            layer = parse(resolved.name).layer
-            layer = -1 if resolved.name == "embed" else layer
-            candidates = [(resolved.name, resolved.site, resolved.read if resolved.view else None, layer)]
+            candidates = [(resolved.name, resolved.site, resolved.read if resolved.view else None, layer_of(resolved.name))]
         else:
-            keys = [k for k in recorded if _matches(k, name)] if is_glob(name) else [canonical_site(name)]
-            candidates = [(k, k, None, _raw_layer(k)) for k in keys]
+            keys = [k for k in recorded if matches(k, name)] if is_glob(name) else [canonical_site(name)]
+            candidates = [(k, k, None, layer_of(k)) for k in keys]
         for stored, raw, read, layer in candidates:
             value = read(recorded[raw]) if read else recorded[raw]
             if not isinstance(value, mx.array) or value.ndim < 2 or tuple(value.shape[:2]) != (1, length):
@@ -337,33 +301,26 @@ def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | No
     return list(found.values())
 
 
-def _raw_layer(raw: str) -> int | None:
-    match = _RAW_LAYER.search(raw)
-    return int(match.group(1)) if match else None
-
-
 def _stop_site(model, site_list: list[Site], probe: mx.array | None = None,
                whole: dict[str, mx.array] | None = None) -> str | None:
-    """The raw input port of the first block after every site, or None (run everything).
-
-    With a ``probe`` (B, T) the stop is checked: a stopped pass must record every site, each
-    equal to the whole pass's value (``whole``: raw site -> value, if already run); a model
-    that computes its blocks in another order (or reuses one) runs whole instead."""
+    """Where a pass that records ``site_list`` can stop (``Hooks(stop_after=...)``), or None
+    (run everything). With a ``probe`` (B, T) the stop is checked: a stopped pass must record
+    every site, each equal to the whole pass's value (``whole``: raw site -> value, if already
+    run); a model that computes its blocks in another order (or reuses one) runs whole instead."""
+    from .sites import stop_name
     from .trace import Hooks
 
-    stop = stop_before(model, [s.layer for s in site_list])
-    if stop is None:
+    stop = stop_name(s.layer for s in site_list)
+    if stop is None or probe is None:
+        return stop
+    raws = sorted({s.raw for s in site_list})
+    if whole is None or any(raw not in whole for raw in raws):
+        with Hooks(model, capture=raws) as hooks:
+            _, whole = hooks(probe)
+    with Hooks(model, capture=raws, stop_after=stop) as hooks:
+        _, stopped = hooks(probe)
+    if any(raw not in stopped or not mx.array_equal(stopped[raw], whole[raw]).item() for raw in raws):
         return None
-    if probe is not None:
-        raws = sorted({s.raw for s in site_list})
-        if whole is None or any(raw not in whole for raw in raws):
-            with Hooks(model, capture=raws) as hooks:
-                _, whole = hooks(probe)
-        with Hooks(model, interventions={stop: stop_forward}, capture=raws) as hooks:
-            stopped = run_until_stopped(hooks, probe)
-        mx.eval(list(stopped.values()))
-        if any(raw not in stopped or not mx.array_equal(stopped[raw], whole[raw]).item() for raw in raws):
-            return None
     return stop
 
 
@@ -596,7 +553,6 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
     current: dict[str, Any] = {}
     opened: set[ShardFile] = set()  # files not yet published (the writer removes finished ones)
     capture = sorted({s.raw for s in site_list})
-    interventions = {stop: stop_forward} if stop else None
     state = {"row": 0}
 
     def dispatch(batch: Windows, rows: dict[str, Any]) -> None:
@@ -622,7 +578,7 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
             current = {}
 
     try:
-        with Hooks(model, interventions=interventions, capture=capture) as hooks:
+        with Hooks(model, capture=capture, stop_after=stop) as hooks:
             pending = None
             for batch in token_windows(model, corpus, **windows):
                 if batch_shard[batch.index] not in todo_set:
@@ -655,7 +611,7 @@ def _layout(site_list: list[Site], rows: int) -> dict[str, tuple[str, tuple[int,
 
 def _batch_rows(hooks, batch: Windows, site_list: list[Site]) -> dict[str, mx.array]:
     """Site name -> the (n_tokens, d) rows of the batch's real tokens (lazy)."""
-    recorded = run_until_stopped(hooks, batch.inputs)
+    _, recorded = hooks(batch.inputs, evaluate=False)
     n, t = batch.tokens.shape
     real = None if batch.n_tokens == n * t else mx.array(np.flatnonzero(batch.mask).astype(np.int32))
     rows = []

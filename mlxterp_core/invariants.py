@@ -330,7 +330,7 @@ def check_snapshots(model: InterpretableModel, ids: list[int]) -> Check:
         if site in truth and not _same_value(recorded[site], truth[site]):
             when = "was called with" if site.endswith(":input") else "returned"
             problems.append(f"{site} is not what the module {when} ({_difference(recorded[site], truth[site])})")
-    from .trace import INPUT_PORT, locate_module  # the trace imports nothing from here
+    from .sites import INPUT_PORT, locate_module
 
     lookups = 0
     for site, value in recorded.items():
@@ -350,7 +350,7 @@ def copies_at_return(root: nn.Module, inputs: mx.array) -> dict[str, np.ndarray]
     first element of a tuple) after it to NumPy (float32): site name -> copy, named as a trace
     names sites (``model.<path>``, ``#k`` for the k-th call, ``:input``, ``__model_output__``)."""
     from .probes import walk_modules
-    from .trace import INPUT_PORT, MODEL_OUTPUT
+    from .sites import INPUT_PORT, MODEL_OUTPUT
 
     copies: dict[str, np.ndarray] = {}
     calls: dict[str, int] = {}

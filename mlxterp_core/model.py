@@ -16,7 +16,8 @@ from .architecture import Architecture, model_type, recognize
 from .errors import TraceError, UnknownNameError
 from .probes import walk_modules
 from .schema import ArchitectureSchema
-from .trace import MODEL_OUTPUT, Trace, _static_site_names
+from .sites import MODEL_OUTPUT, static_site_names
+from .trace import Trace
 
 
 class _OutputProxy:
@@ -194,7 +195,7 @@ class InterpretableModel:
 
     def site_names(self) -> list[str]:
         """Every raw site name known before running (module outputs and ``:input`` ports)."""
-        return _static_site_names(self.module_names())
+        return static_site_names(self.module_names())
 
     def standard_names(self) -> list[str]:
         """Every standard name this model has (needs a recognised family)."""

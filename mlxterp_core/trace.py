@@ -35,63 +35,41 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import PATTERN_PORT, patterns_observed
+from .attention import patterns_observed
 from .errors import InterventionError, TraceError, UnknownNameError, did_you_mean
 from .inputs import ModelInputs
 from .interventions import Intervention
 from .names import is_raw
 from .probes import _PROBE_ATTR, probes_installed, walk_modules
+from .sites import (
+    INPUT_PORT,
+    MODEL_OUTPUT,
+    PATTERN_PORT,
+    NameSet,
+    canonical_site,
+    exact_site,
+    is_glob,
+    layer_of,
+    locate_module,
+    matches,
+    module_part,
+    static_site_names,
+    stop_name,
+)
 from .splice import Splices, dotted, splice_list
 
 if TYPE_CHECKING:
     from .model import InterpretableModel
 
-MODEL_OUTPUT = "__model_output__"
-INPUT_PORT = ":input"
 # A record is a new handle on the recorded array: the same buffer and graph node (no copy, no
 # evaluation, mx.grad flows through it). MLX's in-place operators (``x += y``, ``x *= s``)
 # overwrite the descriptor of the one handle they are applied to, so the model's later edits
 # of the array it holds cannot reach the record.
 snapshot = mx.array.__copy__
-_SITE_GRAMMAR = re.compile(r"^(?P<path>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<port>input|pattern))?$")
 
-
-def is_glob(name: str) -> bool:
-    return "*" in name or "?" in name or "[" in name
-
-
-def module_part(name: str) -> str:
-    """The module path a site name or pattern refers to: ``a.b#1:input`` -> ``a.b``."""
-    if "#" not in name and ":" not in name:
-        return name
-    return re.split(r"[#:]", name, maxsplit=1)[0]
-
-
-def canonical_site(name: str) -> str:
-    """``path#0`` is the same site as ``path``."""
-    return re.sub(r"#0(?=$|:)", "", name) if "#0" in name else name
-
-
-def _matches(site: str, pattern: str) -> bool:
-    """Whether a recorded site answers a capture entry; ':pattern' sites only when named."""
-    if is_glob(pattern):
-        if site.endswith(PATTERN_PORT) and not pattern.endswith(PATTERN_PORT):
-            return False
-        return fnmatch.fnmatchcase(site, pattern)
-    return site == canonical_site(pattern)
-
-
-class NameSet:
-    """A set of exact site names and glob patterns."""
-
-    def __init__(self, names: list[str]):
-        self.exact = {canonical_site(n) for n in names if not is_glob(n)}
-        self.globs = [n for n in names if is_glob(n)]
-
-    def __contains__(self, site: str) -> bool:
-        if site in self.exact:
-            return True
-        return bool(self.globs) and any(_matches(site, g) for g in self.globs)
+class StopForward(BaseException):
+    """Raised inside a pass at the site ``Hooks(..., stop_after=...)`` names, once that site is
+    recorded: the rest of the forward is never built. Hooks catch it."""
 
 
 @attrs.frozen
@@ -254,7 +232,8 @@ def _recording_call(original_call: Callable) -> Callable:
 class Recorder:
     """The state of one forward pass: what to record, what to change, what happened."""
 
-    def __init__(self, capture: list[str] | NameSet | None, edits: list[Edit], patterns: set[str]):
+    def __init__(self, capture: list[str] | NameSet | None, edits: list[Edit], patterns: set[str],
+                 stop: str | None = None):
         if capture is not None and not isinstance(capture, NameSet):
             capture = NameSet(capture)
         self.capture = capture  # None: everything
@@ -273,6 +252,7 @@ class Recorder:
         self.stack: list[str] = []
         self.fired: set[str] = set()
         self.editing = True
+        self.stop = stop  # the raw site after which the pass stops (StopForward)
 
     def start_pass(self, edit: bool = True) -> None:
         """Forget the previous forward pass (its records, call counts and seen values)."""
@@ -285,7 +265,7 @@ class Recorder:
                 x = edit.apply(x, site, self.seen)
                 self.fired.add(edit.key)
             for edit in self.glob_edits:
-                if _matches(site, edit.site):
+                if matches(site, edit.site):
                     x = edit.apply(x, site, self.seen)
                     self.fired.add(edit.key)
         if self.keep and site in self.keep:
@@ -295,6 +275,8 @@ class Recorder:
                 self.recorded[site] = snapshot(x)
         elif site in self.capture:
             self.recorded[site] = snapshot(x)
+        if self.stop is not None and site == self.stop:
+            raise StopForward
         return x
 
 
@@ -437,6 +419,12 @@ class Hooks:
 
     ``saes``: splices (see :mod:`mlxterp_core.splice`) applied in every pass, after those
     attached to the model with ``model.saes(...)``; ``edit=False`` runs without them too.
+
+    ``stop_after``: stop every pass once this site is recorded, so the rest of the forward is
+    never built (the one way to stop early: the cache, the trainers and the logit lens use
+    it); a pass that stops returns ``(None, recorded)``. A site name, or ``"auto"``: after the
+    last block any capture entry is computed in (no stop when an entry is not in a block, such
+    as ``logits``, or when everything is captured).
     """
 
     def __init__(
@@ -445,6 +433,7 @@ class Hooks:
         interventions: Mapping[str, Callable] | None = None,
         capture: list[str] | None = None,
         saes: Any = None,
+        stop_after: str | None = None,
     ):
         self._model = model
         self._interventions = dict(interventions or {})
@@ -452,20 +441,24 @@ class Hooks:
         attached = getattr(model, "_splices", [])
         self.splices = Splices(model, [*attached, *splice_list(saes)]) if attached or saes else None
         self._capture, edits, self._asked, self._capture_set = self._translate()
+        self.stop_site = self._stop_site(stop_after)
         names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (self._capture or [])
+        names += [self.stop_site] if self.stop_site is not None else []
         if self.splices is not None:
             names = [n for n in names if not self._is_spliced(n)]
         self._probed, self._pattern_modules = _modules_to_probe(
             model.model, names, capture_all=self._capture is None
         )
         self._edits = edits
-        self._recorder = Recorder(self._capture_set, edits, set(self._pattern_modules))
+        self._recorder = Recorder(self._capture_set, edits, set(self._pattern_modules), self.stop_site)
         self._stack: ExitStack | None = None
+        self.stopped = False  # whether the last pass stopped at stop_site
 
     def __enter__(self) -> Hooks:
         recorder = self._recorder
         capture = recorder.capture
-        if not (self._edits or recorder.pattern_paths) and (capture is None or not capture.globs):
+        lean = not (self._edits or recorder.pattern_paths or recorder.stop) and (capture is None or not capture.globs)
+        if lean:
             # records, changes nothing: the lean probes of _recording_call
             if capture is None:
                 targets = [(m, (recorder, p, p + INPUT_PORT, True, True)) for p, m in self._probed]
@@ -496,15 +489,40 @@ class Hooks:
             raise TraceError("Hooks are used inside their `with` block.")
         recorder = self._recorder
         recorder.start_pass(edit)
-        output = self._model.model(*args, **kwargs)
-        if isinstance(output, mx.array):
-            output = recorder.visit(MODEL_OUTPUT, output)
-        elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
-            recorder.recorded[MODEL_OUTPUT] = output
+        try:
+            output = self._model.model(*args, **kwargs)
+        except StopForward:
+            output, self.stopped = None, True
+        else:
+            self.stopped = False
+            if isinstance(output, mx.array):
+                output = recorder.visit(MODEL_OUTPUT, output)
+            elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
+                recorder.recorded[MODEL_OUTPUT] = output
         self._check_captured()
         if evaluate:
             mx.eval(output, list(recorder.recorded.values()))
         return output, recorder.recorded
+
+    def _stop_site(self, stop_after: str | None) -> str | None:
+        """The raw site ``stop_after`` means (see the class doc), or None: no stop."""
+        if stop_after is None:
+            return None
+        if stop_after != "auto":
+            sites = self._splice_sites(stop_after) or ([stop_after] if is_raw(stop_after) else [r.site for r in self._resolve(stop_after)])
+            if len(sites) != 1 or is_glob(sites[0]):
+                raise TraceError(f"stop_after={stop_after!r} names {len(sites)} sites; name one exact site.")
+            return sites[0]
+        if self._capture_given is None or self.splices is not None or self._model.architecture is None:
+            return None  # everything captured, or splices that may sit after any block
+        layers = []
+        for name in self._capture_given:
+            if is_raw(name) or is_glob(name):
+                layers.append(layer_of(name) if not is_glob(name) else None)
+            else:
+                layers += [layer_of(r.name) for r in self._resolve(name)]
+        last = stop_name(layers)
+        return None if last is None else self._resolve(last)[0].site
 
     @property
     def recorded(self) -> dict[str, Any]:
@@ -617,7 +635,7 @@ class Hooks:
         recorder = self._recorder
         for entry in self._capture or []:
             if is_glob(entry):
-                reached = any(_matches(site, entry) for site in recorder.recorded)
+                reached = any(matches(site, entry) for site in recorder.recorded)
             else:
                 reached = canonical_site(entry) in recorder.recorded
             if not reached:
@@ -726,7 +744,7 @@ def _split_names(names: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...] | 
     for name in names:
         if is_glob(name):
             continue
-        path, ok = _exact_site(name)
+        path, ok = exact_site(name)
         well_formed = well_formed and ok
         if path is not None:
             paths.setdefault(path, name)
@@ -739,7 +757,7 @@ def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
     """Module path -> module for exact site names; an unknown name fails with suggestions."""
     found: dict[str, nn.Module] = {}
     for name in names:
-        path, well_formed = _exact_site(name)
+        path, well_formed = exact_site(name)
         if path is None:
             continue
         module = locate_module(root, path) if well_formed else None
@@ -748,52 +766,10 @@ def _check_exact(names: list[str], root: nn.Module) -> dict[str, nn.Module]:
             raise UnknownNameError(
                 f"no site named {name!r} in this model. Raw names are 'model.' + a module "
                 "path, optionally followed by '#k' (k-th call) and ':input' (or ':pattern')."
-                + did_you_mean(name, _static_site_names(known))
+                + did_you_mean(name, static_site_names(known))
             )
         found[path] = module
     return found
-
-
-@functools.lru_cache(maxsize=8192)
-def _exact_site(name: str) -> tuple[str | None, bool]:
-    """(module path, whether the name follows the site grammar) of an exact site name; the
-    path is None for the model output. A function of the string alone, so it is cached."""
-    if canonical_site(name) == MODEL_OUTPUT:
-        return None, True
-    return module_part(name), _SITE_GRAMMAR.match(name) is not None
-
-
-@functools.lru_cache(maxsize=8192)
-def _path_steps(path: str) -> tuple[tuple[str, int | None], ...] | None:
-    """'model.layers.0' -> (('layers', None), ('0', 0)): each key, and its list index if it
-    is one; None when the path does not start at the root 'model'."""
-    head, _, rest = path.partition(".")
-    if head != "model" or not rest:
-        return None
-    return tuple((part, int(part) if part.isdigit() else None) for part in rest.split("."))
-
-
-def locate_module(root: nn.Module, path: str) -> nn.Module | None:
-    """The module at a dotted path ('model.layers.0'), or None; the root is 'model'.
-
-    Looked up afresh on every call (only the parsing of the path is cached), so a module that
-    was replaced since the last trace is the one found."""
-    steps = _path_steps(path)
-    if steps is None:
-        return None
-    node = root
-    for key, index in steps:
-        if isinstance(node, dict):  # nn.Module is a dict of its children
-            node = node.get(key)
-        elif isinstance(node, (list, tuple)) and index is not None and index < len(node):
-            node = node[index]
-        else:
-            return None
-    return node if isinstance(node, nn.Module) else None
-
-
-def _static_site_names(paths: list[str]) -> list[str]:
-    return [MODEL_OUTPUT] + [n for p in paths for n in (p, p + INPUT_PORT)]
 
 
 def _calls_summary(recorder: Recorder, name: str) -> str:

@@ -73,8 +73,8 @@ def test_cached_rows_are_the_traced_activations(model, tmp_path, packing):
 
 def test_forward_stops_after_the_last_layer_needed(model, tmp_path, monkeypatch):
     sites = caching.resolve_sites(model, ["layers[1].mlp.act", "embed"], mx.array([[1, 2, 3]]), None)
-    assert caching._stop_site(model, sites) == "model.model.layers.2:input"
-    assert caching._stop_site(model, sites, mx.array([[1, 2, 3]])) == "model.model.layers.2:input"  # checked
+    assert caching._stop_site(model, sites) == "layers.1.output"  # (Hooks stop there: the input of block 2)
+    assert caching._stop_site(model, sites, mx.array([[1, 2, 3]])) == "layers.1.output"  # checked
     assert caching._stop_site(model, caching.resolve_sites(model, ["ln_final"], mx.array([[1, 2]]), None)) is None
     calls = []
     block = type(model.model.model.layers[2])

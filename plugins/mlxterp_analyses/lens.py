@@ -207,26 +207,15 @@ def prediction_rows(ids, probs, name) -> list[list[list[tuple[int, float, str]]]
             for layer_ids, layer_probs in zip(ids, probs)]
 
 
-class _Stop(BaseException):
-    """Raised at the final norm: the lens needs no logits from the model itself."""
-
-
-def _stop(x: mx.array) -> mx.array:
-    raise _Stop
-
-
 def layer_outputs(model, token_ids: list[int], layers: list[int]) -> list[mx.array]:
     """``layers[i].output`` (1, T, D) for each i in ``layers``, evaluated, from one forward
-    pass stopped at the final norm (the model's own unembedding is not computed)."""
+    pass stopped after the last of those layers (the model's own unembedding is not computed)."""
     from mlxterp.plugin import Activations, Hooks
 
     names = [f"layers.{i}.output" for i in layers]
-    with Hooks(model, {"ln_final": _stop}, capture=names) as hooks:
-        try:
-            hooks(mx.array([token_ids]), evaluate=False)
-        except _Stop:
-            pass
-        recorded = Activations(hooks.recorded, model)
+    with Hooks(model, capture=names, stop_after="auto") as hooks:
+        _, recorded = hooks(mx.array([token_ids]), evaluate=False)
+        recorded = Activations(recorded, model)
     outputs = [recorded[name] for name in names]
     mx.eval(outputs)
     return outputs

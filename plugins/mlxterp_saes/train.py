@@ -633,12 +633,10 @@ def trainable(windows, skip_first: bool = True) -> np.ndarray:
 
 def trace_sites(model, inputs: mx.array, sites: list[str]) -> dict[str, mx.array]:
     """{site: activation} of one forward pass, stopped after the last layer any site needs."""
-    from mlxterp_core.caching import run_until_stopped, stop_before, stop_forward
     from mlxterp.plugin import Hooks
 
-    stop = stop_before(model, [_layer(site) for site in sites])
-    with Hooks(model, {stop: stop_forward} if stop else None, capture=list(sites)) as hooks:
-        recorded = run_until_stopped(hooks, inputs)
+    with Hooks(model, capture=list(sites), stop_after="auto") as hooks:
+        _, recorded = hooks(inputs, evaluate=False)
     out = {}
     arch = model.architecture
     for site in sites:
@@ -649,15 +647,6 @@ def trace_sites(model, inputs: mx.array, sites: list[str]) -> dict[str, mx.array
             out[site] = resolved.read(recorded[resolved.site])
     mx.eval(list(out.values()))
     return out
-
-
-def _layer(site: str) -> int | None:
-    """The block a standard name ``layers.i....`` is computed in; None for any other site
-    (model-level or raw: the whole forward runs)."""
-    import re
-
-    match = re.match(r"^layers\.(\d+)\.", site)
-    return None if match is None else int(match.group(1))
 
 
 def _model_name(model) -> str | None:
