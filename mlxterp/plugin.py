@@ -39,6 +39,17 @@ from mlxterp_core.probes import probes_installed
 from mlxterp_core.progress import progress_bar, progress_over
 from mlxterp_core.results import LayerMapping, Serialisable
 from mlxterp_core.schema import ArchitectureSchema
+from mlxterp_core.sites import (
+    INPUT_PORT,
+    NameSet,
+    canonical_site,
+    is_glob,
+    layer_of,
+    locate_module,
+    matches,
+    module_part,
+    stop_name,
+)
 from mlxterp_core.text import ids_text, token_ids, token_text
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Hooks
 from mlxterp_core.views import (
@@ -65,7 +76,8 @@ __all__ = [
     "Hooks", "Activations", "MODEL_OUTPUT", "probes_installed", "interventions", "Intervention", "on_cpu",
     # names, sites, architectures
     "Architecture", "ArchitectureSchema", "StandardName", "parse", "is_raw", "transformerlens_name",
-    "read_attribute",
+    "read_attribute", "INPUT_PORT", "NameSet", "canonical_site", "is_glob", "layer_of", "locate_module",
+    "matches", "module_part", "stop_name",
     # options
     "options",
     # corpora, windows, datasets
