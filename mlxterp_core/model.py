@@ -17,7 +17,7 @@ from .errors import TraceError, UnknownNameError
 from .probes import walk_modules
 from .schema import ArchitectureSchema
 from .sites import MODEL_OUTPUT, static_site_names
-from .trace import Trace
+from .trace import Trace, active_traces
 
 
 class _OutputProxy:
@@ -70,7 +70,6 @@ class InterpretableModel:
         self.model = model
         self.tokenizer = tokenizer
         self.load_report: dict[str, Any] | None = None  # set by mlxterp.load
-        self._active_traces: list[Trace] = []
         self._splices: list[Any] = []  # attached by `with model.saes(...)`
         if schema is not None:
             if not isinstance(schema, ArchitectureSchema):
@@ -181,11 +180,12 @@ class InterpretableModel:
         return _OutputProxy(self)
 
     def _current_trace(self) -> Trace:
-        if not self._active_traces:
+        active = active_traces(self)
+        if not active:
             raise TraceError(
                 "model.output is only available inside a `with model.trace(...)` block."
             )
-        return self._active_traces[-1]
+        return active[-1]
 
     # -- names ---------------------------------------------------------------------------
 

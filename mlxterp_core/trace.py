@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
@@ -386,11 +386,11 @@ class Trace:
     def __enter__(self) -> Trace:
         if not self._ran:
             self.run()
-        self._model._active_traces.append(self)
+        active_traces(self._model).append(self)
         return self
 
     def __exit__(self, *exc_info) -> bool:
-        stack = self._model._active_traces
+        stack = active_traces(self._model)
         if stack and stack[-1] is self:
             stack.pop()
         return False  # exceptions in the block propagate
@@ -438,7 +438,7 @@ class Hooks:
         self._model = model
         self._interventions = dict(interventions or {})
         self._capture_given = capture
-        attached = getattr(model, "_splices", [])
+        attached = model.attached_saes
         self.splices = Splices(model, [*attached, *splice_list(saes)]) if attached or saes else None
         self._capture, edits, self._asked, self._capture_set = self._translate()
         self.stop_site = self._stop_site(stop_after)
@@ -648,6 +648,16 @@ class Hooks:
 
 
 _NAMES_CACHE_SIZE = 256  # requests remembered per model; then the cache starts afresh
+# model -> (its architecture, {request: resolved names}); forgotten with the model
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the traces inside a `with model.trace(...)` block, innermost last
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def active_traces(model: InterpretableModel) -> list[Trace]:
+    """The model's traces whose ``with`` block is running, innermost last (``model.output``
+    reads the innermost)."""
+    return _ACTIVE.setdefault(model, [])
 
 
 def _cached_names(hooks: Hooks) -> tuple[list[str] | None, dict[str, str], dict[str, list], NameSet | None]:
@@ -662,9 +672,9 @@ def _cached_names(hooks: Hooks) -> tuple[list[str] | None, dict[str, str], dict[
         hash(key)
     except TypeError:  # not names: let the resolution report it
         return hooks._resolve_names()
-    cache = model.__dict__.get("_trace_names")
+    cache = _NAMES.get(model)
     if cache is None or cache[0] is not model.architecture:
-        cache = model.__dict__["_trace_names"] = (model.architecture, {})
+        cache = _NAMES[model] = (model.architecture, {})
     names = cache[1].get(key)
     if names is None:
         names = hooks._resolve_names()  # raises on an unknown name: nothing is remembered

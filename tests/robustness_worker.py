@@ -29,6 +29,7 @@ from mlxterp import interventions as iv  # noqa: E402
 from mlxterp_core.errors import MlxterpError  # noqa: E402
 from mlxterp_core.names import DERIVED_BLOCK_NAMES, MODEL_NAMES  # noqa: E402
 from mlxterp_core.probes import walk_modules  # noqa: E402
+from mlxterp_core.trace import active_traces  # noqa: E402
 from mlxterp_core.schema import BLOCK_NAMES  # noqa: E402
 
 GROUP, EXAMPLES = sys.argv[1], int(sys.argv[2])
@@ -313,7 +314,7 @@ if not (after.dtype == REFERENCE.dtype and mx.array_equal(after, REFERENCE).item
     print("FAILED: the model's output changed after the bad inputs", flush=True)
     sys.exit(1)
 left = [(path, cls.__name__, type(m).__name__) for (path, cls), (_, m) in zip(CLASSES, walk_modules(model.model)) if type(m) is not cls]
-if left or model._active_traces:
-    print(f"FAILED: probes or traces left behind: {left[:3]} {model._active_traces}", flush=True)
+if left or active_traces(model):
+    print(f"FAILED: probes or traces left behind: {left[:3]} {active_traces(model)}", flush=True)
     sys.exit(1)
 print(f"OK {GROUP}: {EXAMPLES} examples, calls {TALLY}", flush=True)

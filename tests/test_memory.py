@@ -8,6 +8,7 @@ import resource
 import mlx.core as mx
 
 from mlxterp import interventions as iv
+from mlxterp_core.trace import active_traces
 
 N_TRACES = 1000
 # Bounds: MLX memory in use must come back to within 64 KiB of where it started (it holds no
@@ -45,4 +46,4 @@ def test_thousand_traces_do_not_grow_memory(llama):
     print(f"after {N_TRACES} traces: MLX active memory {mlx_growth:+d} B, RSS {rss_growth / 2**20:+.1f} MiB")
     assert mlx_growth <= MLX_BOUND
     assert rss_growth <= RSS_BOUND
-    assert llama._active_traces == []
+    assert active_traces(llama) == []

@@ -7,7 +7,6 @@ returned figure shows inline.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxterp.plugin import finish, pyplot, token_label
