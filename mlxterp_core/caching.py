@@ -31,12 +31,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import mlx.core as mx
 import numpy as np
 
 from . import distributed
-from .corpus import DEFAULT_BATCH_SIZE, Windows, read_documents, token_windows
+from .corpus import DEFAULT_BATCH_SIZE, Windows, tokenize
 from .dataset import (
     FORMAT,
     MANIFEST,
@@ -52,24 +51,11 @@ from .dataset import (
 )
 from .errors import MlxterpError
 from .inputs import pad_id
+from .stream import Site, SiteReader, resolve_sites, stop_for, take_rows
 
 SHARD_BYTES = 256 << 20  # default shard size: bounds the RAM per shard and the work lost per crash
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# standard names whose tensors are not one row per token
-_NOT_ROWS = {"attn.q_heads", "attn.k_heads", "attn.v_heads", "attn.z_heads", "attn.q_rot", "attn.k_rot", "attn.pattern"}
 _OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+\.safetensors)(\.tmp)?$")
-
-
-@attrs.frozen
-class Site:
-    """One cached tensor: its stored name, the raw site it is read from, one row's shape."""
-
-    name: str
-    raw: str
-    read: Callable[[mx.array], mx.array] | None
-    shape: tuple[int, ...]
-    dtype: mx.Dtype
-    layer: int | None  # block it is computed in (-1: before layer 0); None: after the blocks or unknown
 
 
 def cache_activations(
@@ -123,17 +109,15 @@ def cache_activations(
     if not names or not all(isinstance(n, str) for n in names):
         raise DatasetError(f"sites must be a site name or a non-empty list of names, got {sites!r}.")
     stored = _stored_dtype(dtype)
-    if not isinstance(corpus, (str, Path)) and not isinstance(corpus, (list, tuple)):
-        corpus = list(read_documents(corpus))  # read twice below: keep a one-shot iterator's documents
-    windows = dict(context_size=context_size, batch_size=batch_size, packing=packing,
-                   prepend_bos=prepend_bos, max_tokens=max_tokens)
+    tokens = tokenize(model, corpus, prepend_bos=prepend_bos, max_tokens=max_tokens)  # once: the plan keeps the ids
+    windows = dict(context_size=context_size, batch_size=batch_size, packing=packing)
 
-    plan_rows, corpus_id = _plan(model, corpus, windows)
-    first = next(token_windows(model, corpus, **windows))
+    plan_rows, corpus_id = _plan(tokens, windows)
+    first = next(tokens.windows(**windows))
     probe = mx.array(first.tokens[:1, : min(5, int(first.lengths[0]))])
     whole: dict[str, mx.array] = {}
     site_list = resolve_sites(model, names, probe, stored, whole)
-    stop = _stop_site(model, site_list, probe, whole)
+    stop = stop_for(model, site_list, probe, whole)
     bytes_per_token = sum(int(np.prod(s.shape)) * s.dtype.size for s in site_list) + 21
     if shard_tokens is None:
         shard_tokens = max(1, SHARD_BYTES // bytes_per_token)
@@ -181,7 +165,7 @@ def cache_activations(
     ok, error = True, None
     written: dict[int, dict] = {}
     try:
-        written = _run(model, corpus, windows, site_list, stop, shards, mine, done, out, fingerprint,
+        written = _run(model, tokens, windows, site_list, stop, shards, mine, done, out, fingerprint,
                        rank, size, progress)
     except (MlxterpError, OSError) as e:
         ok, error = False, e
@@ -226,11 +210,11 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _plan(model, corpus, windows) -> tuple[list[int], dict]:
+def _plan(tokens, windows) -> tuple[list[int], dict]:
     """Real tokens per batch, and the identity of the token stream (count and sha256)."""
     digest = hashlib.sha256()
     rows, documents = [], -1
-    for batch in token_windows(model, corpus, **windows):
+    for batch in tokens.windows(**windows):
         mask = batch.mask
         for field in (batch.tokens, batch.document, batch.position):
             digest.update(np.ascontiguousarray(field[mask]).tobytes())
@@ -249,79 +233,6 @@ def _shards(rows: list[int], shard_batches: int) -> list[dict]:
         shards.append({"shard": k, "file": f"shard-{k:06d}.safetensors", "batches": [first, last], "rows": n, "tokens": [token, token + n]})
         token += n
     return shards
-
-
-def resolve_sites(model, names: list[str], probe: mx.array, dtype: mx.Dtype | None,
-                  seen: dict[str, mx.array] | None = None) -> list[Site]:
-    """The tensors ``names`` mean, in order, each checked on a short ``probe`` forward pass
-    (whose raw records are put in ``seen`` when given)."""
-    from .names import is_raw, parse
-    from .sites import canonical_site, is_glob, layer_of, matches
-    from .trace import Hooks
-
-    asked: list[tuple[str, Any]] = []
-    capture: list[str] = []
-    for name in names:
-        if is_raw(name):
-            asked.append((name, None))
-            capture.append(name)
-            continue
-        for resolved in model.architecture_or_raise(name).resolve(name):
-            if parse(resolved.name).sub in _NOT_ROWS:
-                raise DatasetError(
-                    f"{name!r} ({resolved.name}) is not one row per token, so it cannot be cached as "
-                    "(rows, d); cache the (B, T, H*D) name instead (e.g. 'layers[i].attn.q' or '.attn.z')."
-                )
-            asked.append((name, resolved))
-            capture.append(resolved.site)
-    with Hooks(model, capture=capture) as hooks:
-        _, recorded = hooks(probe)
-    if seen is not None:
-        seen.update(recorded)
-    length = probe.shape[1]
-    found: dict[str, Site] = {}
-    for name, resolved in asked:
-        if resolved is not None:
-            candidates = [(resolved.name, resolved.site, resolved.read if resolved.view else None, layer_of(resolved.name))]
-        else:
-            keys = [k for k in recorded if matches(k, name)] if is_glob(name) else [canonical_site(name)]
-            candidates = [(k, k, None, layer_of(k)) for k in keys]
-        for stored, raw, read, layer in candidates:
-            value = read(recorded[raw]) if read else recorded[raw]
-            if not isinstance(value, mx.array) or value.ndim < 2 or tuple(value.shape[:2]) != (1, length):
-                shape = tuple(value.shape) if isinstance(value, mx.array) else type(value).__name__
-                raise DatasetError(
-                    f"site {stored!r} (from {name!r}) has shape {shape} for 1 x {length} tokens: not one "
-                    "row per token, so it cannot be cached as (rows, d)."
-                )
-            width = int(np.prod(value.shape[2:], dtype=np.int64))
-            if not mx.issubdtype(value.dtype, mx.floating):
-                raise DatasetError(f"site {stored!r} holds {value.dtype} values, not activations.")
-            found.setdefault(stored, Site(stored, raw, read, (width,), dtype or value.dtype, layer))
-    return list(found.values())
-
-
-def _stop_site(model, site_list: list[Site], probe: mx.array | None = None,
-               whole: dict[str, mx.array] | None = None) -> str | None:
-    """Where a pass that records ``site_list`` can stop (``Hooks(stop_after=...)``), or None
-    (run everything). With a ``probe`` (B, T) the stop is checked: a stopped pass must record
-    every site, each equal to the whole pass's value (``whole``: raw site -> value, if already
-    run); a model that computes its blocks in another order (or reuses one) runs whole instead."""
-    from .sites import stop_name
-    from .trace import Hooks
-
-    stop = stop_name(s.layer for s in site_list)
-    if stop is None or probe is None:
-        return stop
-    raws = sorted({s.raw for s in site_list})
-    if whole is None or any(raw not in whole for raw in raws):
-        with Hooks(model, capture=raws) as hooks:
-            _, whole = hooks(probe)
-    with Hooks(model, capture=raws, stop_after=stop) as hooks:
-        _, stopped = hooks(probe)
-    if any(raw not in stopped or not mx.array_equal(stopped[raw], whole[raw]).item() for raw in raws):
-        return None
-    return stop
 
 
 def model_identity(model) -> dict[str, Any]:
@@ -530,10 +441,9 @@ class _Writer:
         self.check()
 
 
-def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, fingerprint, rank, size, progress):
+def _run(model, tokens, windows, site_list, stop, shards, mine, done, out, fingerprint, rank, size, progress):
     """Compute and write this rank's unfinished shards; their journal entries."""
     from .progress import progress_bar
-    from .trace import Hooks
 
     todo = [k for k in mine if k not in done]
     if not todo:
@@ -552,7 +462,6 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
     writer = _Writer()
     current: dict[str, Any] = {}
     opened: set[ShardFile] = set()  # files not yet published (the writer removes finished ones)
-    capture = sorted({s.raw for s in site_list})
     state = {"row": 0}
 
     def dispatch(batch: Windows, rows: dict[str, Any]) -> None:
@@ -578,12 +487,12 @@ def _run(model, corpus, windows, site_list, stop, shards, mine, done, out, finge
             current = {}
 
     try:
-        with Hooks(model, capture=capture, stop_after=stop) as hooks:
+        with SiteReader(model, site_list, stop=stop) as reader:
             pending = None
-            for batch in token_windows(model, corpus, **windows):
+            for batch in tokens.windows(**windows):
                 if batch_shard[batch.index] not in todo_set:
                     continue
-                rows = _batch_rows(hooks, batch, site_list)
+                rows = _batch_rows(reader, batch, site_list)
                 mx.async_eval(list(rows.values()))  # computes while the previous batch is handed on
                 if pending is not None:
                     dispatch(*pending)
@@ -609,21 +518,15 @@ def _layout(site_list: list[Site], rows: int) -> dict[str, tuple[str, tuple[int,
     return layout
 
 
-def _batch_rows(hooks, batch: Windows, site_list: list[Site]) -> dict[str, mx.array]:
+def _batch_rows(reader, batch: Windows, site_list: list[Site]) -> dict[str, mx.array]:
     """Site name -> the (n_tokens, d) rows of the batch's real tokens (lazy)."""
-    _, recorded = hooks(batch.inputs, evaluate=False)
-    n, t = batch.tokens.shape
-    real = None if batch.n_tokens == n * t else mx.array(np.flatnonzero(batch.mask).astype(np.int32))
-    rows = []
-    for site in site_list:
-        x = recorded[site.raw]
-        x = site.read(x) if site.read else x
-        x = x.reshape(n * t, -1)
-        if real is not None:
-            x = x[real]
-        x = x.astype(site.dtype)
-        rows.append(x.view(mx.uint16) if site.dtype == mx.bfloat16 else x)
-    return {s.name: x for s, x in zip(site_list, rows)}
+    acts, _ = reader.read(batch.inputs)
+    rows = take_rows(acts, batch.mask)
+    return {s.name: _stored(rows[s.name].astype(s.dtype)) for s in site_list}
+
+
+def _stored(x: mx.array) -> mx.array:
+    return x.view(mx.uint16) if x.dtype == mx.bfloat16 else x
 
 
 def _batch_fields(batch: Windows) -> dict[str, np.ndarray]:

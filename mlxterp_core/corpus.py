@@ -172,8 +172,8 @@ class Windows:
 
 
 def token_windows(
-    model: Any,
-    corpus: str | Path | Iterable[str],
+    tokenizer: Any,
+    corpus: str | Path | Iterable[str] | TokenizedCorpus,
     context_size: int,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -184,8 +184,11 @@ def token_windows(
     """Batches of ``batch_size`` token windows of ``corpus`` (see the module doc).
 
     Args:
-        model: an InterpretableModel with a tokenizer, or a tokenizer.
-        corpus: a path or an iterable of strings (see :func:`read_documents`).
+        tokenizer: the tokenizer; an InterpretableModel stands for its own tokenizer (and
+            then the ids are also checked against its embedding).
+        corpus: a path or an iterable of strings (see :func:`read_documents`), read and
+            tokenized as the windows are made; or a :class:`TokenizedCorpus` (tokenized once
+            by :func:`tokenize`, then ``prepend_bos`` and ``max_tokens`` are its own).
         context_size: tokens per window (T).
         batch_size: windows per batch (B); only the last batch can have fewer.
         packing: pack documents into full windows (True) or one document per window (False).
@@ -195,29 +198,74 @@ def token_windows(
     Yields:
         :class:`Windows`, in corpus order.
     """
-    tokenizer = _tokenizer(model)
-    for name, value in (("context_size", context_size), ("batch_size", batch_size)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise CorpusError(f"{name} must be a positive integer, got {value!r}.")
-    if max_tokens is not None and max_tokens < 1:
+    if isinstance(corpus, TokenizedCorpus):
+        return corpus.windows(context_size, batch_size=batch_size, packing=packing)
+    return tokenize(tokenizer, corpus, prepend_bos=prepend_bos, max_tokens=max_tokens, keep=False).windows(
+        context_size, batch_size=batch_size, packing=packing)
+
+
+def tokenize(
+    tokenizer: Any,
+    corpus: str | Path | Iterable[str],
+    *,
+    prepend_bos: bool = True,
+    max_tokens: int | None = None,
+    keep: bool = True,
+) -> TokenizedCorpus:
+    """``corpus`` tokenized once (each document encoded once, BOS prepended as
+    :func:`token_windows` does), so that it can be windowed any number of times without
+    reading or encoding it again; ``keep=False`` reads and encodes lazily instead, for one
+    pass. ``tokenizer`` as in :func:`token_windows`."""
+    tokenizer, vocab = _tokenizer(tokenizer)
+    if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1):
         raise CorpusError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
     bos_id = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
     bos_id = bos_id if isinstance(bos_id, int) else None
+    if keep and not isinstance(corpus, (str, Path)):
+        corpus = list(read_documents(corpus))  # an iterator can be read once
     pieces = _tokenized(tokenizer, corpus, bos_id, max_tokens)
-    windows = _packed(pieces, context_size) if packing else _per_document(pieces, context_size)
-    fill = pad_id(tokenizer)
-    marker = getattr(tokenizer, "bos_token_id", None)
-    marker = marker if isinstance(marker, int) else None
-    vocab = getattr(model, "embedding_vocab_size", None) if tokenizer is not model else None
-    batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    index = first = 0
-    for window in windows:
-        batch.append(window)
-        if len(batch) == batch_size:
-            yield _checked(_batch(batch, fill, marker, index, first), vocab)
-            index, first, batch = index + 1, first + len(batch), []
-    if batch:
-        yield _checked(_batch(batch, fill, marker, index, first), vocab)
+    return TokenizedCorpus(tokenizer, list(pieces) if keep else pieces, vocab)
+
+
+class TokenizedCorpus:
+    """A corpus tokenized by :func:`tokenize`: per document, its int32 ids (BOS prepended).
+    ``windows(...)`` cuts it into batches of token windows as :func:`token_windows` does;
+    ``n_tokens`` counts its tokens. Kept in memory: 4 bytes a token."""
+
+    def __init__(self, tokenizer: Any, pieces: Any, vocab_size: int | None):
+        self.tokenizer, self.pieces, self.vocab_size = tokenizer, pieces, vocab_size
+        self._read = False
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(ids) for _, ids in self.pieces)
+
+    def windows(self, context_size: int, *, batch_size: int = DEFAULT_BATCH_SIZE, packing: bool = True) -> Iterator[Windows]:
+        """Batches of token windows (see :func:`token_windows`)."""
+        for name, value in (("context_size", context_size), ("batch_size", batch_size)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise CorpusError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.pieces, list):
+            if self._read:
+                raise CorpusError("this corpus was read lazily and has been read: tokenize(..., keep=True) to window it again.")
+            self._read = True
+        return self._windows(context_size, batch_size, packing)
+
+    def _windows(self, context_size: int, batch_size: int, packing: bool) -> Iterator[Windows]:
+        tokenizer = self.tokenizer
+        windows = _packed(self.pieces, context_size) if packing else _per_document(self.pieces, context_size)
+        fill = pad_id(tokenizer)
+        marker = getattr(tokenizer, "bos_token_id", None)
+        marker = marker if isinstance(marker, int) else None
+        batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        index = first = 0
+        for window in windows:
+            batch.append(window)
+            if len(batch) == batch_size:
+                yield _checked(_batch(batch, fill, marker, index, first), self.vocab_size)
+                index, first, batch = index + 1, first + len(batch), []
+        if batch:
+            yield _checked(_batch(batch, fill, marker, index, first), self.vocab_size)
 
 
 def _checked(windows: Windows, vocab_size: int | None) -> Windows:
@@ -227,18 +275,17 @@ def _checked(windows: Windows, vocab_size: int | None) -> Windows:
     return windows
 
 
-def _tokenizer(model: Any) -> Any:
-    from .model import InterpretableModel
-
-    if not isinstance(model, InterpretableModel):
-        return model  # a tokenizer
-    tokenizer = model.tokenizer
-    if tokenizer is None:
+def _tokenizer(source: Any) -> tuple[Any, int | None]:
+    """(tokenizer, embedding rows to check ids against) of a tokenizer or of an
+    InterpretableModel (anything with ``.tokenizer`` and ``.embedding_vocab_size``)."""
+    if not hasattr(source, "embedding_vocab_size"):
+        return source, None
+    if source.tokenizer is None:
         raise CorpusError(
             "windowing a text corpus needs a tokenizer: InterpretableModel(module, tokenizer=...) "
             "or mlxterp.load(...), which brings the model's own."
         )
-    return tokenizer
+    return source.tokenizer, source.embedding_vocab_size
 
 
 def _tokenized(tokenizer, corpus, bos_id, max_tokens) -> Iterator[tuple[int, np.ndarray]]:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -345,9 +345,19 @@ class ActivationDataset:
         return [s["file"] for s in self.shards
                 if not (self.path / s["file"]).is_file() or sha256_file(self.path / s["file"]) != s["sha256"]]
 
+    def shard_field(self, k: int, name: str) -> np.ndarray:
+        """Per-row field ``name`` ('bos', 'offset', ...) of shard ``k``, as numpy."""
+        return np.asarray(self._mmap(k, name))
+
+    def shard_rows(self, k: int, site: str, keep: np.ndarray | None = None) -> np.ndarray:
+        """The rows of ``site`` in shard ``k`` (where ``keep`` is True), read into memory as
+        numpy (bfloat16 as its uint16 bits)."""
+        rows = self._mmap(k, self.site_name(site))
+        return np.array(rows) if keep is None or keep.all() else np.asarray(rows)[keep]
+
     def batches(
         self,
-        site: str,
+        site: str | Sequence[str],
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
@@ -357,63 +367,36 @@ class ActivationDataset:
         buffer_rows: int = 1 << 18,
         drop_last: bool = False,
         with_index: bool = False,
-    ) -> Iterator[mx.array]:
-        """Batches of rows of ``site``: (batch_size, d) mx.arrays in the stored dtype.
+        repeat: bool = False,
+    ):
+        """Batches of rows of ``site``: (batch_size, d) mx.arrays in the stored dtype (a list
+        of sites: dicts {site: rows}, the same rows of every site).
 
         With ``shuffle`` (deterministic given ``seed``): shards are visited in a random order and
         their rows are mixed in a buffer of about ``buffer_rows`` rows, of which half is served
-        before the buffer is refilled (the SAELens recipe); memory stays bounded by the buffer
-        and one shard. Without it, rows come in dataset order. BOS rows are left out unless
-        ``skip_bos=False``, and so is the first position of every window unless
-        ``skip_first=False``: with nothing before it, that token is the model's attention sink
-        and its activations are outliers like BOS's, BOS or not. ``with_index`` yields
-        ``(batch, row_indices)`` so that ``ds.tokens[row_indices]`` etc. line up with the batch.
+        before the buffer is refilled (the SAELens recipe, :class:`~mlxterp_core.stream.MixingBuffer`);
+        memory stays bounded by the buffer and one shard. Without it, rows come in dataset order.
+        BOS rows are left out unless ``skip_bos=False``, and so is the first position of every
+        window unless ``skip_first=False`` (the policy of :func:`mlxterp_core.stream.trainable`).
+        ``with_index`` yields ``(batch, row_indices)`` so that ``ds.tokens[row_indices]`` etc.
+        line up with the batch. ``repeat`` starts again (a new shard order) at the end.
+
+        The result is an iterator with ``state()`` / ``restore()`` (see
+        :class:`~mlxterp_core.stream.Batches`), so a trainer's checkpoint can resume it exactly.
         """
-        name = self.site_name(site)
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise DatasetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        from .stream import Batches, DatasetRows
+
+        sites = [site] if isinstance(site, str) else list(site)
+        names = [self.site_name(s) for s in sites]
+        dtypes = {name: getattr(mx, self.site_info(name)["dtype"]) for name in names}
         rng = np.random.default_rng(seed)
-        dtype = self.site_info(name)["dtype"] if name in self.sites else None
-        mx_dtype = getattr(mx, dtype) if dtype else None
-        starts = np.cumsum([0] + [s["rows"] for s in self.shards])
-        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-        keep_rows = max(buffer_rows // 2, batch_size) if shuffle else 0
-        held_rows: list[np.ndarray] = []
-        held_index: list[np.ndarray] = []
-        held = 0
+        source = DatasetRows(self, names, rng=rng if shuffle else None, repeat=repeat,
+                             skip_bos=skip_bos, skip_first=skip_first, with_index=with_index)
 
-        def emit(rows: np.ndarray, index: np.ndarray, n: int):
-            for a in range(0, n, batch_size):
-                batch = rows[a : a + batch_size]
-                out = _to_mx(batch, mx_dtype) if mx_dtype is not None else mx.array(batch)
-                yield (out, index[a : a + batch_size]) if with_index else out
+        def convert(batch: dict[str, np.ndarray]):
+            rows = {name: _to_mx(batch[name], dtypes[name]) for name in names}
+            out = rows[names[0]] if isinstance(site, str) else rows
+            return (out, batch["index"]) if with_index else out
 
-        for k in order:
-            rows = np.asarray(self._mmap(int(k), name))
-            index = np.arange(starts[k], starts[k + 1])
-            real = np.ones(len(index), dtype=bool)
-            if skip_bos:
-                real &= ~np.asarray(self._mmap(int(k), "bos"))
-            if skip_first:
-                real &= np.asarray(self._mmap(int(k), "offset")) != 0
-            if not real.all():
-                rows, index = rows[real], index[real]
-            held_rows.append(np.array(rows))
-            held_index.append(index)
-            held += len(index)
-            if held < buffer_rows + batch_size and shuffle:
-                continue
-            rows, index = np.concatenate(held_rows), np.concatenate(held_index)
-            if shuffle:
-                perm = rng.permutation(len(index))
-                rows, index = rows[perm], index[perm]
-            serve = (len(index) - keep_rows) // batch_size * batch_size
-            yield from emit(rows, index, serve)
-            held_rows, held_index, held = [rows[serve:]], [index[serve:]], len(index) - serve
-        if held:
-            rows, index = np.concatenate(held_rows), np.concatenate(held_index)
-            if shuffle:
-                perm = rng.permutation(len(index))
-                rows, index = rows[perm], index[perm]
-            n = len(index) // batch_size * batch_size if drop_last else len(index)
-            yield from emit(rows, index, n)
+        return Batches(source, batch_size, buffer_rows=buffer_rows, shuffle=shuffle, drop_last=drop_last,
+                       rng=rng, convert=convert)

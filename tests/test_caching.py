@@ -14,7 +14,7 @@ from helpers import CORPUS, tiny_llama, train_tokenizer
 
 import mlxterp
 from mlxterp import ActivationDataset, CorpusError, DatasetError, InterpretableModel, UnknownNameError, token_windows
-from mlxterp_core import caching, dataset
+from mlxterp_core import caching, dataset, stream
 
 DOCS = CORPUS * 4
 SITES = ["layers[1]", "layers[*].mlp", "model.model.layers.0.self_attn.*_proj"]
@@ -72,10 +72,10 @@ def test_cached_rows_are_the_traced_activations(model, tmp_path, packing):
 
 
 def test_forward_stops_after_the_last_layer_needed(model, tmp_path, monkeypatch):
-    sites = caching.resolve_sites(model, ["layers[1].mlp.act", "embed"], mx.array([[1, 2, 3]]), None)
-    assert caching._stop_site(model, sites) == "layers.1.output"  # (Hooks stop there: the input of block 2)
-    assert caching._stop_site(model, sites, mx.array([[1, 2, 3]])) == "layers.1.output"  # checked
-    assert caching._stop_site(model, caching.resolve_sites(model, ["ln_final"], mx.array([[1, 2]]), None)) is None
+    sites = stream.resolve_sites(model, ["layers[1].mlp.act", "embed"], mx.array([[1, 2, 3]]), None)
+    assert stream.stop_for(model, sites) == "layers.1.output"  # (Hooks stop there: the input of block 2)
+    assert stream.stop_for(model, sites, mx.array([[1, 2, 3]])) == "layers.1.output"  # checked
+    assert stream.stop_for(model, stream.resolve_sites(model, ["ln_final"], mx.array([[1, 2]]), None)) is None
     calls = []
     block = type(model.model.model.layers[2])
     original = block.__call__
@@ -300,3 +300,24 @@ def test_real_model_rows_are_the_traced_activations(tmp_path):
             assert np.array_equal(np.array(ds[site][row : row + batch.n_tokens]), expected), site
         row += batch.n_tokens
     assert ds.manifest["model"]["weights_sha256"] == dataset.sha256_file(mlxterp.default_model_path())
+
+
+def test_caching_encodes_each_document_once(model, tmp_path):
+    """The plan keeps the corpus's token ids: a document is encoded once per run (the plan
+    and the forward passes read the same ids), one encode call per non-empty document."""
+    tok = train_tokenizer()
+    tok.bos_token = "<|endoftext|>"
+    encoded: list[str] = []
+    real_encode = type(tok).encode
+
+    class Counting(type(tok)):
+        def encode(self, text, *args, **kwargs):
+            encoded.append(text)
+            return real_encode(self, text, *args, **kwargs)
+
+    tok.__class__ = Counting
+    counted = InterpretableModel(model.model, tokenizer=tok)
+    docs = DOCS * 3
+    ds = cache(counted, tmp_path / "once", docs=docs)
+    assert ds.n_tokens > 0
+    assert sorted(encoded) == sorted(d for d in docs if d.strip())
