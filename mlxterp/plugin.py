@@ -15,7 +15,7 @@ activation stream and datasets, files, progress, distributed helpers, the result
 from mlxterp_core import interventions, options
 from mlxterp_core.architecture import Architecture, read_attribute
 from mlxterp_core.backend import on_cpu
-from mlxterp_core.corpus import Windows, default_corpus, read_documents, token_windows
+from mlxterp_core.corpus import TokenizedCorpus, Windows, default_corpus, read_documents, token_windows, tokenize
 from mlxterp_core.dataset import ActivationDataset, DatasetError
 from mlxterp_core.distributed import map_rows
 from mlxterp_core.errors import (
@@ -27,10 +27,11 @@ from mlxterp_core.errors import (
     OptionError,
     TraceError,
     UnknownNameError,
+    WriteError,
     did_you_mean,
 )
 from mlxterp_core.figures import finish, pyplot, token_label
-from mlxterp_core.files import read_json, read_text, write_text_atomic
+from mlxterp_core.files import read_json, read_text, write_atomic, write_json
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.interventions import Intervention
 from mlxterp_core.load import LoadError
@@ -50,8 +51,25 @@ from mlxterp_core.sites import (
     module_part,
     stop_name,
 )
+from mlxterp_core.stream import (
+    ArrayRows,
+    Batches,
+    DatasetRows,
+    MixingBuffer,
+    RowSource,
+    Site,
+    SiteReader,
+    TextRows,
+    resolve_sites,
+    site_batches,
+    stop_for,
+    take_rows,
+    trainable,
+    trainable_stored,
+)
 from mlxterp_core.text import ids_text, token_ids, token_text
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Hooks
+from mlxterp_core.training import Run, load_checkpoint, save_checkpoint, train_steps
 from mlxterp_core.views import (
     Display,
     attention_html,
@@ -71,7 +89,7 @@ __all__ = [
     "hookimpl",
     # errors
     "MlxterpError", "InputError", "OptionError", "FileFormatError", "UnknownNameError", "TraceError",
-    "InterventionError", "CorpusError", "DatasetError", "LoadError", "did_you_mean",
+    "InterventionError", "CorpusError", "DatasetError", "LoadError", "WriteError", "did_you_mean",
     # running the model
     "Hooks", "Activations", "MODEL_OUTPUT", "probes_installed", "interventions", "Intervention", "on_cpu",
     # names, sites, architectures
@@ -81,9 +99,15 @@ __all__ = [
     # options
     "options",
     # corpora, windows, datasets
-    "Windows", "token_windows", "read_documents", "default_corpus", "ActivationDataset",
+    "Windows", "token_windows", "tokenize", "TokenizedCorpus", "read_documents", "default_corpus",
+    "ActivationDataset",
+    # the activation stream
+    "Site", "resolve_sites", "stop_for", "SiteReader", "site_batches", "take_rows", "trainable",
+    "trainable_stored", "RowSource", "TextRows", "DatasetRows", "ArrayRows", "MixingBuffer", "Batches",
+    # the training loop: steps, progress, checkpoints, resume
+    "train_steps", "Run", "save_checkpoint", "load_checkpoint",
     # files, progress, distributed
-    "read_text", "read_json", "write_text_atomic", "progress_bar", "progress_over", "map_rows",
+    "read_text", "read_json", "write_atomic", "write_json", "progress_bar", "progress_over", "map_rows",
     # the result kit
     "Serialisable", "LayerMapping",
     # the view kit

@@ -47,9 +47,9 @@ from .dataset import (
     ShardFile,
     dtype_code,
     sha256_file,
-    write_json_atomic,
 )
 from .errors import MlxterpError
+from .files import write_json
 from .inputs import pad_id
 from .stream import Site, SiteReader, resolve_sites, stop_for, take_rows
 
@@ -318,7 +318,7 @@ def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool
     for p in out.glob("*.tmp"):  # a killed run's half-written file
         p.unlink()
     if overwrite or not (out / SETTINGS).is_file():
-        write_json_atomic(out / SETTINGS, {**settings, "fingerprint": fingerprint})
+        write_json(out / SETTINGS, {**settings, "fingerprint": fingerprint})
 
 
 def _check_settings(out: Path, existing: dict, settings: dict) -> None:
@@ -393,7 +393,7 @@ def _write_manifest(out, settings, fingerprint, shards, entries, seconds) -> Non
         "software": {"mlx": mx.__version__, "mlxterp": getattr(mlxterp_core, "__version__", None) or _version()},
         "last_run": {"seconds": round(seconds, 3)},
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
 
 
 def _version() -> str | None:

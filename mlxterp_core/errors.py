@@ -38,6 +38,11 @@ class FileFormatError(MlxterpError, ValueError):
     """A file that is missing, truncated, not the format expected, or of another kind."""
 
 
+class WriteError(MlxterpError, OSError):
+    """A file that could not be written (a full disk, a read-only folder); what was there
+    before is unchanged."""
+
+
 class TraceError(MlxterpError, RuntimeError):
     """A trace used out of order: ``model.output`` outside a trace, nested traces, ..."""
 

@@ -4,11 +4,14 @@ a bare ``json.JSONDecodeError`` or ``KeyError`` from deep inside."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import FileFormatError
+from .errors import FileFormatError, MlxterpError, WriteError
 
 
 def read_text(path: str | Path, expected: str) -> str:
@@ -58,19 +61,59 @@ def read_toml(path: str | Path, expected: str) -> dict[str, Any]:
         raise FileFormatError(f"{Path(path)} is not valid TOML ({e}); expected {expected}.") from None
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so that a crash or an
-    interrupt leaves either the old file or the new one, never half of one."""
-    import os
-    import tempfile
-
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write ``path`` so that a crash, an interrupt or a full disk leaves the old file (or
+    none) and never half of one: a temporary file in the same folder (named with the target's
+    suffix, which MLX's writers need), synced, renamed into place, the folder synced. ``data``
+    is text (UTF-8), bytes, or a function that writes the file it is given (e.g.
+    ``lambda tmp: mx.save_safetensors(str(tmp), tensors)``). A failed write is a
+    :class:`WriteError` naming the file; the temporary file is removed."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"writing {path} failed ({e.strerror or e}); the file there before (if any) is "
+                         "unchanged. Free some space or choose another folder, then run it again.") from e
+    except Exception as e:  # MLX's writers raise RuntimeError on a full disk
+        if isinstance(e, MlxterpError):
+            raise
+        raise WriteError(f"writing {path} failed ({e}); the file there before (if any) is unchanged.") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
     return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON, written with :func:`write_atomic`."""
+    return write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Sync a folder's entries (a rename is durable once its folder is synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

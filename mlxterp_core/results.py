@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import cattrs
 
 from .errors import FileFormatError
-from .files import read_json, write_text_atomic
+from .files import read_json, write_atomic
 
 converter = cattrs.Converter()
 KIND_KEY = "mlxterp_result"  # which result class a saved file holds
@@ -33,7 +33,7 @@ class Serialisable:
     def save(self, path: str | Path) -> Path:
         """Write JSON (atomically: an interrupted save leaves any earlier file whole)."""
         data = {KIND_KEY: type(self).__name__, **self.to_data()}
-        return write_text_atomic(path, json.dumps(data, ensure_ascii=False))
+        return write_atomic(path, json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:

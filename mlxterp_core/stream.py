@@ -255,16 +255,18 @@ class RowSource:
 class TextRows(RowSource):
     """Rows at ``names`` traced from a corpus on the fly: the corpus tokenized once, cut into
     windows of ``context_size`` tokens, ``batch_size`` windows per forward pass (stopped
-    after the last block needed), the :func:`trainable` rows of each pass one chunk."""
+    after the last block needed), the :func:`trainable` rows of each pass one chunk
+    (``skip_first=False``: window starts too). ``outputs``: the model runs to the end and each
+    chunk also holds its output's rows under ``"output"`` (a language model's logits)."""
 
     def __init__(self, model, corpus: Any, names: Sequence[str], *, context_size: int, batch_size: int,
-                 repeat: bool = True, skip_first: bool = True):
+                 repeat: bool = True, skip_first: bool = True, outputs: bool = False):
         from .corpus import tokenize
 
         super().__init__(repeat)
         if model.tokenizer is None:
             raise InputError("reading activations from texts needs a model with a tokenizer.")
-        self.model, self.names = model, list(names)
+        self.model, self.names, self.outputs = model, list(names), outputs
         self.context_size, self.batch_size, self.skip_first = context_size, batch_size, skip_first
         self.tokens = tokenize(model, corpus)
         self.batches_read = 0
@@ -292,10 +294,10 @@ class TextRows(RowSource):
                 if empty or not self.repeat:
                     return
 
-        for windows, acts, _ in site_batches(self.model, epochs(), self.names):
+        for windows, acts, output in site_batches(self.model, epochs(), self.names, outputs=self.outputs):
             keep = windows.mask & ~windows.bos if keep_all else trainable(windows)
             if keep.any():
-                yield take_rows(acts, keep)
+                yield take_rows({**acts, "output": output} if self.outputs else acts, keep)
 
 
 class DatasetRows(RowSource):

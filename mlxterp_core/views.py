@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_atomic
+
 
 # ---------------------------------------------------------------- compact repr and the mixin
 
@@ -157,10 +159,7 @@ def write_html(path: str | Path, fragment_html: str, title: str = "mlxterp") -> 
     """Write ``fragment_html`` as a self-contained page (atomically: temporary file, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(document(fragment_html, title), encoding="utf-8")
-    partial.replace(path)
-    return path
+    return write_atomic(path, document(fragment_html, title))
 
 
 # ---------------------------------------------------------------- the views

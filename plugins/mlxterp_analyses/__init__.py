@@ -12,7 +12,16 @@ from mlxterp.plugin import hookimpl
 from .attribution import attribution_patching
 from .decomposition import accumulated_resid, decompose_resid, direct_logit_attribution
 from .heads import attention_patterns
-from .lens import get_token_predictions, logit_lens
+from .logit_lens import (
+    get_token_predictions,
+    layers_per_chunk,
+    lens_fields,
+    logit_lens,
+    prediction_rows,
+    project,
+    token_namer,
+    top_of_logits,
+)
 from .patching import activation_patching
 from .results import (
     AttentionLayers,
@@ -64,4 +73,11 @@ __all__ = [
     "get_token_predictions",
     "logit_lens",
     "steering_vector",
+    # the logit lens's pieces, for other lenses (mlxterp_lenses)
+    "layers_per_chunk",
+    "lens_fields",
+    "prediction_rows",
+    "project",
+    "token_namer",
+    "top_of_logits",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from mlxterp.plugin import hookimpl
 
 from .analysis import tuned_lens
-from .lens import TunedLens, unembed_hash
+from .tuned_lens import TunedLens, unembed_hash
 from .results import LensEvaluation, TunedLensResult
 from .training import evaluate_tuned_lens, train_tuned_lens
 

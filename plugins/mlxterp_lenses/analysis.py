@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxterp_analyses.lens import layers_per_chunk, lens_fields, prediction_rows, project, token_namer, top_of_logits
+from mlxterp_analyses import layers_per_chunk, lens_fields, prediction_rows, project, token_namer, top_of_logits
 from mlxterp.plugin import InputError
 
-from .lens import TunedLens, log_softmax
+from .tuned_lens import TunedLens, log_softmax
 from .results import TunedLensResult
 
 

@@ -1,32 +1,31 @@
-"""Training and evaluating a tuned lens on a corpus, through the trace.
+"""Training and evaluating a tuned lens on a corpus, through the activation stream.
 
-Each micro-batch of token windows (``mlxterp_core.corpus.token_windows``) runs once through the
-model with a capture filter for the streams entering the blocks (``layers[i].input``); the
-model's own final logits are the targets. Translator i is trained on KL(final || lens_i) at the
-same position (the reference's default loss), summed over layers as the reference sums their
-gradients. BOS and padding positions are never trained on. The optimiser and schedule are the
-reference's: SGD with Nesterov momentum 0.9, learning rate 0.1 decaying linearly to 0, weight
-decay 1e-3, gradient norm clipped at 1, 250 steps of 2^18 tokens (gradient accumulation).
+The stream (``mlxterp.plugin.TextRows``) runs each micro-batch of token windows once through the
+model, recording the streams entering the blocks (``layers[i].input``) and the model's own final
+logits, the targets; it keeps the rows every trainer trains on (no padding, BOS or window
+start). Translator i is trained on KL(final || lens_i) at the same position (the reference's
+default loss), summed over layers as the reference sums their gradients. The optimiser and
+schedule are the reference's: SGD with Nesterov momentum 0.9, learning rate 0.1 decaying
+linearly to 0, weight decay 1e-3, gradient norm clipped at 1, 250 steps of 2^18 tokens
+(gradient accumulation over micro-batches). The loop, checkpoints and resume are the core's
+(``mlxterp.plugin.train_steps``): a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxterp_analyses.lens import project
-from mlxterp.plugin import default_corpus, token_windows
-from mlxterp.plugin import InputError
+from mlxterp.plugin import InputError, TextRows, default_corpus, site_batches, token_windows, train_steps, trainable
+from mlxterp_analyses import project
 
-from .lens import TunedLens, _atomic, log_softmax
 from .results import LensEvaluation
+from .tuned_lens import TunedLens, log_softmax
 
 MEMORY_BUDGET = 256 * 2**20  # bytes of float32 logits per (layer, chunk of tokens) of the loss
 
@@ -53,12 +52,13 @@ def train_tuned_lens(
 
     Args:
         lens: continue training this lens (default: a new, zero-initialised one).
-        num_steps, tokens_per_step: optimiser steps, and real tokens (BOS excluded) per step.
+        num_steps, tokens_per_step: optimiser steps, and training tokens per step (no
+            padding, BOS or window start: the stream's one policy).
         context_size, batch_size: the token windows of one micro-batch (one forward pass).
         lr, momentum, weight_decay, grad_clip: SGD-Nesterov as in the reference.
         checkpoint_dir: save the lens, the optimiser state and the data position there every
             ``checkpoint_every`` steps; a later call with the same folder resumes from it.
-        progress: a tqdm bar (silent when not on a terminal).
+        progress: a progress bar (silent when not on a terminal or in a notebook).
     """
     if num_steps < 1 or tokens_per_step < 1:
         raise InputError("num_steps and tokens_per_step must be positive.")
@@ -67,51 +67,95 @@ def train_tuned_lens(
     if lens.num_hidden_layers != arch.n_layers:
         raise InputError(f"this lens has {lens.num_hidden_layers} translators; the model has {arch.n_layers} layers.")
     corpus = default_corpus() if corpus is None else corpus
-    optimizer = optim.SGD(learning_rate=optim.linear_schedule(lr, 0.0, num_steps), momentum=momentum,
-                          weight_decay=weight_decay, nesterov=True)
     settings = {"num_steps": num_steps, "tokens_per_step": tokens_per_step, "context_size": context_size,
                 "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                 "grad_clip": grad_clip}
-    step, consumed = 0, 0
-    checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if checkpoint is not None and (checkpoint / "state.json").is_file():
-        step, consumed = _resume(checkpoint, lens, optimizer, settings)
-    batches = _forever(model, corpus, context_size, batch_size)
-    for _ in range(consumed):  # the micro-batches the checkpoint has already trained on
-        next(batches)
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
-    from tqdm.auto import tqdm
+    rows = TextRows(model, corpus, names, context_size=context_size, batch_size=batch_size, outputs=True)
+    trainer = _LensTrainer(model, lens, names, num_steps, lr, momentum, weight_decay, grad_clip)
+    train_steps(trainer, _Steps(rows, tokens_per_step), num_steps, checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every, settings=settings, progress=progress, desc="tuned lens",
+                what="train_tuned_lens")
+    return lens
 
-    bar = tqdm(total=num_steps, initial=step, desc="tuned lens", unit="step", disable=None if progress else True)
-    while step < num_steps:
+
+class _Steps:
+    """The stream's rows grouped into optimiser steps of ``tokens`` rows: each item is an
+    iterator over the step's chunks (the last one cut; the rest of its micro-batch is not
+    used), read lazily so only one micro-batch is held at a time."""
+
+    def __init__(self, rows: TextRows, tokens: int):
+        self.rows, self.tokens = rows, tokens
+        self._chunks: Iterator | None = None
+
+    def __iter__(self) -> _Steps:
+        return self
+
+    def __next__(self) -> Iterator[dict[str, mx.array]]:
+        if self._chunks is None:
+            self._chunks = iter(self.rows)
+        return self._step()
+
+    def _step(self) -> Iterator[dict[str, mx.array]]:
+        counted = 0
+        while counted < self.tokens:
+            chunk = next(self._chunks)
+            n = next(iter(chunk.values())).shape[0]
+            if counted + n > self.tokens:
+                chunk = {k: v[: self.tokens - counted] for k, v in chunk.items()}
+                n = self.tokens - counted
+            counted += n
+            yield chunk
+
+    def state(self) -> tuple[dict[str, mx.array], dict[str, Any]]:
+        return {}, {"source": self.rows.position}
+
+    def restore(self, tensors: dict[str, mx.array], info: dict[str, Any]) -> None:
+        self.rows.restore(info["source"])
+
+
+class _LensTrainer:
+    """One optimiser step: gradients accumulated over the step's micro-batches, averaged per
+    token, clipped, an SGD-Nesterov update."""
+
+    def __init__(self, model, lens: TunedLens, names: list[str], num_steps: int, lr: float, momentum: float,
+                 weight_decay: float, grad_clip: float):
+        self.model, self.lens, self.names, self.grad_clip = model, lens, names, grad_clip
+        self.optimizer = optim.SGD(learning_rate=optim.linear_schedule(lr, 0.0, num_steps), momentum=momentum,
+                                   weight_decay=weight_decay, nesterov=True)
+        self.kl = 0.0
+
+    def start(self, first) -> None:
+        pass
+
+    def step(self, chunks: Iterator[dict[str, mx.array]]) -> None:
         grads, counted, loss = None, 0, 0.0
-        while counted < tokens_per_step:
-            windows = next(batches)
-            consumed += 1
-            keep = np.flatnonzero((windows.mask & ~windows.bos).ravel())
-            if keep.size == 0:
-                continue
-            keep = keep[: tokens_per_step - counted]
-            trace = model.run(windows.inputs, capture=names)
-            hidden = [trace.activations[n].reshape(-1, trace.activations[n].shape[-1])[mx.array(keep)] for n in names]
-            final = trace.output.reshape(-1, trace.output.shape[-1])[mx.array(keep)]
-            batch_loss, batch_grads = _summed_grads(model, lens, hidden, final)
+        for chunk in chunks:
+            hidden = [chunk[name] for name in self.names]
+            batch_loss, batch_grads = _summed_grads(self.model, self.lens, hidden, chunk["output"])
             grads = batch_grads if grads is None else _add(grads, batch_grads)
             mx.eval(grads)
-            counted += keep.size
+            counted += hidden[0].shape[0]
             loss += batch_loss
         grads = _scale(grads, 1.0 / counted)
-        if grad_clip:
-            grads, _ = optim.clip_grad_norm(grads, grad_clip)
-        optimizer.update(lens, grads)
-        mx.eval(lens.parameters(), optimizer.state)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(kl=f"{loss / counted / arch.n_layers:.3f}")
-        if checkpoint is not None and (step % checkpoint_every == 0 or step == num_steps):
-            _save_checkpoint(checkpoint, lens, optimizer, settings, step, consumed)
-    bar.close()
-    return lens
+        if self.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, self.grad_clip)
+        self.optimizer.update(self.lens, grads)
+        mx.eval(self.lens.parameters(), self.optimizer.state)
+        self.kl = loss / counted / len(self.names)
+
+    def status(self) -> str:
+        return f"kl={self.kl:.3f}"
+
+    def state(self) -> tuple[dict[str, mx.array], dict[str, Any]]:
+        tensors = {f"lens.{k}": v for k, v in self.lens.state().items()}
+        tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
+        return tensors, {"kl": self.kl}
+
+    def load_state(self, tensors: dict[str, mx.array], info: dict[str, Any]) -> None:
+        self.lens.load_state({k[len("lens."):]: v for k, v in tensors.items() if k.startswith("lens.")})
+        self.optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")])
+        self.kl = info["kl"]
 
 
 def evaluate_tuned_lens(
@@ -124,20 +168,21 @@ def evaluate_tuned_lens(
     max_tokens: int | None = None,
 ) -> LensEvaluation:
     """Mean KL(final || lens) in nats per translator (the stream entering each block), for the
-    tuned lens and the logit lens, over the real non-BOS tokens of ``corpus``."""
+    tuned lens and the logit lens, over the tokens of ``corpus`` that trainers use (no
+    padding, BOS or window start)."""
     arch = model.architecture_or_raise("the tuned lens")
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
     tuned = mx.zeros(arch.n_layers)
     logit = mx.zeros(arch.n_layers)
     counted = 0
-    for windows in token_windows(model, corpus, context_size, batch_size=batch_size, max_tokens=max_tokens):
-        keep = mx.array(np.flatnonzero((windows.mask & ~windows.bos).ravel()))
+    windows = token_windows(model, corpus, context_size, batch_size=batch_size, max_tokens=max_tokens)
+    for batch, acts, output in site_batches(model, windows, names, outputs=True):
+        keep = mx.array(trainable(batch).reshape(-1).nonzero()[0])
         if keep.size == 0:
             continue
-        trace = model.run(windows.inputs, capture=names)
-        final = log_softmax(trace.output.reshape(-1, trace.output.shape[-1])[keep].astype(mx.float32), axis=-1)
+        final = log_softmax(output.reshape(-1, output.shape[-1])[keep].astype(mx.float32), axis=-1)
         for i, name in enumerate(names):
-            hidden = trace.activations[name].reshape(-1, trace.activations[name].shape[-1])[keep]
+            hidden = acts[name].reshape(-1, acts[name].shape[-1])[keep]
             for start, stop in _chunks(hidden.shape[0], final.shape[-1]):
                 target = final[start:stop]
                 tuned = tuned.at[i].add(_kl_sum(model, lens.transform_hidden(hidden[start:stop], i), target))
@@ -201,37 +246,3 @@ def _scale(tree, factor: float):
     from mlx.utils import tree_map
 
     return tree_map(lambda x: x * factor, tree)
-
-
-def _forever(model, corpus, context_size: int, batch_size: int):
-    """The corpus's micro-batches, from its start again whenever it runs out."""
-    if isinstance(corpus, Iterator):
-        corpus = list(corpus)  # a one-shot iterator cannot be read twice
-    for epoch in itertools.count():
-        empty = True
-        for windows in token_windows(model, corpus, context_size, batch_size=batch_size):
-            empty = False
-            yield windows
-        if empty:
-            raise InputError("the training corpus gave no token windows.")
-
-
-def _save_checkpoint(folder: Path, lens: TunedLens, optimizer, settings: dict, step: int, consumed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    lens.save(folder / "lens")
-    state = dict(tree_flatten(optimizer.state))
-    _atomic(folder / "optimizer.safetensors", lambda tmp: mx.save_safetensors(str(tmp), state), suffix=".safetensors")
-    record = {"step": step, "microbatches": consumed, "settings": settings}
-    _atomic(folder / "state.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))  # last: marks it complete
-
-
-def _resume(folder: Path, lens: TunedLens, optimizer, settings: dict) -> tuple[int, int]:
-    record = json.loads((folder / "state.json").read_text())
-    if record.get("settings") != settings:
-        raise InputError(
-            f"the checkpoint in {folder} was made with other settings ({record.get('settings')}); "
-            "resume with the same ones, or use another checkpoint_dir."
-        )
-    lens.load_state(TunedLens.load(folder / "lens").state())
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return int(record["step"]), int(record["microbatches"])

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.plugin import InputError
+from mlxterp.plugin import InputError, write_atomic
 
 WEIGHTS = "params.safetensors"
 REFERENCE_WEIGHTS = "params.pt"
@@ -105,8 +104,8 @@ class TunedLens(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         mx.eval(self.parameters())
-        _atomic(path / WEIGHTS, lambda tmp: mx.save_safetensors(str(tmp), self.state()), suffix=".safetensors")
-        _atomic(path / CONFIG, lambda tmp: tmp.write_text(json.dumps(self.config, indent=2)))
+        write_atomic(path / WEIGHTS, lambda tmp: mx.save_safetensors(str(tmp), self.state()))
+        write_atomic(path / CONFIG, json.dumps(self.config, indent=2))
         return path
 
     @classmethod
@@ -156,14 +155,3 @@ def _torch_state(path: Path) -> dict[str, mx.array]:
         raise InputError(f"{path} is a torch file; install torch to read it, or convert it to {WEIGHTS}.") from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {key: mx.array(value.float().numpy()) for key, value in state.items()}
-
-
-def _atomic(target: Path, write, suffix: str = "") -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
