@@ -78,6 +78,11 @@ class ModelInputs:
     lengths: tuple[int, ...]
 
     @property
+    def inputs(self) -> mx.array:
+        """The array the model runs on (as :attr:`Windows.inputs <mlxterp_core.corpus.Windows.inputs>`)."""
+        return self.array
+
+    @property
     def mask(self) -> mx.array:
         """(B, T) boolean: True at real positions, False at padding."""
         length = self.array.shape[1]

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from mlxterp import InterpretableModel, InterventionError, interventions as iv
 from mlxterp_core.probes import is_probed, probes_installed, walk_modules
+from mlxterp_core.trace import active_traces
 
 IDS = mx.array([[3, 17, 42, 8, 99, 5, 61]])
 
@@ -71,7 +72,7 @@ def test_parameter_tree_load_weights_and_quantize_still_work():
 def _assert_pristine(model: InterpretableModel, x, reference):
     assert not any(is_probed(m) for _, m in walk_modules(model.model))
     assert not any("_mlxterp_probe" in m.__dict__ for _, m in walk_modules(model.model))
-    assert model._active_traces == []
+    assert active_traces(model) == []
     assert bitwise_equal(model.model(x), reference)
     assert bitwise_equal(model.run(x).output, reference)
 

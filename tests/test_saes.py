@@ -318,7 +318,7 @@ def test_attached_saes_apply_to_runs_generation_and_patching(f32_llama):
         tr = f32_llama.run("The capital of", capture=["layers.2.output.sae.features"])
     assert tr.activations["layers.2.output.sae.features"].shape[-1] == F
     assert spliced.activations[0]["layers.2.output.sae.features"].shape[-1] == F
-    assert f32_llama._splices == []
+    assert f32_llama.attached_saes == ()
     assert f32_llama.generate("The capital of", max_tokens=4).tokens == plain
     with pytest.raises(mlxterp.UnknownNameError):
         f32_llama.run("The capital of", capture=["layers.2.output.sae.features"])

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import InputError
+from mlxterp.plugin import InputError, site_batches
 
 from .fitting import auroc, fit, split_groups
 from .results import ProbeSweep
@@ -30,29 +30,31 @@ def probe_sites(model, layers: list[int] | None = None, component: str = "output
 
 def collect(model, texts: Sequence, sites: list[str], position="last", batch_size: int = 16) -> mx.array:
     """(S, N, D) float32: one vector per prompt and site; ``position`` is "last", "mean" or an
-    index into each prompt (negative counts from its last real token)."""
+    index into each prompt (negative counts from its last real token). The prompts run through
+    the activation stream in right-padded batches, each forward stopped after the last layer
+    probed."""
     if not texts:
         raise InputError("probes need at least one prompt.")
+    if position not in ("last", "mean") and not isinstance(position, int):
+        raise InputError(f"position={position!r}: use 'last', 'mean' or an int.")
+    batches = (model.prepare_inputs(list(texts[start : start + batch_size])) for start in range(0, len(texts), batch_size))
     parts = []
-    for start in range(0, len(texts), batch_size):
-        trace = model.run(list(texts[start : start + batch_size]), capture=sites)
-        lengths = mx.array(trace.lengths)
-        rows = mx.arange(len(trace.lengths))
+    for inputs, acts, _ in site_batches(model, batches, sites):
+        lengths = mx.array(inputs.lengths)
+        rows = mx.arange(len(inputs.lengths))
         summaries = []
         for site in sites:
-            acts = trace.activations[site].astype(mx.float32)  # (B, T, D)
+            x = acts[site].astype(mx.float32)  # (B, T, D)
             if position == "last":
-                summaries.append(acts[rows, lengths - 1])
+                summaries.append(x[rows, lengths - 1])
             elif position == "mean":
-                mask = trace.mask[..., None].astype(mx.float32)
-                summaries.append((acts * mask).sum(axis=1) / lengths[:, None])
-            elif isinstance(position, int):
+                mask = inputs.mask[..., None].astype(mx.float32)
+                summaries.append((x * mask).sum(axis=1) / lengths[:, None])
+            else:
                 index = mx.where(mx.array(position) < 0, lengths + position, mx.array(position))
                 if bool(((index < 0) | (index >= lengths)).any().item()):
-                    raise InputError(f"position {position} is outside a prompt of the batch (lengths {list(trace.lengths)}).")
-                summaries.append(acts[rows, index])
-            else:
-                raise InputError(f"position={position!r}: use 'last', 'mean' or an int.")
+                    raise InputError(f"position {position} is outside a prompt of the batch (lengths {list(inputs.lengths)}).")
+                summaries.append(x[rows, index])
         part = mx.stack(summaries)
         mx.eval(part)
         parts.append(part)
