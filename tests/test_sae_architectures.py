@@ -1,5 +1,6 @@
 """SAE architectures are modules in a registry: a third party adds one by registering one module
-(trained, saved in the SAELens layout and loaded back without touching mlxterp_saes)."""
+(trained, saved in the SAELens layout and loaded back without touching mlxterp_saes), and
+train_sae checks every option at its boundary, before the model runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from helpers import CORPUS
 
@@ -149,3 +151,86 @@ def test_registering_refuses_a_taken_name_and_a_module_that_does_nothing(registr
 def test_the_public_names_are_exported():
     for name in ("register_architecture", "get_architecture", "Architecture"):
         assert name in mlxterp_saes.__all__ and hasattr(mlxterp_saes, name)
+
+
+# -- train_sae's options, checked before the model runs -------------------------------------------
+
+BAD = [
+    (dict(architecture="topk", d_sae=16, k=64), r"k=64 is out of range: k must be a number in \[1, 16\]"),
+    (dict(architecture="topk", d_sae=16, k=0), r"k=0 is out of range.*\[1, 16\]"),
+    (dict(architecture="topk", d_sae=16, k=2.5), r"k=2.5 is out of range: k must be a whole number in \[1, 16\]"),
+    (dict(architecture="batchtopk", d_sae=16, k=17), r"k=17 is out of range.*\[1, 16\]"),
+    (dict(architecture="topk", d_sae=16, k=4, k_aux=0), r"k_aux=0 is out of range.*integer in \[1, 16\]"),
+    (dict(architecture="topk", d_sae=16, k=4, k_aux=17), r"k_aux=17 is out of range.*integer in \[1, 16\]"),
+    (dict(architecture="batchtopk", d_sae=16, k=4, aux_coefficient=-1.0), r"aux_coefficient=-1.0 .*>= 0"),
+    (dict(d_sae=0), r"d_sae=0 is out of range: d_sae must be an integer >= 1"),
+    (dict(d_sae=-4), r"d_sae=-4 is out of range"),
+    (dict(d_sae=16.0), r"d_sae=16.0 is out of range: d_sae must be an integer"),
+    (dict(d_sae=None, expansion=0), r"expansion=0 is out of range: expansion must be an integer >= 1"),
+    (dict(lr=0.0), r"lr=0.0 is out of range: lr must be a number > 0"),
+    (dict(lr=-1e-3), r"lr=-0.001 is out of range"),
+    (dict(lr=float("nan")), r"lr=nan is out of range"),
+    (dict(architecture="relu", l1_coefficient=-0.5), r"l1_coefficient=-0.5 is out of range.*>= 0"),
+    (dict(architecture="jumprelu", l0_coefficient=-1), r"l0_coefficient=-1 is out of range.*>= 0"),
+    (dict(architecture="jumprelu", jumprelu_bandwidth=0.0), r"jumprelu_bandwidth=0.0 is out of range.*> 0"),
+    (dict(architecture="jumprelu", jumprelu_init_threshold=0), r"jumprelu_init_threshold=0 is out of range.*> 0"),
+    (dict(dead_tokens=0), r"dead_tokens=0 is out of range.*integer >= 1"),
+    (dict(checkpoint_every=0), r"checkpoint_every=0 is out of range.*integer >= 1"),
+    (dict(log_every=0), r"log_every=0 is out of range.*integer >= 1"),
+    (dict(context_size=0), r"context_size=0 is out of range.*integer >= 1"),
+    (dict(forward_batch=0), r"forward_batch=0 is out of range.*integer >= 1"),
+    (dict(n_tokens=0), r"n_tokens=0 is out of range"),
+    (dict(batch_size=-1), r"batch_size=-1 is out of range"),
+    (dict(buffer_tokens=0), r"buffer_tokens=0 is out of range"),
+]
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Fail if training reaches the data: the options must be refused before."""
+    from mlxterp_saes import train
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(train, "trace_sites", reached)
+    monkeypatch.setattr(train, "_Trainer", reached)
+    return Reached
+
+
+@pytest.mark.parametrize("options, message", BAD, ids=[", ".join(f"{k}={v}" for k, v in o.items()) for o, _ in BAD])
+def test_an_option_out_of_range_is_refused_before_the_model_runs(llama, no_forward, options, message):
+    options = {"architecture": "topk", "d_sae": 16, "k": 4, "progress": False, **options}
+    with pytest.raises(SAEError, match=message):
+        train_sae(llama, "layers.2.output", TEXTS, **options)
+
+
+def test_options_in_range_pass_the_checks(llama, no_forward):
+    for options in (dict(architecture="topk", d_sae=16, k=16, k_aux=16), dict(architecture="topk", d_sae=16, k=3.0),
+                    dict(architecture="batchtopk", d_sae=16, k=2.5, aux_coefficient=0.0),
+                    dict(architecture="jumprelu", l0_coefficient=0.0), dict(architecture="relu", l1_coefficient=0)):
+        with pytest.raises(no_forward):
+            train_sae(llama, "layers.2.output", TEXTS, progress=False, **options)
+
+
+def test_k_is_checked_against_expansion_times_the_sites_width_without_a_forward_pass(llama, no_forward):
+    # d_in is the site's width: 64 for the residual stream, 128 at the MLP's down-projection input
+    for site, width in (("layers.2.output", 64), ("layers[1].mlp.act", 128)):
+        with pytest.raises(SAEError, match=rf"k={2 * width + 1} is out of range.*\[1, {2 * width}\]"):
+            train_sae(llama, site, TEXTS, architecture="topk", d_sae=None, expansion=2, k=2 * width + 1)
+        with pytest.raises(no_forward):
+            train_sae(llama, site, TEXTS, architecture="topk", d_sae=None, expansion=2, k=2 * width)
+    # activations given as arrays, or a dataset's manifest, say their own width
+    x = np.zeros((32, 8), dtype=np.float32)
+    with pytest.raises(SAEError, match=r"k=17 is out of range.*\[1, 16\]"):
+        train_sae(llama, "layers.2.output", x, architecture="topk", d_sae=None, expansion=2, k=17)
+
+
+def test_a_datasets_manifest_gives_the_width(llama, tmp_path, no_forward, monkeypatch):
+    ds = llama.cache_activations(CORPUS[:3], ["layers.1.mlp.act"], tmp_path / "ds", context_size=16, progress=False)
+    monkeypatch.setattr("mlxterp.plugin.Hooks", None)  # the model is not asked
+    with pytest.raises(SAEError, match=r"k=129 is out of range.*\[1, 128\]"):
+        train_sae(llama, "layers.1.mlp.act", ds, architecture="topk", d_sae=None, expansion=1, k=129)

@@ -44,6 +44,7 @@ from mlxterp.plugin import is_raw
 from mlxterp.plugin import progress_bar
 
 from .architectures import get_architecture
+from .architectures.base import check_option
 from .sae import SAE, SAEConfig, SAEError, hook_name_of
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -125,7 +126,7 @@ def train_sae(
         architecture: "topk", "batchtopk" (exported as "jumprelu"), "jumprelu" or "relu"
             ("standard"), or one registered with ``register_architecture``.
         d_sae: number of features (default ``expansion * d_in``).
-        k: active features per token (topk, batchtopk: the mean over a batch).
+        k: active features per token, in [1, d_sae] (topk, batchtopk: the mean over a batch).
         n_tokens: training tokens (BOS, padding and window starts excluded).
         batch_size: tokens per optimiser step.
         lr: Adam's learning rate (default ``2e-4 / sqrt(d_sae / 2**14)``, sparsify's rule).
@@ -146,14 +147,23 @@ def train_sae(
     Returns:
         the SAE, or a list of SAEs (one per site) when ``site`` is a list. Each has
         ``sae.training_log`` (:class:`TrainingLog`).
+
+    Every option is checked before the model runs: an option out of its range is an SAEError
+    that names it, the value given and the range.
     """
     sites = [site] if isinstance(site, str) else list(site)
     if not sites:
         raise SAEError("train_sae needs at least one site.")
     arch = get_architecture(architecture, training=True)
-    for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("buffer_tokens", buffer_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise SAEError(f"{name} must be a positive integer, got {value!r}.")
+    for name, value, default in (
+        ("d_sae", d_sae, "expansion * d_in"), ("expansion", expansion, None), ("n_tokens", n_tokens, None),
+        ("batch_size", batch_size, None), ("buffer_tokens", buffer_tokens, None),
+        ("dead_tokens", dead_tokens, "n_tokens // 10, at least batch_size, at most 10M"),
+        ("context_size", context_size, None), ("forward_batch", forward_batch, None),
+        ("checkpoint_every", checkpoint_every, None), ("log_every", log_every, None),
+    ):
+        check_option(name, value, 1, whole=True, default=default)
+    check_option("lr", lr, 0, above=True, default="2e-4 / sqrt(d_sae / 2**14)")
     names = [_standard(model, s) for s in sites]
     if len(set(names)) != len(names):
         raise SAEError(f"the same site is named twice in {sites}.")
@@ -163,7 +173,9 @@ def train_sae(
                     l0=l0_coefficient, aux=aux_coefficient, k_aux=k_aux, dead_tokens=dead_tokens, steps=steps,
                     bandwidth=jumprelu_bandwidth, init_threshold=jumprelu_init_threshold, seed=seed,
                     batch_size=batch_size, context_size=context_size, skip_first=skip_first)
-    arch.check_options(settings, d_sae)
+    sizes = [d_sae] if d_sae is not None else sorted({expansion * _site_width(model, n, data) for n in names})
+    for size in sizes:  # d_sae of each SAE
+        arch.check_options(settings, size)
     source = _source(model, names, data, context_size, forward_batch, seed, skip_first)
     batches = _shuffled(source, batch_size, buffer_tokens, seed)
     trainers: list[_Trainer] | None = None
@@ -400,6 +412,26 @@ def _standard(model, site: str) -> str:
     if len(found) != 1:
         raise SAEError(f"train one SAE per site: {site!r} names {len(found)} sites (list them instead).")
     return found[0].name
+
+
+def _site_width(model, site: str, data) -> int:
+    """The width of ``site``'s training rows, without running the model: the data's when it
+    says (an array, a dataset's manifest), else the site's last axis in a one-token forward
+    built lazily and never evaluated (MLX knows shapes before it computes anything)."""
+    if isinstance(data, (mx.array, np.ndarray)):
+        return int(data.shape[-1])
+    if isinstance(data, dict) and site in data:
+        return int(data[site].shape[-1])
+    if hasattr(data, "rows"):  # an ActivationDataset
+        return int(data.rows(site).shape[-1])
+    from mlxterp.plugin import Hooks
+
+    with Hooks(model, capture=[site], stop_after="auto") as hooks:
+        _, recorded = hooks(mx.zeros((1, 1), dtype=mx.int32), evaluate=False)
+    if is_raw(site):
+        return int(recorded[site].shape[-1])
+    resolved = model.architecture.resolve(site)[0]
+    return int(resolved.read(recorded[resolved.site]).shape[-1])
 
 
 class _Source:

@@ -1,4 +1,5 @@
-"""What every SAE architecture shares: the error it raises, and the standard (ReLU) SAE's rules, which are the defaults of whatever an architecture module
+"""What every SAE architecture shares: the error it raises, the check of a training option, and
+the standard (ReLU) SAE's rules, which are the defaults of whatever an architecture module
 leaves out (see :mod:`mlxterp_saes.architectures` for the list).
 
 Inference rules take the SAE (its tensors are attributes: ``sae.W_enc``); training rules take
@@ -8,6 +9,8 @@ the trainer ``t`` (``t.settings``: train_sae's options; ``t.d_in``, ``t.d_sae``,
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from mlxterp.plugin import MlxterpError
@@ -15,6 +18,27 @@ from mlxterp.plugin import MlxterpError
 
 class SAEError(MlxterpError, ValueError):
     """An SAE that cannot be built, loaded, trained or spliced as asked."""
+
+
+def check_option(name: str, value, low: float, high: float = math.inf, *, whole: bool = False,
+                 above: bool = False, default: str | None = None, why: str = "") -> None:
+    """Raise an SAEError naming ``name``, ``value`` and the range unless ``value`` is a finite
+    number in [low, high] ((low, high] with ``above``), a Python int with ``whole``, or None
+    when the option has a ``default`` (said in the message)."""
+    if value is None and default is not None:
+        return
+    kind = int if whole else (int, float)
+    number = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if number and (low < value if above else low <= value) and value <= high:
+        return
+    what = "an integer" if whole else "a number"
+    if high < math.inf:
+        rule = f"{what} in {'(' if above else '['}{low:g}, {high:g}]"
+    else:
+        rule = f"{what} {'>' if above else '>='} {low:g}"
+    if default is not None:
+        rule += f" (or None for {default})"
+    raise SAEError(f"train_sae: {name}={value!r} is out of range: {name} must be {rule}{why}.")
 
 
 # -- inference: the SAE's tensors and maths ----------------------------------------------------
@@ -58,7 +82,7 @@ fold_on_export = True  # export with unit-norm decoder rows (fold_decoder_norm)
 
 
 def check_options(settings: dict, d_sae: int) -> None:
-    """Raise an SAEError for an option of this architecture out of range."""
+    """Raise an SAEError (see check_option) for an option of this architecture out of range."""
 
 
 def init_params(t, x: mx.array) -> dict[str, mx.array]:

@@ -12,11 +12,16 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import base
-from .topk import check_options, loss  # noqa: F401  TopK's k and AuxK term are BatchTopK's
+from .topk import check_auxk, check_k, loss  # noqa: F401  TopK's AuxK term is BatchTopK's loss
 
 name = "batchtopk"
 saved_as = "jumprelu"
 unit_norm_decoder = True
+
+
+def check_options(settings: dict, d_sae: int) -> None:
+    check_k(settings, d_sae)
+    check_auxk(settings, d_sae)
 
 
 def train_activation(t, params, h: mx.array) -> mx.array:

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import base
+from .base import check_option
 
 name = "jumprelu"
 
@@ -33,6 +34,12 @@ def fold_decoder_norm(sae, norms: mx.array) -> None:
 
 
 # -- training ----------------------------------------------------------------------------------
+
+
+def check_options(settings: dict, d_sae: int) -> None:
+    check_option("l0_coefficient", settings["l0"], 0)
+    check_option("jumprelu_bandwidth", settings["bandwidth"], 0, above=True)
+    check_option("jumprelu_init_threshold", settings["init_threshold"], 0, above=True)
 
 
 def init_params(t, x: mx.array) -> dict[str, mx.array]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .base import check_option
+
 name = "standard"
 aliases = ("relu",)
 training_name = "relu"  # what train_sae records (training log, checkpoints, cfg metadata)
@@ -17,6 +19,10 @@ training_name = "relu"  # what train_sae records (training log, checkpoints, cfg
 
 def activation(sae, h: mx.array, x: mx.array | None) -> mx.array:
     return nn.relu(h)
+
+
+def check_options(settings: dict, d_sae: int) -> None:
+    check_option("l1_coefficient", settings["l1"], 0)
 
 
 def train_activation(t, params, h: mx.array) -> mx.array:

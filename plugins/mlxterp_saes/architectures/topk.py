@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import base
-from .base import SAEError
+from .base import SAEError, check_option
 
 name = "topk"
 unit_norm_decoder = True
@@ -55,10 +55,25 @@ def config_fields(cfg) -> dict:
 # -- training ----------------------------------------------------------------------------------
 
 
-def check_options(settings: dict, d_sae: int | None) -> None:
+def check_options(settings: dict, d_sae: int) -> None:
+    check_k(settings, d_sae)
     k = settings["k"]
-    if k is None or k <= 0:
-        raise SAEError(f"{settings['architecture']} needs k > 0 (active features per token), got {k!r}.")
+    if k != int(k):
+        raise SAEError(
+            f"train_sae: k={k!r} is out of range: k must be a whole number in [1, {d_sae}] (topk keeps "
+            "exactly k features per token)."
+        )
+    check_auxk(settings, d_sae)
+
+
+def check_k(settings: dict, d_sae: int) -> None:
+    why = f" ({settings['architecture']} needs k > 0 active features per token, at most d_sae = {d_sae})"
+    check_option("k", settings["k"], 1, d_sae, why=why)
+
+
+def check_auxk(settings: dict, d_sae: int) -> None:
+    check_option("k_aux", settings["k_aux"], 1, d_sae, whole=True, default="d_in // 2")
+    check_option("aux_coefficient", settings["aux"], 0)
 
 
 def train_activation(t, params, h: mx.array) -> mx.array:
