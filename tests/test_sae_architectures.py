@@ -144,6 +144,11 @@ def test_registering_refuses_a_taken_name_and_a_module_that_does_nothing(registr
 
     with pytest.raises(SAEError, match="neither activation.*nor train_activation"):
         register_architecture(Nothing)
+    orphan = register_architecture(type("Orphan", (), {"name": "orphan", "saved_as": "elsewhere",
+                                                        "train_activation": staticmethod(lambda t, params, h: h)}))
+    assert orphan.trains and not orphan.loads
+    with pytest.raises(SAEError, match="orphan SAEs are saved as 'elsewhere', which is not a registered"):
+        get_architecture("orphan", training=True)  # refused before training, not after it
     with pytest.raises(SAEError, match="needs a name"):
         register_architecture(type("Nameless", (), {"activation": staticmethod(lambda sae, h, x: h)}))
 

@@ -80,8 +80,8 @@ _REGISTRY: dict[str, Architecture] = {}
 
 def register_architecture(module: Any, *, replace: bool = False) -> Architecture:
     """Register an SAE architecture module (or any object with the attributes the module
-    docstring lists) under its ``name`` and ``aliases``. A name already registered is an
-    error unless ``replace=True`` (re-running a notebook cell)."""
+    docstring lists) under its ``name`` and ``aliases``. A name another module registered is
+    an error unless ``replace=True`` (re-running a notebook cell)."""
     found = {field: getattr(module, field) for field in _FIELDS if hasattr(module, field)}
     if not isinstance(found.get("name"), str) or not found["name"]:
         raise SAEError(f"an SAE architecture module needs a name (a string); {module!r} has {found.get('name')!r}.")
@@ -112,6 +112,8 @@ def get_architecture(name: str, *, training: bool = False) -> Architecture:
     if training and (arch is None or not arch.trains):
         names = [a.training_name for a in architectures() if a.trains]
         raise SAEError(f"cannot train architecture {name!r}; choose one of {', '.join(names)}, or register one.")
+    if training and not getattr(_REGISTRY.get(arch.saved_as), "loads", False):
+        raise SAEError(f"{name} SAEs are saved as {arch.saved_as!r}, which is not a registered architecture that loads.")
     if not training and (arch is None or not arch.loads):
         saved = "".join(f" ({a.name} SAEs are saved as {a.saved_as!r})" for a in architectures() if not a.loads)
         raise SAEError(
