@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from mlxterp.plugin import hookimpl
 
+from .architectures import Architecture, get_architecture, register_architecture
+from .architectures.topk import topk_relu
 from .evaluate import SAEEvaluation, explained_variance, mse, normalized_mse
 from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
 from .train import TrainingLog, train_sae
-from .sae import SAE, SAEConfig, SAEError, topk_relu
+from .sae import SAE, SAEConfig, SAEError
 
 
 @hookimpl
@@ -31,5 +33,6 @@ def mlxterp_bench_rows():
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SAEEvaluation", "TrainingLog", "Example", "FeatureExamples",
     "FeatureAttribution", "load_sae", "save_sae", "train_sae", "top_activations", "feature_attribution",
-    "explained_variance", "mse", "normalized_mse", "topk_relu",
+    "explained_variance", "mse", "normalized_mse", "topk_relu", "register_architecture", "get_architecture",
+    "Architecture",
 ]

@@ -25,9 +25,9 @@ from typing import Any
 import mlx.core as mx
 
 from mlxterp.plugin import UnknownNameError
-from mlxterp.plugin import StandardName, parse, transformerlens_name
+from mlxterp.plugin import StandardName, parse
 
-from .sae import SAE, SAEConfig, SAEError
+from .sae import SAE, SAEConfig, SAEError, hook_name_of
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -229,18 +229,9 @@ def _with_sites(cfg: SAEConfig, site: str | None, site_out: str | None, where: P
         cfg,
         site=site,
         site_out=site_out,
-        hook_name=cfg.hook_name or (site and _tl(site)),
-        hook_name_out=cfg.hook_name_out or (site_out and _tl(site_out)),
+        hook_name=cfg.hook_name or (site and hook_name_of(site)),
+        hook_name_out=cfg.hook_name_out or (site_out and hook_name_of(site_out)),
     )
-
-
-def _tl(site: str) -> str | None:
-    if site.startswith("model."):
-        return None
-    try:
-        return transformerlens_name(site)
-    except UnknownNameError:
-        return None
 
 
 def _legacy_tensors(weights: dict[str, mx.array], where: Path) -> dict[str, mx.array]:
@@ -362,14 +353,13 @@ def save_sae(sae: SAE, path, sparsity: mx.array | None = None) -> Path:
         "normalize_activations": cfg.normalize_activations,
         "reshape_activations": "hook_z" if (cfg.hook_name or "").endswith("hook_z") else "none",
     }
-    if cfg.architecture == "topk":
-        data.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    data.update(sae.architecture.config_fields(cfg))
     if cfg.is_transcoder:
         data["d_out"] = cfg.d_out or cfg.d_in
     meta = {
         **cfg.metadata,
         "model_name": cfg.model_name,
-        "hook_name": cfg.hook_name or (cfg.site and _tl(cfg.site)),
+        "hook_name": cfg.hook_name or (cfg.site and hook_name_of(cfg.site)),
         "hook_head_index": None,
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
@@ -379,7 +369,7 @@ def save_sae(sae: SAE, path, sparsity: mx.array | None = None) -> Path:
         "mlxterp_name": cfg.site,
     }
     if cfg.is_transcoder:
-        meta.update(hook_name_out=cfg.hook_name_out or (cfg.site_out and _tl(cfg.site_out)),
+        meta.update(hook_name_out=cfg.hook_name_out or (cfg.site_out and hook_name_of(cfg.site_out)),
                     hook_head_index_out=None, mlxterp_name_out=cfg.site_out)
     data["metadata"] = meta
     _atomic_safetensors(folder / WEIGHTS, sae.state_dict())

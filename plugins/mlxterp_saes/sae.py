@@ -2,21 +2,18 @@
 in MLX, and the splice that puts it into a trace.
 
 Shapes (``x @ W_enc`` convention, no transposes): ``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``,
-``W_dec (d_sae, d_out)``, ``b_dec (d_out,)`` with ``d_out = d_in`` for an SAE; ``threshold
-(d_sae,)`` for JumpReLU; ``b_gate``, ``b_mag``, ``r_mag (d_sae,)`` (and no ``b_enc``) for Gated;
-``W_skip (d_out, d_in)`` for a skip transcoder.
+``W_dec (d_sae, d_out)``, ``b_dec (d_out,)`` with ``d_out = d_in`` for an SAE; an architecture
+may add or replace some (``threshold (d_sae,)`` for JumpReLU, ``W_skip`` for a skip transcoder).
 
 Encode (SAELens ``process_sae_in`` then the architecture)::
 
     x~ = normalise(x) - b_dec * apply_b_dec_to_input
     h  = x~ @ W_enc + b_enc                          # the pre-activations ('pre')
-    standard / transcoder:  f = ReLU(h)
-    jumprelu:               f = ReLU(h) * [h > threshold]   (strict)
-    topk:                   f = ReLU of the k largest h, zero elsewhere (exactly k chosen)
-    gated:                  f = [x~ @ W_enc + b_gate > 0] * ReLU(x~ @ (W_enc * exp(r_mag)) + b_mag)
+    f  = the architecture's activation of h          # standard: ReLU(h)
 
-Decode: ``x^ = f @ W_dec + b_dec`` (``+ x @ W_skip.T`` for a skip transcoder), then the
-normalisation undone (SAEs only). Everything runs in float32 on activations cast up; the
+Decode: ``x^ = f @ W_dec + b_dec`` (an architecture may add to it), then the normalisation
+undone (SAEs only). What is specific to each architecture lives in its module of
+:mod:`mlxterp_saes.architectures`. Everything runs in float32 on activations cast up; the
 model's weights are never touched, so quantized models work.
 """
 
@@ -30,16 +27,13 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp.plugin import MlxterpError
+from mlxterp.plugin import UnknownNameError, transformerlens_name
 
-ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder")
-TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
+from .architectures import Architecture, get_architecture
+from .architectures.base import SAEError
+
 NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
 SUB_SITES = ("pre", "features", "recons", "error")
-
-
-class SAEError(MlxterpError, ValueError):
-    """An SAE that cannot be built, loaded or spliced as asked."""
 
 
 @attrs.frozen
@@ -71,7 +65,7 @@ class SAEConfig:
 
     @property
     def is_transcoder(self) -> bool:
-        return self.architecture in TRANSCODERS
+        return get_architecture(self.architecture).transcoder
 
 
 class SAE(nn.Module):
@@ -90,30 +84,17 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, weights: dict[str, mx.array] | None = None):
         super().__init__()
-        if cfg.architecture not in ARCHITECTURES:
-            raise SAEError(
-                f"unknown SAE architecture {cfg.architecture!r}; mlxterp reads {', '.join(ARCHITECTURES)} "
-                "(BatchTopK SAEs are saved as 'jumprelu')."
-            )
+        arch = get_architecture(cfg.architecture)
         if cfg.normalize_activations not in NORMALISATIONS:
             raise SAEError(f"unknown normalize_activations {cfg.normalize_activations!r}; known: {', '.join(NORMALISATIONS)}.")
-        if cfg.architecture == "topk" and not cfg.k:
-            raise SAEError("a topk SAE needs k (cfg field 'k').")
-        if cfg.is_transcoder and cfg.apply_b_dec_to_input:
+        arch.check_config(cfg)
+        if arch.transcoder and cfg.apply_b_dec_to_input:
             raise SAEError("a transcoder has apply_b_dec_to_input=False (b_dec lives in the output space).")
         self.cfg = cfg
         self.use_error_term = True
         self.log_sparsity = None  # log10 feature densities, when a file or a training run gave them
         d_out = cfg.d_out or cfg.d_in
-        shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, d_out), "b_dec": (d_out,)}
-        if cfg.architecture == "gated":
-            shapes.update(b_gate=(cfg.d_sae,), b_mag=(cfg.d_sae,), r_mag=(cfg.d_sae,))
-        else:
-            shapes["b_enc"] = (cfg.d_sae,)
-        if cfg.architecture in ("jumprelu", "jumprelu_transcoder"):
-            shapes["threshold"] = (cfg.d_sae,)
-        if cfg.architecture == "skip_transcoder":
-            shapes["W_skip"] = (d_out, cfg.d_in)
+        shapes = arch.tensors(cfg)
         weights = dict(weights or {})
         missing = [name for name in shapes if name not in weights]
         if weights and missing:
@@ -123,12 +104,17 @@ class SAE(nn.Module):
             if tuple(value.shape) != shape:
                 raise SAEError(
                     f"tensor {name} has shape {tuple(value.shape)}, expected {shape} for d_in={cfg.d_in}, "
-                    f"d_sae={cfg.d_sae}" + (f", d_out={d_out}" if cfg.is_transcoder else "") + "."
+                    f"d_sae={cfg.d_sae}" + (f", d_out={d_out}" if arch.transcoder else "") + "."
                 )
             setattr(self, name, value.astype(mx.float32))
         object.__setattr__(self, "tensor_names", tuple(shapes))
         if cfg.rescale_acts_by_decoder_norm:
             self._fold_rescale()
+
+    @property
+    def architecture(self) -> Architecture:
+        """The rules of ``cfg.architecture`` (:mod:`mlxterp_saes.architectures`)."""
+        return get_architecture(self.cfg.architecture)
 
     # -- the splice protocol (mlxterp_core.splice) ---------------------------------------
 
@@ -193,32 +179,20 @@ class SAE(nn.Module):
 
     # -- maths ---------------------------------------------------------------------------
 
-    def pre_acts(self, x: mx.array) -> mx.array:
-        """(..., d_in) -> (..., d_sae): ``h`` (for Gated, the magnitude path's pre-activation)."""
+    def process_input(self, x: mx.array) -> mx.array:
+        """``x~``: the input normalised and, with ``apply_b_dec_to_input``, minus ``b_dec``."""
         x = self._normalise(x.astype(mx.float32))
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        if self.cfg.architecture == "gated":
-            return x @ (self.W_enc * mx.exp(self.r_mag)) + self.b_mag
-        return x @ self.W_enc + self.b_enc
+        return x
+
+    def pre_acts(self, x: mx.array) -> mx.array:
+        """(..., d_in) -> (..., d_sae): ``h`` (for Gated, the magnitude path's pre-activation)."""
+        return self.architecture.pre_acts(self, self.process_input(x))
 
     def activation(self, h: mx.array, x: mx.array | None = None) -> mx.array:
         """Features from pre-activations (Gated needs the input ``x`` for its gate)."""
-        arch = self.cfg.architecture
-        if arch in ("standard", "transcoder", "skip_transcoder"):
-            return nn.relu(h)
-        if arch in ("jumprelu", "jumprelu_transcoder"):
-            return mx.where(h > self.threshold, nn.relu(h), 0.0)
-        if arch == "topk":
-            return topk_relu(h, self.cfg.k)
-        # gated: the gate is its own linear map of the input
-        if x is None:
-            raise SAEError("a gated SAE's activation needs the input x for its gate: use encode(x).")
-        x = self._normalise(x.astype(mx.float32))
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        gate = (x @ self.W_enc + self.b_gate) > 0
-        return mx.where(gate, nn.relu(h), 0.0)
+        return self.architecture.activation(self, h, x)
 
     def encode(self, x: mx.array) -> mx.array:
         """(..., d_in) -> (..., d_sae) float32 feature activations."""
@@ -228,11 +202,7 @@ class SAE(nn.Module):
     def decode(self, f: mx.array, x: mx.array | None = None) -> mx.array:
         """(..., d_sae) -> (..., d_out) float32. ``x`` (the input) is needed by skip
         transcoders and by SAEs that normalise their input per token."""
-        out = f.astype(mx.float32) @ self.W_dec + self.b_dec
-        if self.cfg.architecture == "skip_transcoder":
-            if x is None:
-                raise SAEError("a skip transcoder's decode needs the input x: decode(f, x).")
-            out = out + x.astype(mx.float32) @ self.W_skip.T
+        out = self.architecture.decode(self, f, x)
         if not self.cfg.is_transcoder:
             out = self._denormalise(out, x)
         return out
@@ -277,22 +247,11 @@ class SAE(nn.Module):
 
     def fold_W_dec_norm(self) -> SAE:
         """Make every W_dec row unit norm without changing any reconstruction (in place)."""
-        if self.cfg.architecture == "topk":
-            raise SAEError(
-                "folding decoder norms changes which k features a TopK SAE picks; TopK SAEs keep "
-                "their decoder as trained (SAELens refuses this too)."
-            )
         norms = mx.linalg.norm(self.W_dec, axis=-1)
         safe = mx.where(norms > 0, norms, 1.0)
+        self.architecture.fold_decoder_norm(self, safe)  # its per-feature tensors; may refuse
         self.W_dec = self.W_dec / safe[:, None]
         self.W_enc = self.W_enc * safe[None, :]
-        if self.cfg.architecture == "gated":
-            self.b_gate = self.b_gate * safe
-            self.b_mag = self.b_mag * safe
-        else:
-            self.b_enc = self.b_enc * safe
-        if "threshold" in self:
-            self.threshold = self.threshold * safe
         return self
 
     def state_dict(self) -> dict[str, mx.array]:
@@ -359,15 +318,15 @@ class SAE(nn.Module):
         return f"SAE({c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{extra}, site={what})"
 
 
-def topk_relu(h: mx.array, k: int) -> mx.array:
-    """ReLU of the k largest entries of the last axis, zero elsewhere; exactly k chosen even
-    when values tie."""
-    k = int(k)
-    if k >= h.shape[-1]:
-        return nn.relu(h)
-    index = mx.stop_gradient(mx.argpartition(-h, kth=k - 1, axis=-1)[..., :k])
-    values = nn.relu(mx.take_along_axis(h, index, axis=-1))
-    return mx.put_along_axis(mx.zeros_like(h), index, values, axis=-1)
+def hook_name_of(site: str) -> str | None:
+    """TransformerLens's hook name of a standard site (``blocks.8.hook_resid_post``), or None
+    for a raw site or one TransformerLens has no name for."""
+    if site.startswith("model."):
+        return None
+    try:
+        return transformerlens_name(site)
+    except UnknownNameError:
+        return None
 
 
 def _torch_std(x: mx.array) -> mx.array:

@@ -1,23 +1,21 @@
 """Training SAEs in MLX: TopK (+AuxK), BatchTopK (exported as JumpReLU), JumpReLU and ReLU+L1,
-on activations traced on the fly from texts or read from an ActivationDataset; several sites
-(and so several SAEs) from one forward pass.
+or any registered architecture, on activations traced on the fly from texts or read from an
+ActivationDataset; several sites (and so several SAEs) from one forward pass.
 
-The recipe (``../shared/research/saes-lens-heads.md`` §1b):
+The recipe (``../shared/research/saes-lens-heads.md`` §1b); what is specific to an architecture
+(its activation, parameters and their start, loss terms, export) is in its module of
+:mod:`mlxterp_saes.architectures`:
 
 - inputs are scaled by one scalar ``s = sqrt(d_in) / E||x||`` measured on the first batch
   (SAELens's ``expected_average_only_in``) and ``s`` is folded into the weights on export, so
   the saved SAE reads raw activations;
 - ``W_dec`` rows start as random directions (unit norm for TopK/BatchTopK, 0.1 for the others,
   as SAELens), ``W_enc = W_dec^T``, ``b_dec`` = the first batch's mean, ``b_enc = 0``;
-- TopK and BatchTopK keep unit-norm decoder rows: the gradient's component along each row is
-  removed before the step and the rows renormalised after it (OpenAI, BatchTopK). ReLU and
-  JumpReLU leave the norms free (the L1 penalty is weighted by them) and fold them on export;
-- loss = sum over d of the squared error, mean over tokens (SAELens's convention), plus
-  TopK/BatchTopK: ``aux_coefficient * min(n_dead / k_aux, 1) * ||e^ - e||^2 / ||e - mean e||^2``
-  with ``e = x - x^`` (detached) and ``e^`` decoded from the ``k_aux`` largest dead
-  pre-activations *without* ``b_dec`` (the AuxK fix of sparsify PR #134);
-  ReLU: ``l1_coefficient * sum_i f_i ||W_dec,i||``;
-  JumpReLU: ``l0_coefficient * L0`` through a rectangle-kernel straight-through estimator;
+- architectures with a unit-norm decoder (TopK, BatchTopK) keep it so: the gradient's component
+  along each row is removed before the step and the rows renormalised after it (OpenAI,
+  BatchTopK). ReLU and JumpReLU leave the norms free and fold them on export;
+- loss = sum over d of the squared error, mean over tokens (SAELens's convention), plus the
+  architecture's terms (TopK's AuxK, ReLU's L1, JumpReLU's L0);
 - a latent is dead when it has not fired for ``dead_tokens`` training tokens;
 - Adam (betas 0.9, 0.999, bias-corrected), gradient norm clipped at 1, linear warm-up over
   the first 5% of steps and a linear decay to lr/10 over the last 20%;
@@ -45,9 +43,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxterp.plugin import is_raw
 from mlxterp.plugin import progress_bar
 
-from .sae import SAE, SAEConfig, SAEError, topk_relu
+from .architectures import get_architecture
+from .architectures.base import check_option
+from .sae import SAE, SAEConfig, SAEError, hook_name_of
 
-TRAINABLE = ("topk", "batchtopk", "jumprelu", "relu")
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_TENSORS = "trainer_state.safetensors"
 
@@ -124,9 +123,10 @@ def train_sae(
             ``.batches(site, batch_size, shuffle=True, seed=...)``); or an array of activations
             (N, d) (a dict site -> array for several sites). Sources are repeated until
             ``n_tokens`` tokens have been trained on.
-        architecture: "topk", "batchtopk" (exported as "jumprelu"), "jumprelu" or "relu".
+        architecture: "topk", "batchtopk" (exported as "jumprelu"), "jumprelu" or "relu"
+            ("standard"), or one registered with ``register_architecture``.
         d_sae: number of features (default ``expansion * d_in``).
-        k: active features per token (topk, batchtopk: the mean over a batch).
+        k: active features per token, in [1, d_sae] (topk, batchtopk: the mean over a batch).
         n_tokens: training tokens (BOS, padding and window starts excluded).
         batch_size: tokens per optimiser step.
         lr: Adam's learning rate (default ``2e-4 / sqrt(d_sae / 2**14)``, sparsify's rule).
@@ -147,30 +147,37 @@ def train_sae(
     Returns:
         the SAE, or a list of SAEs (one per site) when ``site`` is a list. Each has
         ``sae.training_log`` (:class:`TrainingLog`).
+
+    Every option is checked before the model runs: an option out of its range is an SAEError
+    that names it, the value given and the range.
     """
     sites = [site] if isinstance(site, str) else list(site)
     if not sites:
         raise SAEError("train_sae needs at least one site.")
-    if architecture == "standard":
-        architecture = "relu"
-    if architecture not in TRAINABLE:
-        raise SAEError(f"cannot train architecture {architecture!r}; choose one of {', '.join(TRAINABLE)}.")
-    if architecture in ("topk", "batchtopk") and (k is None or k <= 0):
-        raise SAEError(f"{architecture} needs k > 0 (active features per token), got {k!r}.")
-    for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("buffer_tokens", buffer_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise SAEError(f"{name} must be a positive integer, got {value!r}.")
+    arch = get_architecture(architecture, training=True)
+    for name, value, default in (
+        ("d_sae", d_sae, "expansion * d_in"), ("expansion", expansion, None), ("n_tokens", n_tokens, None),
+        ("batch_size", batch_size, None), ("buffer_tokens", buffer_tokens, None),
+        ("dead_tokens", dead_tokens, "n_tokens // 10, at least batch_size, at most 10M"),
+        ("context_size", context_size, None), ("forward_batch", forward_batch, None),
+        ("checkpoint_every", checkpoint_every, None), ("log_every", log_every, None),
+    ):
+        check_option(name, value, 1, whole=True, default=default)
+    check_option("lr", lr, 0, above=True, default="2e-4 / sqrt(d_sae / 2**14)")
     names = [_standard(model, s) for s in sites]
     if len(set(names)) != len(names):
         raise SAEError(f"the same site is named twice in {sites}.")
-    source = _source(model, names, data, context_size, forward_batch, seed, skip_first)
-    batches = _shuffled(source, batch_size, buffer_tokens, seed)
     steps = max(1, n_tokens // batch_size)
     dead_tokens = dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_tokens // 10))
-    settings = dict(architecture=architecture, d_sae=d_sae, k=k, expansion=expansion, lr=lr, l1=l1_coefficient,
+    settings = dict(architecture=arch.training_name, d_sae=d_sae, k=k, expansion=expansion, lr=lr, l1=l1_coefficient,
                     l0=l0_coefficient, aux=aux_coefficient, k_aux=k_aux, dead_tokens=dead_tokens, steps=steps,
                     bandwidth=jumprelu_bandwidth, init_threshold=jumprelu_init_threshold, seed=seed,
                     batch_size=batch_size, context_size=context_size, skip_first=skip_first)
+    sizes = [d_sae] if d_sae is not None else sorted({expansion * _site_width(model, n, data) for n in names})
+    for size in sizes:  # d_sae of each SAE
+        arch.check_options(settings, size)
+    source = _source(model, names, data, context_size, forward_batch, seed, skip_first)
+    batches = _shuffled(source, batch_size, buffer_tokens, seed)
     trainers: list[_Trainer] | None = None
     resumed = _peek(Path(checkpoint_dir), names, settings) if checkpoint_dir is not None else None
     step = 0
@@ -220,28 +227,18 @@ def train_sae(
 
 
 class _Trainer:
+    """One SAE in training: the shared loop's state (parameters, Adam, dead-latent counts,
+    densities, history); its architecture's rules in ``self.arch``."""
+
     def __init__(self, site: str, first: mx.array, settings: dict[str, Any]):
         self.site = site
         self.settings = settings
-        self.arch = settings["architecture"]
+        self.arch = get_architecture(settings["architecture"], training=True)
         x = first.astype(mx.float32)
         self.d_in = x.shape[-1]
         self.d_sae = settings["d_sae"] or settings["expansion"] * self.d_in
-        self.k = settings["k"]
-        self.k_aux = settings["k_aux"] or max(1, self.d_in // 2)
         self.scale = float(math.sqrt(self.d_in) / max(mx.linalg.norm(x, axis=-1).mean().item(), 1e-12))
-        key = mx.random.key(settings["seed"])
-        direction = mx.random.normal((self.d_sae, self.d_in), key=key)
-        norm = 1.0 if self.arch in ("topk", "batchtopk") else 0.1
-        W_dec = direction / mx.linalg.norm(direction, axis=-1, keepdims=True) * norm
-        self.params = {
-            "W_enc": W_dec.T,
-            "b_enc": mx.zeros((self.d_sae,)),
-            "W_dec": W_dec,
-            "b_dec": (x * self.scale).mean(axis=0),
-        }
-        if self.arch == "jumprelu":
-            self.params["log_threshold"] = mx.full((self.d_sae,), math.log(settings["init_threshold"]))
+        self.params = self.arch.init_params(self, x * self.scale)
         lr = settings["lr"] or 2e-4 / math.sqrt(self.d_sae / 2**14)
         steps = settings["steps"]
         warm, decay = max(1, steps // 20), max(1, steps // 5)
@@ -255,71 +252,49 @@ class _Trainer:
         self.since_fired = mx.zeros((self.d_sae,), dtype=mx.int32)
         self.fired_count = mx.zeros((self.d_sae,), dtype=mx.float32)
         self.counted_tokens = 0
-        self.threshold = mx.array(0.0)  # batchtopk's running inference threshold
+        self.buffers = self.arch.init_buffers(self)  # e.g. batchtopk's running threshold
         self.seen = 0
         self.history: dict[str, list] = {"steps": [], "tokens": [], "l0": [], "fvu": [], "dead": []}
         self._last: tuple[mx.array, ...] | None = None
         self._grad = mx.value_and_grad(self._loss)
 
     # the loss, in the scaled space
-    def _encode(self, params, x):
-        h = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
-        if self.arch == "topk":
-            return h, topk_relu(h, int(self.k))
-        if self.arch == "batchtopk":
-            return h, _batch_topk(h, self.k)
-        if self.arch == "jumprelu":
-            return h, _jumprelu(h, mx.exp(params["log_threshold"]), self.settings["bandwidth"])
-        return h, mx.maximum(h, 0)
-
     def _loss(self, params, x, dead):
-        h, f = self._encode(params, x)
+        h = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+        f = self.arch.train_activation(self, params, h)
         recons = f @ params["W_dec"] + params["b_dec"]
         error = x - recons
         mse = (error**2).sum(axis=-1).mean()
         loss = mse
-        if self.arch in ("topk", "batchtopk"):
-            e = mx.stop_gradient(error)
-            dead_h = mx.where(dead, h, -mx.inf)
-            f_aux = topk_relu(dead_h, min(self.k_aux, self.d_sae))
-            e_hat = f_aux @ params["W_dec"]  # no b_dec: the residual has none
-            scale = mx.minimum(dead.sum() / self.k_aux, 1.0)
-            norm = ((e - e.mean(axis=0)) ** 2).sum(axis=-1).mean() + 1e-12
-            loss = loss + self.settings["aux"] * scale * ((e_hat - e) ** 2).sum(axis=-1).mean() / norm
-        elif self.arch == "relu":
-            norms = mx.linalg.norm(params["W_dec"], axis=-1)
-            loss = loss + self.settings["l1"] * (f * norms).sum(axis=-1).mean()
-        elif self.arch == "jumprelu":
-            l0 = _step(h, mx.exp(params["log_threshold"]), self.settings["bandwidth"]).sum(axis=-1).mean()
-            loss = loss + self.settings["l0"] * l0
+        extra = self.arch.loss(self, params, h, f, error, dead)
+        if extra is not None:
+            loss = loss + extra
         return loss, (f, mse, x)
 
     def step(self, x: mx.array) -> None:
         x = x.astype(mx.float32) * self.scale
         dead = self.since_fired > self.settings["dead_tokens"]
         (loss, (f, mse, _)), grads = self._grad(self.params, x, dead)
-        if self.arch in ("topk", "batchtopk"):
+        if self.arch.unit_norm_decoder:
             W = self.params["W_dec"]
             g = grads["W_dec"]
             grads["W_dec"] = g - (g * W).sum(axis=-1, keepdims=True) * W
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         self.params = self.optimizer.apply_gradients(grads, self.params)
-        if self.arch in ("topk", "batchtopk"):
+        if self.arch.unit_norm_decoder:
             W = self.params["W_dec"]
             self.params["W_dec"] = W / mx.maximum(mx.linalg.norm(W, axis=-1, keepdims=True), 1e-8)
         fired = (f > 0).any(axis=0)
         n = x.shape[0]
         self.since_fired = mx.where(fired, 0, self.since_fired + n)
-        if self.arch == "batchtopk":
-            positive = mx.where(f > 0, f, mx.inf).min()
-            self.threshold = mx.where(self.seen == 0, positive, 0.99 * self.threshold + 0.01 * positive)
+        self.buffers = self.arch.after_step(self, f)
         if self.seen >= self.settings["steps"] * n * 3 // 4:  # densities over the last quarter
             self.fired_count = self.fired_count + (f > 0).sum(axis=0)
             self.counted_tokens += n
         self.seen += n
         variance = ((x - x.mean(axis=0)) ** 2).sum(axis=-1).mean()
         self._last = ((f > 0).sum(axis=-1).mean(), mse / variance)
-        mx.eval(self.params, self.optimizer.state, self.since_fired, self.threshold, self.fired_count, *self._last)
+        mx.eval(self.params, self.optimizer.state, self.since_fired, self.buffers, self.fired_count, *self._last)
 
     def log(self, step: int) -> tuple[float, float, float]:
         l0, fvu = (v.item() for v in self._last)
@@ -333,30 +308,24 @@ class _Trainer:
         return mx.log10(self.fired_count / tokens + 1e-10)
 
     def training_log(self, seconds: float, tokens: int) -> TrainingLog:
-        return TrainingLog(site=self.site, architecture=self.arch, n_tokens=self.seen, seconds=seconds,
-                           tokens_per_second=tokens / max(seconds, 1e-9), input_scale=self.scale, **self.history)
+        return TrainingLog(site=self.site, architecture=self.settings["architecture"], n_tokens=self.seen,
+                           seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9), input_scale=self.scale,
+                           **self.history)
 
     def export(self, model) -> SAE:
-        """The trained SAE for raw activations: the input scale folded in; BatchTopK as JumpReLU;
-        ReLU and JumpReLU with unit-norm decoder rows."""
-        p, s = self.params, self.scale
-        weights = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
-        arch = {"relu": "standard", "batchtopk": "jumprelu"}.get(self.arch, self.arch)
-        if self.arch == "jumprelu":
-            weights["threshold"] = mx.exp(p["log_threshold"])
-        elif self.arch == "batchtopk":
-            weights["threshold"] = mx.full((self.d_sae,), self.threshold.item())
-        from .formats import _tl
-
+        """The trained SAE for raw activations, as the architecture exports it (the input scale
+        folded in; BatchTopK as JumpReLU; unit-norm decoder rows unless it refuses them)."""
+        weights, fields = self.arch.export(self)
         cfg = SAEConfig(
-            architecture=arch, d_in=self.d_in, d_sae=self.d_sae, k=int(self.k) if arch == "topk" else None,
-            site=self.site, hook_name=None if is_raw(self.site) else _tl(self.site),
+            architecture=self.arch.saved_as, d_in=self.d_in, d_sae=self.d_sae,
+            site=self.site, hook_name=None if is_raw(self.site) else hook_name_of(self.site),
             model_name=_model_name(model), context_size=self.settings.get("context_size"),
-            metadata={"training_architecture": self.arch, "training_tokens": self.seen,
+            metadata={"training_architecture": self.settings["architecture"], "training_tokens": self.seen,
                       "exclude_special_tokens": True, "mlxterp_trained": True},
+            **fields,
         )
         sae = SAE(cfg, weights)
-        if arch in ("standard", "jumprelu"):
+        if self.arch.fold_on_export:
             sae.fold_W_dec_norm()
         return sae
 
@@ -364,14 +333,15 @@ class _Trainer:
     def state(self) -> dict[str, mx.array]:
         tensors = {f"params.{k}": v for k, v in self.params.items()}
         tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
-        tensors.update(since_fired=self.since_fired, fired_count=self.fired_count, threshold=self.threshold)
+        tensors.update(since_fired=self.since_fired, fired_count=self.fired_count, **self.buffers)
         return tensors
 
     def load_state(self, tensors: dict[str, mx.array], info: dict[str, Any]) -> None:
         self.params = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
         state = [(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")]
         self.optimizer.state = tree_unflatten(state)
-        self.since_fired, self.fired_count, self.threshold = tensors["since_fired"], tensors["fired_count"], tensors["threshold"]
+        self.since_fired, self.fired_count = tensors["since_fired"], tensors["fired_count"]
+        self.buffers = {k: tensors[k] for k in self.buffers}
         self.scale, self.seen, self.counted_tokens = info["scale"], info["seen"], info["counted_tokens"]
         self.history = info["history"]
 
@@ -432,52 +402,6 @@ def _safe(site: str) -> str:
     return site.replace("/", "_")
 
 
-# -- activation functions with straight-through gradients ----------------------------------------
-
-
-def _batch_topk(h: mx.array, k: float) -> mx.array:
-    """ReLU(h) keeping the k * N largest values of the whole (N, d_sae) batch."""
-    relu = mx.maximum(h, 0)
-    flat = relu.reshape(-1)
-    keep = max(1, min(int(round(k * h.shape[0])), flat.size))
-    index = mx.stop_gradient(mx.argpartition(-flat, kth=keep - 1)[:keep])
-    mask = mx.zeros(flat.shape).at[index].add(1.0) > 0
-    return mx.where(mask.reshape(h.shape), relu, 0.0)
-
-
-def _rectangle(u: mx.array) -> mx.array:
-    return ((u > -0.5) & (u < 0.5)).astype(mx.float32)
-
-
-def _jumprelu(h: mx.array, threshold: mx.array, bandwidth: float) -> mx.array:
-    @mx.custom_function
-    def jump(h, threshold):
-        return mx.where(h > threshold, h, 0.0)
-
-    @jump.vjp
-    def jump_vjp(primals, cotangent, output):
-        h, threshold = primals
-        dh = mx.where(h > threshold, cotangent, 0.0)
-        dt = -(threshold / bandwidth) * _rectangle((h - threshold) / bandwidth) * cotangent
-        return dh, dt.reshape(-1, dt.shape[-1]).sum(axis=0)
-
-    return jump(h, threshold)
-
-
-def _step(h: mx.array, threshold: mx.array, bandwidth: float) -> mx.array:
-    @mx.custom_function
-    def heaviside(h, threshold):
-        return (h > threshold).astype(mx.float32)
-
-    @heaviside.vjp
-    def heaviside_vjp(primals, cotangent, output):
-        h, threshold = primals
-        dt = -(1.0 / bandwidth) * _rectangle((h - threshold) / bandwidth) * cotangent
-        return mx.zeros_like(h), dt.reshape(-1, dt.shape[-1]).sum(axis=0)
-
-    return heaviside(h, threshold)
-
-
 # -- data -----------------------------------------------------------------------------------------
 
 
@@ -488,6 +412,26 @@ def _standard(model, site: str) -> str:
     if len(found) != 1:
         raise SAEError(f"train one SAE per site: {site!r} names {len(found)} sites (list them instead).")
     return found[0].name
+
+
+def _site_width(model, site: str, data) -> int:
+    """The width of ``site``'s training rows, without running the model: the data's when it
+    says (an array, a dataset's manifest), else the site's last axis in a one-token forward
+    built lazily and never evaluated (MLX knows shapes before it computes anything)."""
+    if isinstance(data, (mx.array, np.ndarray)):
+        return int(data.shape[-1])
+    if isinstance(data, dict) and site in data:
+        return int(data[site].shape[-1])
+    if hasattr(data, "rows"):  # an ActivationDataset
+        return int(data.rows(site).shape[-1])
+    from mlxterp.plugin import Hooks
+
+    with Hooks(model, capture=[site], stop_after="auto") as hooks:
+        _, recorded = hooks(mx.zeros((1, 1), dtype=mx.int32), evaluate=False)
+    if is_raw(site):
+        return int(recorded[site].shape[-1])
+    resolved = model.architecture.resolve(site)[0]
+    return int(resolved.read(recorded[resolved.site]).shape[-1])
 
 
 class _Source:
