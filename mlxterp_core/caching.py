@@ -487,18 +487,18 @@ def _run(model, tokens, windows, site_list, stop, shards, mine, done, out, finge
             current = {}
 
     try:
-        with SiteReader(model, site_list, stop=stop) as reader:
-            pending = None
-            for batch in tokens.windows(**windows):
-                if batch_shard[batch.index] not in todo_set:
-                    continue
-                rows = _batch_rows(reader, batch, site_list)
-                mx.async_eval(list(rows.values()))  # computes while the previous batch is handed on
-                if pending is not None:
-                    dispatch(*pending)
-                pending = (batch, rows)
+        reader = SiteReader(model, site_list, stop=stop)
+        pending = None
+        for batch in tokens.windows(**windows):
+            if batch_shard[batch.index] not in todo_set:
+                continue
+            rows = _batch_rows(reader, batch, site_list)
+            mx.async_eval(list(rows.values()))  # computes while the previous batch is handed on
             if pending is not None:
                 dispatch(*pending)
+            pending = (batch, rows)
+        if pending is not None:
+            dispatch(*pending)
         writer.close()
     except BaseException:
         writer.error = writer.error or RuntimeError("cancelled")  # the thread skips what is queued

@@ -316,11 +316,13 @@ class ActivationDataset:
         """Per-row field ``name`` ('bos', 'offset', ...) of shard ``k``, as numpy."""
         return np.asarray(self._mmap(k, name))
 
-    def shard_rows(self, k: int, site: str, keep: np.ndarray | None = None) -> np.ndarray:
-        """The rows of ``site`` in shard ``k`` (where ``keep`` is True), read into memory as
-        numpy (bfloat16 as its uint16 bits)."""
-        rows = self._mmap(k, self.site_name(site))
-        return np.array(rows) if keep is None or keep.all() else np.asarray(rows)[keep]
+    def shard_rows(self, k: int, site: str, keep: np.ndarray | None = None, as_mx: bool = False):
+        """The rows of ``site`` in shard ``k`` (where ``keep`` is True), read into memory: numpy
+        (bfloat16 as its uint16 bits), or with ``as_mx`` an mx.array in the stored dtype."""
+        name = self.site_name(site)
+        rows = self._mmap(k, name)
+        rows = np.array(rows) if keep is None or keep.all() else np.asarray(rows)[keep]
+        return _to_mx(rows, getattr(mx, self.site_info(name)["dtype"])) if as_mx else rows
 
     def batches(
         self,
@@ -355,14 +357,12 @@ class ActivationDataset:
 
         sites = [site] if isinstance(site, str) else list(site)
         names = [self.site_name(s) for s in sites]
-        dtypes = {name: getattr(mx, self.site_info(name)["dtype"]) for name in names}
         rng = np.random.default_rng(seed)
         source = DatasetRows(self, names, rng=rng if shuffle else None, repeat=repeat,
                              skip_bos=skip_bos, skip_first=skip_first, with_index=with_index)
 
-        def convert(batch: dict[str, np.ndarray]):
-            rows = {name: _to_mx(batch[name], dtypes[name]) for name in names}
-            out = rows[names[0]] if isinstance(site, str) else rows
+        def convert(batch: dict[str, Any]):
+            out = batch[names[0]] if isinstance(site, str) else {name: batch[name] for name in names}
             return (out, batch["index"]) if with_index else out
 
         return Batches(source, batch_size, buffer_rows=buffer_rows, shuffle=shuffle, drop_last=drop_last,

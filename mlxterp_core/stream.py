@@ -30,6 +30,7 @@ run would have seen.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -89,10 +90,11 @@ class Site:
 
 
 def resolve_sites(model, names: Sequence[str], probe: mx.array, dtype: mx.Dtype | None = None,
-                  seen: dict[str, mx.array] | None = None) -> list[Site]:
+                  seen: dict[str, mx.array] | None = None, meant: dict[str, list[str]] | None = None) -> list[Site]:
     """The tensors ``names`` mean (standard names, raw names, raw globs), in order, each
     checked on a short ``probe`` (1, T) forward pass to be one row per token; ``dtype``
-    overrides their dtype; the raw records of the probe pass go into ``seen`` when given."""
+    overrides their dtype; the raw records of the probe pass go into ``seen`` when given, and
+    each name given -> the names of the sites it means into ``meant``."""
     from .names import is_raw, parse
     from .sites import canonical_site, is_glob, layer_of, matches
     from .trace import Hooks
@@ -136,6 +138,8 @@ def resolve_sites(model, names: Sequence[str], probe: mx.array, dtype: mx.Dtype 
             if not mx.issubdtype(value.dtype, mx.floating):
                 raise DatasetError(f"site {stored!r} holds {value.dtype} values, not activations.")
             found.setdefault(stored, Site(stored, raw, read, (width,), dtype or value.dtype, layer))
+            if meant is not None:
+                meant.setdefault(name, []).append(stored)
     return list(found.values())
 
 
@@ -167,9 +171,10 @@ def stop_for(model, sites: Sequence[Site], probe: mx.array | None = None,
 
 class SiteReader:
     """Forward passes that record ``sites``, stopped after the last block they need (unless
-    ``outputs``: then the model runs to the end and its output is returned too). Use it as a
-    context manager; ``read(inputs)`` gives ``({site name: (B, T, ...)}, output or None)``,
-    lazy. ``stop`` is the stop :func:`stop_for` worked out (pass it when already known)."""
+    ``outputs``: then the model runs to the end and its output is returned too).
+    ``read(inputs)`` gives ``({site name: (B, T, ...)}, output or None)``, lazy; the probes are
+    installed for that pass only, so the caller may run other traces between reads. ``stop``
+    is the stop :func:`stop_for` worked out."""
 
     def __init__(self, model, sites: Sequence[Site], *, outputs: bool = False, stop: str | None = None,
                  saes: Any = None):
@@ -179,15 +184,9 @@ class SiteReader:
         capture = sorted({s.raw for s in self.sites})
         self.hooks = Hooks(model, capture=capture, saes=saes, stop_after=None if outputs else stop)
 
-    def __enter__(self) -> SiteReader:
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc_info) -> bool:
-        return self.hooks.__exit__(*exc_info)
-
     def read(self, inputs: mx.array) -> tuple[dict[str, mx.array], Any]:
-        output, recorded = self.hooks(inputs, evaluate=False)
+        with self.hooks:
+            output, recorded = self.hooks(inputs, evaluate=False)
         return {s.name: s.value(recorded) for s in self.sites}, output
 
 
@@ -195,24 +194,31 @@ def site_batches(model, batches: Iterable, names: Sequence[str] | Sequence[Site]
                  saes: Any = None) -> Iterator[tuple[Any, dict[str, mx.array], Any]]:
     """``(windows, {site: (B, T, ...)}, output)`` for each batch of token windows (or of
     prepared inputs: anything with ``.inputs`` or an mx.array), one forward pass each; the
-    sites (names, resolved on the first batch) in their own dtype, lazy; ``output`` is the
-    model's output when ``outputs`` is set, else None (the forward stops early)."""
+    sites (names, resolved on the first batch; the result holds each under its resolved name
+    and, where it means one site, under the name given too) in their own dtype, lazy;
+    ``output`` is the model's output when ``outputs`` is set, else None (the forward stops
+    early)."""
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
         return
-    sites = names if names and isinstance(names[0], Site) else None
-    probe = _inputs(first)[:1, : min(5, _inputs(first).shape[1])]
-    whole: dict[str, mx.array] = {}
-    if sites is None:
-        sites = resolve_sites(model, names, probe, seen=whole)
-    stop = None if outputs or saes is not None else stop_for(model, sites, probe, whole)
-    with SiteReader(model, sites, outputs=outputs, stop=stop, saes=saes) as reader:
-        acts, output = reader.read(_inputs(first))
-        yield first, acts, output
-        for batch in iterator:
-            acts, output = reader.read(_inputs(batch))
-            yield batch, acts, output
+    aliases: dict[str, str] = {}
+    if names and isinstance(names[0], Site):
+        sites = list(names)
+        stop = None if outputs or saes is not None else stop_for(model, sites)
+    else:
+        probe = _inputs(first)[:1, : min(5, _inputs(first).shape[1])]
+        whole: dict[str, mx.array] = {}
+        meant: dict[str, list[str]] = {}
+        sites = resolve_sites(model, names, probe, seen=whole, meant=meant)
+        aliases = {given: found[0] for given, found in meant.items() if len(found) == 1 and given != found[0]}
+        stop = None if outputs or saes is not None else stop_for(model, sites, probe, whole)
+    reader = SiteReader(model, sites, outputs=outputs, stop=stop, saes=saes)
+    for batch in itertools.chain([first], iterator):
+        acts, output = reader.read(_inputs(batch))
+        for given, name in aliases.items():
+            acts[given] = acts[name]
+        yield batch, acts, output
 
 
 def _inputs(batch) -> mx.array:
@@ -303,8 +309,8 @@ class TextRows(RowSource):
 class DatasetRows(RowSource):
     """Rows of ``sites`` stored in an ActivationDataset, one shard a chunk, shards in a random
     order (each pass a new one, from ``rng``) or in dataset order; the :func:`trainable_stored`
-    policy applied; ``with_index`` adds each row's index in the dataset under ``"index"``.
-    Rows come as numpy arrays (bfloat16 as its uint16 bits)."""
+    policy applied; ``with_index`` adds each row's index in the dataset under ``"index"`` (numpy).
+    Rows come as MLX arrays in their stored dtype."""
 
     def __init__(self, dataset, sites: Sequence[str], *, rng: np.random.Generator | None, repeat: bool = False,
                  skip_bos: bool = True, skip_first: bool = True, with_index: bool = False):
@@ -317,7 +323,7 @@ class DatasetRows(RowSource):
     def position(self) -> dict[str, Any]:
         return {"passes": self.passes, "order": list(self.order), "next": self.next}
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
         starts = np.cumsum([0] + [s["rows"] for s in ds.shards])
         start = self._restored or {"passes": 0, "order": [], "next": 0}
@@ -330,7 +336,7 @@ class DatasetRows(RowSource):
                 k = self.order[self.next]
                 self.next += 1
                 keep = trainable_stored(ds.shard_field(k, "bos"), ds.shard_field(k, "offset"), self.skip_bos, self.skip_first)
-                chunk = {site: ds.shard_rows(k, site, keep) for site in self.sites}
+                chunk = {site: ds.shard_rows(k, site, keep, as_mx=True) for site in self.sites}
                 if self.with_index:
                     chunk["index"] = np.arange(starts[k], starts[k + 1])[keep]
                 yield chunk

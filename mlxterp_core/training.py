@@ -21,7 +21,9 @@ written atomically, the JSON last, so a crash at any moment leaves the previous 
 whole. Resuming checks the settings and the checksum, then restores everything: a resumed run
 equals an uninterrupted one bitwise (same shapes, same operations, same order). So a trainer
 draws its randomness from generators it owns and saves (an ``mx.random.key`` it splits, a
-numpy Generator), never from MLX's global state, which cannot be restored.
+numpy Generator), never from MLX's global state, which cannot be restored; and it restores
+its trees in a fresh run's key order (a checkpoint's keys come back sorted, and a reduction
+over a tree, such as a gradient norm, rounds differently in another order).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import attrs
 import mlx.core as mx
 
-from .errors import FileFormatError, InputError
+from .errors import FileFormatError, InputError, MlxterpError
 from .files import read_json, sha256_file, write_atomic, write_json
 from .progress import progress_bar
 
@@ -75,16 +77,18 @@ def train_steps(
     progress: bool | None = None,
     desc: str = "training",
     what: str = "training",
+    error: type[MlxterpError] = InputError,
 ) -> Run:
     """Run ``trainer`` for ``steps`` steps over ``batches`` (see the module doc), resuming
     from the checkpoint in ``checkpoint_dir`` if there is one (made with the same
     ``settings``) and writing one every ``checkpoint_every`` steps and at the end.
-    ``what`` names the run in messages ("train_sae")."""
+    ``what`` names the run in messages ("train_sae"); ``error`` is the class of the errors
+    about the run's input (the plugin's own, e.g. SAEError)."""
     if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"{what}: steps must be a positive integer, got {steps!r}.")
+        raise error(f"{what}: steps must be a positive integer, got {steps!r}.")
     folder = Path(checkpoint_dir).expanduser() if checkpoint_dir is not None else None
     settings = settings or {}
-    found = load_checkpoint(folder, settings, what) if folder is not None else None
+    found = load_checkpoint(folder, settings, what, error) if folder is not None else None
     step = 0
     if found is not None:
         step, tensors, info = found
@@ -117,7 +121,7 @@ def train_steps(
             if step >= steps:
                 break
         if not started_trainer:
-            raise InputError(f"{what}: the training data gave no batches (padding, BOS and window starts are never trained on).")
+            raise error(f"{what}: the training data gave no batches (padding, BOS and window starts are never trained on).")
     finally:
         bar.close()
     return Run(first, step, time.perf_counter() - started)
@@ -136,9 +140,11 @@ def save_checkpoint(folder: Path, step: int, settings: dict[str, Any], trainer: 
                                 "stream": stream_info, "tensors_sha256": sha256_file(folder / TENSORS)})
 
 
-def load_checkpoint(folder: Path, settings: dict[str, Any], what: str = "training"):
+def load_checkpoint(folder: Path, settings: dict[str, Any], what: str = "training",
+                    error: type[MlxterpError] = InputError):
     """``(step, tensors, info)`` of the checkpoint in ``folder``, or None when there is none;
-    a checkpoint made with other settings, or damaged, is an error that says what to do."""
+    a checkpoint made with other settings (an ``error``), or damaged (a FileFormatError), is
+    an error that says what to do."""
     state_path = folder / STATE
     if not state_path.is_file():
         return None
@@ -149,7 +155,7 @@ def load_checkpoint(folder: Path, settings: dict[str, Any], what: str = "trainin
     differ = sorted(k for k in {*saved, *settings} if saved.get(k) != settings.get(k))
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:4])
-        raise InputError(
+        raise error(
             f"the checkpoint in {folder} was made with other settings ({shown}): use another "
             f"checkpoint_dir, or the same settings to resume {what}."
         )

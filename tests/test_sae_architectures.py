@@ -201,7 +201,7 @@ def no_forward(monkeypatch):
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(train, "trace_sites", reached)
+    monkeypatch.setattr(train, "_source", reached)
     monkeypatch.setattr(train, "_Trainer", reached)
     return Reached
 

@@ -18,7 +18,7 @@ K = 32
 def rows(model, texts, n):
     """The first ``n`` training rows of ``texts`` at SITE, exactly as train_sae reads them."""
     found, got = [], 0
-    for chunk in _source(model, [SITE], texts, 128, 8, 0).chunks():
+    for chunk in _source(model, [SITE], texts, 128, 8, 0):
         found.append(chunk[SITE])
         got += found[-1].shape[0]
         if got >= n:

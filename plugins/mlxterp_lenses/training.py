@@ -123,6 +123,7 @@ class _LensTrainer:
         self.model, self.lens, self.names, self.grad_clip = model, lens, names, grad_clip
         self.optimizer = optim.SGD(learning_rate=optim.linear_schedule(lr, 0.0, num_steps), momentum=momentum,
                                    weight_decay=weight_decay, nesterov=True)
+        self.optimizer.init(lens.trainable_parameters())
         self.kl = 0.0
 
     def start(self, first) -> None:
@@ -154,7 +155,8 @@ class _LensTrainer:
 
     def load_state(self, tensors: dict[str, mx.array], info: dict[str, Any]) -> None:
         self.lens.load_state({k[len("lens."):]: v for k, v in tensors.items() if k.startswith("lens.")})
-        self.optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")])
+        order = [k for k, _ in tree_flatten(self.optimizer.state)]  # a fresh run's order, not the file's
+        self.optimizer.state = tree_unflatten([(k, tensors[f"optimizer.{k}"]) for k in order])
         self.kl = info["kl"]
 
 

@@ -1,7 +1,7 @@
 """Evaluating an SAE: reconstruction, sparsity and what splicing it costs the model.
 
 Definitions (``../shared/research/saes-lens-heads.md`` §1b.6), over all evaluated tokens
-(BOS, padding and each window's first position excluded: see ``train.trainable``), sums accumulated batch by batch so that no figure depends on the
+(BOS, padding and each window's first position excluded: the activation stream's policy), sums accumulated batch by batch so that no figure depends on the
 batch size:
 
 - ``mse`` = E_t sum_d (x - x^)^2 (per token, summed over d);
@@ -165,10 +165,7 @@ def evaluate(
     ``n_tokens`` caps the tokens read (None: all), in windows of ``context_size`` tokens
     (default: the SAE's own context size, else 128).
     """
-    from mlxterp.plugin import token_windows
-    from mlxterp.plugin import progress_over
-
-    from .train import trainable
+    from mlxterp.plugin import progress_over, site_batches, token_windows, trainable
 
     if model.tokenizer is None:
         raise SAEError("evaluating on texts needs a model with a tokenizer.")
@@ -179,14 +176,13 @@ def evaluate(
     kl = {"sae": 0.0, "zero": 0.0}
     counted = 0
     windows = token_windows(model, texts, context, batch_size=batch_size, max_tokens=n_tokens)
-    for batch in progress_over(windows, n_tokens, "evaluate", progress is not False, "tok", lambda b: b.n_tokens):
+    windows = progress_over(windows, n_tokens, "evaluate", progress is not False, "tok", lambda b: b.n_tokens)
+    for batch, clean, clean_logits in site_batches(model, windows, list(dict.fromkeys([reads, site])), outputs=True):
         keep = trainable(batch)  # (B, T) positions the SAE works at
         if not keep.any():
             continue
         ids = batch.inputs
         keep_mx = mx.array(keep)[..., None]
-        capture = list(dict.fromkeys([reads, site, "logits"]))
-        clean = model.run(ids, capture=capture).activations
         x, target = clean[reads], clean[site]
         f = sae.encode(x)
         recons = sae.decode(f, sae._flat(x, sae.cfg.d_in, "input"))
@@ -204,7 +200,7 @@ def evaluate(
             continue
         targets = ids[:, 1:]
         score_mx = mx.array(scored)
-        logp_clean = _log_softmax(clean["logits"][:, :-1])
+        logp_clean = _log_softmax(clean_logits[:, :-1])
         for key, logits in (("clean", None), ("sae", spliced), ("zero", zeroed)):
             logp = logp_clean if logits is None else _log_softmax(logits[:, :-1])
             nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

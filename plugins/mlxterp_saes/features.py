@@ -103,12 +103,7 @@ def top_activations(
     progress: bool | None = None,
 ) -> FeatureExamples:
     """The top-activating contexts of ``features`` over ``texts`` (see the module doc)."""
-    from mlxterp.plugin import token_windows
-    from mlxterp.plugin import progress_over
-
-    from .train import trainable
-
-    from .train import trace_sites
+    from mlxterp.plugin import progress_over, site_batches, token_windows, trainable
 
     chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
     for f in chosen:
@@ -118,10 +113,9 @@ def top_activations(
     select = mx.array(chosen)
     token_rows, value_rows, keep_rows, doc_rows, pos_rows = [], [], [], [], []
     windows = token_windows(model, texts, context_size, batch_size=batch_size, max_tokens=n_tokens)
-    sites = list(dict.fromkeys([sae.cfg.site]))
-    for batch in progress_over(windows, n_tokens, "top_activations", progress is not False, "tok", lambda b: b.n_tokens):
-        x = trace_sites(model, batch.inputs, sites)[sae.cfg.site]
-        values = mx.take(sae.encode(x), select, axis=-1)  # (B, T, F)
+    windows = progress_over(windows, n_tokens, "top_activations", progress is not False, "tok", lambda b: b.n_tokens)
+    for batch, acts, _ in site_batches(model, windows, [sae.cfg.site]):
+        values = mx.take(sae.encode(acts[sae.cfg.site]), select, axis=-1)  # (B, T, F)
         keep = trainable(batch)
         for b in range(len(batch)):
             n = int(batch.lengths[b])

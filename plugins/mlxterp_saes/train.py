@@ -19,18 +19,21 @@ The recipe (``../shared/research/saes-lens-heads.md`` §1b); what is specific to
 - a latent is dead when it has not fired for ``dead_tokens`` training tokens;
 - Adam (betas 0.9, 0.999, bias-corrected), gradient norm clipped at 1, linear warm-up over
   the first 5% of steps and a linear decay to lr/10 over the last 20%;
-- rows are shuffled in a buffer of ``buffer_tokens`` tokens, half of which is kept to mix with
-  the next fill (SAELens's mixing buffer); BOS, padding and the first position of each window
-  (an attention sink, see :func:`trainable`) are never trained on.
+- rows come from the activation stream (``mlxterp.plugin``): traced from texts (several sites
+  from one forward, stopped after the last block needed), or read from an ActivationDataset,
+  under the stream's one policy (BOS, padding and the first position of each window, an
+  attention sink, are never trained on), shuffled in one mixing buffer of ``buffer_tokens``
+  tokens, half of which is kept to mix with the next fill (SAELens's);
+- the loop, checkpoints and resume are the core's (``train_steps``): the checkpoint holds the
+  SAEs, Adam's state, the buffer and the data position, so a resumed run equals an
+  uninterrupted one bitwise.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +43,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxterp.plugin import is_raw
-from mlxterp.plugin import progress_bar
+from mlxterp.plugin import ActivationDataset, ArrayRows, Batches, DatasetRows, RowSource, TextRows, is_raw, train_steps
 
 from .architectures import get_architecture
 from .architectures.base import check_option
 from .sae import SAE, SAEConfig, SAEError, hook_name_of
 
-CHECKPOINT_STATE = "trainer_state.json"
-CHECKPOINT_TENSORS = "trainer_state.safetensors"
 
 
 @attrs.frozen
@@ -176,51 +176,62 @@ def train_sae(
     sizes = [d_sae] if d_sae is not None else sorted({expansion * _site_width(model, n, data) for n in names})
     for size in sizes:  # d_sae of each SAE
         arch.check_options(settings, size)
-    source = _source(model, names, data, context_size, forward_batch, seed, skip_first)
-    batches = _shuffled(source, batch_size, buffer_tokens, seed)
-    trainers: list[_Trainer] | None = None
-    resumed = _peek(Path(checkpoint_dir), names, settings) if checkpoint_dir is not None else None
-    step = 0
-    if resumed:
-        step = resumed["step"]
-        source.skip(resumed["source_position"])
-    start = time.perf_counter()
-    bar = progress_bar(steps, "train_sae", progress is not False, unit="step")
-    bar.update(step)
-    try:
-        for batch in batches:
-            if trainers is None:
-                trainers = [_Trainer(name, batch[name], settings) for name in names]
-                if resumed:
-                    _resume(trainers, Path(checkpoint_dir))
-            if step >= steps:
-                break
-            for trainer in trainers:
-                trainer.step(batch[trainer.site])
-            step += 1
-            bar.update(1)
-            if step % log_every == 0 or step == steps:
-                stats = [t.log(step) for t in trainers]
-                bar.set_postfix_str(" ".join(f"L0={s[0]:.1f} FVU={s[1]:.3f} dead={s[2]:.1%}" for s in stats[:2]))
-            if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == steps):
-                _checkpoint(trainers, Path(checkpoint_dir), settings, step, source.position)
-            if step >= steps:
-                break
-    finally:
-        bar.close()
-    if trainers is None:
-        raise SAEError("the training data held no tokens (BOS and padding are not trained on).")
-    seconds = time.perf_counter() - start
-    trained = step - (resumed["step"] if resumed else 0)
+    batches = _batches(_source(model, names, data, context_size, forward_batch, seed, skip_first), batch_size,
+                       buffer_tokens, seed)
+    group = _Group(names, settings, log_every)
+    run = train_steps(group, batches, steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                      settings=settings, progress=progress, desc="train_sae", what="train_sae", error=SAEError)
     saes = []
-    for trainer in trainers:
+    for trainer in group.trainers:
         sae = trainer.export(model)
-        log = trainer.training_log(seconds, trained * batch_size)
+        log = trainer.training_log(run.seconds, run.steps * batch_size)
         object.__setattr__(sae, "training_log", log)
         if save_dir is not None:
             sae.save(Path(save_dir) / trainer.site, sparsity=trainer.log_sparsity())
         saes.append(sae)
     return saes if not isinstance(site, str) else saes[0]
+
+
+class _Group:
+    """The SAEs of one run, trained on the same batches (one per site): the trainer the core's
+    loop (``train_steps``) runs, with the logging every ``log_every`` steps."""
+
+    def __init__(self, sites: list[str], settings: dict[str, Any], log_every: int):
+        self.sites, self.settings, self.log_every = sites, settings, log_every
+        self.trainers: list[_Trainer] = []
+        self.step_count = 0
+        self._status = ""
+
+    def start(self, first: dict[str, mx.array] | None) -> None:
+        if first is not None:
+            self.trainers = [_Trainer(site, first[site], self.settings) for site in self.sites]
+
+    def step(self, batch: dict[str, mx.array]) -> None:
+        for trainer in self.trainers:
+            trainer.step(batch[trainer.site])
+        self.step_count += 1
+        if self.step_count % self.log_every == 0 or self.step_count == self.settings["steps"]:
+            stats = [t.log(self.step_count) for t in self.trainers]
+            self._status = " ".join(f"L0={s[0]:.1f} FVU={s[1]:.3f} dead={s[2]:.1%}" for s in stats[:2])
+
+    def status(self) -> str:
+        return self._status
+
+    def state(self) -> tuple[dict[str, mx.array], dict[str, Any]]:
+        tensors, infos = {}, []
+        for i, trainer in enumerate(self.trainers):
+            part, info = trainer.state()
+            tensors.update({f"{i}.{k}": v for k, v in part.items()})
+            infos.append(info)
+        return tensors, {"sites": self.sites, "steps": self.step_count, "status": self._status, "trainers": infos}
+
+    def load_state(self, tensors: dict[str, mx.array], info: dict[str, Any]) -> None:
+        if not self.trainers:  # a finished run: nothing to start from but the checkpoint
+            first = {site: mx.zeros((1, tensors[f"{i}.params.W_dec"].shape[-1])) for i, site in enumerate(self.sites)}
+            self.start(first)
+        for i, trainer in enumerate(self.trainers):
+            trainer.load_state({k[len(f"{i}."):]: v for k, v in tensors.items() if k.startswith(f"{i}.")}, info["trainers"][i])
+        self.step_count, self._status = info["steps"], info["status"]
 
 
 # -- the trainer of one SAE --------------------------------------------------------------------
@@ -299,7 +310,7 @@ class _Trainer:
     def log(self, step: int) -> tuple[float, float, float]:
         l0, fvu = (v.item() for v in self._last)
         dead = (self.since_fired > self.settings["dead_tokens"]).astype(mx.float32).mean().item()
-        for key, value in zip(self.history, (step, self.seen, l0, fvu, dead)):
+        for key, value in zip(("steps", "tokens", "l0", "fvu", "dead"), (step, self.seen, l0, fvu, dead)):
             self.history[key].append(value)
         return l0, fvu, dead
 
@@ -330,76 +341,23 @@ class _Trainer:
         return sae
 
     # checkpoints
-    def state(self) -> dict[str, mx.array]:
+    def state(self) -> tuple[dict[str, mx.array], dict[str, Any]]:
         tensors = {f"params.{k}": v for k, v in self.params.items()}
         tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
         tensors.update(since_fired=self.since_fired, fired_count=self.fired_count, **self.buffers)
-        return tensors
+        info = {"scale": self.scale, "seen": self.seen, "counted_tokens": self.counted_tokens, "history": self.history}
+        return tensors, info
 
     def load_state(self, tensors: dict[str, mx.array], info: dict[str, Any]) -> None:
-        self.params = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
-        state = [(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")]
-        self.optimizer.state = tree_unflatten(state)
+        # in the order of a fresh run's trees: clip_grad_norm sums over the gradient tree in
+        # its order, and a file's (sorted) order would round that sum differently
+        self.params = {k: tensors[f"params.{k}"] for k in self.params}
+        order = [k for k, _ in tree_flatten(self.optimizer.state)]
+        self.optimizer.state = tree_unflatten([(k, tensors[f"optimizer.{k}"]) for k in order])
         self.since_fired, self.fired_count = tensors["since_fired"], tensors["fired_count"]
         self.buffers = {k: tensors[k] for k in self.buffers}
         self.scale, self.seen, self.counted_tokens = info["scale"], info["seen"], info["counted_tokens"]
         self.history = info["history"]
-
-
-def _checkpoint(trainers: list[_Trainer], folder: Path, settings, step: int, position: int) -> None:
-    """One folder per site: tensors first, then the JSON state (renamed into place last)."""
-    for trainer in trainers:
-        where = folder / _safe(trainer.site)
-        where.mkdir(parents=True, exist_ok=True)
-        tmp = where / ("tmp." + CHECKPOINT_TENSORS)
-        mx.save_safetensors(str(tmp), trainer.state())
-        os.replace(tmp, where / CHECKPOINT_TENSORS)
-        info = {"step": step, "source_position": position, "settings": settings, "scale": trainer.scale,
-                "seen": trainer.seen, "counted_tokens": trainer.counted_tokens, "history": trainer.history}
-        tmp = where / ("tmp." + CHECKPOINT_STATE)
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, where / CHECKPOINT_STATE)
-
-
-def _peek(folder: Path, sites: list[str], settings) -> dict[str, Any] | None:
-    """The state of the checkpoints in ``folder`` (one per site, all at the same step), or None."""
-    found = []
-    for site in sites:
-        where = folder / _safe(site) / CHECKPOINT_STATE
-        if not where.is_file():
-            found.append(None)
-            continue
-        try:
-            info = json.loads(where.read_text())
-        except ValueError as e:
-            raise SAEError(f"{where}: unreadable checkpoint ({e}); delete it to start over.") from e
-        differ = {k for k in settings if info["settings"].get(k) != settings[k]}
-        if differ:
-            raise SAEError(
-                f"the checkpoint in {where.parent} was made with other settings ({', '.join(sorted(differ))}): "
-                "use another checkpoint_dir, or the same settings to resume."
-            )
-        found.append(info)
-    if all(f is None for f in found):
-        return None
-    if any(f is None for f in found) or len({f["step"] for f in found}) != 1:
-        raise SAEError(f"the checkpoints in {folder} are from different runs or steps; delete them to start over.")
-    return found[0]
-
-
-def _resume(trainers: list[_Trainer], folder: Path) -> None:
-    for trainer in trainers:
-        where = folder / _safe(trainer.site)
-        info = json.loads((where / CHECKPOINT_STATE).read_text())
-        try:
-            tensors = mx.load(str(where / CHECKPOINT_TENSORS))
-        except Exception as e:
-            raise SAEError(f"{where / CHECKPOINT_TENSORS}: unreadable checkpoint ({e}); delete it to start over.") from e
-        trainer.load_state(tensors, info)
-
-
-def _safe(site: str) -> str:
-    return site.replace("/", "_")
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -434,94 +392,13 @@ def _site_width(model, site: str, data) -> int:
     return int(resolved.read(recorded[resolved.site]).shape[-1])
 
 
-class _Source:
-    """Chunks of rows {site: (n, d)} from the data, repeated forever; ``position`` counts the
-    units read (windows for text, batches for a dataset, rows for arrays) so a resumed run can
-    ``skip`` them."""
-
-    position = 0
-
-    def chunks(self) -> Iterator[dict[str, mx.array]]:
-        raise NotImplementedError
-
-    def skip(self, position: int) -> None:
-        self._skip = position
-
-
-class _TextSource(_Source):
-    def __init__(self, model, sites, corpus, context_size, forward_batch, skip_first=True):
-        from mlxterp.plugin import read_documents
-
-        self.model, self.sites = model, sites
-        self.corpus = corpus if isinstance(corpus, (str, os.PathLike)) else list(read_documents(corpus))
-        self.context_size, self.forward_batch, self.skip_first = context_size, forward_batch, skip_first
-        self._skip = 0
-
-    def chunks(self):
-        from mlxterp.plugin import token_windows
-
-        while True:
-            read = skipped = 0
-            for windows in token_windows(self.model, self.corpus, self.context_size, batch_size=self.forward_batch):
-                self.position += len(windows)
-                if self.position <= self._skip:
-                    skipped += 1
-                    continue
-                keep = trainable(windows, self.skip_first).reshape(-1)
-                if not keep.any():
-                    continue
-                read += 1
-                acts = trace_sites(self.model, windows.inputs, self.sites)
-                index = mx.array(np.flatnonzero(keep).astype(np.int32))
-                yield {s: mx.take(a.reshape(-1, a.shape[-1]), index, axis=0).astype(mx.float32) for s, a in acts.items()}
-            if read == 0 and skipped == 0:
-                raise SAEError("the training texts hold no tokens to train on (BOS and padding are excluded).")
-
-
-class _DatasetSource(_Source):
-    def __init__(self, dataset, sites, batch_size, seed, skip_first=True):
-        self.dataset, self.sites, self.batch_size, self.seed = dataset, sites, batch_size, seed
-        # ActivationDataset.batches leaves out window starts by default
-        self.options = {} if skip_first else {"skip_first": False}
-        self._skip = 0
-
-    def chunks(self):
-        epoch = 0
-        while True:
-            streams = [self.dataset.batches(s, self.batch_size, shuffle=True, seed=self.seed + epoch, **self.options)
-                       for s in self.sites]
-            empty = True
-            for rows in zip(*streams):
-                empty = False
-                self.position += 1
-                if self.position <= self._skip:
-                    continue
-                yield {s: r.astype(mx.float32) for s, r in zip(self.sites, rows)}
-            if empty:
-                raise SAEError(f"the dataset {self.dataset!r} yields no rows for {self.sites}.")
-            epoch += 1
-
-
-class _ArraySource(_Source):
-    def __init__(self, arrays: dict[str, mx.array], chunk: int):
-        sizes = {a.shape[0] for a in arrays.values()}
-        if len(sizes) != 1:
-            raise SAEError(f"the activation arrays have different numbers of rows: {sizes}.")
-        self.arrays, self.chunk, self.rows = arrays, chunk, sizes.pop()
-        self._skip = 0
-
-    def chunks(self):
-        while True:
-            for start in range(0, self.rows, self.chunk):
-                self.position += 1
-                if self.position <= self._skip:
-                    continue
-                yield {s: a[start : start + self.chunk].astype(mx.float32) for s, a in self.arrays.items()}
-
-
-def _source(model, sites, data, context_size, forward_batch, seed, skip_first=True) -> _Source:
+def _source(model, sites: list[str], data: Any, context_size: int, forward_batch: int, seed: int,
+            skip_first: bool = True) -> RowSource:
+    """The training rows of ``data`` (see train_sae) as a source of the activation stream."""
+    if isinstance(data, ActivationDataset):
+        return DatasetRows(data, sites, rng=np.random.default_rng(seed), repeat=True, skip_first=skip_first)
     if hasattr(data, "batches"):
-        return _DatasetSource(data, sites, 4096, seed, skip_first)
+        return _ForeignBatches(data, sites, seed)
     if isinstance(data, (mx.array, np.ndarray)):
         if len(sites) != 1:
             raise SAEError("one activation array trains one site: pass {site: array} for several.")
@@ -530,67 +407,51 @@ def _source(model, sites, data, context_size, forward_batch, seed, skip_first=Tr
         missing = [s for s in sites if s not in data]
         if missing:
             raise SAEError(f"no activations given for {', '.join(missing)}.")
-        arrays = {s: mx.array(data[s]).reshape(-1, data[s].shape[-1]) for s in sites}
-        return _ArraySource(arrays, 8192)
+        return ArrayRows({s: mx.array(data[s]).reshape(-1, data[s].shape[-1]) for s in sites})
     if isinstance(data, str) and not os.path.exists(data):
         raise SAEError(f"data={data[:60]!r} is not a file or folder: pass texts as a list of strings.")
     if model.tokenizer is None:
         raise SAEError("training on texts needs a model with a tokenizer.")
-    return _TextSource(model, sites, data, context_size, forward_batch, skip_first)
+    return TextRows(model, data, sites, context_size=context_size, batch_size=forward_batch, skip_first=skip_first)
 
 
-def _shuffled(source: _Source, batch_size: int, buffer_tokens: int, seed: int) -> Iterator[dict[str, mx.array]]:
-    """Training batches: chunks mixed in a buffer of ``buffer_tokens`` rows, half of which is
-    kept for the next fill; every site's rows in the same order."""
-    rng = np.random.default_rng(seed)
-    held: list[dict[str, mx.array]] = []
-    count = 0
-    keep = max(buffer_tokens // 2, batch_size)
-    for chunk in source.chunks():
-        held.append(chunk)
-        count += next(iter(chunk.values())).shape[0]
-        if count < buffer_tokens + batch_size:
-            continue
-        sites = list(held[0])
-        rows = {s: mx.concatenate([c[s] for c in held]) for s in sites}
-        perm = mx.array(rng.permutation(count).astype(np.int32))
-        rows = {s: mx.take(r, perm, axis=0) for s, r in rows.items()}
-        serve = (count - keep) // batch_size * batch_size
-        mx.eval(rows)
-        for start in range(0, serve, batch_size):
-            yield {s: r[start : start + batch_size] for s, r in rows.items()}
-        held = [{s: r[serve:] for s, r in rows.items()}]
-        count -= serve
+def _batches(source: RowSource, batch_size: int, buffer_tokens: int, seed: int) -> Batches:
+    """Training batches of ``source``, mixed in one buffer of ``buffer_tokens`` rows (a
+    dataset's shard order and the buffer share one generator); another library's batches are
+    already shuffled and only cut to size."""
+    if isinstance(source, _ForeignBatches):
+        return Batches(source, batch_size, shuffle=False)
+    rng = source.rng if isinstance(source, DatasetRows) else np.random.default_rng(seed)
+    return Batches(source, batch_size, buffer_rows=buffer_tokens, rng=rng)
 
 
-def trainable(windows, skip_first: bool = True) -> np.ndarray:
-    """(B, T) bool: the positions SAEs are trained and evaluated on. Not padding, not BOS, and
-    (unless ``skip_first=False``) not the first position of a window: with nothing before it,
-    it is the model's attention sink, whose activations are outliers like BOS's (on the default
-    model its norm is ~100x the others'; the 1 token in 128 it is carries 98% of the residual
-    stream's variance). ``ActivationDataset.batches`` leaves out the same rows."""
-    keep = windows.mask & ~windows.bos
-    if skip_first:
-        keep[:, 0] = False
-    return keep
+class _ForeignBatches(RowSource):
+    """Rows of an object with ActivationDataset's ``batches(site, batch_size, shuffle, seed)``
+    (already shuffled: the trainer only cuts them into its batches), one pass per seed."""
 
+    def __init__(self, dataset, sites, seed):
+        super().__init__(repeat=True)
+        self.dataset, self.sites, self.seed = dataset, sites, seed
+        self.read = 0
 
-def trace_sites(model, inputs: mx.array, sites: list[str]) -> dict[str, mx.array]:
-    """{site: activation} of one forward pass, stopped after the last layer any site needs."""
-    from mlxterp.plugin import Hooks
+    @property
+    def position(self) -> dict[str, Any]:
+        return {"batches": self.read}
 
-    with Hooks(model, capture=list(sites), stop_after="auto") as hooks:
-        _, recorded = hooks(inputs, evaluate=False)
-    out = {}
-    arch = model.architecture
-    for site in sites:
-        if is_raw(site):
-            out[site] = recorded[site]
-        else:
-            resolved = arch.resolve(site)[0]
-            out[site] = resolved.read(recorded[resolved.site])
-    mx.eval(list(out.values()))
-    return out
+    def __iter__(self):
+        skip = (self._restored or {}).get("batches", 0)
+        self.read, passes = 0, 0
+        while True:
+            streams = [self.dataset.batches(s, 4096, shuffle=True, seed=self.seed + passes) for s in self.sites]
+            empty = True
+            for rows in zip(*streams):
+                empty = False
+                self.read += 1
+                if self.read > skip:
+                    yield dict(zip(self.sites, rows))
+            if empty:
+                raise SAEError(f"the dataset {self.dataset!r} yields no rows for {self.sites}.")
+            passes += 1
 
 
 def _model_name(model) -> str | None:
