@@ -25,7 +25,8 @@ import sys
 import mlx.core as mx
 
 import mlxterp
-from mlxterp_core.bench import SMOLLM2_135M_SHAPE, cache_speed, random_llama
+from mlxterp_tools import SMOLLM2_135M_SHAPE, random_llama
+from mlxterp_tools.cache_rows import cache_speed
 
 
 class ByteTokenizer:

@@ -44,7 +44,7 @@ def worker(args) -> None:
     import mlx.core as mx
 
     import mlxterp
-    from mlxterp_core.bench import random_llama
+    from mlxterp_tools import random_llama
     from mlxterp_core.corpus import default_corpus
 
     group = mx.distributed.init()

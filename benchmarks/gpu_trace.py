@@ -34,7 +34,7 @@ import mlx.core as mx
 
 import mlxterp  # noqa: F401  (before anything else touches mlx's BLAS; see mlxterp_core.blas)
 from mlxterp import InterpretableModel
-from mlxterp_core.bench import median_times, random_llama
+from mlxterp_tools import median_times, random_llama
 
 LLAMA_3_2_1B = dict(
     hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,

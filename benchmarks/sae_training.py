@@ -53,7 +53,7 @@ def random_model(corpus: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mlxterp_core.bench import SMOLLM2_135M_SHAPE, random_llama
+    from mlxterp_tools import SMOLLM2_135M_SHAPE, random_llama
 
     module = random_llama()
     nn.quantize(module, group_size=32, bits=4)

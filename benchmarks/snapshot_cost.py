@@ -22,7 +22,7 @@ import mlx.core as mx  # noqa: I001
 
 import mlxterp_core.trace as after
 from mlxterp import InterpretableModel
-from mlxterp_core.bench import SMOLLM2_135M_SHAPE, median_times, random_llama
+from mlxterp_tools import SMOLLM2_135M_SHAPE, median_times, random_llama
 
 BEFORE_COMMIT = "7acb50d"
 TINY = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,

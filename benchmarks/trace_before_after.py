@@ -9,7 +9,7 @@ Llama-3.2-1B's shape in bfloat16 (as benchmarks/gpu_trace.py), at each batch siz
 forward and, for each version, traces capturing nothing, the 16 layer outputs by raw and by
 standard names, and everything; first checked to record the same sites, bitwise equal. Then
 the Python each version adds to a trace with the graph built but not evaluated
-(mlxterp_core.bench.trace_python_cost, a tiny 16-layer Llama). Medians; ratios to plain.
+(mlxterp_tools.forward_rows.trace_python_cost, a tiny 16-layer Llama). Medians; ratios to plain.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import sys
 import mlx.core as mx
 
 import mlxterp  # noqa: F401  (first: see mlxterp_core.blas)
-from mlxterp_core.bench import median_times, random_llama, trace_python_cost
+from mlxterp_tools import median_times, random_llama
+from mlxterp_tools.forward_rows import trace_python_cost
 from mlxterp_core.model import InterpretableModel
 
 from gpu_trace import LLAMA_3_2_1B

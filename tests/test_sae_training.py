@@ -213,7 +213,7 @@ def test_bad_training_input_fails_clearly(llama):
 
 
 def test_the_bench_rows_are_registered_and_measure_the_shared_forward(llama):
-    from mlxterp_core import bench
+    from mlxterp_tools import bench
     from mlxterp_saes.bench import training_speed
 
     assert "saes" in bench.all_rows()

@@ -22,6 +22,7 @@ from .logit_lens import (
     token_namer,
     top_of_logits,
 )
+from .patching import MEMORY_BUDGET as PATCHING_MEMORY_BUDGET
 from .patching import activation_patching
 from .results import (
     AttentionLayers,
@@ -54,6 +55,7 @@ def mlxterp_analyses():
 
 
 __all__ = [
+    "PATCHING_MEMORY_BUDGET",
     "AttentionLayers",
     "AttentionPatterns",
     "DLAResult",

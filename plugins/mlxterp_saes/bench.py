@@ -52,7 +52,7 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
 
 
 def sae_rows(repeats: int = 1) -> list:
-    from mlxterp_core.bench import Row, default_model
+    from mlxterp_tools import Row, default_model
     from mlxterp.plugin import default_corpus
 
     model = default_model()
