@@ -85,7 +85,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     from mlxterp_core.backend import describe
-    from mlxterp_saes.bench import training_speed
+    from mlxterp_tools.sae_rows import training_speed
     from mlxterp_saes.train import _source
 
     corpus = mlxterp.default_corpus()

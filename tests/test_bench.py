@@ -48,3 +48,23 @@ def test_trace_python_cost_runs_and_gives_mx_eval_back():
     assert mx.eval is evaluate
     assert list(costs) == ["plain", "capture nothing", "residual stream, raw names", "residual stream, standard", "everything"]
     assert costs["plain"] > 0
+
+
+def test_a_plugins_rows_join_the_table_after_the_tools_own(capsys):
+    import mlxterp
+    from mlxterp import hookimpl
+    from mlxterp_core.cli import main
+
+    class Rows:
+        @hookimpl
+        def mlxterp_bench_rows(self):
+            return {"W9": lambda repeats: [Row("W9 from a plugin", f"{repeats} ms", "<= 2 ms", repeats <= 2)]}
+
+    mlxterp.register_plugin(Rows(), name="rows")
+    try:
+        assert list(bench.all_rows()) == [*bench.ROWS, "W9"]
+        assert main(["bench", "--rows", "W9", "--repeats", "1"]) == 0
+        line = next(p for p in capsys.readouterr().out.splitlines() if p.startswith("W9 from a plugin"))
+        assert line.endswith("yes")
+    finally:
+        mlxterp.load_plugins([])

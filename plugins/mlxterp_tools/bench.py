@@ -29,6 +29,8 @@ Rows:
 - ``cache``: ``cache_activations`` of the default model over the default corpus, tokens/s
   against the plain forward of the same windows: all 30 layer outputs (target >= 0.85x) and
   one site, against the forward cut at the last layer it needs (target: cost <= 1.05x).
+- ``saes``: training TopK SAEs from text (:mod:`mlxterp_tools.sae_rows`), one and four from one
+  forward, in tokens/s beside the plain forward.
 
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 
@@ -50,6 +52,7 @@ from .analysis_rows import attribution_rows, w3_logit_lens, w4_patching, w5_stee
 from .cache_rows import cache_rows
 from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
 from .harness import Row, run_rows, write_json
+from .sae_rows import sae_rows
 
 ROWS: dict[str, Callable[[int], list[Row]]] = {
     "W1": w1_forward,
@@ -61,6 +64,7 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "load": load_rows,
     "attribution": attribution_rows,
     "cache": cache_rows,
+    "saes": sae_rows,
 }
 """The rows of ``mlxterp bench``, in the order it prints them (other plugins add theirs: the
 ``mlxterp_bench_rows`` hook; :func:`all_rows` has both)."""
