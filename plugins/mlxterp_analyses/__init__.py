@@ -24,6 +24,7 @@ from .logit_lens import (
 )
 from .patching import MEMORY_BUDGET as PATCHING_MEMORY_BUDGET
 from .patching import activation_patching
+from .plots import lens_heatmap
 from .results import (
     AttentionLayers,
     AttentionPatterns,
@@ -55,7 +56,6 @@ def mlxterp_analyses():
 
 
 __all__ = [
-    "PATCHING_MEMORY_BUDGET",
     "AttentionLayers",
     "AttentionPatterns",
     "DLAResult",
@@ -82,4 +82,6 @@ __all__ = [
     "project",
     "token_namer",
     "top_of_logits",
+    "lens_heatmap",
+    "PATCHING_MEMORY_BUDGET",  # bytes per batched forward of a patching sweep (the default budget)
 ]
