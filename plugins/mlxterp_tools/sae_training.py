@@ -34,7 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import InterpretableModel, default_corpus, describe_backend, load, token_windows
+from mlxterp.plugin import InterpretableModel, TextRows, default_corpus, describe_backend, load
 from mlxterp_saes import explained_variance, train_sae
 
 from .harness import SMOLLM2_135M_SHAPE, random_llama
@@ -69,23 +69,12 @@ def random_model(corpus: list[str]):
     return InterpretableModel(module, tokenizer=TokenizerWrapper(hf))
 
 
-def site_rows(model, site: str, texts: list[str], batches: int) -> mx.array:
-    """(n, d) float32 rows of ``site`` from the first ``batches`` forward batches (8 windows of
-    128 tokens) of ``texts``, at the positions SAE training reads: not padding, not BOS, not a
-    window's first position (mlxterp_saes' rule, written out here: no public name gives a site's
-    rows yet)."""
-    chunks = []
-    for windows in token_windows(model, texts, 128, batch_size=8):
-        keep = windows.mask & ~windows.bos
-        keep[:, 0] = False
-        if not keep.any():
-            continue
-        acts = model.run(windows.inputs, capture=[site]).activations[site]
-        index = mx.array(np.flatnonzero(keep.reshape(-1)).astype(np.int32))
-        chunks.append(mx.take(acts.reshape(-1, acts.shape[-1]), index, axis=0).astype(mx.float32))
-        if len(chunks) == batches:
-            break
-    return mx.concatenate(chunks)
+def site_rows(model, site: str, texts: list[str], chunks: int) -> mx.array:
+    """(n, d) float32 rows of ``site`` from the first ``chunks`` forward passes (8 windows of
+    128 tokens) over ``texts``, at the rows SAE training reads (the activation stream's rule:
+    not padding, not BOS, not a window's first position)."""
+    rows = TextRows(model, texts, [site], context_size=128, batch_size=8, repeat=False)
+    return mx.concatenate([chunk[site] for _, chunk in zip(range(chunks), rows)]).astype(mx.float32)
 
 
 def main() -> None:
