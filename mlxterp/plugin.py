@@ -6,14 +6,16 @@ move without breaking plugins. docs/plugins.md describes every name.
 
     from mlxterp.plugin import hookimpl, Hooks, Serialisable, Display
 
-Sections: registering (``hookimpl``), errors, running the model (trace hooks, stopping a
-forward early, module probes), names and sites, options, token windows and corpora, the
-activation stream and datasets, files, progress, distributed helpers, the result kit
-(serialisation, layer mappings), the view kit (HTML views, figures, token text).
+Sections: registering (``hookimpl``, other plugins' benchmark rows), errors, loading and
+running the model (loading, trace hooks, stopping a forward early, module probes, the backend),
+names and sites, options, token windows and corpora, the activation stream and datasets, files,
+progress, distributed helpers, the result kit (serialisation, layer mappings), the view kit (HTML
+views, figures, token text).
 """
 
 from mlxterp_core import interventions, options
 from mlxterp_core.architecture import Architecture, read_attribute
+from mlxterp_core.backend import describe as describe_backend
 from mlxterp_core.backend import on_cpu
 from mlxterp_core.corpus import TokenizedCorpus, Windows, default_corpus, read_documents, token_windows, tokenize
 from mlxterp_core.dataset import ActivationDataset, DatasetError
@@ -34,8 +36,10 @@ from mlxterp_core.figures import finish, pyplot, token_label
 from mlxterp_core.files import read_json, read_text, write_atomic, write_json
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.interventions import Intervention
-from mlxterp_core.load import LoadError
+from mlxterp_core.load import DEFAULT_MODEL, LoadError, load
+from mlxterp_core.model import InterpretableModel
 from mlxterp_core.names import StandardName, is_raw, parse, transformerlens_name
+from mlxterp_core.plugins import bench_rows
 from mlxterp_core.probes import probes_installed
 from mlxterp_core.progress import progress_bar, progress_over
 from mlxterp_core.results import LayerMapping, Serialisable
@@ -86,12 +90,13 @@ from mlxterp_core.views import (
 
 __all__ = [
     # registering
-    "hookimpl",
+    "hookimpl", "bench_rows",
     # errors
     "MlxterpError", "InputError", "OptionError", "FileFormatError", "UnknownNameError", "TraceError",
     "InterventionError", "CorpusError", "DatasetError", "LoadError", "WriteError", "did_you_mean",
-    # running the model
-    "Hooks", "Activations", "MODEL_OUTPUT", "probes_installed", "interventions", "Intervention", "on_cpu",
+    # loading and running the model
+    "load", "DEFAULT_MODEL", "InterpretableModel", "Hooks", "Activations", "MODEL_OUTPUT", "probes_installed",
+    "interventions", "Intervention", "on_cpu", "describe_backend",
     # names, sites, architectures
     "Architecture", "ArchitectureSchema", "StandardName", "parse", "is_raw", "transformerlens_name",
     "read_attribute", "INPUT_PORT", "NameSet", "canonical_site", "is_glob", "layer_of", "locate_module",

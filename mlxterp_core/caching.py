@@ -23,7 +23,6 @@ import os
 import queue
 import re
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -557,35 +556,3 @@ def _finish(file: ShardFile, entry: dict, journal: Path, written: dict, started:
         f.flush()
         os.fsync(f.fileno())
     written[entry["shard"]] = entry
-
-
-def cache_main(args) -> int:
-    """``mlxterp cache``: exit 0 when this rank's part and the manifest are done, else 2
-    (``mlx.launch`` itself exits 0 whatever its ranks do: check every rank's status)."""
-    from .corpus import default_corpus
-    from .load import load
-
-    group = distributed.world()
-    prefix = "mlxterp cache" + (f" (rank {group.rank()}/{group.size()})" if group.size() > 1 else "")
-    try:
-        model = load(args.model)
-        dataset = cache_activations(
-            model,
-            args.corpus if args.corpus is not None else default_corpus(),
-            args.sites,
-            args.out,
-            context_size=args.context_size,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            packing=not args.no_packing,
-            max_tokens=args.max_tokens,
-            shard_tokens=args.shard_tokens,
-            group=group,
-        )
-    except MlxterpError as e:
-        print(f"{prefix}: {e}", file=sys.stderr)
-        return 2
-    if group.rank() == 0 and dataset is not None:
-        print(f"{prefix}: {dataset.n_tokens} tokens x {len(dataset.sites)} sites in {len(dataset.shards)} shards at {dataset.path}")
-    return 0

@@ -53,9 +53,14 @@ def mlxterp_interventions():
 
 
 @hookspec
+def mlxterp_commands(subparsers):
+    """Add ``mlxterp`` commands: ``subparsers.add_parser(name).set_defaults(handler=f)``, f(args) -> exit code."""
+
+
+@hookspec
 def mlxterp_bench_rows():
-    """Return {key: function(repeats) -> list[mlxterp_core.bench.Row]}; each becomes rows of
-    ``mlxterp bench`` (``--rows key`` picks them), after the core's own."""
+    """Return {key: function(repeats) -> list[mlxterp_tools.Row]}; each becomes rows of
+    ``mlxterp bench`` (``--rows key`` picks them), after mlxterp_tools' own."""
 
 
 @hookspec

@@ -55,7 +55,7 @@ def train_tokenizer(vocab_size: int = 300):
 
 def tiny_llama(**overrides):
     """A random-weight mlx-lm Llama small enough for unit tests."""
-    from mlxterp_core.bench import random_llama
+    from mlxterp_tools import random_llama
 
     shape = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=320)

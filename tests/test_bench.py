@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from mlxterp_core import bench
-from mlxterp_core.bench import Row, trace_overhead
+from mlxterp_tools import bench
+from mlxterp_tools.forward_rows import trace_overhead, trace_python_cost
+from mlxterp_tools.harness import Row, run_rows, write_json
 
 
 def test_trace_overhead_runs_on_a_small_shape():
@@ -22,10 +23,10 @@ def test_rows_print_each_figure_beside_its_target_and_write_the_same_json(monkey
 
     monkeypatch.setitem(bench.ROWS, "W9", fake)
     printed = []
-    rows = bench.run_rows(["W9"], repeats=3, out=printed.append)
+    rows = run_rows(bench.all_rows(), ["W9"], repeats=3, out=printed.append)
     line = next(p for p in printed if p.startswith("W9 fake"))
     assert "3 ms" in line and "<= 2 ms" in line and line.endswith("NO")
-    bench.write_json(rows, tmp_path / "bench.json")
+    write_json(rows, tmp_path / "bench.json")
     document = json.loads((tmp_path / "bench.json").read_text())
     assert document["rows"] == [
         {"workload": "W9 fake", "figure": "3 ms", "target": "<= 2 ms", "met": False, "values": {"s": 0.003}}
@@ -43,7 +44,27 @@ def test_trace_python_cost_runs_and_gives_mx_eval_back():
     import mlx.core as mx
 
     evaluate = mx.eval
-    costs = bench.trace_python_cost(repeats=3, layers=2)
+    costs = trace_python_cost(repeats=3, layers=2)
     assert mx.eval is evaluate
     assert list(costs) == ["plain", "capture nothing", "residual stream, raw names", "residual stream, standard", "everything"]
     assert costs["plain"] > 0
+
+
+def test_a_plugins_rows_join_the_table_after_the_tools_own(capsys):
+    import mlxterp
+    from mlxterp import hookimpl
+    from mlxterp_core.cli import main
+
+    class Rows:
+        @hookimpl
+        def mlxterp_bench_rows(self):
+            return {"W9": lambda repeats: [Row("W9 from a plugin", f"{repeats} ms", "<= 2 ms", repeats <= 2)]}
+
+    mlxterp.register_plugin(Rows(), name="rows")
+    try:
+        assert list(bench.all_rows()) == [*bench.ROWS, "W9"]
+        assert main(["bench", "--rows", "W9", "--repeats", "1"]) == 0
+        line = next(p for p in capsys.readouterr().out.splitlines() if p.startswith("W9 from a plugin"))
+        assert line.endswith("yes")
+    finally:
+        mlxterp.load_plugins([])

@@ -278,7 +278,7 @@ def test_memory_stays_flat_over_many_shards(model, tmp_path):
 
 
 def test_bench_cache_speed_runs_on_a_tiny_model(model):
-    from mlxterp_core.bench import cache_speed
+    from mlxterp_tools.cache_rows import cache_speed
 
     speed = cache_speed(model, sites=("layers[1]",), cut=2, batch_size=2, context_size=8, batches=2, repeats=1)
     assert set(speed) == {"plain", "cache"} and all(v > 0 for v in speed.values())

@@ -89,6 +89,19 @@ def test_third_party_family_from_a_data_file_and_an_analysis(toy_installed):
     assert mx.abs(ablated @ unit).max().item() < 1e-4
 
 
+def test_third_party_command(toy_installed, capsys):
+    from mlxterp_core.cli import main
+
+    assert main(["residual-norms", "--text", "The capital of France is"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["layer", str(i)] for i in range(30)]
+    assert all(float(line.split()[2]) > 0 for line in lines)
+    load_plugins([])  # first-party only: the command is gone, mlxterp's own stay
+    with pytest.raises(SystemExit):
+        main(["residual-norms"])
+    assert "invalid choice: 'residual-norms'" in capsys.readouterr().err
+
+
 def test_third_party_plugins_can_be_left_out(toy_installed):
     from mlxterp_toy.model import ToyLM
 

@@ -215,8 +215,8 @@ def test_bad_training_input_fails_clearly(llama):
 
 
 def test_the_bench_rows_are_registered_and_measure_the_shared_forward(llama):
-    from mlxterp_core import bench
-    from mlxterp_saes.bench import training_speed
+    from mlxterp_tools import bench
+    from mlxterp_tools.sae_rows import training_speed
 
     assert "saes" in bench.all_rows()
     speed = training_speed(llama, TEXTS, n_tokens=128, d_sae=64, k=4, batch_size=128, context_size=16,

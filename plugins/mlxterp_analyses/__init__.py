@@ -22,7 +22,9 @@ from .logit_lens import (
     token_namer,
     top_of_logits,
 )
+from .patching import MEMORY_BUDGET as PATCHING_MEMORY_BUDGET
 from .patching import activation_patching
+from .plots import lens_heatmap
 from .results import (
     AttentionLayers,
     AttentionPatterns,
@@ -80,4 +82,6 @@ __all__ = [
     "project",
     "token_namer",
     "top_of_logits",
+    "lens_heatmap",
+    "PATCHING_MEMORY_BUDGET",  # bytes per batched forward of a patching sweep (the default budget)
 ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import attrs
 
-from mlxterp_analyses.results import LogitLensResult
+from mlxterp_analyses import LogitLensResult
 from mlxterp.plugin import Serialisable
 
 
@@ -28,7 +28,7 @@ class TunedLensResult(LogitLensResult):
         return {layer: sum(row) / len(row) for layer, row in self.kl.items()}
 
     def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
-        from mlxterp_analyses.plots import lens_heatmap
+        from mlxterp_analyses import lens_heatmap
         from mlxterp.plugin import finish
 
         fig = lens_heatmap(self, None, max_display_tokens, figsize)

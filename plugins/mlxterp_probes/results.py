@@ -6,7 +6,7 @@ from pathlib import Path
 
 import attrs
 
-from mlxterp_analyses.results import SteeringVector
+from mlxterp_analyses import SteeringVector
 from mlxterp.plugin import Serialisable
 
 

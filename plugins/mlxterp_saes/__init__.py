@@ -23,13 +23,6 @@ def mlxterp_exports():
     return {"SAE": SAE, "load_sae": load_sae, "train_sae": train_sae}
 
 
-@hookimpl
-def mlxterp_bench_rows():
-    from .bench import sae_rows
-
-    return {"saes": sae_rows}
-
-
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SAEEvaluation", "TrainingLog", "Example", "FeatureExamples",
     "FeatureAttribution", "load_sae", "save_sae", "train_sae", "top_activations", "feature_attribution",

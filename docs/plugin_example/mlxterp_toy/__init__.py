@@ -2,8 +2,8 @@
 
 It adds the "toy" model family from a data file (toy.toml: no code about names at all), one
 analysis, ``model.residual_norms(text)`` (the norm of the residual stream after every layer at
-the last position, written against standard names only, so it works on every family), and one
-intervention type, ``iv.project_out(direction)``.
+the last position, written against standard names only, so it works on every family), one
+intervention type, ``iv.project_out(direction)``, and one command, ``mlxterp residual-norms``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxterp import ArchitectureSchema, hookimpl
+from mlxterp import ArchitectureSchema, hookimpl, load
 from mlxterp.interventions import Intervention
 
 
@@ -49,3 +49,19 @@ def project_out(direction) -> Intervention:
 @hookimpl
 def mlxterp_interventions():
     return {"project_out": project_out}
+
+
+def residual_norms_command(args) -> int:
+    """``mlxterp residual-norms [MODEL] [--text TEXT]``: print the norms, one layer a line."""
+    model = load(args.model)
+    for layer, norm in enumerate(residual_norms(model, args.text)):
+        print(f"layer {layer:3d}  {norm:9.2f}")
+    return 0  # the exit code
+
+
+@hookimpl
+def mlxterp_commands(subparsers):
+    command = subparsers.add_parser("residual-norms", help="the residual stream's norm after every layer")
+    command.add_argument("model", nargs="?", help="a .gguf file, an mlx-lm directory or a repo id (default: the default model)")
+    command.add_argument("--text", default="The capital of France is")
+    command.set_defaults(handler=residual_norms_command)

@@ -1,8 +1,8 @@
 """SAE training on the default model: the longer run and the throughput figures.
 
-    python benchmarks/sae_training.py                 # CPU or Metal: defaults sized for a laptop
-    python benchmarks/sae_training.py --tokens 200000 --d-sae 9216 --batch-size 4096   # a GPU
-    python benchmarks/sae_training.py --model random --skip-run --speed-tokens 65536 \
+    python -m mlxterp_tools.sae_training                 # CPU or Metal: defaults sized for a laptop
+    python -m mlxterp_tools.sae_training --tokens 200000 --d-sae 9216 --batch-size 4096   # a GPU
+    python -m mlxterp_tools.sae_training --model random --skip-run --speed-tokens 65536 \
         --d-sae 9216 --batch-size 4096 --forward-batch 32   # throughput only, without the GGUF
 
 1. Throughput (the ``mlxterp bench --rows saes`` figures at the sizes given): training tokens/s
@@ -31,14 +31,17 @@ import json
 import time
 from pathlib import Path
 
-import mlxterp  # first: it loads the BLAS
-import mlx.core as mx  # noqa: I001
+import mlx.core as mx
 import numpy as np
+
+from mlxterp.plugin import InterpretableModel, TextRows, default_corpus, describe_backend, load
+from mlxterp_saes import explained_variance, train_sae
+
+from .harness import SMOLLM2_135M_SHAPE, random_llama
+from .sae_rows import training_speed
 
 
 def pca_explained_variance(train: np.ndarray, test: np.ndarray, k: int) -> float:
-    from mlxterp_saes import explained_variance
-
     mean = train.mean(axis=0)
     _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
     basis = vt[:k]
@@ -53,8 +56,6 @@ def random_model(corpus: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mlxterp_core.bench import SMOLLM2_135M_SHAPE, random_llama
-
     module = random_llama()
     nn.quantize(module, group_size=32, bits=4)
     module.set_dtype(mx.float16)
@@ -65,11 +66,19 @@ def random_model(corpus: list[str]):
         vocab_size=SMOLLM2_135M_SHAPE["vocab_size"], special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    return mlxterp.InterpretableModel(module, tokenizer=TokenizerWrapper(hf))
+    return InterpretableModel(module, tokenizer=TokenizerWrapper(hf))
+
+
+def site_rows(model, site: str, texts: list[str], chunks: int) -> mx.array:
+    """(n, d) float32 rows of ``site`` from the first ``chunks`` forward passes (8 windows of
+    128 tokens) over ``texts``, at the rows SAE training reads (the activation stream's rule:
+    not padding, not BOS, not a window's first position)."""
+    rows = TextRows(model, texts, [site], context_size=128, batch_size=8, repeat=False)
+    return mx.concatenate([chunk[site] for _, chunk in zip(range(chunks), rows)]).astype(mx.float32)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=40_000, help="training tokens of the longer run")
     parser.add_argument("--d-sae", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
@@ -84,16 +93,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(exist_ok=True)
-    from mlxterp_core.backend import describe
-    from mlxterp_saes.bench import training_speed
-    from mlxterp_saes.train import _source
-
-    corpus = mlxterp.default_corpus()
-    model = mlxterp.load() if args.model == "default" else random_model(corpus)
+    corpus = default_corpus()
+    model = load() if args.model == "default" else random_model(corpus)
     train_texts, test_texts = corpus[:-150], corpus[-150:]
     import mlx_lm
 
-    report: dict = {"backend": describe(), "mlx_lm": mlx_lm.__version__, "args": vars(args)}
+    report: dict = {"backend": describe_backend(), "mlx_lm": mlx_lm.__version__, "args": vars(args)}
     print(json.dumps(report), flush=True)
     if not args.skip_speed:
         speed = dict(n_tokens=args.speed_tokens, d_sae=args.d_sae, k=args.k,
@@ -106,7 +111,7 @@ def main() -> None:
         return
     site = "layers.15.output"
     start = time.perf_counter()
-    sae = mlxterp.train_sae(model, site, train_texts, architecture="topk", d_sae=args.d_sae, k=args.k,
+    sae = train_sae(model, site, train_texts, architecture="topk", d_sae=args.d_sae, k=args.k,
                             n_tokens=args.tokens, batch_size=args.batch_size, save_dir=out / "sae",
                             # a buffer larger than the run would trace ~2x the tokens it trains on
                             buffer_tokens=min(65_536, max(args.batch_size, args.tokens // 4)))
@@ -114,10 +119,8 @@ def main() -> None:
     sae.training_log.plot(out / "sae_training.png")
     result = sae.evaluate(model, test_texts, n_tokens=args.eval_tokens)
     result.plot(out / "sae_evaluation.png")
-    train_rows = mx.concatenate([c[site] for _, c in zip(range(4), _source(model, [site], train_texts[:400], 128, 8, 0).chunks())])
-    test_rows = mx.concatenate([c[site] for _, c in zip(range(2), _source(model, [site], test_texts, 128, 8, 0).chunks())])
-    from mlxterp_saes import explained_variance
-
+    train_rows = site_rows(model, site, train_texts[:400], 4)
+    test_rows = site_rows(model, site, test_texts, 2)
     report["run"] = {
         "site": site, "train_seconds": seconds, "train_tokens_per_s": sae.training_log.tokens_per_second,
         "l0": result.l0, "explained_variance": result.explained_variance, "ce_loss_recovered": result.ce_loss_recovered,

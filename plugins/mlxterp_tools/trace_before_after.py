@@ -1,15 +1,15 @@
 """Two versions of mlxterp's traces side by side, in one process, cases interleaved.
 
     git -C REPO archive REV mlxterp_core | tar -x -C DIR && mv DIR/mlxterp_core DIR/mlxterp_core_before
-    python benchmarks/trace_before_after.py DIR [--rounds 25] [--tokens 128] [--batches 1 8 32] [--json PATH]
+    python -m mlxterp_tools.trace_before_after DIR [--rounds 25] [--tokens 128] [--batches 1 8 32] [--json PATH]
 
 'before' is that copy of mlxterp_core (an older revision, imported as mlxterp_core_before: the
 package imports itself relatively), 'after' the installed one. On a random Llama of
-Llama-3.2-1B's shape in bfloat16 (as benchmarks/gpu_trace.py), at each batch size: the plain
+Llama-3.2-1B's shape in bfloat16 (as mlxterp_tools.gpu_trace), at each batch size: the plain
 forward and, for each version, traces capturing nothing, the 16 layer outputs by raw and by
 standard names, and everything; first checked to record the same sites, bitwise equal. Then
 the Python each version adds to a trace with the graph built but not evaluated
-(mlxterp_core.bench.trace_python_cost, a tiny 16-layer Llama). Medians; ratios to plain.
+(mlxterp_tools.forward_rows.trace_python_cost, a tiny 16-layer Llama). Medians; ratios to plain.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import sys
 
 import mlx.core as mx
 
-import mlxterp  # noqa: F401  (first: see mlxterp_core.blas)
-from mlxterp_core.bench import median_times, random_llama, trace_python_cost
-from mlxterp_core.model import InterpretableModel
+from mlxterp.plugin import InterpretableModel
 
-from gpu_trace import LLAMA_3_2_1B
+from .forward_rows import trace_python_cost
+from .gpu_trace import LLAMA_3_2_1B
+from .harness import median_times, random_llama
 
 WHAT = ("nothing", "resid raw", "resid std", "everything")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("before", help="a folder holding mlxterp_core_before")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=128)

@@ -1,4 +1,4 @@
-"""``mlxterp bench`` rows of the SAE plugin (``--rows saes``): SAE training throughput on the
+"""The ``saes`` rows of ``mlxterp bench``: SAE training throughput (mlxterp_saes) on the
 default model, in tokens per second, beside the plain forward's tokens per second on the same
 windows in the same run, for one SAE and for four SAEs trained from one forward pass (against
 four separate runs: the speed-up of sharing the forward).
@@ -13,6 +13,11 @@ import time
 
 import mlx.core as mx
 
+from mlxterp.plugin import default_corpus, token_windows
+from mlxterp_saes import train_sae
+
+from .harness import Row, default_model
+
 SITE = "layers.15.output"
 FOUR = ["layers.6.output", "layers.12.output", "layers.18.output", "layers.24.output"]
 
@@ -22,10 +27,6 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
                    site: str = SITE, four: list[str] = FOUR) -> dict[str, float]:
     """Tokens per second: plain forward (full model), one SAE at ``site``, four SAEs (at
     ``four``) from one forward, and four separate runs (their total time)."""
-    from mlxterp.plugin import token_windows
-
-    from .train import train_sae
-
     options = dict(architecture="topk", d_sae=d_sae, k=k, n_tokens=n_tokens, batch_size=batch_size,
                    buffer_tokens=batch_size, context_size=context_size, forward_batch=forward_batch, progress=False)
     windows = list(token_windows(model, texts, context_size, batch_size=forward_batch, max_tokens=n_tokens))
@@ -51,10 +52,10 @@ def training_speed(model, texts, n_tokens: int = 2048, d_sae: int = 4608, k: int
             "speedup_four_from_one_forward": separate / joint}
 
 
-def sae_rows(repeats: int = 1) -> list:
-    from mlxterp_core.bench import Row, default_model
-    from mlxterp.plugin import default_corpus
-
+def sae_rows(repeats: int = 1) -> list[Row]:
+    """Training TopK SAEs from text on the default model, in tokens/s beside the plain forward.
+    One SAE, and four SAEs from one forward against four separate runs (``repeats`` unused: one
+    timed run of each)."""
     model = default_model()
     texts = default_corpus()[:300]
     s = training_speed(model, texts)

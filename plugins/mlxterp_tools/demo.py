@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mlxterp.plugin import DEFAULT_MODEL, load
+
 LENS_PROMPT = "The capital of France is"
 CLEAN = "The Eiffel Tower is located in the city of"
 CORRUPTED = "The Colosseum is located in the city of"
@@ -40,8 +42,6 @@ DEMO_LENS = dict(num_steps=6, tokens_per_step=128, context_size=32, batch_size=4
 
 
 def main(out: str | Path = "mlxterp-demo") -> Path:
-    from .load import DEFAULT_MODEL, load
-
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,12 +104,11 @@ def main(out: str | Path = "mlxterp-demo") -> Path:
 def _demo_tuned_lens(model, folder: Path):
     """The demo's tuned lens: loaded from ``folder`` if an earlier run saved one, else trained
     briefly on the default corpus and saved there."""
-    from .plugins import exports
+    from mlxterp_lenses import TunedLens
 
-    lens_class = exports()["TunedLens"]
     if (folder / "config.json").is_file():
         print(f"  tuned lens loaded from {folder}")
-        return lens_class.load(folder, model=model)
+        return TunedLens.load(folder, model=model)
     print(f"  training a tuned lens briefly ({DEMO_LENS['num_steps']} steps of {DEMO_LENS['tokens_per_step']} tokens) ...")
     lens = model.train_tuned_lens(**DEMO_LENS)
     lens.save(folder)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model import InterpretableModel
+from mlxterp.plugin import InterpretableModel
 
 
 def describe_model(model: InterpretableModel, prompt: str = "The capital of France is") -> str:

@@ -1,7 +1,7 @@
 """The fixed cost of a trace on a GPU, against plain MLX and against nnsight, in one run.
 
-    python benchmarks/gpu_trace.py [--rounds 25] [--tokens 128] [--batches 1 8 32] [--json out.json]
-                                   [--profile]
+    python -m mlxterp_tools.gpu_trace [--rounds 25] [--tokens 128] [--batches 1 8 32] [--json out.json]
+                                      [--profile]
 
 A randomly initialised Llama of Llama-3.2-1B's shape (16 layers, d=2048, 32 heads, 8 KV heads,
 MLP 8192, vocabulary 128256) in bfloat16, T tokens, at each batch size:
@@ -32,9 +32,9 @@ import platform
 
 import mlx.core as mx
 
-import mlxterp  # noqa: F401  (before anything else touches mlx's BLAS; see mlxterp_core.blas)
-from mlxterp import InterpretableModel
-from mlxterp_core.bench import median_times, random_llama
+from mlxterp.plugin import InterpretableModel
+
+from .harness import median_times, random_llama
 
 LLAMA_3_2_1B = dict(
     hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
@@ -103,7 +103,7 @@ def torch_cases(batches: dict[int, mx.array]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])

