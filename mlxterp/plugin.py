@@ -40,7 +40,7 @@ from mlxterp_core.load import DEFAULT_MODEL, LoadError, load
 from mlxterp_core.model import InterpretableModel
 from mlxterp_core.names import StandardName, is_raw, parse, transformerlens_name
 from mlxterp_core.plugins import bench_rows
-from mlxterp_core.probes import probes_installed
+from mlxterp_core.module_probes import probes_installed
 from mlxterp_core.progress import progress_bar, progress_over
 from mlxterp_core.results import LayerMapping, Serialisable
 from mlxterp_core.schema import ArchitectureSchema

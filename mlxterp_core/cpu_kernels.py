@@ -22,7 +22,7 @@ additive masks); quantized KV caches, attention sinks, other dtypes and devices 
 
 :func:`install` gives each module whose ``__call__`` uses mlx-lm's ``swiglu`` or
 ``scaled_dot_product_attention`` (Llama, Mistral, Qwen 2/3, ... ) a subclass whose ``__call__``
-is the very same code with ours in its globals, the way :mod:`mlxterp_core.probes` swaps
+is the very same code with ours in its globals, the way :mod:`mlxterp_core.module_probes` swaps
 classes: the parameter tree, attributes and ``isinstance`` stay as they were, probes and traces
 work on top (a trace's attention-pattern spy is seen), and :func:`uninstall` restores the
 original classes. ``mlxterp.load()`` installs it on the CPU backend only (``kernels=False``
@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .probes import stand_in
+from .module_probes import stand_in
 
 _TANH_CLAMP = 7.90531110763549805  # tanh(x) rounds to +-1 in float32 beyond this
 _TANH_NUMERATOR = (  # odd coefficients, x^1 .. x^13

@@ -219,7 +219,7 @@ def embedding_vocab_size(module: nn.Module, paths: Sequence[str | None] = ()) ->
     module tree (a token table is larger than a position table).
     """
     from .architecture import read_attribute
-    from .probes import walk_modules
+    from .module_probes import walk_modules
 
     for path in paths:
         if not path or ":" in path or "#" in path:

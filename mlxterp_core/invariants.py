@@ -349,7 +349,7 @@ def copies_at_return(root: nn.Module, inputs: mx.array) -> dict[str, np.ndarray]
     copies each module's first positional array argument before the call and its output (the
     first element of a tuple) after it to NumPy (float32): site name -> copy, named as a trace
     names sites (``model.<path>``, ``#k`` for the k-th call, ``:input``, ``__model_output__``)."""
-    from .probes import walk_modules
+    from .module_probes import walk_modules
     from .sites import INPUT_PORT, MODEL_OUTPUT
 
     copies: dict[str, np.ndarray] = {}

@@ -14,7 +14,7 @@ from . import inputs as _inputs
 from . import plugins
 from .architecture import Architecture, model_type, recognize
 from .errors import TraceError, UnknownNameError
-from .probes import walk_modules
+from .module_probes import walk_modules
 from .schema import ArchitectureSchema
 from .sites import MODEL_OUTPUT, static_site_names
 from .trace import Trace, active_traces

@@ -40,7 +40,7 @@ from .errors import InterventionError, TraceError, UnknownNameError, did_you_mea
 from .inputs import ModelInputs
 from .interventions import Intervention
 from .names import is_raw
-from .probes import _PROBE_ATTR, probes_installed, walk_modules
+from .module_probes import _PROBE_ATTR, probes_installed, walk_modules
 from .sites import (
     INPUT_PORT,
     MODEL_OUTPUT,

@@ -28,7 +28,7 @@ from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp import interventions as iv  # noqa: E402
 from mlxterp_core.errors import MlxterpError  # noqa: E402
 from mlxterp_core.names import DERIVED_BLOCK_NAMES, MODEL_NAMES  # noqa: E402
-from mlxterp_core.probes import walk_modules  # noqa: E402
+from mlxterp_core.module_probes import walk_modules  # noqa: E402
 from mlxterp_core.trace import active_traces  # noqa: E402
 from mlxterp_core.schema import BLOCK_NAMES  # noqa: E402
 

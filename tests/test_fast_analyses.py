@@ -8,7 +8,7 @@ import pytest
 from helpers import tiny_family
 
 from mlxterp import InterpretableModel
-from mlxterp_analyses import logit_lens as lens
+from mlxterp_analyses import unembed as lens
 
 
 def softmax_top_k(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:

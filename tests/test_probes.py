@@ -9,7 +9,7 @@ from helpers import SimpleModel, bitwise_equal, tiny_llama
 from mlx.utils import tree_flatten
 
 from mlxterp import InterpretableModel, InterventionError, interventions as iv
-from mlxterp_core.probes import is_probed, probes_installed, walk_modules
+from mlxterp_core.module_probes import is_probed, probes_installed, walk_modules
 from mlxterp_core.trace import active_traces
 
 IDS = mx.array([[3, 17, 42, 8, 99, 5, 61]])

@@ -193,7 +193,7 @@ BAD = [
 @pytest.fixture
 def no_forward(monkeypatch):
     """Fail if training reaches the data: the options must be refused before."""
-    from mlxterp_saes import train
+    from mlxterp_saes import training as train
 
     class Reached(Exception):
         pass

@@ -9,7 +9,7 @@ import numpy as np
 
 import mlxterp
 from mlxterp_saes import explained_variance, train_sae
-from mlxterp_saes.train import _source
+from mlxterp_saes.training import _source
 
 SITE = "layers.15.output"  # the middle of SmolLM2-135M's 30 layers
 K = 32

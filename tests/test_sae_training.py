@@ -13,7 +13,7 @@ import pytest
 from helpers import CORPUS
 
 from mlxterp_saes import SAEError, load_sae, train_sae
-from mlxterp_saes.train import _source, _Trainer
+from mlxterp_saes.training import _source, _Trainer
 
 TEXTS = CORPUS * 12
 SMALL = dict(d_sae=128, n_tokens=2048, batch_size=128, buffer_tokens=512, log_every=2, progress=False)

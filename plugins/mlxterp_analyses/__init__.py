@@ -11,8 +11,8 @@ from mlxterp.plugin import hookimpl
 
 from .attribution import attribution_patching
 from .decomposition import accumulated_resid, decompose_resid, direct_logit_attribution
-from .heads import attention_patterns
-from .logit_lens import (
+from .patterns import attention_patterns
+from .unembed import (
     get_token_predictions,
     layers_per_chunk,
     lens_fields,

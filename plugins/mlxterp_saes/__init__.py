@@ -14,7 +14,7 @@ from .architectures.topk import topk_relu
 from .evaluate import SAEEvaluation, explained_variance, mse, normalized_mse
 from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
-from .train import TrainingLog, train_sae
+from .training import TrainingLog, train_sae
 from .sae import SAE, SAEConfig, SAEError
 
 
