@@ -27,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxterpError
+from .errors import DatasetError, MlxterpError
 from .files import fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
@@ -47,10 +47,6 @@ _CODES = {
     "BOOL": (np.bool_, mx.bool_),
 }
 _MX_CODES = {mx_dtype: code for code, (_, mx_dtype) in _CODES.items()}
-
-
-class DatasetError(MlxterpError):
-    """An activation dataset that cannot be written or read as asked, and what to do."""
 
 
 def dtype_code(dtype: mx.Dtype) -> str:

@@ -38,6 +38,10 @@ class FileFormatError(MlxterpError, ValueError):
     """A file that is missing, truncated, not the format expected, or of another kind."""
 
 
+class DatasetError(MlxterpError):
+    """An activation dataset that cannot be written or read as asked, and what to do."""
+
+
 class WriteError(MlxterpError, OSError):
     """A file that could not be written (a full disk, a read-only folder); what was there
     before is unchanged."""

@@ -19,7 +19,7 @@ from .errors import TraceError
 
 # Instance attribute (kept in the object's __dict__, never among the module's parameters)
 # that holds the active probe of a probed module.
-_PROBE_ATTR = "_mlxterp_probe"
+PROBE_ATTR = "_mlxterp_probe"
 # Class attribute of a generated subclass that names the class it stands in for.
 _ORIGINAL_ATTR = "_mlxterp_original_class"
 
@@ -65,7 +65,7 @@ def consult_probe(original_call: Callable) -> Callable:
     exactly like the original when it has none (installed but idle)."""
 
     def __call__(self, *args, **kwargs):
-        probe = self.__dict__.get(_PROBE_ATTR)
+        probe = self.__dict__.get(PROBE_ATTR)
         if probe is None:
             return original_call(self, *args, **kwargs)
         return probe(original_call, self, args, kwargs)
@@ -144,7 +144,7 @@ class probes_installed:  # noqa: N801 (used as a context manager, like contextli
                 object.__setattr__(module, "__class__", probed)
                 installed.append((module, cls))
                 if probe is not None:
-                    module.__dict__[_PROBE_ATTR] = probe  # the instance dict, not its parameters
+                    module.__dict__[PROBE_ATTR] = probe  # the instance dict, not its parameters
         except BaseException:
             self._restore()
             raise
@@ -156,5 +156,5 @@ class probes_installed:  # noqa: N801 (used as a context manager, like contextli
     def _restore(self) -> None:
         installed, self._installed = self._installed, []
         for module, cls in installed:
-            module.__dict__.pop(_PROBE_ATTR, None)
+            module.__dict__.pop(PROBE_ATTR, None)
             object.__setattr__(module, "__class__", cls)

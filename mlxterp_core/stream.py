@@ -38,8 +38,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from .dataset import DatasetError
-from .errors import InputError
+from .errors import DatasetError, InputError
 
 # standard names whose tensors are not one row per token
 NOT_ROWS = {"attn.q_heads", "attn.k_heads", "attn.v_heads", "attn.z_heads", "attn.q_rot", "attn.k_rot", "attn.pattern"}

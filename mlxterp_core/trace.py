@@ -40,7 +40,7 @@ from .errors import InterventionError, TraceError, UnknownNameError, did_you_mea
 from .inputs import ModelInputs
 from .interventions import Intervention
 from .names import is_raw
-from .module_probes import _PROBE_ATTR, probes_installed, walk_modules
+from .module_probes import PROBE_ATTR, probes_installed, walk_modules
 from .sites import (
     INPUT_PORT,
     MODEL_OUTPUT,
@@ -202,7 +202,7 @@ def _recording_call(original_call: Callable) -> Callable:
     site, whether the first call's input is wanted, whether its output is)``."""
 
     def __call__(self, *args, **kwargs):
-        probe = self.__dict__.get(_PROBE_ATTR)
+        probe = self.__dict__.get(PROBE_ATTR)
         if probe is None:
             return original_call(self, *args, **kwargs)
         recorder, path, input_site, wants_input, wants_output = probe

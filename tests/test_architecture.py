@@ -151,3 +151,52 @@ def test_the_checks_catch_bad_imports(tmp_path):
         "mlxterp_bad/rows.py:8 imports mlxterp_analyses.patching (a submodule: use mlxterp_analyses's public names)",
         "mlxterp_bad/rows.py:9 imports mlxterp_analyses (naive_patching not in mlxterp_analyses.__all__)",
     ]
+
+
+def core_cycles(core: Path) -> list[list[str]]:
+    """The circles among the core's modules made by imports that run (top-level and inside
+    functions; those under ``if TYPE_CHECKING:`` only serve type hints and are left out)."""
+    modules = {p.stem for p in core.glob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for path in core.glob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        hints = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in hints or not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 1:
+                targets = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+            elif node.module and node.module.startswith(core.name + "."):
+                targets = [node.module.split(".")[1]]
+            else:
+                continue
+            graph[path.stem] |= {t for t in targets if t in modules and t != path.stem}
+    cycles, done = [], set()
+    for start in sorted(graph):  # a path back to a module from itself is a circle
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start and frozenset(path) not in done:
+                    done.add(frozenset(path))
+                    cycles.append(path)
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    return cycles
+
+
+def test_the_core_imports_in_one_direction():
+    """No circle of imports among the core's modules, except through type hints."""
+    assert core_cycles(CORE) == []
+
+
+def test_the_cycle_check_can_fail(tmp_path):
+    core = tmp_path / "core"
+    core.mkdir()
+    (core / "a.py").write_text("from .b import x\n")
+    (core / "b.py").write_text("def f():\n    from .a import y\n")
+    (core / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\n")
+    assert core_cycles(core) == [["a", "b"]]

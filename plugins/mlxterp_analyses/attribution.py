@@ -20,7 +20,7 @@ from mlxterp.plugin import options
 from mlxterp.plugin import map_rows
 from mlxterp.plugin import Hooks
 
-from .patching import COMPONENTS, PatchingError, _aligned, compare
+from .patching import COMPONENTS, PatchingError, aligned_source, compare
 from .results import AttributionResult
 from mlxterp.plugin import token_text
 
@@ -93,7 +93,7 @@ def attribution_patching(
                 rows = []
                 for i in part:
                     name = f"layers.{i}.{sub}"
-                    source, valid = _aligned(clean[name], len(corrupted_ids), runs.offset, per_head=sub == "attn.z_heads")
+                    source, valid = aligned_source(clean[name], len(corrupted_ids), runs.offset, per_head=sub == "attn.z_heads")
                     effect = ((source - corrupted[name]) * grads[name]).astype(mx.float32)
                     if sub == "attn.z_heads":  # (1, H, T, D) -> per head, all (matched) positions
                         effect = (effect * valid[None, None, :, None]).sum(axis=(2, 3))[0]

@@ -26,7 +26,7 @@ from mlxterp.plugin import options
 from mlxterp.plugin import read_attribute
 from mlxterp.plugin import MlxterpError
 
-from .patching import _token
+from .patching import answer_token
 from .results import DLAResult, ResidComponents
 from mlxterp.plugin import ids_text, token_ids, token_text
 
@@ -179,7 +179,7 @@ def direct_logit_attribution(
     if answers is None:
         a, b = mx.argsort(-logits)[:2].tolist()
     else:
-        a, b = (_token(model, t) for t in answers)
+        a, b = (answer_token(model, t) for t in answers)
     apply, norm_bias = frozen_norm(arch.final_norm, final)
 
     def unembed(y: mx.array) -> mx.array:

@@ -252,7 +252,7 @@ def causal_sweep(model, target_ids, sources, sub, cells, score, offset=0, memory
     length, per_head = len(target_ids), sub == "attn.z_heads"
     reads = getattr(score, "reads_last", None)
     reads = None if reads is None else max(1, min(int(reads), length))
-    aligned = {layer: _aligned(sources[layer], length, offset, per_head) for layer in sorted({c.layer for c in cells})}
+    aligned = {layer: aligned_source(sources[layer], length, offset, per_head) for layer in sorted({c.layer for c in cells})}
     valid = {layer: v.tolist() for layer, (_, v) in aligned.items()}
     rows = [_row(i, cell, sub, aligned[cell.layer][0], valid[cell.layer], arch) for i, cell in enumerate(cells)]
     example = next(iter(sources.values()))
@@ -311,7 +311,7 @@ def full_sweep(model, target_ids, sources, sub, cells, score, offset=0, memory_b
             ids = mx.array([target_ids] * len(chunk))
             edits = {}
             for layer in sorted({c.layer for c in chunk}):
-                source, valid = _aligned(sources[layer], length, offset, per_head=sub == "attn.z_heads")
+                source, valid = aligned_source(sources[layer], length, offset, per_head=sub == "attn.z_heads")
                 mask = _mask(chunk, layer, valid, source.shape)
                 edits[f"layers.{layer}.{sub}"] = _replace_where(mask, source)
             logits = model.run(ids, interventions=edits, capture=["logits"]).activations["logits"]
@@ -328,7 +328,7 @@ def _replace_where(mask: mx.array, source: mx.array) -> Callable[[mx.array], mx.
     return patch
 
 
-def _aligned(source: mx.array, length: int, offset: int, per_head: bool) -> tuple[mx.array, mx.array]:
+def aligned_source(source: mx.array, length: int, offset: int, per_head: bool) -> tuple[mx.array, mx.array]:
     """The source activation re-indexed to target positions, and which target positions have
     a source position; time is axis 2 of a (1, H, T, D) per-head view, else axis 1."""
     axis = 2 if per_head else 1
@@ -406,7 +406,7 @@ def _alignment(model, clean: list[int], corrupted: list[int], align: str | None)
 
 def _answers(model, answers, clean_logits: mx.array, corrupted_logits: mx.array) -> tuple[int, int]:
     if answers is not None:
-        return tuple(_token(model, a) for a in answers)
+        return tuple(answer_token(model, a) for a in answers)
     clean_answer = mx.argmax(clean_logits[0, -1]).item()
     corrupted_answer = mx.argmax(corrupted_logits[0, -1]).item()
     if clean_answer == corrupted_answer:
@@ -417,7 +417,7 @@ def _answers(model, answers, clean_logits: mx.array, corrupted_logits: mx.array)
     return clean_answer, corrupted_answer
 
 
-def _token(model, answer) -> int:
+def answer_token(model, answer) -> int:
     if not isinstance(answer, str):
         return options.token(answer, model.embedding_vocab_size, "answers")
     ids = model.encode(answer)

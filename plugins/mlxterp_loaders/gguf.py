@@ -166,7 +166,7 @@ def check_structure(path: Path) -> None:
         data.close()
 
 
-def _scalar(meta: dict, key: str, default=None):
+def scalar(meta: dict, key: str, default=None):
     value = meta.get(key, default)
     return value.item() if hasattr(value, "item") else value
 
@@ -181,7 +181,7 @@ def model_args(meta: dict[str, Any], weights: dict[str, mx.array]) -> dict[str, 
     model_type, _ = ARCHITECTURES[arch]
 
     def get(key, default=None):
-        return _scalar(meta, f"{arch}.{key}", default)
+        return scalar(meta, f"{arch}.{key}", default)
 
     n_heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))

@@ -54,7 +54,7 @@ def build_tokenizer(meta: dict[str, Any]):
     """An mlx-lm TokenizerWrapper around a PreTrainedTokenizerFast built from GGUF metadata."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-    from .gguf import _scalar
+    from .gguf import scalar
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -91,11 +91,11 @@ def build_tokenizer(meta: dict[str, Any]):
     tokenizer.add_tokens(added)
 
     def token(key: str) -> str | None:
-        index = _scalar(meta, f"tokenizer.ggml.{key}_token_id")
+        index = scalar(meta, f"tokenizer.ggml.{key}_token_id")
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     bos = token("bos")
-    if _scalar(meta, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if scalar(meta, "tokenizer.ggml.add_bos_token", False) and bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
         )
