@@ -2,17 +2,27 @@
 
 The pipeline::
 
-    corpus -> token windows (corpus.py) -> batched traces capturing the sites, stopped after the
-    last layer needed -> rows of real tokens -> background writer -> shards + manifest (dataset.py)
+    corpus -> tokenized once (corpus.tokenize) -> token windows -> the activation stream
+    (stream.SiteReader: one forward per batch, stopped after the last block needed) -> rows of
+    real tokens -> background writer -> shards + manifest (dataset.py)
 
-Work is planned before anything runs: the windows are counted (tokenizing the corpus once), cut
-into batches, and consecutive batches into shards; the plan depends only on the corpus and the
-settings. A rank of an ``mlx.launch`` job (see :mod:`mlxterp_core.distributed`) owns shards
+Work is planned before anything runs: the windows are counted from the tokenized corpus (kept:
+the run reads the same ids), cut into batches, and consecutive batches into shards; the plan
+depends only on the corpus and the settings. A rank of an ``mlx.launch`` job (see :mod:`mlxterp_core.distributed`) owns shards
 ``k`` with ``k % size == rank``, so no activation crosses between processes and any number of
 processes writes the same files. A shard is the unit of work and of loss: it is written to a
 temporary file, synced, checksummed, renamed into place, then recorded in the rank's journal; a
 rerun skips shards whose file matches its journal checksum and re-makes the rest. Rank 0 writes
 ``manifest.json`` last, after a collective check that every rank finished.
+
+What is in this file: :func:`cache_activations` (settings, fingerprint, the ranks' agreement,
+then :func:`_run` for this rank's shards and :func:`_write_manifest`); the plan
+(:func:`_plan`, :func:`_shards`); the folder (:func:`_prepare_folder`, journals,
+:func:`_verified`); the identity of model and tokenizer in the manifest
+(:func:`model_identity`, :func:`tokenizer_identity`); the work (:func:`_run`, a background
+:class:`_Writer` thread, :func:`_batch_rows` from the stream, :func:`_finish` publishing a
+shard). The format and its reader are :mod:`~mlxterp_core.dataset`'s; the ``mlxterp cache``
+command is the tools plugin's.
 """
 
 from __future__ import annotations

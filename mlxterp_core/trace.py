@@ -20,6 +20,22 @@ Activations are recorded after the intervention at that site has run, i.e. they 
 flowed on through the model, as they were at that moment: model code that later updates the
 array in place (``h += pos``, ``h *= scale``) does not change the record. Everything recorded
 is evaluated together, once, at the end of the forward pass.
+
+What is in this file, and how it connects:
+
+- :class:`Trace` (``model.trace`` / ``model.run``): one forward pass of the user's inputs;
+  runs a :class:`Hooks` once and keeps its records as :class:`Activations`.
+- :class:`Hooks`: the machinery a trace, generation, patching and the activation stream share.
+  It translates names (raw, standard, splice sub-sites) into raw sites and :class:`Edit` s
+  (names resolved once per model and request: :func:`_cached_names`), finds the modules to
+  probe (:func:`_modules_to_probe`, with :mod:`~mlxterp_core.sites`), installs probes with
+  :mod:`~mlxterp_core.module_probes` and attention observers with
+  :mod:`~mlxterp_core.attention` for the ``with`` block, and runs passes; ``stop_after``
+  stops a pass once a site is recorded (:class:`StopForward`).
+- :class:`Recorder`: one pass's state; every probe hands it each call's input and output
+  (:meth:`Recorder.visit`: edits, then the record). :class:`_Probe` is the general probe;
+  :func:`_recording_call` the lean one of passes that record and change nothing.
+- :class:`Activations`: the records, looked up by raw, standard or splice name.
 """
 
 from __future__ import annotations
