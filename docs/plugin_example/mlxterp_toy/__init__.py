@@ -12,8 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxterp import ArchitectureSchema, hookimpl, load
-from mlxterp.interventions import Intervention
+from mlxterp.plugin import ArchitectureSchema, Intervention, hookimpl, load
 
 
 @hookimpl
