@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp.plugin import UnknownNameError
+from mlxterp.plugin import UnknownNameError, write_atomic
 from mlxterp.plugin import StandardName, parse
 
 from .sae import SAE, SAEConfig, SAEError, hook_name_of
@@ -372,16 +372,12 @@ def save_sae(sae: SAE, path, sparsity: mx.array | None = None) -> Path:
         meta.update(hook_name_out=cfg.hook_name_out or (cfg.site_out and hook_name_of(cfg.site_out)),
                     hook_head_index_out=None, mlxterp_name_out=cfg.site_out)
     data["metadata"] = meta
-    _atomic_safetensors(folder / WEIGHTS, sae.state_dict())
+    _save_safetensors(folder / WEIGHTS, sae.state_dict())
     if sparsity is not None:
-        _atomic_safetensors(folder / SPARSITY, {"sparsity": mx.array(sparsity).astype(mx.float32)})
-    tmp = folder / (CFG + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, folder / CFG)
+        _save_safetensors(folder / SPARSITY, {"sparsity": mx.array(sparsity).astype(mx.float32)})
+    write_atomic(folder / CFG, json.dumps(data, indent=2))  # last: a folder with a cfg.json is whole
     return folder
 
 
-def _atomic_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
-    tmp = path.with_name(path.stem + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
-    os.replace(tmp, path)
+def _save_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
+    write_atomic(path, lambda tmp: mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"}))
