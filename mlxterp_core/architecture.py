@@ -17,7 +17,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UnknownNameError
+from .errors import UnknownNameError, closest
 from .names import FORWARD_ORDER, HEAD_VIEWS, StandardName, parse
 from .schema import ArchitectureSchema, Number, Port, SchemaError
 
@@ -189,10 +189,26 @@ class Architecture:
 
     def resolve(self, name: str | StandardName) -> list[Resolved]:
         """All tensors a standard name (or alias) means: one, or one per layer for 'layers[*]'."""
-        parsed = parse(name) if isinstance(name, str) else name
+        try:
+            parsed = parse(name) if isinstance(name, str) else name
+        except UnknownNameError as e:  # a misspelling: what this model has, the closest first
+            raise UnknownNameError(self._misspelled(name) or str(e)) from None
         if parsed.layer == "*":
             return [self._resolve(attrs.evolve(parsed, layer=i)) for i in range(self.n_layers)]
         return [self._resolve(parsed)]
+
+    def _misspelled(self, name: str) -> str | None:
+        """For ``layers[i].<sub>`` with an unknown ``sub``: the message naming the block names
+        this model has, the closest to ``sub`` suggested (its layer index kept); else None."""
+        match = re.match(r"^layers(?:\[(-?\d+|\*)\]|\.(-?\d+|\*))\.(.+)$", name.strip())
+        if match is None:
+            return None
+        layer, sub = match.group(1) or match.group(2), match.group(3)
+        names = self.block_names(0)
+        found = closest(sub, names, n=3)
+        hint = f" Did you mean {' or '.join(repr(f'layers[{layer}].{s}') for s in found)}?" if found else ""
+        return (f"{name!r}: '{sub}' is not a standard block name.{hint} This {self.family} model's block "
+                f"names: {', '.join(names)}.")
 
     def has(self, sub: str, layer: int = 0) -> bool:
         """Whether layer ``layer`` has the block-level standard name ``sub`` (e.g. 'resid_mid')."""

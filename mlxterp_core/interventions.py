@@ -184,18 +184,36 @@ def scale(factor: float | mx.array) -> Intervention:
 def add_vector(vector) -> Intervention:
     """Add ``vector`` (broadcast against the activation, e.g. (D,), (T, D) or (B, T, D))."""
     vector = mx.array(vector)
-    return Intervention(
-        lambda x: x + vector.astype(x.dtype), f"add_vector(shape={tuple(vector.shape)})"
-    )
+
+    def add(x: mx.array) -> mx.array:
+        _fits(vector, x, "add_vector")
+        return x + vector.astype(x.dtype)
+
+    return Intervention(add, f"add_vector(shape={tuple(vector.shape)})")
 
 
 def replace_with(value) -> Intervention:
     """Replace the activation with ``value`` (an array of its shape, or broadcastable to it)."""
     value = mx.array(value)
-    return Intervention(
-        lambda x: mx.broadcast_to(value.astype(x.dtype), x.shape),
-        f"replace_with(shape={tuple(value.shape)})",
-    )
+
+    def replace(x: mx.array) -> mx.array:
+        _fits(value, x, "replace_with")
+        return mx.broadcast_to(value.astype(x.dtype), x.shape)
+
+    return Intervention(replace, f"replace_with(shape={tuple(value.shape)})")
+
+
+def _fits(value: mx.array, x: mx.array, what: str) -> None:
+    """An InterventionError in the user's terms when ``value`` does not broadcast to the
+    activation ``x``'s shape (the result must keep that shape)."""
+    shape = tuple(value.shape)
+    if len(shape) <= x.ndim and all(a in (1, b) for a, b in zip(reversed(shape), reversed(x.shape))):
+        return
+    if value.ndim == 1:
+        raise InterventionError(f"{what} has {shape[0]} values; the activation has width {x.shape[-1]} "
+                                f"(shape {tuple(x.shape)}). Give a vector of {x.shape[-1]} values.")
+    raise InterventionError(f"{what} has shape {shape}, which does not broadcast to the activation's "
+                            f"shape {tuple(x.shape)}.")
 
 
 def clamp(min=None, max=None) -> Intervention:  # noqa: A002 - the original API's names

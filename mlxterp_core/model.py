@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from . import inputs as _inputs
 from . import plugins
 from .architecture import Architecture, model_type, recognize
-from .errors import TraceError, UnknownNameError
+from .errors import InputError, TraceError, UnknownNameError, did_you_mean
 from .module_probes import walk_modules
 from .schema import ArchitectureSchema
 from .sites import MODEL_OUTPUT, static_site_names
@@ -227,6 +228,33 @@ class InterpretableModel:
         """Number of token ids the tokenizer knows, special tokens included."""
         return _inputs.vocab_size(self._require_tokenizer())
 
+    # TransformerLens's names for the same helpers
+
+    def to_tokens(self, inputs: Any) -> mx.array:
+        """(B, T) token ids of a prompt or a list of prompts (right-padded), as a trace runs
+        them: the tokenizer's own special tokens (SmolLM2 adds no BOS), no ``prepend_bos``."""
+        return self.prepare_inputs(inputs).array
+
+    def to_str_tokens(self, inputs: Any) -> list[str] | list[list[str]]:
+        """The text of each token of a prompt (a string or token ids); a list of prompts gives
+        one list per prompt (without padding)."""
+        prepared = self.prepare_inputs(inputs)
+        rows = [[self.token_to_str(t) for t in row[:n]] for row, n in zip(prepared.array.tolist(), prepared.lengths)]
+        one_prompt = (isinstance(inputs, str) or getattr(inputs, "ndim", 2) == 1
+                      or (isinstance(inputs, (list, tuple)) and bool(inputs) and isinstance(inputs[0], int)))
+        return rows[0] if one_prompt else rows
+
+    def to_single_token(self, text: str) -> int:
+        """The id of ``text`` when it is exactly one token (``" Paris"``), else an InputError
+        listing the tokens it is."""
+        ids = self.encode(text)
+        special = {getattr(self.tokenizer, a, None) for a in ("bos_token_id",)} - {None}
+        ids = [i for i in ids if i not in special] if len(ids) > 1 else ids
+        if len(ids) != 1:
+            pieces = [self.token_to_str(i) for i in ids]
+            raise InputError(f"{text!r} is {len(ids)} tokens ({pieces}), not one; mind the leading space (' Paris').")
+        return ids[0]
+
     # -- delegation ----------------------------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
@@ -235,9 +263,16 @@ class InterpretableModel:
         if name.startswith("__") or "model" not in self.__dict__:
             raise AttributeError(name)
         analysis = plugins.analyses().get(name)
-        if analysis is not None:
-            return partial(analysis, self)
-        return getattr(self.__dict__["model"], name)
+        if analysis is not None:  # a bound method: help() and ? show its own name, signature and doc
+            return MethodType(analysis, self)
+        module = self.__dict__["model"]
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'InterpretableModel' object has no attribute {name!r} (nor has the wrapped "
+                f"{type(module).__name__})." + did_you_mean(name, [n for n in self.__dir__() if not n.startswith("_")])
+            ) from None
 
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *plugins.analyses()})

@@ -138,6 +138,39 @@ def parse(name: str) -> StandardName:
     raise UnknownNameError(f"{name!r} is not a name mlxterp understands: {GRAMMAR}; raw names start with 'model.'.")
 
 
+_TL_SHORT = {"attn": "pattern", "key": "k", "query": "q", "value": "v", "mlp_pre": "pre", "mlp_post": "post"}
+_TL_ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "pattern", "result", "attn_scores"}
+_TL_MLP = {"pre", "post", "mid", "pre_linear"}
+_TL_LAYER_TYPE = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}
+
+
+def transformerlens_key(key: tuple) -> str:
+    """The hook name a TransformerLens ``ActivationCache`` key stands for, as its
+    ``utils.get_act_name`` spells it: ``("resid_post", 5)`` -> ``blocks.5.hook_resid_post``,
+    ``("pattern", 5)`` -> ``blocks.5.attn.hook_pattern``, ``("normalized", 3, "ln2")`` ->
+    ``blocks.3.ln2.hook_normalized``, ``("embed",)`` -> ``hook_embed``; negative layers count from
+    the end as everywhere."""
+    if not key or not isinstance(key[0], str) or len(key) > 3:
+        raise UnknownNameError(f"{key!r} is not a TransformerLens cache key: use (name, layer) or (name, layer, layer_type).")
+    name = _TL_SHORT.get(key[0], key[0])
+    layer = key[1] if len(key) > 1 else None
+    layer_type = key[2] if len(key) > 2 else None
+    if layer is not None and not isinstance(layer, int):
+        raise UnknownNameError(f"{key!r}: the layer of a TransformerLens key is an int, got {layer!r}.")
+    parts = [] if layer is None else [f"blocks.{layer}"]
+    if name in _TL_ATTN:
+        layer_type = "attn"
+    elif name in _TL_MLP:
+        layer_type = "mlp"
+    else:
+        layer_type = _TL_LAYER_TYPE.get(layer_type, layer_type)
+    if layer_type:
+        parts.append(layer_type)
+    parts.append(f"hook_{name}")
+    hook = ".".join(parts)
+    return f"ln_final.{hook}" if name in ("scale", "normalized") and layer is None else hook
+
+
 def transformerlens_name(name: str) -> str | None:
     """The TransformerLens hook name of a standard name (``layers.8.output`` ->
     ``blocks.8.hook_resid_post``), or None where TransformerLens has none."""

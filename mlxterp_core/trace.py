@@ -52,10 +52,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import patterns_observed
-from .errors import InterventionError, TraceError, UnknownNameError, did_you_mean
+from .errors import InterventionError, MlxterpError, TraceError, UnknownNameError, did_you_mean
 from .inputs import ModelInputs
 from .interventions import Intervention
-from .names import is_raw
+from .names import is_raw, transformerlens_key
 from .module_probes import PROBE_ATTR, probes_installed, walk_modules
 from .sites import (
     INPUT_PORT,
@@ -107,14 +107,23 @@ class Activations(Mapping):
     """
 
     def __init__(self, recorded: dict[str, Any], model: InterpretableModel | None = None,
-                 splices: Splices | None = None):
+                 splices: Splices | None = None, ran: bool = True):
         self._recorded = recorded
         self._model = model
         self._splices = splices
+        self._ran = ran
 
     def __getitem__(self, name: str):
+        if isinstance(name, tuple):  # a TransformerLens key: ("resid_post", 5)
+            name = transformerlens_key(name)
         if name in self._recorded:
             return self._recorded[name]
+        if not self._ran:
+            raise TraceError(
+                f"no activation named {name!r}: this trace has not run. Use it as a block, `with "
+                "model.trace(...) as tr:`, or run it with model.run(...) (model.trace(...) alone "
+                "only prepares it)."
+            )
         canonical = canonical_site(name)
         if canonical in self._recorded:
             return self._recorded[canonical]
@@ -303,7 +312,7 @@ def checked(fn: Callable, site: str, key: str) -> Callable[[mx.array], mx.array]
         try:
             y = fn(x)
         except InterventionError as e:
-            raise InterventionError(f"intervention {key!r} at {site}: {e}") from e
+            raise InterventionError(f"intervention {key!r} at {site}: {e}") from None
         except Exception as e:
             raise InterventionError(f"intervention {key!r} raised at {site}: {type(e).__name__}: {e}") from e
         if not isinstance(y, mx.array):
@@ -348,7 +357,7 @@ class Trace:
         self._interventions = dict(interventions or {})
         self._capture = [capture] if isinstance(capture, str) else capture
         self._saes = splice_list(saes)
-        self.activations = Activations({})
+        self.activations = Activations({}, ran=False)
         self.output: Any = None
         self._ran = False
 
@@ -509,6 +518,11 @@ class Hooks:
             output = self._model.model(*args, **kwargs)
         except StopForward:
             output, self.stopped = None, True
+        except MlxterpError as e:
+            # Said in mlxterp's words already: raised from here, not from deep inside the model
+            # code (a notebook shows the user's call, not a page of mlx-lm frames).
+            e.__traceback__, e.__cause__, e.__suppress_context__ = None, None, True
+            raise e
         else:
             self.stopped = False
             if isinstance(output, mx.array):

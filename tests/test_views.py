@@ -41,6 +41,7 @@ def all_results(model):
         "attention_layers": model.attention_patterns(text, layer="all"),
         "steering": model.steering_vector(["the cat"], ["the mat"], layer=1),
         "generation": model.generate(CLEAN, max_tokens=3),
+        "prompt_check": model.test_prompt("the cat", "sat"),
     }
 
 

@@ -19,6 +19,7 @@ from .unembed import (
     logit_lens,
     prediction_rows,
     project,
+    test_prompt,
     token_namer,
     top_of_logits,
 )
@@ -33,6 +34,7 @@ from .results import (
     GenerationResult,
     LogitLensResult,
     PatchingResult,
+    PromptCheck,
     ResidComponents,
     SteeringVector,
 )
@@ -43,6 +45,7 @@ from .steering import generate, steering_vector
 def mlxterp_analyses():
     return {
         "get_token_predictions": get_token_predictions,
+        "test_prompt": test_prompt,
         "logit_lens": logit_lens,
         "activation_patching": activation_patching,
         "attribution_patching": attribution_patching,
@@ -68,6 +71,7 @@ __all__ = [
     "attribution_patching",
     "GenerationResult",
     "LogitLensResult",
+    "PromptCheck",
     "PatchingResult",
     "SteeringVector",
     "activation_patching",
@@ -75,6 +79,7 @@ __all__ = [
     "get_token_predictions",
     "logit_lens",
     "steering_vector",
+    "test_prompt",
     # the logit lens's pieces, for other lenses (mlxterp_lenses)
     "layers_per_chunk",
     "lens_fields",

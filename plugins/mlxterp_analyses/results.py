@@ -452,3 +452,32 @@ def strongest_link(patterns: list[list[list[float]]]) -> tuple[int, int, int, fl
     masked[:, np.arange(array.shape[1]), np.arange(array.shape[2])] = -1
     k, query, key = np.unravel_index(int(np.argmax(masked)), masked.shape)
     return int(k), int(query), int(key), float(array[k, query, key])
+
+
+@attrs.frozen(repr=False)
+class PromptCheck(Display, Serialisable):
+    """How the model ranks each token of an expected ``answer`` after ``prompt`` (TransformerLens's
+    ``test_prompt``): for answer token i, its rank (0 = the top prediction), probability and
+    logit given the prompt and the answer's tokens before it, and the top-k predictions there."""
+
+    prompt: str
+    answer_tokens: list[str]
+    ranks: list[int]
+    probabilities: list[float]
+    logits: list[float]
+    top: list[list[tuple[str, float]]]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.ranks)
+        if not -n <= i < n:
+            raise IndexError(f"answer token {i} out of range: the answer has {n} tokens (0..{n - 1}, or negative from the end).")
+        return {"token": self.answer_tokens[i], "rank": self.ranks[i], "probability": self.probabilities[i],
+                "logit": self.logits[i], "top": self.top[i]}
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def _summary(self) -> str:
+        parts = [f"{t!r} rank {r} (p={p:.3g})" for t, r, p in zip(self.answer_tokens, self.ranks, self.probabilities)]
+        top = ", ".join(f"{t!r} {p:.2g}" for t, p in self.top[0][:3])
+        return f"{short(self.prompt)}: {'; '.join(parts[:4])}{' ...' if len(parts) > 4 else ''}; top first: {top}"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import attrs
 import mlx.core as mx
 
-from mlxterp.plugin import options
+from mlxterp.plugin import OptionError, options
 from mlxterp.plugin import Activations, Hooks
 
 from .results import GenerationResult, SteeringVector
@@ -91,6 +91,7 @@ def generate(
     stream: bool = False,
     stop_at_eos: bool = True,
     saes: Any = None,
+    max_new_tokens: int | None = None,
 ) -> GenerationResult | Iterator[GenerationStep]:
     """Generate with mlx-lm's KV cache, with ``interventions`` applied in every forward pass.
 
@@ -107,7 +108,12 @@ def generate(
             logits token k was sampled from.
         stream: return an iterator of GenerationStep instead of the finished result.
         saes: splices (SAEs, transcoders) in every pass, as in ``with model.saes(...)``.
+        max_new_tokens: the same as ``max_tokens`` (Hugging Face's and TransformerLens's name).
     """
+    if max_new_tokens is not None:
+        if max_tokens != 50 and max_tokens != max_new_tokens:
+            raise OptionError(f"max_tokens={max_tokens} and max_new_tokens={max_new_tokens} disagree: give one of them.")
+        max_tokens = max_new_tokens
     intervene_on = options.choice(intervene_on, ("all", "generated", "prompt"), "intervene_on")
     max_tokens = options.integer(max_tokens, "max_tokens", 0)
     temperature = options.number(temperature, "temperature", 0.0)

@@ -22,7 +22,7 @@ from mlxterp.plugin import on_cpu
 
 from mlxterp.plugin import options
 
-from .results import LogitLensResult
+from .results import LogitLensResult, PromptCheck
 from mlxterp.plugin import ids_text, token_text
 from mlxterp.plugin import token_ids as prompt_ids
 
@@ -138,6 +138,37 @@ def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs:
     if not return_probs:
         return ids.tolist()
     return [(i, p, token_text(model, i)) for i, p in zip(ids.tolist(), probs.tolist())]
+
+
+def test_prompt(model, prompt, answer: str, top_k: int = 10, prepend_space: bool = True) -> PromptCheck:
+    """How the model ranks the tokens of ``answer`` after ``prompt`` (TransformerLens's
+    ``utils.test_prompt``), from one forward pass over prompt + answer: per answer token its
+    rank, probability and logit, and the top-k predictions at that position. A space is put
+    before the answer unless it has one or ``prepend_space=False``."""
+    top_k = options.top_k(top_k, model.embedding_vocab_size)
+    if not isinstance(answer, str) or not answer.strip():
+        raise options.OptionError(f"answer={answer!r}: give the expected continuation as a non-empty string.")
+    if prepend_space and not answer.startswith(" "):
+        answer = " " + answer
+    prompt_part = prompt_ids(model, prompt)
+    answer_part = [i for i in model.encode(answer) if i != getattr(model.tokenizer, "bos_token_id", None)]
+    logits = model.run([prompt_part + answer_part], capture=["logits"]).activations["logits"][0]
+    rows = logits[len(prompt_part) - 1 : len(prompt_part) - 1 + len(answer_part)].astype(mx.float32)
+    logp = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+    targets = mx.array(answer_part)
+    chosen = mx.take_along_axis(rows, targets[:, None], axis=-1)[:, 0]
+    ranks = (rows > chosen[:, None]).sum(axis=-1)
+    top_ids, top_probs = top_of_logits(rows, top_k)
+    mx.eval(logp, chosen, ranks, top_ids, top_probs)
+    name = token_namer(model)
+    return PromptCheck(
+        prompt=prompt if isinstance(prompt, str) else ids_text(model, prompt_part),
+        answer_tokens=[name(i) for i in answer_part],
+        ranks=ranks.tolist(),
+        probabilities=mx.exp(mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]).tolist(),
+        logits=chosen.tolist(),
+        top=[[(name(i), p) for i, p in zip(ids, probs)] for ids, probs in zip(top_ids.tolist(), top_probs.tolist())],
+    )
 
 
 def logit_lens(
