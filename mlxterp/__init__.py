@@ -5,7 +5,7 @@ The public API. Everything here is re-exported from ``mlxterp_core``, which impl
     from mlxterp import InterpretableModel, interventions as iv
 """
 
-from mlxterp_core import interventions
+from mlxterp_core import __version__, interventions
 from mlxterp_core.architecture import Architecture
 from mlxterp_core.dataset import ActivationDataset, DatasetError
 from mlxterp_core.corpus import Windows, default_corpus, read_documents, token_windows
@@ -27,6 +27,7 @@ from mlxterp_core.model import InterpretableModel
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
 
 __all__ = [
+    "__version__",
     "InterpretableModel",
     "load",
     "default_model_path",

@@ -399,19 +399,10 @@ def _write_manifest(out, settings, fingerprint, shards, entries, seconds) -> Non
         "n_tokens": n_tokens,
         "row_fields": ROW_FIELDS,
         "shards": listed,
-        "software": {"mlx": mx.__version__, "mlxterp": getattr(mlxterp_core, "__version__", None) or _version()},
+        "software": {"mlx": mx.__version__, "mlxterp": mlxterp_core.__version__},
         "last_run": {"seconds": round(seconds, 3)},
     }
     write_json(out / MANIFEST, manifest)
-
-
-def _version() -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("mlxterp")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # -- the work --------------------------------------------------------------------------------

@@ -10,21 +10,14 @@ import sys
 DESCRIPTION = "Mechanistic interpretability for MLX language models: trace, intervene, analyse."
 
 
-def version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("mlxterp")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``mlxterp`` parser, with every plugin's commands."""
     from .plugins import call_each
 
     parser = argparse.ArgumentParser(prog="mlxterp", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"mlxterp {version()}")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mlxterp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     call_each("mlxterp_commands", subparsers=commands)
     return parser

@@ -45,3 +45,15 @@ def test_the_site_builds_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "guide" / "analyses" / "index.html").is_file()
+
+
+def test_the_reference_documents_every_method_as_users_call_it():
+    """docs/reference.md holds what docs/make_reference.py writes from the code: every method the
+    plugins add to InterpretableModel, with its signature without ``model``, and every plugin's
+    public classes and functions (rerun the script after changing one)."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import make_reference
+    finally:
+        sys.path.pop(0)
+    assert make_reference.section() in (ROOT / "docs" / "reference.md").read_text(), "run python docs/make_reference.py"

@@ -52,10 +52,15 @@ def train_tuned_lens(
 
     Args:
         lens: continue training this lens (default: a new, zero-initialised one).
-        num_steps, tokens_per_step: optimiser steps, and training tokens per step (no
-            padding, BOS or window start: the stream's one policy).
-        context_size, batch_size: the token windows of one micro-batch (one forward pass).
-        lr, momentum, weight_decay, grad_clip: SGD-Nesterov as in the reference.
+        num_steps: optimiser steps.
+        tokens_per_step: training tokens per step (no padding, BOS or window start: the
+            stream's one policy).
+        context_size: tokens per window of a micro-batch (one forward pass).
+        batch_size: windows per micro-batch.
+        lr: SGD-Nesterov's learning rate, decaying linearly to 0, as in the reference.
+        momentum: Nesterov momentum.
+        weight_decay: weight decay.
+        grad_clip: the gradient norm is clipped to this (0: no clipping).
         checkpoint_dir: save the lens, the optimiser state and the data position there every
             ``checkpoint_every`` steps; a later call with the same folder resumes from it.
         progress: a progress bar (silent when not on a terminal or in a notebook).

@@ -132,8 +132,9 @@ def probe(
     Args:
         texts: the prompts; ``labels``: 0/1 per prompt; ``groups``: a group id per prompt
             (e.g. the template it came from): a group is never split between training and test.
-        layers, component: probe ``layers[i].<component>`` (default every layer's output),
-            plus the embeddings as the baseline when ``include_embed``.
+        layers: probe these layers (default every layer).
+        component: probe ``layers[i].<component>`` (default the layer's output), plus the
+            embeddings as the baseline when ``include_embed``.
         position: "last" (each prompt's last real token), "mean" or an index.
         method: "logistic" (L2 ``l2``, standardised features) or "mass_mean".
 

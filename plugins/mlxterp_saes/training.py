@@ -130,8 +130,10 @@ def train_sae(
         n_tokens: training tokens (BOS, padding and window starts excluded).
         batch_size: tokens per optimiser step.
         lr: Adam's learning rate (default ``2e-4 / sqrt(d_sae / 2**14)``, sparsify's rule).
-        l1_coefficient, l0_coefficient: sparsity penalties of "relu" and "jumprelu".
-        aux_coefficient, k_aux: the AuxK loss of topk/batchtopk (k_aux default d_in // 2).
+        l1_coefficient: the sparsity penalty of "relu".
+        l0_coefficient: the sparsity penalty of "jumprelu".
+        aux_coefficient: the weight of the AuxK loss of topk/batchtopk.
+        k_aux: dead latents the AuxK loss decodes (default d_in // 2).
         dead_tokens: a latent is dead after this many tokens without firing (default
             ``min(10M, n_tokens // 10)``).
         buffer_tokens: size of the shuffle buffer, in tokens.
