@@ -24,9 +24,10 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp.plugin import UnknownNameError, write_atomic
+from mlxterp.plugin import FileFormatError, UnknownNameError, read_safetensors, write_atomic
 from mlxterp.plugin import StandardName, parse
 
+from .architectures import architectures
 from .sae import SAE, SAEConfig, SAEError, hook_name_of
 
 CFG = "cfg.json"
@@ -111,6 +112,9 @@ def _saelens(folder: Path, norm_scaling_factor: float | None) -> SAE:
         raise SAEError(f"{cfg_path}: the config is a JSON {type(raw).__name__}, not an object.")
     cfg_dict = _v6(raw)
     weights = _read_tensors(folder / WEIGHTS)
+    trained = next((a for a in architectures() if a.name == cfg_dict.get("architecture") and a.from_checkpoint), None)
+    if trained is not None:  # a training checkpoint (SAELens's batchtopk): as SAELens saves it for inference
+        cfg_dict, weights = trained.from_checkpoint(cfg_dict, weights)
     cfg = _config(cfg_dict, cfg_path)
     weights = _legacy_tensors(weights, folder / WEIGHTS)
     if cfg.normalize_activations == "expected_average_only_in":
@@ -248,6 +252,11 @@ def _legacy_tensors(weights: dict[str, mx.array], where: Path) -> dict[str, mx.a
 def _read_tensors(path: Path) -> dict[str, mx.array]:
     if not path.is_file():
         raise SAEError(f"{path}: file not found.")
+    if path.suffix == ".safetensors":  # float64 ones too, which MLX does not read, as float32
+        try:
+            return read_safetensors(path, "SAE tensors")
+        except FileFormatError as e:
+            raise SAEError(str(e)) from None
     try:
         found = mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError / ValueError on truncated or foreign files

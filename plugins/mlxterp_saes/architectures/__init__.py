@@ -16,7 +16,9 @@ training (an architecture without ``train_activation`` is loaded only)
     (settings, d_sae)``; ``init_params(t, x)``; ``init_buffers(t)``; ``loss(t, params, h, f,
     error, dead)`` (added to the shared reconstruction MSE); ``after_step(t, f)``; ``export(t)``;
     ``unit_norm_decoder``; ``fold_on_export``; ``saved_as`` (the architecture it is saved as);
-    ``training_name`` (what the training log records).
+    ``training_name`` (what the training log records); ``from_checkpoint(cfg, tensors)``: a
+    SAELens training checkpoint's ``cfg.json`` fields and tensors as the ``saved_as``
+    architecture's (what SAELens's ``save_inference_model`` writes), so that ``load_sae`` reads it.
 
 A third party adds one with ``register_architecture(module)`` (``mlxterp_saes.register_architecture``),
 touching no file here; docs/guide/saes.md shows one.
@@ -59,6 +61,7 @@ class Architecture:
     unit_norm_decoder: bool = base.unit_norm_decoder
     fold_on_export: bool = base.fold_on_export
     saved_as: str = ""  # default: name
+    from_checkpoint: Callable | None = None
     training_name: str = ""  # default: name
 
     def __repr__(self) -> str:

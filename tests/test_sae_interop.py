@@ -1,0 +1,87 @@
+"""SAE interop with SAELens 6.54: files SAELens itself wrote, and the numbers it computes on
+them, must load and come out the same here (tests/fixtures/saelens/, made by generate.py there;
+README.md there says what each file and array is)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxterp.plugin import FileFormatError
+from mlxterp_saes import SAE, SAEConfig, SAEError, load_sae, train_sae
+
+FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
+ATOL = 1e-5  # float32, MLX against torch
+
+
+def reference(item: str) -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURES / item / "reference.npz"))
+
+
+def close(a, b, atol=ATOL) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0, atol=atol))
+
+
+def saved_cfg(sae: SAE, folder: Path) -> dict:
+    sae.save(folder)
+    return json.loads((folder / "cfg.json").read_text())
+
+
+# -- c. float64 files ----------------------------------------------------------------------------
+
+
+def test_c_a_safetensors_file_of_float64_tensors_reads_as_float32():
+    from safetensors.numpy import load_file
+
+    from mlxterp.plugin import read_safetensors
+
+    path = FIXTURES / "b_covariance_whitening" / "checkpoint" / "activation_whitening.safetensors"
+    tensors = read_safetensors(path, "a whitening file")
+
+    theirs = load_file(str(path))
+    assert sorted(tensors) == sorted(theirs) == ["inverse_matrix", "matrix", "mean"]
+    for name, value in theirs.items():
+        assert value.dtype == np.float64 and tensors[name].dtype == mx.float32
+        assert np.array_equal(np.array(tensors[name]), value.astype(np.float32)), name
+
+
+def test_c_a_float64_sae_loads_and_computes_what_saelens_does_in_float32():
+    ref = reference("c_float64")
+    sae = load_sae(FIXTURES / "c_float64" / "sae_float64")
+    assert sae.W_enc.dtype == mx.float32
+    x = mx.array(ref["x64"].astype(np.float32))
+    assert close(sae.encode(x), ref["f64_loaded_as_float32_encode"])
+    assert close(sae(x), ref["f64_loaded_as_float32_decode"])
+    assert close(sae(x), ref["f64_decode"], atol=1e-4)  # and the float64 SAE's own numbers, to float32
+
+
+def test_c_a_batchtopk_checkpoint_is_converted_as_saelens_saves_it_for_inference():
+    ref = reference("c_float64")
+    sae = load_sae(FIXTURES / "c_float64" / "batchtopk_checkpoint")  # F64 0-d topk_threshold
+    assert sae.cfg.architecture == "jumprelu" and not sae.cfg.rescale_acts_by_decoder_norm
+    assert sae.cfg.metadata["training_architecture"] == "batchtopk"
+    for name in ("threshold", "W_enc", "b_enc", "W_dec"):
+        assert close(sae[name], ref[f"batchtopk_checkpoint_as_jumprelu_{name}"], atol=1e-6), name
+    x = mx.array(ref["batchtopk_x"])
+    assert close(sae.encode(x), ref["batchtopk_checkpoint_as_jumprelu_encode"])
+    assert close(sae(x), ref["batchtopk_checkpoint_as_jumprelu_decode"])
+    # SAELens's own conversion of the same run reads the same
+    saved = load_sae(FIXTURES / "c_float64" / "batchtopk_inference")
+    assert close(saved.encode(x), ref["batchtopk_inference_encode"]) and close(saved(x), ref["batchtopk_inference_decode"])
+
+
+def test_c_a_truncated_or_foreign_file_is_still_called_that(tmp_path):
+    from mlxterp.plugin import read_safetensors
+
+    data = (FIXTURES / "c_float64" / "sae_float64" / "sae_weights.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(FileFormatError, match=r"cut\.safetensors.*truncated"):
+        read_safetensors(tmp_path / "cut.safetensors", "SAE weights")
+    (tmp_path / "text.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(FileFormatError, match=r"text\.safetensors.*not a safetensors file"):
+        read_safetensors(tmp_path / "text.safetensors", "SAE weights")
