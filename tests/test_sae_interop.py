@@ -85,3 +85,20 @@ def test_c_a_truncated_or_foreign_file_is_still_called_that(tmp_path):
     (tmp_path / "text.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(FileFormatError, match=r"text\.safetensors.*not a safetensors file"):
         read_safetensors(tmp_path / "text.safetensors", "SAE weights")
+
+
+# -- d. normalize_activations = "layer_norm" ------------------------------------------------------
+
+
+def test_d_layer_norm_is_undone_with_the_std_as_saelens_does():
+    ref = reference("d_layer_norm")
+    sae = load_sae(FIXTURES / "d_layer_norm" / "sae")
+    x = mx.array(ref["x"])
+    assert close(sae.process_input(x) + sae.b_dec, ref["normalised_input"], atol=1e-4)
+    f = sae.encode(x)
+    assert close(f, ref["encode"], atol=1e-4)
+    out = np.array(sae.decode(f, x))
+    # the sharp check (README): undoing the normalisation with SAELens's statistics gives back
+    # the reconstruction before it; std + 1e-5 misses by 3e-5 to 1.8
+    assert close((out - ref["ln_mu"]) / ref["ln_std"], ref["recons_before_denorm"])
+    assert close(sae(x), ref["forward"])

@@ -230,7 +230,9 @@ class SAE(nn.Module):
         x = x.astype(mx.float32)
         if mode == "constant_norm_rescale":
             return out / (math.sqrt(self.cfg.d_in) / mx.linalg.norm(x, axis=-1, keepdims=True))
-        return out * (_torch_std(x) + 1e-5) + x.mean(axis=-1, keepdims=True)
+        # SAELens divides by std + 1e-5 going in but multiplies by std alone coming out
+        # (run_time_activation_ln_out ignores its eps): rows of small spread depend on it
+        return out * _torch_std(x) + x.mean(axis=-1, keepdims=True)
 
     # -- weights -------------------------------------------------------------------------
 
