@@ -32,6 +32,27 @@ def saved_cfg(sae: SAE, folder: Path) -> dict:
     return json.loads((folder / "cfg.json").read_text())
 
 
+# -- b. normalize_activations = "covariance_whitening" -------------------------------------------
+
+
+def test_b_covariance_whitening_loads_as_the_identity_and_is_written_back(tmp_path):
+    ref = reference("b_covariance_whitening")
+    sae = load_sae(FIXTURES / "b_covariance_whitening" / "sae")
+    assert sae.cfg.normalize_activations == "covariance_whitening"
+    x = mx.array(ref["x"])
+    assert close(sae.encode(x), ref["sae_encode"]) and close(sae(x), ref["sae_forward"])
+    assert saved_cfg(sae, tmp_path / "again")["normalize_activations"] == "covariance_whitening"
+
+
+def test_b_a_checkpoint_with_a_whitening_file_loads_as_saelens_loads_it_and_says_what_it_ignores():
+    ref = reference("b_covariance_whitening")
+    with pytest.warns(UserWarning, match=r"activation_whitening\.safetensors.*ignore"):
+        sae = load_sae(FIXTURES / "b_covariance_whitening" / "checkpoint")
+    x = mx.array(ref["x"])
+    assert close(sae.encode(x), ref["checkpoint_encode_as_saelens_loads_it"])
+    assert close(sae(x), ref["checkpoint_decode_as_saelens_loads_it"])
+
+
 # -- c. float64 files ----------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from .sae import SAE, SAEConfig, SAEError, hook_name_of
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SPARSITY = "sparsity.safetensors"
+WHITENING = "activation_whitening.safetensors"  # SAELens training checkpoints of covariance_whitening
 GEMMA_SCOPE = ("params.npz", "params.safetensors")
 WRITTEN_BY = "6.0.0"  # the SAELens cfg layout we write (v6): SAELens must not migrate it again
 
@@ -133,6 +134,15 @@ def _saelens(folder: Path, norm_scaling_factor: float | None) -> SAE:
                 stacklevel=3,
             )
         cfg = _evolve(cfg, normalize_activations="none")
+    if (folder / WHITENING).is_file():
+        import warnings
+
+        warnings.warn(
+            f"{folder}: {WHITENING} is ignored, as SAELens ignores it: this is a training checkpoint whose "
+            "weights expect whitened inputs, (x - mean) @ matrix. Fold the whitening in with SAELens "
+            "(save_inference_model, or SAE.fold_activation_whitening) and load that folder instead.",
+            stacklevel=3,
+        )
     try:
         sae = SAE(cfg, weights)
     except SAEError as e:

@@ -32,7 +32,9 @@ from mlxterp.plugin import UnknownNameError, transformerlens_name
 from .architectures import Architecture, get_architecture
 from .architectures.base import SAEError
 
-NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
+# covariance_whitening: SAELens trains on whitened inputs and folds the whitening into the
+# weights before saving; at inference it applies nothing (the identity), and so do we
+NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in", "covariance_whitening")
 SUB_SITES = ("pre", "features", "recons", "error")
 
 
