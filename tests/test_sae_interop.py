@@ -32,6 +32,59 @@ def saved_cfg(sae: SAE, folder: Path) -> dict:
     return json.loads((folder / "cfg.json").read_text())
 
 
+# -- a. jumprelu_skip_transcoder ----------------------------------------------------------------
+
+
+def test_a_jumprelu_skip_transcoder_loads_and_computes_what_saelens_does():
+    ref = reference("a_jumprelu_skip_transcoder")
+    sae = load_sae(FIXTURES / "a_jumprelu_skip_transcoder" / "sae")
+    assert sae.cfg.architecture == "jumprelu_skip_transcoder" and sae.cfg.is_transcoder
+    assert (sae.cfg.site, sae.cfg.site_out) == ("layers.1.ln2", "layers.1.mlp")
+    assert sae.W_skip.shape == (12, 16)  # (d_out, d_in), as SAELens stores it
+    x = mx.array(ref["x"])
+    assert close(sae.pre_acts(x), ref["hidden_pre"])
+    f = sae.encode(x)
+    assert close(f, ref["encode"])
+    # SAELens's decode is the dictionary alone: the skip is part of the forward
+    assert close(sae.decode(f), ref["decode"])
+    assert close(sae(x), ref["forward"])
+    assert close(sae(mx.array(ref["x3"])), ref["forward_x3"]) and close(sae.encode(mx.array(ref["x3"])), ref["encode_x3"])
+
+
+def test_a_saved_jumprelu_skip_transcoder_reads_back_with_the_same_fields(tmp_path):
+    sae = load_sae(FIXTURES / "a_jumprelu_skip_transcoder" / "sae")
+    cfg = saved_cfg(sae, tmp_path / "again")
+    theirs = json.loads((FIXTURES / "a_jumprelu_skip_transcoder" / "sae" / "cfg.json").read_text())
+    for key in ("architecture", "d_in", "d_sae", "d_out", "apply_b_dec_to_input", "normalize_activations"):
+        assert cfg[key] == theirs[key], key
+    assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    again = load_sae(tmp_path / "again")
+    for name in sae.tensor_names:
+        assert mx.array_equal(sae[name], again[name]).item(), name
+
+
+def test_a_skip_transcoders_decode_has_no_skip_and_their_splice_stays_exact(llama):
+    D, F = 64, 96
+    rng = np.random.default_rng(3)
+    w = {"W_enc": rng.normal(0, 0.3, (D, F)), "b_enc": rng.normal(0, 0.1, F), "W_dec": rng.normal(0, 0.3, (F, D)),
+         "b_dec": rng.normal(0, 0.1, D), "threshold": np.abs(rng.normal(0, 0.1, F)), "W_skip": rng.normal(0, 0.3, (D, D))}
+    for arch in ("skip_transcoder", "jumprelu_skip_transcoder"):
+        weights = {k: mx.array(v.astype(np.float32)) for k, v in w.items() if arch.startswith("jumprelu") or k != "threshold"}
+        sae = SAE(SAEConfig(arch, D, F, d_out=D, apply_b_dec_to_input=False, site="layers.1.ln2",
+                            site_out="layers.1.mlp"), weights)
+        x = mx.random.normal((5, D), key=mx.random.key(0))
+        f = sae.encode(x)
+        assert mx.allclose(sae.decode(f), f @ sae.W_dec + sae.b_dec, atol=1e-5).item(), arch
+        assert mx.allclose(sae(x), sae.decode(f) + x @ sae.W_skip.T, atol=1e-5).item(), arch
+        names = ["layers.1.ln2", "layers.1.mlp", "layers.1.mlp.sae.recons", "layers.1.mlp.sae.error"]
+        tr = llama.run("The capital of France", saes=[sae], capture=names)
+        a = tr.activations
+        # the splice's reconstruction is the transcoder's prediction, skip included
+        assert mx.allclose(a["layers.1.mlp.sae.recons"], sae(a["layers.1.ln2"]), atol=1e-5).item(), arch
+        assert mx.allclose(a["layers.1.mlp.sae.recons"] + a["layers.1.mlp.sae.error"], a["layers.1.mlp"], atol=1e-5).item()
+        assert mx.array_equal(tr.output, llama.run("The capital of France").output).item(), arch
+
+
 # -- b. normalize_activations = "covariance_whitening" -------------------------------------------
 
 

@@ -11,8 +11,10 @@ Encode (SAELens ``process_sae_in`` then the architecture)::
     h  = x~ @ W_enc + b_enc                          # the pre-activations ('pre')
     f  = the architecture's activation of h          # standard: ReLU(h)
 
-Decode: ``x^ = f @ W_dec + b_dec`` (an architecture may add to it), then the normalisation
-undone (SAEs only). What is specific to each architecture lives in its module of
+Decode: ``x^ = f @ W_dec + b_dec``, then the normalisation undone (SAEs only). A skip
+transcoder's output adds ``x @ W_skip.T`` to that (:meth:`SAE.reconstruct`; SAELens's
+``forward``), while its ``decode`` is the dictionary alone, as SAELens's is. What is specific
+to each architecture lives in its module of
 :mod:`mlxterp_saes.architectures`. Everything runs in float32 on activations cast up; the
 model's weights are never touched, so quantized models work.
 """
@@ -144,8 +146,8 @@ class SAE(nn.Module):
         f_clean = self.activation(pre_clean, x_in)
         pre = visit("pre", pre_clean)
         f = visit("features", f_clean if pre is pre_clean else self.activation(pre, x_in))
-        recons_clean = self.decode(f_clean, x_in)
-        recons = visit("recons", recons_clean if f is f_clean else self.decode(f, x_in))
+        recons_clean = self.reconstruct(f_clean, x_in)
+        recons = visit("recons", recons_clean if f is f_clean else self.reconstruct(f, x_in))
         error_clean = target - recons_clean
         error = visit("error", error_clean)
         if self.use_error_term:
@@ -202,17 +204,28 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x), x)
 
     def decode(self, f: mx.array, x: mx.array | None = None) -> mx.array:
-        """(..., d_sae) -> (..., d_out) float32. ``x`` (the input) is needed by skip
-        transcoders and by SAEs that normalise their input per token."""
+        """(..., d_sae) -> (..., d_out) float32: the dictionary's output, ``f @ W_dec + b_dec``
+        with the normalisation undone (SAELens's ``decode``; a skip transcoder's skip is not in
+        it: see :meth:`reconstruct`). ``x`` (the input) is needed by SAEs that normalise their
+        input per token."""
         out = self.architecture.decode(self, f, x)
         if not self.cfg.is_transcoder:
             out = self._denormalise(out, x)
         return out
 
+    def reconstruct(self, f: mx.array, x: mx.array) -> mx.array:
+        """(..., d_sae), (..., d_in) -> (..., d_out): what the SAE predicts at its site,
+        ``decode(f, x)`` plus a skip transcoder's ``x @ W_skip.T`` (SAELens's ``forward``). The
+        splice's ``recons`` sub-site is this, so ``recons + error`` is the site exactly."""
+        out = self.decode(f, x)
+        skip = self.architecture.skip(self, x)
+        return out if skip is None else out + skip
+
     def __call__(self, x: mx.array) -> mx.array:
-        """The reconstruction ``decode(encode(x))`` (a transcoder's prediction of its output site)."""
+        """The reconstruction ``reconstruct(encode(x), x)``: ``decode(encode(x))`` for an SAE, a
+        transcoder's prediction of its output site (skip included)."""
         x = self._flat(x, self.cfg.d_in, "input")
-        return self.decode(self.encode(x), x)
+        return self.reconstruct(self.encode(x), x)
 
     def _normalise(self, x: mx.array) -> mx.array:
         mode = self.cfg.normalize_activations

@@ -10,7 +10,8 @@ identity
 inference (an architecture without ``activation`` is trained only, saved as another)
     ``activation(sae, h, x)`` the features from pre-activations ``h`` (``x``: the raw input);
     ``tensors(cfg)`` names and shapes; ``check_config(cfg)``; ``pre_acts(sae, x~)``;
-    ``decode(sae, f, x)``; ``fold_decoder_norm(sae, norms)``; ``config_fields(cfg)``.
+    ``decode(sae, f, x)``; ``skip(sae, x)`` (a term added to the decode at the site that bypasses
+    the features); ``fold_decoder_norm(sae, norms)``; ``config_fields(cfg)``.
 training (an architecture without ``train_activation`` is loaded only)
     ``train_activation(t, params, h)`` with the gradients training needs; ``check_options
     (settings, d_sae)``; ``init_params(t, x)``; ``init_buffers(t)``; ``loss(t, params, h, f,
@@ -49,6 +50,7 @@ class Architecture:
     check_config: Callable = base.check_config
     pre_acts: Callable = base.pre_acts
     decode: Callable = base.decode
+    skip: Callable = base.skip
     fold_decoder_norm: Callable = base.fold_decoder_norm
     config_fields: Callable = base.config_fields
     train_activation: Callable | None = None
@@ -132,9 +134,11 @@ def architectures() -> list[Architecture]:
 
 
 def _register_builtins() -> None:
-    from . import batchtopk, gated, jumprelu, jumprelu_transcoder, skip_transcoder, standard, topk, transcoder
+    from . import (batchtopk, gated, jumprelu, jumprelu_skip_transcoder, jumprelu_transcoder, skip_transcoder,
+                   standard, topk, transcoder)
 
-    for module in (standard, topk, batchtopk, jumprelu, gated, transcoder, skip_transcoder, jumprelu_transcoder):
+    for module in (standard, topk, batchtopk, jumprelu, gated, transcoder, skip_transcoder, jumprelu_transcoder,
+                   jumprelu_skip_transcoder):
         register_architecture(module)
 
 
