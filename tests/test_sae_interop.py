@@ -176,3 +176,35 @@ def test_d_layer_norm_is_undone_with_the_std_as_saelens_does():
     # the reconstruction before it; std + 1e-5 misses by 3e-5 to 1.8
     assert close((out - ref["ln_mu"]) / ref["ln_std"], ref["recons_before_denorm"])
     assert close(sae(x), ref["forward"])
+
+
+# -- e. hook_z SAEs -------------------------------------------------------------------------------
+
+
+def test_e_a_hook_z_sae_takes_and_gives_heads_as_saelens_does():
+    ref = reference("e_hook_z")
+    sae = load_sae(FIXTURES / "e_hook_z" / "sae")
+    assert sae.cfg.reshape_activations == "hook_z" and sae.cfg.site == "layers.1.attn.z"
+    f = sae.encode(mx.array(ref["x_nhd"]))
+    assert close(f, ref["encode_nhd"])
+    assert close(sae.decode(f), ref["decode_nhd"])  # (N, H, D), the split of the input encoded
+    assert close(sae(mx.array(ref["x_nhd"])), ref["forward_nhd"])
+    f = sae.encode(mx.array(ref["x_bthd"]))
+    assert close(f, ref["encode_bthd"]) and close(sae.decode(f), ref["decode_bthd"])
+    assert close(sae.encode(mx.array(ref["x_flat"])), ref["encode_nhd"])  # flat input too (SAELens refuses it)
+    flat = load_sae(FIXTURES / "e_hook_z" / "sae_flat")
+    assert flat.cfg.reshape_activations == "none"
+    f = flat.encode(mx.array(ref["x_flat"]))
+    assert close(f, ref["sae_flat_encode"]) and close(flat.decode(f), ref["sae_flat_decode"])
+
+
+def test_e_reshape_activations_survives_a_round_trip_and_follows_the_final_hook_name(tmp_path):
+    for folder, value in (("sae", "hook_z"), ("sae_flat", "none")):  # sae_flat: hook_z site, "none" in its cfg
+        sae = load_sae(FIXTURES / "e_hook_z" / folder)
+        assert saved_cfg(sae, tmp_path / folder)["reshape_activations"] == value, folder
+        assert load_sae(tmp_path / folder).cfg.reshape_activations == value, folder
+    built = SAE(SAEConfig("standard", 16, 32, site="layers.6.attn.z"))
+    cfg = saved_cfg(built, tmp_path / "built")
+    assert cfg["metadata"]["hook_name"] == "blocks.6.attn.hook_z" and cfg["reshape_activations"] == "hook_z"
+    resid = saved_cfg(SAE(SAEConfig("standard", 16, 32, site="layers.6.output")), tmp_path / "resid")
+    assert resid["reshape_activations"] == "none"

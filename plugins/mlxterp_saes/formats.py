@@ -164,6 +164,7 @@ def _v6(raw: dict[str, Any]) -> dict[str, Any]:
     cfg.setdefault("apply_b_dec_to_input", True)
     cfg.setdefault("prepend_bos", True)
     cfg.setdefault("architecture", "standard")
+    cfg.setdefault("reshape_activations", "hook_z" if "hook_z" in (cfg.get("hook_name") or "") else "none")
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if cfg.get("activation_fn") == "topk" and (kwargs.get("k") or cfg.get("k")):
         cfg["architecture"] = "topk"
@@ -214,6 +215,7 @@ def _config(cfg: dict[str, Any], cfg_path: Path) -> SAEConfig:
         model_name=meta.get("model_name"),
         context_size=meta.get("context_size"),
         prepend_bos=bool(meta.get("prepend_bos", True)),
+        reshape_activations=cfg.get("reshape_activations") or "none",  # missing: "none", as SAELens reads it
         metadata={k: v for k, v in meta.items() if k not in known},
     )
 
@@ -370,7 +372,7 @@ def save_sae(sae: SAE, path, sparsity: mx.array | None = None) -> Path:
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
         "normalize_activations": cfg.normalize_activations,
-        "reshape_activations": "hook_z" if (cfg.hook_name or "").endswith("hook_z") else "none",
+        "reshape_activations": cfg.reshape,
     }
     data.update(sae.architecture.config_fields(cfg))
     if cfg.is_transcoder:
