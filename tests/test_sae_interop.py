@@ -208,3 +208,39 @@ def test_e_reshape_activations_survives_a_round_trip_and_follows_the_final_hook_
     assert cfg["metadata"]["hook_name"] == "blocks.6.attn.hook_z" and cfg["reshape_activations"] == "hook_z"
     resid = saved_cfg(SAE(SAEConfig("standard", 16, 32, site="layers.6.output")), tmp_path / "resid")
     assert resid["reshape_activations"] == "none"
+
+
+# -- f. what train_sae writes, what load_sae checks -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "report, name",
+    [({"format": "gguf", "file": "/Users/someone/models/tiny.Q4_1.gguf", "name": "Tiny Llama 4L"}, "Tiny Llama 4L"),
+     ({"format": "mlx-lm", "directory": "/home/someone/models/tiny-llama-4bit"}, "tiny-llama-4bit")],
+)
+def test_f_train_sae_writes_the_models_name_never_a_path(llama, tmp_path, report, name):
+    llama.load_report = report
+    x = mx.random.normal((64, 64), key=mx.random.key(0))
+    sae = train_sae(llama, "layers.2.output", x, d_sae=16, k=4, n_tokens=64, batch_size=32, buffer_tokens=64,
+                    progress=False)
+    cfg = saved_cfg(sae, tmp_path / "sae")
+    assert cfg["metadata"]["model_name"] == name
+    assert "/someone/" not in (tmp_path / "sae" / "cfg.json").read_text()
+
+
+def test_f_load_sae_with_a_model_checks_the_widths_at_once(llama, tmp_path):
+    rng = np.random.default_rng(0)
+    narrow = SAE(SAEConfig("standard", 32, 16, site="layers.2.output"),
+                 {"W_enc": mx.array(rng.normal(size=(32, 16)).astype(np.float32))} | {
+                     "b_enc": mx.zeros((16,)), "W_dec": mx.zeros((16, 32)), "b_dec": mx.zeros((32,))})
+    narrow.save(tmp_path / "narrow")
+    with pytest.raises(SAEError, match=r"d_in = 32.*layers\.2\.output.*width 64"):
+        load_sae(tmp_path / "narrow", model=llama)
+    load_sae(tmp_path / "narrow")  # without a model there is nothing to check against
+    tc = SAE(SAEConfig("transcoder", 64, 16, d_out=48, apply_b_dec_to_input=False, site="layers.1.ln2",
+                       site_out="layers.1.mlp"))
+    tc.save(tmp_path / "tc")
+    with pytest.raises(SAEError, match=r"d_out = 48.*layers\.1\.mlp.*width 64"):
+        load_sae(tmp_path / "tc", model=llama)
+    SAE(SAEConfig("standard", 64, 16, site="layers.2.output")).save(tmp_path / "fits")
+    assert load_sae(tmp_path / "fits", model=llama).cfg.d_in == 64

@@ -28,7 +28,7 @@ from mlxterp.plugin import FileFormatError, UnknownNameError, read_safetensors, 
 from mlxterp.plugin import StandardName, parse
 
 from .architectures import architectures
-from .sae import SAE, SAEConfig, SAEError, hook_name_of
+from .sae import SAE, SAEConfig, SAEError, hook_name_of, site_width
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -87,17 +87,25 @@ def load_sae(
 
 
 def check_sites(sae: SAE, model, where: str = "the SAE") -> None:
-    """Fail unless ``model`` has the SAE's site(s), naming the field that gave them."""
-    pairs = [(sae.cfg.site, "metadata.hook_name", sae.cfg.hook_name)]
+    """Fail unless ``model`` has the SAE's site(s), of the SAE's widths (``d_in``; a
+    transcoder's ``d_out`` at its output site), naming the field that gave them."""
+    pairs = [(sae.cfg.site, "metadata.hook_name", sae.cfg.hook_name, "d_in", sae.cfg.d_in)]
     if sae.cfg.is_transcoder:
-        pairs.append((sae.cfg.site_out, "metadata.hook_name_out", sae.cfg.hook_name_out))
-    for name, field, hook in pairs:
+        pairs.append((sae.cfg.site_out, "metadata.hook_name_out", sae.cfg.hook_name_out, "d_out",
+                      sae.cfg.d_out or sae.cfg.d_in))
+    for name, field, hook, size, expected in pairs:
         if name is None:
             raise SAEError(f"{where}: the SAE names no site ({field} is empty): pass site=.")
         try:
             model.architecture_or_raise(name).resolve(name)
         except UnknownNameError as e:
             raise SAEError(f"{where}: cfg field {field} = {hook!r} ({name}) is not a site of this model: {e}") from e
+        width = site_width(model, name)
+        if width != expected:
+            raise SAEError(
+                f"{where}: the SAE's {size} = {expected}, but {name} ({field} = {hook!r}) has width {width} "
+                "in this model: the SAE was trained for another model or site."
+            )
 
 
 # -- SAELens folders -----------------------------------------------------------------------------

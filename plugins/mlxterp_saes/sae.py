@@ -379,6 +379,19 @@ def hook_name_of(site: str) -> str | None:
         return None
 
 
+def site_width(model, site: str) -> int:
+    """The last axis of ``site`` in ``model`` (an InterpretableModel), without computing
+    anything: a one-token forward built lazily and never evaluated (MLX knows shapes first)."""
+    from mlxterp.plugin import Hooks, is_raw
+
+    with Hooks(model, capture=[site], stop_after="auto") as hooks:
+        _, recorded = hooks(mx.zeros((1, 1), dtype=mx.int32), evaluate=False)
+    if is_raw(site):
+        return int(recorded[site].shape[-1])
+    resolved = model.architecture.resolve(site)[0]
+    return int(resolved.read(recorded[resolved.site]).shape[-1])
+
+
 def _torch_std(x: mx.array) -> mx.array:
     """Standard deviation over the last axis with Bessel's correction (torch's default)."""
     n = x.shape[-1]
