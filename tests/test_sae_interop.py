@@ -184,22 +184,22 @@ def test_d_layer_norm_is_undone_with_the_std_as_saelens_does():
 def test_e_a_hook_z_sae_takes_and_gives_heads_as_saelens_does():
     ref = reference("e_hook_z")
     sae = load_sae(FIXTURES / "e_hook_z" / "sae")
-    assert sae.cfg.reshape_activations == "hook_z" and sae.cfg.site == "layers.1.attn.z"
     f = sae.encode(mx.array(ref["x_nhd"]))
     assert close(f, ref["encode_nhd"])
     assert close(sae.decode(f), ref["decode_nhd"])  # (N, H, D), the split of the input encoded
+    assert sae.cfg.reshape_activations == "hook_z" and sae.cfg.site == "layers.1.attn.z"
     assert close(sae(mx.array(ref["x_nhd"])), ref["forward_nhd"])
     f = sae.encode(mx.array(ref["x_bthd"]))
     assert close(f, ref["encode_bthd"]) and close(sae.decode(f), ref["decode_bthd"])
     assert close(sae.encode(mx.array(ref["x_flat"])), ref["encode_nhd"])  # flat input too (SAELens refuses it)
     flat = load_sae(FIXTURES / "e_hook_z" / "sae_flat")
-    assert flat.cfg.reshape_activations == "none"
     f = flat.encode(mx.array(ref["x_flat"]))
     assert close(f, ref["sae_flat_encode"]) and close(flat.decode(f), ref["sae_flat_decode"])
+    assert flat.cfg.reshape_activations == "none"
 
 
 def test_e_reshape_activations_survives_a_round_trip_and_follows_the_final_hook_name(tmp_path):
-    for folder, value in (("sae", "hook_z"), ("sae_flat", "none")):  # sae_flat: hook_z site, "none" in its cfg
+    for folder, value in (("sae_flat", "none"), ("sae", "hook_z")):  # sae_flat: hook_z site, "none" in its cfg
         sae = load_sae(FIXTURES / "e_hook_z" / folder)
         assert saved_cfg(sae, tmp_path / folder)["reshape_activations"] == value, folder
         assert load_sae(tmp_path / folder).cfg.reshape_activations == value, folder
