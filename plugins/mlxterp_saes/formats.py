@@ -2,7 +2,9 @@
 
 - SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``), the
   v6 layout (model and hook fields under ``metadata``) and the older flat one, migrated as
-  SAELens's ``handle_pre_6_0_config`` does.
+  SAELens's ``handle_pre_6_0_config`` does. Float64 tensors are read as float32; a training
+  checkpoint of an architecture that is saved as another (SAELens's ``batchtopk``) is converted
+  by its module's ``from_checkpoint``, as SAELens's ``save_inference_model`` would.
 - Gemma Scope: ``params.npz`` (Gemma Scope 1) or ``params.safetensors`` (Gemma Scope 2), keys
   ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``: JumpReLU with
   ``apply_b_dec_to_input=False``. The site comes from the folder path (``...-res/layer_12/...``)
