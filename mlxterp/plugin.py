@@ -33,7 +33,7 @@ from mlxterp_core.errors import (
     did_you_mean,
 )
 from mlxterp_core.figures import finish, pyplot, token_label
-from mlxterp_core.files import read_json, read_text, write_atomic, write_json
+from mlxterp_core.files import read_json, read_safetensors, read_text, write_atomic, write_json
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.interventions import Intervention
 from mlxterp_core.load import DEFAULT_MODEL, LoadError, load
@@ -112,7 +112,7 @@ __all__ = [
     # the training loop: steps, progress, checkpoints, resume
     "train_steps", "Run", "save_checkpoint", "load_checkpoint",
     # files, progress, distributed
-    "read_text", "read_json", "write_atomic", "write_json", "progress_bar", "progress_over", "map_rows",
+    "read_text", "read_json", "read_safetensors", "write_atomic", "write_json", "progress_bar", "progress_over", "map_rows",
     # the result kit
     "Serialisable", "LayerMapping",
     # the view kit

@@ -27,8 +27,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import DatasetError, MlxterpError
-from .files import fsync_dir, sha256_file
+from .errors import DatasetError, FileFormatError, MlxterpError
+from .files import fsync_dir, safetensors_header, sha256_file
 
 MANIFEST = "manifest.json"
 SETTINGS = "cache.json"
@@ -119,15 +119,10 @@ class ShardFile:
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's header (name -> dtype/shape/offsets) and where its data starts."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise DatasetError(f"{path} is not a safetensors file (truncated); delete it and rerun the cache to re-make it.")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:
-            raise DatasetError(f"{path} is not a safetensors file (header of {length} bytes).")
-        header = json.loads(f.read(length))
-    return header, 8 + length
+    try:
+        return safetensors_header(path, "a shard of an activation dataset")
+    except FileFormatError as e:
+        raise DatasetError(f"{e} Delete it and rerun the cache to re-make it.") from None
 
 
 class SiteRows:

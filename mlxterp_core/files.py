@@ -7,11 +7,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import numpy as np
+
 from .errors import FileFormatError, MlxterpError, WriteError
+
+# safetensors dtype codes -> the numpy dtype of their bytes (BF16: its bits; numpy has none)
+_SAFETENSORS_BYTES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+    "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
 
 
 def read_text(path: str | Path, expected: str) -> str:
@@ -59,6 +69,81 @@ def read_toml(path: str | Path, expected: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FileFormatError(f"{Path(path)} is not valid TOML ({e}); expected {expected}.") from None
+
+
+def safetensors_header(path: str | Path, expected: str) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> ``dtype``, ``shape``, ``data_offsets``; and
+    ``__metadata__``) and the byte where its data starts: an 8-byte little-endian header
+    length, then that many bytes of JSON."""
+    path = Path(path).expanduser()
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            text = f.read(length) if length is not None and length <= size - 8 else b""
+    except OSError as e:
+        raise FileFormatError(f"{path} could not be read ({e.strerror or e}); expected {expected}.") from None
+    if length is None or length > size - 8:
+        what = f"{size} bytes" if length is None else f"a header of {length} bytes in a file of {size}"
+        raise FileFormatError(f"{path} is not a safetensors file, or is truncated ({what}); expected {expected}.")
+    try:
+        header = json.loads(text)
+    except ValueError:  # UnicodeDecodeError too
+        header = None
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{path} is not a safetensors file (its header is not a JSON object); expected {expected}.")
+    return header, 8 + length
+
+
+def read_safetensors(path: str | Path, expected: str) -> dict[str, mx.array]:
+    """The tensors of a safetensors file, by name. MLX reads the file where it can; a file it
+    refuses is read here, so that float64 tensors (which MLX's reader does not take: a
+    BatchTopK threshold, a whitening matrix) come back as float32, 0-d tensors included. A
+    missing, truncated or foreign file, or a dtype nothing here reads, is a
+    :class:`FileFormatError` naming the file and the tensor; ``expected`` says what the file
+    should be ("SAE weights")."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file (expected {expected}).")
+    try:
+        return mx.load(str(path), format="safetensors")
+    except Exception:  # MLX names neither the tensor nor the cause well: read it here, and say
+        pass
+    header, start = safetensors_header(path, expected)
+    size = path.stat().st_size
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    tensors: dict[str, mx.array] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise FileFormatError(f"{path}: the header's entry for tensor {name!r} is malformed; expected {expected}.") from None
+        if code not in _SAFETENSORS_BYTES:
+            raise FileFormatError(
+                f"{path}: tensor {name!r} is {code}, which mlxterp cannot read (it reads "
+                f"{', '.join(_SAFETENSORS_BYTES)}); convert it to float32."
+            )
+        dtype = np.dtype(_SAFETENSORS_BYTES[code])
+        count = int(np.prod(shape, dtype=np.int64))
+        if start + end > size:
+            raise FileFormatError(
+                f"{path} is corrupt or truncated: tensor {name!r} ends at byte {start + end}, the file has "
+                f"{size}; expected {expected} (download or write it again)."
+            )
+        if end - begin != count * dtype.itemsize:
+            raise FileFormatError(
+                f"{path} is corrupt: tensor {name!r} ({code}, shape {list(shape)}) needs {count * dtype.itemsize} "
+                f"bytes, its header gives {end - begin}; expected {expected}."
+            )
+        value = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+        if code == "F64":
+            value = value.astype(np.float32)
+        array = mx.array(value)
+        tensors[name] = array.view(mx.bfloat16) if code == "BF16" else array
+    return tensors
 
 
 def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:

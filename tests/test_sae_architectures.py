@@ -114,12 +114,14 @@ def test_a_file_of_an_unregistered_architecture_says_how_to_read_it(llama, tmp_p
 
 
 def test_every_saelens_architecture_is_a_registered_module():
-    for name in ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder"):
+    for name in ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder",
+                 "jumprelu_skip_transcoder"):
         arch = get_architecture(name)
         assert arch.name == name and arch.module.__name__ == f"mlxterp_saes.architectures.{name}"
     assert get_architecture("relu") is get_architecture("standard")
     assert {a.training_name for a in architectures() if a.trains} == {"relu", "topk", "batchtopk", "jumprelu"}
-    assert [a.name for a in architectures() if a.transcoder] == ["transcoder", "skip_transcoder", "jumprelu_transcoder"]
+    assert [a.name for a in architectures() if a.transcoder] == ["transcoder", "skip_transcoder", "jumprelu_transcoder",
+                                                               "jumprelu_skip_transcoder"]
     with pytest.raises(SAEError, match="batchtopk SAEs are saved as 'jumprelu'"):
         get_architecture("batchtopk")
     assert get_architecture("batchtopk", training=True).saved_as == "jumprelu"

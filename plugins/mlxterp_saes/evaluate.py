@@ -185,7 +185,7 @@ def evaluate(
         keep_mx = mx.array(keep)[..., None]
         x, target = clean[reads], clean[site]
         f = sae.encode(x)
-        recons = sae.decode(f, sae._flat(x, sae.cfg.d_in, "input"))
+        recons = sae.reconstruct(f, sae._flat(x, sae.cfg.d_in, "input"))
         rows = mx.array(np.flatnonzero(keep.reshape(-1)).astype(np.int32))
         flat = lambda a: mx.take(a.reshape(-1, a.shape[-1]), rows, axis=0)  # noqa: E731
         acc.add(flat(sae._flat(target, recons.shape[-1], "output")), flat(recons), flat(f))

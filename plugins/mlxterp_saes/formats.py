@@ -2,7 +2,9 @@
 
 - SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``), the
   v6 layout (model and hook fields under ``metadata``) and the older flat one, migrated as
-  SAELens's ``handle_pre_6_0_config`` does.
+  SAELens's ``handle_pre_6_0_config`` does. Float64 tensors are read as float32; a training
+  checkpoint of an architecture that is saved as another (SAELens's ``batchtopk``) is converted
+  by its module's ``from_checkpoint``, as SAELens's ``save_inference_model`` would.
 - Gemma Scope: ``params.npz`` (Gemma Scope 1) or ``params.safetensors`` (Gemma Scope 2), keys
   ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``, ``threshold``: JumpReLU with
   ``apply_b_dec_to_input=False``. The site comes from the folder path (``...-res/layer_12/...``)
@@ -24,14 +26,16 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp.plugin import UnknownNameError, write_atomic
+from mlxterp.plugin import FileFormatError, UnknownNameError, read_safetensors, write_atomic
 from mlxterp.plugin import StandardName, parse
 
-from .sae import SAE, SAEConfig, SAEError, hook_name_of
+from .architectures import architectures
+from .sae import SAE, SAEConfig, SAEError, hook_name_of, site_width
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SPARSITY = "sparsity.safetensors"
+WHITENING = "activation_whitening.safetensors"  # SAELens training checkpoints of covariance_whitening
 GEMMA_SCOPE = ("params.npz", "params.safetensors")
 WRITTEN_BY = "6.0.0"  # the SAELens cfg layout we write (v6): SAELens must not migrate it again
 
@@ -85,17 +89,25 @@ def load_sae(
 
 
 def check_sites(sae: SAE, model, where: str = "the SAE") -> None:
-    """Fail unless ``model`` has the SAE's site(s), naming the field that gave them."""
-    pairs = [(sae.cfg.site, "metadata.hook_name", sae.cfg.hook_name)]
+    """Fail unless ``model`` has the SAE's site(s), of the SAE's widths (``d_in``; a
+    transcoder's ``d_out`` at its output site), naming the field that gave them."""
+    pairs = [(sae.cfg.site, "metadata.hook_name", sae.cfg.hook_name, "d_in", sae.cfg.d_in)]
     if sae.cfg.is_transcoder:
-        pairs.append((sae.cfg.site_out, "metadata.hook_name_out", sae.cfg.hook_name_out))
-    for name, field, hook in pairs:
+        pairs.append((sae.cfg.site_out, "metadata.hook_name_out", sae.cfg.hook_name_out, "d_out",
+                      sae.cfg.d_out or sae.cfg.d_in))
+    for name, field, hook, size, expected in pairs:
         if name is None:
             raise SAEError(f"{where}: the SAE names no site ({field} is empty): pass site=.")
         try:
             model.architecture_or_raise(name).resolve(name)
         except UnknownNameError as e:
             raise SAEError(f"{where}: cfg field {field} = {hook!r} ({name}) is not a site of this model: {e}") from e
+        width = site_width(model, name)
+        if width != expected:
+            raise SAEError(
+                f"{where}: the SAE's {size} = {expected}, but {name} ({field} = {hook!r}) has width {width} "
+                "in this model: the SAE was trained for another model or site."
+            )
 
 
 # -- SAELens folders -----------------------------------------------------------------------------
@@ -111,6 +123,9 @@ def _saelens(folder: Path, norm_scaling_factor: float | None) -> SAE:
         raise SAEError(f"{cfg_path}: the config is a JSON {type(raw).__name__}, not an object.")
     cfg_dict = _v6(raw)
     weights = _read_tensors(folder / WEIGHTS)
+    trained = next((a for a in architectures() if a.name == cfg_dict.get("architecture") and a.from_checkpoint), None)
+    if trained is not None:  # a training checkpoint (SAELens's batchtopk): as SAELens saves it for inference
+        cfg_dict, weights = trained.from_checkpoint(cfg_dict, weights)
     cfg = _config(cfg_dict, cfg_path)
     weights = _legacy_tensors(weights, folder / WEIGHTS)
     if cfg.normalize_activations == "expected_average_only_in":
@@ -129,6 +144,15 @@ def _saelens(folder: Path, norm_scaling_factor: float | None) -> SAE:
                 stacklevel=3,
             )
         cfg = _evolve(cfg, normalize_activations="none")
+    if (folder / WHITENING).is_file():
+        import warnings
+
+        warnings.warn(
+            f"{folder}: {WHITENING} is ignored, as SAELens ignores it: this is a training checkpoint whose "
+            "weights expect whitened inputs, (x - mean) @ matrix. Fold the whitening in with SAELens "
+            "(save_inference_model, or SAE.fold_activation_whitening) and load that folder instead.",
+            stacklevel=3,
+        )
     try:
         sae = SAE(cfg, weights)
     except SAEError as e:
@@ -150,6 +174,7 @@ def _v6(raw: dict[str, Any]) -> dict[str, Any]:
     cfg.setdefault("apply_b_dec_to_input", True)
     cfg.setdefault("prepend_bos", True)
     cfg.setdefault("architecture", "standard")
+    cfg.setdefault("reshape_activations", "hook_z" if "hook_z" in (cfg.get("hook_name") or "") else "none")
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if cfg.get("activation_fn") == "topk" and (kwargs.get("k") or cfg.get("k")):
         cfg["architecture"] = "topk"
@@ -200,6 +225,7 @@ def _config(cfg: dict[str, Any], cfg_path: Path) -> SAEConfig:
         model_name=meta.get("model_name"),
         context_size=meta.get("context_size"),
         prepend_bos=bool(meta.get("prepend_bos", True)),
+        reshape_activations=cfg.get("reshape_activations") or "none",  # missing: "none", as SAELens reads it
         metadata={k: v for k, v in meta.items() if k not in known},
     )
 
@@ -248,6 +274,11 @@ def _legacy_tensors(weights: dict[str, mx.array], where: Path) -> dict[str, mx.a
 def _read_tensors(path: Path) -> dict[str, mx.array]:
     if not path.is_file():
         raise SAEError(f"{path}: file not found.")
+    if path.suffix == ".safetensors":  # float64 ones too, which MLX does not read, as float32
+        try:
+            return read_safetensors(path, "SAE tensors")
+        except FileFormatError as e:
+            raise SAEError(str(e)) from None
     try:
         found = mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError / ValueError on truncated or foreign files
@@ -351,7 +382,7 @@ def save_sae(sae: SAE, path, sparsity: mx.array | None = None) -> Path:
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
         "normalize_activations": cfg.normalize_activations,
-        "reshape_activations": "hook_z" if (cfg.hook_name or "").endswith("hook_z") else "none",
+        "reshape_activations": cfg.reshape,
     }
     data.update(sae.architecture.config_fields(cfg))
     if cfg.is_transcoder:

@@ -11,8 +11,10 @@ Encode (SAELens ``process_sae_in`` then the architecture)::
     h  = x~ @ W_enc + b_enc                          # the pre-activations ('pre')
     f  = the architecture's activation of h          # standard: ReLU(h)
 
-Decode: ``x^ = f @ W_dec + b_dec`` (an architecture may add to it), then the normalisation
-undone (SAEs only). What is specific to each architecture lives in its module of
+Decode: ``x^ = f @ W_dec + b_dec``, then the normalisation undone (SAEs only). A skip
+transcoder's output adds ``x @ W_skip.T`` to that (:meth:`SAE.reconstruct`; SAELens's
+``forward``), while its ``decode`` is the dictionary alone, as SAELens's is. What is specific
+to each architecture lives in its module of
 :mod:`mlxterp_saes.architectures`. Everything runs in float32 on activations cast up; the
 model's weights are never touched, so quantized models work.
 """
@@ -32,7 +34,10 @@ from mlxterp.plugin import UnknownNameError, transformerlens_name
 from .architectures import Architecture, get_architecture
 from .architectures.base import SAEError
 
-NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
+# covariance_whitening: SAELens trains on whitened inputs and folds the whitening into the
+# weights before saving; at inference it applies nothing (the identity), and so do we
+NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in", "covariance_whitening")
+RESHAPES = ("none", "hook_z")
 SUB_SITES = ("pre", "features", "recons", "error")
 
 
@@ -42,7 +47,9 @@ class SAEConfig:
 
     ``site`` / ``site_out`` are mlxterp standard names (``layers.8.output``); ``hook_name`` /
     ``hook_name_out`` the same sites in TransformerLens vocabulary, as SAELens stores them.
-    ``metadata`` keeps every other field of the file so that saving writes it back.
+    ``reshape_activations`` is SAELens's ("hook_z": the SAE reads attention heads, (..., H, D));
+    None derives it from the site (see :attr:`reshape`). ``metadata`` keeps every other field
+    of the file so that saving writes it back.
     """
 
     architecture: str
@@ -61,11 +68,22 @@ class SAEConfig:
     context_size: int | None = None
     prepend_bos: bool = True
     dtype: str = "float32"
+    reshape_activations: str | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def is_transcoder(self) -> bool:
         return get_architecture(self.architecture).transcoder
+
+    @property
+    def reshape(self) -> str:
+        """SAELens's ``reshape_activations``: as given (a file's value is kept), else "hook_z"
+        for an SAE whose TransformerLens hook name (given, or that of ``site``) ends in
+        ``hook_z``, else "none". Transcoders never reshape."""
+        if self.reshape_activations is not None:
+            return self.reshape_activations
+        hook = self.hook_name or (self.site and hook_name_of(self.site)) or ""
+        return "hook_z" if hook.endswith("hook_z") and not self.is_transcoder else "none"
 
 
 class SAE(nn.Module):
@@ -87,6 +105,8 @@ class SAE(nn.Module):
         arch = get_architecture(cfg.architecture)
         if cfg.normalize_activations not in NORMALISATIONS:
             raise SAEError(f"unknown normalize_activations {cfg.normalize_activations!r}; known: {', '.join(NORMALISATIONS)}.")
+        if cfg.reshape_activations not in (None, *RESHAPES):
+            raise SAEError(f"unknown reshape_activations {cfg.reshape_activations!r}; known: {', '.join(RESHAPES)}.")
         arch.check_config(cfg)
         if arch.transcoder and cfg.apply_b_dec_to_input:
             raise SAEError("a transcoder has apply_b_dec_to_input=False (b_dec lives in the output space).")
@@ -108,6 +128,7 @@ class SAE(nn.Module):
                 )
             setattr(self, name, value.astype(mx.float32))
         object.__setattr__(self, "tensor_names", tuple(shapes))
+        self.d_head = None  # hook_z SAEs: the head size of the last (..., H, D) input encoded
         if cfg.rescale_acts_by_decoder_norm:
             self._fold_rescale()
 
@@ -142,8 +163,8 @@ class SAE(nn.Module):
         f_clean = self.activation(pre_clean, x_in)
         pre = visit("pre", pre_clean)
         f = visit("features", f_clean if pre is pre_clean else self.activation(pre, x_in))
-        recons_clean = self.decode(f_clean, x_in)
-        recons = visit("recons", recons_clean if f is f_clean else self.decode(f, x_in))
+        recons_clean = self.reconstruct(f_clean, x_in)
+        recons = visit("recons", recons_clean if f is f_clean else self.reconstruct(f, x_in))
         error_clean = target - recons_clean
         error = visit("error", error_clean)
         if self.use_error_term:
@@ -166,8 +187,15 @@ class SAE(nn.Module):
         other.use_error_term = on
         return other
 
+    def _heads(self, x: mx.array | None, width: int) -> int | None:
+        """D when ``x`` is (..., H, D) with H * D = ``width``: any such input of a hook_z SAE
+        (SAELens merges the last two axes), a (B, T, H, D) one of any SAE; else None."""
+        if x is None or x.ndim < 2 or x.shape[-1] == width or x.shape[-1] * x.shape[-2] != width:
+            return None
+        return int(x.shape[-1]) if x.ndim == 4 or self.cfg.reshape == "hook_z" else None
+
     def _flat(self, x: mx.array, width: int, what: str) -> mx.array:
-        if x.ndim == 4 and x.shape[-1] * x.shape[-2] == width:  # hook_z SAEs: (B, T, H, D)
+        if self._heads(x, width):
             x = x.reshape(*x.shape[:-2], width)
         if x.shape[-1] != width:
             name = self.cfg.site if what == "input" else self.site
@@ -195,22 +223,42 @@ class SAE(nn.Module):
         return self.architecture.activation(self, h, x)
 
     def encode(self, x: mx.array) -> mx.array:
-        """(..., d_in) -> (..., d_sae) float32 feature activations."""
+        """(..., d_in) -> (..., d_sae) float32 feature activations. A hook_z SAE also takes
+        attention heads, (..., H, D) (and remembers D, for decode)."""
+        if self.cfg.reshape == "hook_z" and self._heads(x, self.cfg.d_in):
+            self.d_head = self._heads(x, self.cfg.d_in)
         x = self._flat(x, self.cfg.d_in, "input")
         return self.activation(self.pre_acts(x), x)
 
     def decode(self, f: mx.array, x: mx.array | None = None) -> mx.array:
-        """(..., d_sae) -> (..., d_out) float32. ``x`` (the input) is needed by skip
-        transcoders and by SAEs that normalise their input per token."""
+        """(..., d_sae) -> (..., d_out) float32: the dictionary's output, ``f @ W_dec + b_dec``
+        with the normalisation undone (SAELens's ``decode``; a skip transcoder's skip is not in
+        it: see :meth:`reconstruct`). ``x`` (the input) is needed by SAEs that normalise their
+        input per token. A hook_z SAE returns heads, (..., H, D), as SAELens's does, when it
+        knows D: from ``x`` given as heads, else from the last heads it encoded (flat ``x``, or
+        no heads seen: flat)."""
+        d_out = self.cfg.d_out or self.cfg.d_in
+        heads = self._heads(x, self.cfg.d_in) if x is not None else self.d_head
+        x = None if x is None else self._flat(x, self.cfg.d_in, "input")
         out = self.architecture.decode(self, f, x)
         if not self.cfg.is_transcoder:
             out = self._denormalise(out, x)
+        if heads and self.cfg.reshape == "hook_z":
+            out = out.reshape(*out.shape[:-1], d_out // heads, heads)
         return out
 
+    def reconstruct(self, f: mx.array, x: mx.array) -> mx.array:
+        """(..., d_sae), (..., d_in) -> (..., d_out): what the SAE predicts at its site,
+        ``decode(f, x)`` plus a skip transcoder's ``x @ W_skip.T`` (SAELens's ``forward``). The
+        splice's ``recons`` sub-site is this, so ``recons + error`` is the site exactly."""
+        out = self.decode(f, x)
+        skip = self.architecture.skip(self, self._flat(x, self.cfg.d_in, "input"))
+        return out if skip is None else out + skip
+
     def __call__(self, x: mx.array) -> mx.array:
-        """The reconstruction ``decode(encode(x))`` (a transcoder's prediction of its output site)."""
-        x = self._flat(x, self.cfg.d_in, "input")
-        return self.decode(self.encode(x), x)
+        """The reconstruction ``reconstruct(encode(x), x)``: ``decode(encode(x))`` for an SAE, a
+        transcoder's prediction of its output site (skip included); heads in, heads out."""
+        return self.reconstruct(self.encode(x), x)
 
     def _normalise(self, x: mx.array) -> mx.array:
         mode = self.cfg.normalize_activations
@@ -230,7 +278,9 @@ class SAE(nn.Module):
         x = x.astype(mx.float32)
         if mode == "constant_norm_rescale":
             return out / (math.sqrt(self.cfg.d_in) / mx.linalg.norm(x, axis=-1, keepdims=True))
-        return out * (_torch_std(x) + 1e-5) + x.mean(axis=-1, keepdims=True)
+        # SAELens divides by std + 1e-5 going in but multiplies by std alone coming out
+        # (run_time_activation_ln_out ignores its eps): rows of small spread depend on it
+        return out * _torch_std(x) + x.mean(axis=-1, keepdims=True)
 
     # -- weights -------------------------------------------------------------------------
 
@@ -327,6 +377,19 @@ def hook_name_of(site: str) -> str | None:
         return transformerlens_name(site)
     except UnknownNameError:
         return None
+
+
+def site_width(model, site: str) -> int:
+    """The last axis of ``site`` in ``model`` (an InterpretableModel), without computing
+    anything: a one-token forward built lazily and never evaluated (MLX knows shapes first)."""
+    from mlxterp.plugin import Hooks, is_raw
+
+    with Hooks(model, capture=[site], stop_after="auto") as hooks:
+        _, recorded = hooks(mx.zeros((1, 1), dtype=mx.int32), evaluate=False)
+    if is_raw(site):
+        return int(recorded[site].shape[-1])
+    resolved = model.architecture.resolve(site)[0]
+    return int(resolved.read(recorded[resolved.site]).shape[-1])
 
 
 def _torch_std(x: mx.array) -> mx.array:

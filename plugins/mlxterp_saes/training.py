@@ -47,7 +47,7 @@ from mlxterp.plugin import ActivationDataset, ArrayRows, Batches, DatasetRows, R
 
 from .architectures import get_architecture
 from .architectures.base import check_option
-from .sae import SAE, SAEConfig, SAEError, hook_name_of
+from .sae import SAE, SAEConfig, SAEError, hook_name_of, site_width
 
 
 
@@ -384,14 +384,7 @@ def _site_width(model, site: str, data) -> int:
         return int(data[site].shape[-1])
     if hasattr(data, "rows"):  # an ActivationDataset
         return int(data.rows(site).shape[-1])
-    from mlxterp.plugin import Hooks
-
-    with Hooks(model, capture=[site], stop_after="auto") as hooks:
-        _, recorded = hooks(mx.zeros((1, 1), dtype=mx.int32), evaluate=False)
-    if is_raw(site):
-        return int(recorded[site].shape[-1])
-    resolved = model.architecture.resolve(site)[0]
-    return int(resolved.read(recorded[resolved.site]).shape[-1])
+    return site_width(model, site)
 
 
 def _source(model, sites: list[str], data: Any, context_size: int, forward_batch: int, seed: int,
@@ -457,5 +450,14 @@ class _ForeignBatches(RowSource):
 
 
 def _model_name(model) -> str | None:
+    """cfg.json's ``metadata.model_name``: the Hub repo id, the GGUF file's ``general.name``, or
+    the local model folder's (file's) own name; never a path, which would put one machine's
+    folders into files that are shared."""
     report = getattr(model, "load_report", None) or {}
-    return report.get("repo") or report.get("file") or type(model.model).__name__
+    if report.get("repo") or report.get("name"):
+        return str(report.get("repo") or report.get("name"))
+    if report.get("directory"):
+        return Path(report["directory"]).name
+    if report.get("file"):
+        return Path(report["file"]).stem
+    return type(model.model).__name__

@@ -10,13 +10,16 @@ identity
 inference (an architecture without ``activation`` is trained only, saved as another)
     ``activation(sae, h, x)`` the features from pre-activations ``h`` (``x``: the raw input);
     ``tensors(cfg)`` names and shapes; ``check_config(cfg)``; ``pre_acts(sae, x~)``;
-    ``decode(sae, f, x)``; ``fold_decoder_norm(sae, norms)``; ``config_fields(cfg)``.
+    ``decode(sae, f, x)``; ``skip(sae, x)`` (a term added to the decode at the site that bypasses
+    the features); ``fold_decoder_norm(sae, norms)``; ``config_fields(cfg)``.
 training (an architecture without ``train_activation`` is loaded only)
     ``train_activation(t, params, h)`` with the gradients training needs; ``check_options
     (settings, d_sae)``; ``init_params(t, x)``; ``init_buffers(t)``; ``loss(t, params, h, f,
     error, dead)`` (added to the shared reconstruction MSE); ``after_step(t, f)``; ``export(t)``;
     ``unit_norm_decoder``; ``fold_on_export``; ``saved_as`` (the architecture it is saved as);
-    ``training_name`` (what the training log records).
+    ``training_name`` (what the training log records); ``from_checkpoint(cfg, tensors)``: a
+    SAELens training checkpoint's ``cfg.json`` fields and tensors as the ``saved_as``
+    architecture's (what SAELens's ``save_inference_model`` writes), so that ``load_sae`` reads it.
 
 A third party adds one with ``register_architecture(module)`` (``mlxterp_saes.register_architecture``),
 touching no file here; docs/guide/saes.md shows one.
@@ -47,6 +50,7 @@ class Architecture:
     check_config: Callable = base.check_config
     pre_acts: Callable = base.pre_acts
     decode: Callable = base.decode
+    skip: Callable = base.skip
     fold_decoder_norm: Callable = base.fold_decoder_norm
     config_fields: Callable = base.config_fields
     train_activation: Callable | None = None
@@ -59,6 +63,7 @@ class Architecture:
     unit_norm_decoder: bool = base.unit_norm_decoder
     fold_on_export: bool = base.fold_on_export
     saved_as: str = ""  # default: name
+    from_checkpoint: Callable | None = None
     training_name: str = ""  # default: name
 
     def __repr__(self) -> str:
@@ -129,9 +134,11 @@ def architectures() -> list[Architecture]:
 
 
 def _register_builtins() -> None:
-    from . import batchtopk, gated, jumprelu, jumprelu_transcoder, skip_transcoder, standard, topk, transcoder
+    from . import (batchtopk, gated, jumprelu, jumprelu_skip_transcoder, jumprelu_transcoder, skip_transcoder,
+                   standard, topk, transcoder)
 
-    for module in (standard, topk, batchtopk, jumprelu, gated, transcoder, skip_transcoder, jumprelu_transcoder):
+    for module in (standard, topk, batchtopk, jumprelu, gated, transcoder, skip_transcoder, jumprelu_transcoder,
+                   jumprelu_skip_transcoder):
         register_architecture(module)
 
 

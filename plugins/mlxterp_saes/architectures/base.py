@@ -64,6 +64,12 @@ def decode(sae, f: mx.array, x: mx.array | None) -> mx.array:
     return f.astype(mx.float32) @ sae.W_dec + sae.b_dec
 
 
+def skip(sae, x: mx.array) -> mx.array | None:
+    """(..., d_in) -> (..., d_out): a term the SAE adds to ``decode(f)`` at its site that does
+    not go through the features (a skip transcoder's ``x @ W_skip.T``), or None."""
+    return None
+
+
 def fold_decoder_norm(sae, norms: mx.array) -> None:
     """Scale the per-feature encoder tensors by ``norms`` (d_sae,) while the SAE divides W_dec's
     rows by them and multiplies W_enc's columns, so that no reconstruction changes."""

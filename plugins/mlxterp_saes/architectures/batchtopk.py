@@ -4,7 +4,9 @@ fractional), with unit-norm decoder rows and TopK's AuxK loss.
 
 While training it keeps a running threshold, ``theta <- 0.99 theta + 0.01 * min(positive f)``
 (the first batch sets it), and it is exported as a JumpReLU with that threshold for every
-feature, as SAELens saves it: single tokens then encode as they would in a batch.
+feature, as SAELens saves it: single tokens then encode as they would in a batch. A SAELens
+BatchTopK training checkpoint (``architecture "batchtopk"``, a 0-d float64 ``topk_threshold``)
+is read the same way (:func:`from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import base
+from .base import SAEError
 from .topk import check_auxk, check_k, loss  # noqa: F401  TopK's AuxK term is BatchTopK's loss
 
 name = "batchtopk"
@@ -48,3 +51,25 @@ def export(t) -> tuple[dict[str, mx.array], dict]:
     weights, _ = base.export(t)
     weights["threshold"] = mx.full((t.d_sae,), t.buffers["threshold"].item())
     return weights, {}
+
+
+def from_checkpoint(cfg: dict, tensors: dict[str, mx.array]) -> tuple[dict, dict[str, mx.array]]:
+    """A SAELens BatchTopK checkpoint as SAELens's ``save_inference_model`` writes it: with
+    ``rescale_acts_by_decoder_norm`` the decoder norms ``n`` are folded (``W_enc * n``,
+    ``b_enc * n``, ``W_dec / n``: the pre-activations become the rescaled ones the threshold was
+    learnt on), and ``threshold = ones(d_sae) * topk_threshold``; a JumpReLU."""
+    tensors = dict(tensors)
+    if "topk_threshold" not in tensors:
+        raise SAEError(f"a batchtopk checkpoint holds topk_threshold (the running threshold); this one has "
+                       f"{', '.join(sorted(tensors))}.")
+    threshold = tensors.pop("topk_threshold").astype(mx.float32).reshape(())
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        norms = mx.linalg.norm(tensors["W_dec"], axis=-1)
+        norms = mx.where(norms > 0, norms, 1.0)
+        tensors["W_enc"] = tensors["W_enc"] * norms[None, :]
+        tensors["b_enc"] = tensors["b_enc"] * norms
+        tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+    tensors["threshold"] = mx.ones_like(tensors["b_enc"]) * threshold
+    metadata = {"training_architecture": name, **(cfg.get("metadata") or {})}
+    saved = {k: v for k, v in cfg.items() if k not in ("k", "rescale_acts_by_decoder_norm", "topk_threshold_lr")}
+    return {**saved, "architecture": saved_as, "metadata": metadata}, tensors

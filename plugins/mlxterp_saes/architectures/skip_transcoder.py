@@ -1,5 +1,11 @@
 """Skip transcoder (SAELens ``skip_transcoder``), loaded only: a transcoder plus a linear skip
-path, ``y = ReLU(x @ W_enc + b_enc) @ W_dec + b_dec + x @ W_skip.T`` with ``W_skip (d_out, d_in)``.
+path from its input, ``W_skip (d_out, d_in)``::
+
+    decode(f) = f @ W_dec + b_dec                 (SAELens's decode: no skip)
+    y = decode(ReLU(x @ W_enc + b_enc)) + x @ W_skip.T
+
+The skip is added where the transcoder writes its site (``SAE.reconstruct``, SAELens's
+``forward``), so the splice's ``recons`` includes it and feature edits never touch it.
 """
 
 from __future__ import annotations
@@ -8,7 +14,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import base
-from .base import SAEError
 
 name = "skip_transcoder"
 transcoder = True
@@ -22,7 +27,5 @@ def activation(sae, h: mx.array, x: mx.array | None) -> mx.array:
     return nn.relu(h)
 
 
-def decode(sae, f: mx.array, x: mx.array | None) -> mx.array:
-    if x is None:
-        raise SAEError("a skip transcoder's decode needs the input x: decode(f, x).")
-    return base.decode(sae, f, x) + x.astype(mx.float32) @ sae.W_skip.T
+def skip(sae, x: mx.array) -> mx.array:
+    return x.astype(mx.float32) @ sae.W_skip.T
