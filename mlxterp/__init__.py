@@ -24,6 +24,7 @@ from mlxterp_core.errors import (
 )
 from mlxterp_core.load import default_model_path, load
 from mlxterp_core.model import InterpretableModel
+from mlxterp_core.results import load_result
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "Windows",
     "ActivationDataset",
     "DatasetError",
+    "load_result",
 ]
 
 

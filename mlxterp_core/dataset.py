@@ -222,6 +222,17 @@ class ActivationDataset:
     def __repr__(self) -> str:
         return f"ActivationDataset({str(self.path)!r}, {len(self.sites)} sites, {self.n_tokens} tokens, {len(self.shards)} shards)"
 
+    def keys(self) -> list[str]:
+        """The cached site names (``ds[name]`` reads one)."""
+        return list(self.sites)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self.site_name(name)  # type: ignore[arg-type]
+        except (DatasetError, TypeError):
+            return False
+        return True
+
     def site_name(self, name: str) -> str:
         """The stored name for ``name`` (standard names in any spelling: 'layers[3]')."""
         if name in self.sites or name in ROW_FIELDS:

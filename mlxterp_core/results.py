@@ -20,8 +20,29 @@ KIND_KEY = "mlxterp_result"  # which result class a saved file holds
 T = TypeVar("T", bound="Serialisable")
 
 
+_KINDS: dict[str, type] = {}  # class name -> class, of every Serialisable result defined
+
+
+def load_result(path: str | Path) -> Serialisable:
+    """A result saved by ``.save(path)``, whichever class it is (the file names it): the
+    plugins are loaded first, so any plugin's results reload."""
+    from .plugins import plugin_manager
+
+    plugin_manager()  # imports the plugins, which define their result classes
+    kind = read_json(path, "a result saved by .save()").get(KIND_KEY)
+    if kind not in _KINDS:
+        known = ", ".join(sorted(_KINDS)[:8])
+        raise FileFormatError(f"{path} holds {'no mlxterp result' if kind is None else f'a {kind}, a class no loaded plugin defines'} "
+                              f"(results it can reload: {known}, ...); install the plugin that made it.")
+    return _KINDS[kind].load(path)
+
+
 class Serialisable:
     """``to_data`` (plain dicts and lists), ``save`` (JSON) and ``load`` for attrs results."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _KINDS[cls.__name__] = cls
 
     def to_data(self) -> dict[str, Any]:
         return converter.unstructure(self)

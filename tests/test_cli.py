@@ -73,3 +73,19 @@ def test_bench_help_lists_every_row_and_repeats(capsys):
     listed = text.split("rows (in the order they run):", 1)[1]
     for key in all_rows():
         assert f"\n  {key} " in listed, key
+
+
+def test_the_bench_table_stays_aligned_with_long_names():
+    from mlxterp_tools.harness import WIDTHS, _line
+
+    header = _line("workload", "figure", "target", "met")
+    long = _line("x" * (WIDTHS[0] + 10), "1.0 ms", "<= 1x", "yes").splitlines()
+    assert len(long) == 2 and long[1].index("1.0 ms") == header.index("figure")
+    assert long[1].index("<= 1x") == header.index("target") and long[1].index("yes") == header.index("met")
+
+
+def test_cache_help_shows_its_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128)" in text and "(default: 8)" in text

@@ -236,3 +236,23 @@ def test_attention_patterns_of_several_layers_come_from_one_pass(model):
         alone = model.attention_patterns(text, layer=layer, heads=[0, 2])
         assert stack[layer] == alone
     assert len(model.attention_patterns(text, layer="all")) == model.architecture.n_layers
+
+
+def test_load_result_reloads_any_result_without_naming_its_class(all_results, tmp_path):
+    import mlxterp
+
+    for key in ("lens", "patching", "steering"):
+        result = all_results[key]
+        result.save(tmp_path / f"{key}.json")
+        again = mlxterp.load_result(tmp_path / f"{key}.json")
+        assert type(again) is type(result) and again.to_data() == result.to_data()
+    (tmp_path / "other.json").write_text('{"mlxterp_result": "NoSuchResult"}')
+    with pytest.raises(mlxterp.FileFormatError, match="NoSuchResult"):
+        mlxterp.load_result(tmp_path / "other.json")
+
+
+def test_a_dataset_lists_its_sites_like_a_mapping(model, tmp_path):
+    ds = model.cache_activations(["the cat sat on the mat"] * 4, ["layers[1]", "layers[2].mlp"], tmp_path / "ds",
+                                 context_size=8, progress=False)
+    assert ds.keys() == ds.sites == ["layers.1.output", "layers.2.mlp"]
+    assert "layers[1]" in ds and "layers.3.output" not in ds

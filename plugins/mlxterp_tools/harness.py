@@ -136,14 +136,29 @@ def run_rows(table: dict[str, Callable[[int], list[Row]]], keys: list[str] | Non
     if unknown:
         raise InputError(f"unknown benchmark rows {unknown}: choose from {', '.join(table)}")
     out(f"backend: {describe_backend()}")
-    out(f"{'workload':44s} {'figure':52s} {'target':28s} met")
+    out(_line("workload", "figure", "target", "met"))
     rows = []
     for key in keys or list(table):
         for row in table[key](repeats):
             rows.append(row)
-            met = {True: "yes", False: "NO", None: "-"}[row.met]
-            out(f"{row.workload:44s} {row.figure:52s} {row.target:28s} {met}")
+            out(_line(row.workload, row.figure, row.target, {True: "yes", False: "NO", None: "-"}[row.met]))
     return rows
+
+
+WIDTHS = (44, 52, 28)
+
+
+def _line(*cells: str) -> str:
+    """One table line. A cell wider than its column ends its line, and the row goes on below,
+    at the next column's place, so the columns stay aligned whatever the names."""
+    lines, line = [], ""
+    for cell, width in zip(cells, (*WIDTHS, 0)):
+        if width and len(cell) > width:
+            lines.append(line + cell)
+            line = " " * (len(line) + width + 1)
+        else:
+            line += cell.ljust(width) + " " if width else cell
+    return "\n".join([*lines, line.rstrip()])
 
 
 def write_json(rows: list[Row], path) -> None:
