@@ -45,6 +45,7 @@ def test_the_site_builds_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "guide" / "analyses" / "index.html").is_file()
+    assert f"mlxterp {mlxterp.__version__}" in (tmp_path / "site" / "index.html").read_text()  # the version documented
 
 
 def test_the_reference_documents_every_method_as_users_call_it():
