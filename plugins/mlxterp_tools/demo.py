@@ -8,14 +8,15 @@
    greedy continuation,
 4. the top induction heads (stripe score on repeated random tokens), and what ablating them does.
 
-Beside the logit lens, a tuned lens (trained briefly on the offline default corpus the first
-time, then loaded from the demo folder) reads the same prompt.
-
-The plots are written as PNG files to a folder the demo names at the end.
+The plots are written as PNG files to a folder the demo names at the end. Each step prints as it
+finishes (also when the output goes to a file or a pipe). A tuned lens is not in the demo: one
+worth showing takes minutes of training (docs/guide/tuned_lens.md), and a few steps of it
+predict noise.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -37,12 +38,12 @@ NEGATIVE = [
 STEER_PROMPT = "I went to see the new movie yesterday. I thought it was"
 STEER_LAYER = 14
 STEER_SCALE = 1.5
-# A short tuned-lens training (the reference trains 250 steps x 2^18 tokens; see docs/guide/tuned_lens.md)
-DEMO_LENS = dict(num_steps=6, tokens_per_step=128, context_size=32, batch_size=4)
 
 
 def main(out: str | Path = "mlxterp-demo") -> Path:
     started = time.perf_counter()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, in a pipe or a log too
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"loading {DEFAULT_MODEL} ...")
@@ -58,12 +59,6 @@ def main(out: str | Path = "mlxterp-demo") -> Path:
         token, prob = lens[layer][-1][0][2], lens[layer][-1][0][1]
         print(f"  layer {layer:2d}: {token!r:12s} {prob:.2f}")
 
-    tuned = _demo_tuned_lens(model, out / "tuned_lens")
-    tuned_result = model.tuned_lens(LENS_PROMPT, tuned, plot=True, save_path=out / "tuned_lens.png")
-    print("  logit lens | tuned lens (trained briefly), top token at the last position, every third layer:")
-    for layer in lens.layers[::3]:
-        print(f"  layer {layer:2d}: {lens[layer][-1][0][2]!r:12s} | {tuned_result[layer][-1][0][2]!r:12s}"
-              f" KL to final {tuned_result.kl[layer][-1]:.2f} nats")
 
     print(f"\n2. Activation patching: clean {CLEAN!r}\n   corrupted {CORRUPTED!r}")
     for component in ("mlp", "attn"):
@@ -99,17 +94,3 @@ def main(out: str | Path = "mlxterp-demo") -> Path:
     print(f"\nplots written to {out.resolve()}/: " + ", ".join(sorted(p.name for p in out.glob("*.png"))))
     print(f"({time.perf_counter() - started:.0f} s)")
     return out
-
-
-def _demo_tuned_lens(model, folder: Path):
-    """The demo's tuned lens: loaded from ``folder`` if an earlier run saved one, else trained
-    briefly on the default corpus and saved there."""
-    from mlxterp_lenses import TunedLens
-
-    if (folder / "config.json").is_file():
-        print(f"  tuned lens loaded from {folder}")
-        return TunedLens.load(folder, model=model)
-    print(f"  training a tuned lens briefly ({DEMO_LENS['num_steps']} steps of {DEMO_LENS['tokens_per_step']} tokens) ...")
-    lens = model.train_tuned_lens(**DEMO_LENS)
-    lens.save(folder)
-    return lens
