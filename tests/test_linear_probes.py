@@ -105,3 +105,47 @@ def test_a_sentiment_probe_beats_the_embedding_baseline(smollm):
     assert middle_accuracy >= 0.9 and middle_accuracy >= embed_accuracy + 0.3
     vector = result.steering_vector(15)
     assert vector.name == "layers.15.output" and len(vector.vector) == 576 and len(vector.positive) == 60
+
+
+def _newton_float64(x, y, l2, steps=60):
+    """Logistic regression by plain Newton in float64 numpy (the reference for the fits)."""
+    mean, std = x.mean(0), np.sqrt(x.var(0)) + 1e-6
+    z = np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+    penalty = np.r_[np.full(x.shape[1], l2), 1e-8]
+    theta = np.zeros(z.shape[1])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-z @ theta))
+        grad = z.T @ (p - y) / len(x) + penalty * theta
+        hessian = (z.T * (p * (1 - p))) @ z / len(x) + np.diag(penalty)
+        theta -= np.linalg.solve(hessian, grad)
+    w = theta[:-1] / std
+    return w, theta[-1] - w @ mean
+
+
+@pytest.mark.parametrize("n, d", [(24, 300), (400, 20)])  # fewer examples than dimensions: the dual
+def test_the_batched_fit_reaches_the_newton_optimum(n, d):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(3, n, d)).astype(np.float32) * rng.uniform(0.5, 3, size=d).astype(np.float32) + 2.0
+    y = (x[0, :, 0] + 0.5 * rng.normal(size=n) > 2.0).astype(np.float32)
+    fitted = probes.fit_logistic_sites(mx.array(x), y, l2=1e-2)
+    for site, probe in enumerate(fitted):
+        w, b = _newton_float64(x[site].astype(np.float64), y, 1e-2)
+        assert cosine(probe.direction, w) >= 1 - 1e-6
+        np.testing.assert_allclose(np.array(probe.direction), w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
+        assert probe.bias == pytest.approx(b, rel=1e-3, abs=1e-3)
+        single = probes.fit_logistic(mx.array(x[site]), y, l2=1e-2)
+        np.testing.assert_allclose(np.array(single.direction), np.array(probe.direction), rtol=1e-4, atol=1e-6)
+
+
+def test_a_sweep_scores_as_one_fit_per_site_does(llama):
+    texts = [f"the {a} cat sat on the {b} mat" for a in ("big", "small", "red", "old") for b in ("new", "wet", "hot")]
+    labels = [i % 2 for i in range(len(texts))]
+    groups = [i // 2 for i in range(len(texts))]
+    sweep = llama.probe(texts, labels, groups=groups, progress=False)
+    features = probes.collect(llama, texts, sweep.sites)
+    train, test = probes.split_groups(np.array(groups), 0.3, 0)
+    for s, site in enumerate(sweep.sites):
+        probe = probes.fit_logistic(features[s][mx.array(np.flatnonzero(train))], np.array(labels)[train])
+        logits = np.array(probe.logits(features[s]))
+        assert sweep.auroc[s] == pytest.approx(probes.auroc(logits[test], np.array(labels)[test]), abs=1e-9)
+        assert sweep.accuracy[s] == pytest.approx(float(((logits > 0)[test] == np.array(labels, bool)[test]).mean()))

@@ -9,7 +9,7 @@ import sys
 
 from mlxterp.plugin import hookimpl
 
-from .fitting import LinearProbe, auroc, fit, fit_logistic, fit_mass_mean, split_groups
+from .fitting import LinearProbe, auroc, fit, fit_logistic, fit_logistic_sites, fit_mass_mean, split_groups
 from .results import ProbeSweep
 from .sweep import collect, probe, probe_dataset, probe_sites, sweep
 
@@ -24,5 +24,5 @@ def mlxterp_exports():
     return {"probes": sys.modules[__name__]}
 
 
-__all__ = ["LinearProbe", "ProbeSweep", "auroc", "collect", "fit", "fit_logistic", "fit_mass_mean",
+__all__ = ["LinearProbe", "ProbeSweep", "auroc", "collect", "fit", "fit_logistic", "fit_logistic_sites", "fit_mass_mean",
            "probe", "probe_dataset", "probe_sites", "split_groups", "sweep"]

@@ -3,7 +3,12 @@ group splits (one prompt, document or template never on both sides of the split)
 
 Logistic regression is fitted full-batch by Newton's method on standardised features (training
 statistics), the intercept unpenalised; the direction is returned in the raw activation space
-(``w / std``), so ``x @ direction + bias`` is the probe's logit on a raw activation. The
+(``w / std``), so ``x @ direction + bias`` is the probe's logit on a raw activation. With fewer
+examples than dimensions (a sweep over a few dozen prompts of a 576-wide model) it is solved in
+the dual: the L2 optimum's weights are a combination of the training rows (``w = Z^T a``), so
+each Newton step solves an (N+1)-square system instead of a (D+1)-square one, to the same
+optimum. Steps stop at convergence, and the probes of every site of a sweep are fitted together,
+one batched solve per step. The
 mass-mean probe's direction is the difference of the class means (Marks & Tegmark's
 ``MMProbe``), the same vector a steering vector is made of.
 """
@@ -38,19 +43,81 @@ def fit_logistic(x: mx.array, y, l2: float = 1e-2, steps: int = NEWTON_STEPS) ->
     """Logistic regression on (N, D) activations and 0/1 labels (N,), with L2 penalty
     ``l2 / 2 * |w|^2`` on the standardised weights (mean log-loss + penalty)."""
     x, y = _checked(x, y)
-    mean, std = x.mean(axis=0), mx.sqrt(x.var(axis=0)) + 1e-6
-    z = mx.concatenate([(x - mean) / std, mx.ones((x.shape[0], 1))], axis=1)  # (N, D + 1)
-    n, width = z.shape
-    penalty = mx.concatenate([mx.full((width - 1,), l2), mx.array([1e-8])])
-    theta = mx.zeros((width,))
+    return fit_logistic_sites(x[None], y, l2, steps)[0]
+
+
+def fit_logistic_sites(x: mx.array, y, l2: float = 1e-2, steps: int = NEWTON_STEPS,
+                       tolerance: float = 1e-6) -> list[LinearProbe]:
+    """One logistic probe per site for (S, N, D) activations and 0/1 labels (N,), fitted
+    together (see the module doc); Newton stops once no parameter of any site moves by more
+    than ``tolerance`` (relative), or after ``steps``."""
+    x = mx.array(x).astype(mx.float32)
+    y = mx.array(np.asarray(y, dtype=np.float32))
+    mean, std = x.mean(axis=1, keepdims=True), mx.sqrt(x.var(axis=1, keepdims=True)) + 1e-6
+    z = (x - mean) / std  # (S, N, D)
+    n, d = z.shape[1], z.shape[2]
+    if n <= d:
+        a, b = _newton_dual(z, y, l2, steps, tolerance)
+        w = (z.transpose(0, 2, 1) @ a[..., None])[..., 0]  # (S, D) = Z^T a
+    else:
+        w, b = _newton_primal(z, y, l2, steps, tolerance)
+    direction = w / std[:, 0]
+    bias = b - (direction * mean[:, 0]).sum(axis=-1)
+    mx.eval(direction, bias)
+    return [LinearProbe(direction=direction[i], bias=float(bias[i].item()), method="logistic") for i in range(x.shape[0])]
+
+
+def _newton_primal(z: mx.array, y: mx.array, l2: float, steps: int, tolerance: float) -> tuple[mx.array, mx.array]:
+    """Newton on theta = (w, b) with the (D+1)-square Hessian of each site."""
+    s, n, d = z.shape
+    zi = mx.concatenate([z, mx.ones((s, n, 1))], axis=2)  # (S, N, D + 1)
+    penalty = mx.concatenate([mx.full((d,), l2), mx.array([1e-8])])
+    theta = mx.zeros((s, d + 1))
     for _ in range(steps):
-        p = mx.sigmoid(z @ theta)
-        grad = z.T @ (p - y) / n + penalty * theta
-        hessian = (z.T * (p * (1 - p))) @ z / n + mx.diag(penalty)
-        theta = theta - mx.linalg.solve(hessian, grad, stream=mx.cpu)
-        mx.eval(theta)
-    w, b = theta[:-1] / std, theta[-1]
-    return LinearProbe(direction=w, bias=float((b - (w * mean).sum()).item()), method="logistic")
+        p = mx.sigmoid((zi @ theta[..., None])[..., 0])  # (S, N)
+        grad = (zi.transpose(0, 2, 1) @ (p - y)[..., None])[..., 0] / n + penalty * theta
+        hessian = (zi.transpose(0, 2, 1) * (p * (1 - p))[:, None, :]) @ zi / n + mx.diag(penalty)
+        step = mx.linalg.solve(hessian, grad[..., None], stream=mx.cpu)[..., 0]
+        theta = theta - step
+        if _converged(step, theta, tolerance):
+            break
+    return theta[:, :-1], theta[:, -1]
+
+
+def _newton_dual(z: mx.array, y: mx.array, l2: float, steps: int, tolerance: float) -> tuple[mx.array, mx.array]:
+    """Newton on (a, b), w = Z^T a, scores = K a + b with K = Z Z^T: the primal Newton step,
+    restricted to the span of the rows where the iterates (from 0) and the optimum lie, is the
+    solution of ``[W K / n + l2 I, W 1 / n; 1^T W K / n, 1^T W 1 / n + eps] [da; db] = [u; g_b]``
+    with ``u = (p - y) / n + l2 a`` and ``g_b = 1^T (p - y) / n + eps b``."""
+    s, n, _ = z.shape
+    kernel = z @ z.transpose(0, 2, 1)  # (S, N, N)
+    eps = 1e-8
+    a, b = mx.zeros((s, n)), mx.zeros((s,))
+    eye = mx.eye(n)
+    for _ in range(steps):
+        scores = (kernel @ a[..., None])[..., 0] + b[:, None]
+        p = mx.sigmoid(scores)
+        weight = p * (1 - p)  # (S, N)
+        u = (p - y) / n + l2 * a
+        g_b = (p - y).sum(axis=1) / n + eps * b
+        top_left = weight[:, :, None] * kernel / n + l2 * eye  # W K / n + l2 I
+        top_right = weight[:, :, None] / n  # W 1 / n
+        bottom_left = (weight[:, None, :] @ kernel) / n  # 1^T W K / n
+        bottom_right = weight.sum(axis=1)[:, None, None] / n + eps
+        system = mx.concatenate([mx.concatenate([top_left, top_right], axis=2),
+                                 mx.concatenate([bottom_left, bottom_right], axis=2)], axis=1)
+        rhs = mx.concatenate([u, g_b[:, None]], axis=1)[..., None]
+        step = mx.linalg.solve(system, rhs, stream=mx.cpu)[..., 0]  # (S, N + 1)
+        a, b = a - step[:, :-1], b - step[:, -1]
+        if _converged(step, mx.concatenate([a, b[:, None]], axis=1), tolerance):
+            break
+    return a, b
+
+
+def _converged(step: mx.array, theta: mx.array, tolerance: float) -> bool:
+    """Whether the last Newton step moved no parameter by more than ``tolerance`` relative to
+    the parameters' size (one sync a step for every site together)."""
+    return bool((mx.abs(step).max() <= tolerance * mx.maximum(mx.abs(theta).max(), 1.0)).item())
 
 
 def fit_mass_mean(x: mx.array, y) -> LinearProbe:

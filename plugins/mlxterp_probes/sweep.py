@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import InputError, site_batches
+from mlxterp.plugin import InputError, progress_over, site_batches
 
-from .fitting import auroc, fit, split_groups
+from .fitting import auroc, fit, fit_logistic_sites, split_groups
 from .results import ProbeSweep
 
 MAX_STORED_PROJECTIONS = 2000
@@ -28,7 +28,8 @@ def probe_sites(model, layers: list[int] | None = None, component: str = "output
     return (["embed"] if include_embed else []) + [f"layers.{i}.{component}" for i in layers]
 
 
-def collect(model, texts: Sequence, sites: list[str], position="last", batch_size: int = 16) -> mx.array:
+def collect(model, texts: Sequence, sites: list[str], position="last", batch_size: int = 16,
+            progress: bool | None = None) -> mx.array:
     """(S, N, D) float32: one vector per prompt and site; ``position`` is "last", "mean" or an
     index into each prompt (negative counts from its last real token). The prompts run through
     the activation stream in right-padded batches, each forward stopped after the last layer
@@ -38,6 +39,7 @@ def collect(model, texts: Sequence, sites: list[str], position="last", batch_siz
     if position not in ("last", "mean") and not isinstance(position, int):
         raise InputError(f"position={position!r}: use 'last', 'mean' or an int.")
     batches = (model.prepare_inputs(list(texts[start : start + batch_size])) for start in range(0, len(texts), batch_size))
+    batches = progress_over(batches, len(texts), "probe", progress is not False, "prompt", lambda b: len(b.lengths))
     parts = []
     for inputs, acts, _ in site_batches(model, batches, sites):
         lengths = mx.array(inputs.lengths)
@@ -88,9 +90,12 @@ def sweep(
             raise InputError(f"the {side} split has only one class; give more groups or change seed/test_fraction.")
     train_index, test_index = mx.array(np.flatnonzero(train)), mx.array(np.flatnonzero(test))
     accuracy, train_accuracy, areas, directions, biases, projections = [], [], [], [], [], []
-    for s in range(len(sites)):
+    if method == "logistic":  # every site's probe in one batched fit
+        fitted = fit_logistic_sites(features[:, train_index], labels[train], l2)
+    else:
+        fitted = [fit(features[s][train_index], labels[train], method, l2) for s in range(len(sites))]
+    for s, probe in enumerate(fitted):
         x = features[s]
-        probe = fit(x[train_index], labels[train], method, l2)
         logits = np.array(probe.logits(x))
         predicted = logits > 0
         accuracy.append(float((predicted[test] == labels[test].astype(bool)).mean()))
@@ -126,6 +131,7 @@ def probe(
     batch_size: int = 16,
     plot: bool = False,
     save_path=None,
+    progress: bool | None = None,
 ) -> ProbeSweep:
     """Probe every layer for a binary property of the prompts.
 
@@ -143,7 +149,7 @@ def probe(
         ``steering_vector(layer)`` for the steering API.
     """
     sites = probe_sites(model, layers, component, include_embed)
-    features = collect(model, texts, sites, position, batch_size)
+    features = collect(model, texts, sites, position, batch_size, progress)
     result = sweep(features, labels, sites, groups=groups, method=method, l2=l2, test_fraction=test_fraction,
                    seed=seed, position=position, texts=texts)
     if plot:

@@ -1,7 +1,8 @@
 """Rows of the analyses on the default model: ``W3`` (the logit lens), ``W4`` (an activation
 patching sweep against a loop of one trace per cell), ``W5`` (steered generation against
-``mlx_lm.stream_generate``) and ``attribution`` (attribution patching against the sweeps that
-measure the same cells)."""
+``mlx_lm.stream_generate``), ``attribution`` (attribution patching against the sweeps that
+measure the same cells) and ``probe`` (the linear-probe sweep of docs/guide/probes.md against
+the forward passes it needs)."""
 
 from __future__ import annotations
 
@@ -175,3 +176,36 @@ def attribution_rows(repeats: int = 3) -> list[Row]:
     figure = (f"{speeds['attribution patching']:.2f} s vs activation patching "
               f"{speeds['activation patching']:.2f} s: {ratio:.0f}x faster")
     return [Row("attribution patching, 1,170 cells", figure, "faster", ratio > 1, speeds)]
+
+
+def probe_example() -> tuple[list[str], list[int], list[int]]:
+    """The sentiment prompts of docs/guide/probes.md: texts, labels and groups."""
+    adjectives = [("wonderful", "terrible"), ("delightful", "awful"), ("excellent", "horrible"),
+                  ("lovely", "dreadful"), ("brilliant", "boring"), ("superb", "miserable")]
+    templates = ["The movie we watched last night was {}.", "I thought the food there was {}.",
+                 "Honestly, the concert yesterday was {}."]
+    texts, labels, groups = [], [], []
+    for t, template in enumerate(templates):
+        for k, (good, bad) in enumerate(adjectives):
+            texts += [template.format(good), template.format(bad)]
+            labels += [1, 0]
+            groups += [10 * t + k] * 2
+    return texts, labels, groups
+
+
+def probe_rows(repeats: int = 3) -> list[Row]:
+    """``model.probe`` on the docs' 36 prompts (31 sites: the embeddings and every layer's
+    output) against the forward passes it needs (``probes.collect`` alone)."""
+    from mlxterp_probes import collect, probe_sites
+
+    model = default_model()
+    texts, labels, groups = probe_example()
+    sites = probe_sites(model)
+    cases = {
+        "forward passes": lambda: mx.eval(collect(model, texts, sites, progress=False)),
+        "model.probe": lambda: model.probe(texts, labels, groups=groups, progress=False),
+    }
+    medians = median_times(cases, max(1, min(repeats, 3)))
+    ratio = medians["model.probe"] / medians["forward passes"]
+    figure = f"{medians['model.probe']:.2f} s; its forward passes {medians['forward passes']:.2f} s: {ratio:.2f}x"
+    return [Row("probe sweep, 36 prompts x 31 sites", figure, "<= 1.5x the forward passes", ratio <= 1.5, medians)]

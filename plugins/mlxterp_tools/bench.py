@@ -26,6 +26,7 @@ Rows:
   subprocess, because the BLAS is chosen per process) against ``mlxterp.load()``'s.
 - ``attribution``: attribution patching of every component against the activation patching
   sweeps that measure the same cells.
+- ``probe``: the linear-probe sweep of docs/guide/probes.md against its forward passes.
 - ``cache``: ``cache_activations`` of the default model over the default corpus, tokens/s
   against the plain forward of the same windows: all 30 layer outputs (target >= 0.85x) and
   one site, against the forward cut at the last layer it needs (target: cost <= 1.05x).
@@ -48,7 +49,7 @@ from collections.abc import Callable
 
 from mlxterp.plugin import bench_rows
 
-from .analysis_rows import attribution_rows, w3_logit_lens, w4_patching, w5_steering
+from .analysis_rows import attribution_rows, probe_rows, w3_logit_lens, w4_patching, w5_steering
 from .cache_rows import cache_rows
 from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
 from .harness import Row, run_rows, write_json
@@ -63,6 +64,7 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "trace-python": trace_python_rows,
     "load": load_rows,
     "attribution": attribution_rows,
+    "probe": probe_rows,
     "cache": cache_rows,
     "saes": sae_rows,
 }
