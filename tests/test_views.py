@@ -129,22 +129,17 @@ def embedded_data(page: str) -> list[dict]:
     """The JSON payloads of every view in a page, parsed as a browser would split the page."""
     from html.parser import HTMLParser
 
-    class Scripts(HTMLParser):
+    class Views(HTMLParser):
         def __init__(self):
             super().__init__()
-            self.inside, self.found = False, []
+            self.found = []
 
         def handle_starttag(self, tag, attrs):
-            self.inside = tag == "script" and ("type", "application/json") in attrs
+            attrs = dict(attrs)
+            if "mlxterp-view" in (attrs.get("class") or "").split():
+                self.found.append(json.loads(attrs["data-mlxterp"]))
 
-        def handle_data(self, data):
-            if self.inside:
-                self.found.append(json.loads(data))
-
-        def handle_endtag(self, tag):
-            self.inside = False
-
-    parser = Scripts()
+    parser = Views()
     parser.feed(page)
     return parser.found
 
@@ -235,3 +230,29 @@ def test_attention_patterns_of_several_layers_come_from_one_pass(model):
         alone = model.attention_patterns(text, layer=layer, heads=[0, 2])
         assert stack[layer] == alone
     assert len(model.attention_patterns(text, layer="all")) == model.architecture.n_layers
+
+
+def test_a_session_carries_the_renderer_once_and_files_always(all_results, tmp_path):
+    """Nine views shown in one kernel session: the first carries the renderer (the script and
+    the stylesheet), the others only their data, so the nine weigh far less than nine times
+    one; a file written from any of them is whole on its own."""
+    shown = [result for result in all_results.values() if result._view() is not None]
+    shown = (shown + shown)[:9]
+    views.new_session()
+    outputs = [result._repr_html_() for result in shown]
+    alone = views.document(views.result_html(repr(shown[0]), shown[0]._view()))
+    assert sum(map(len, outputs)) < 2 * len(outputs[0]) < 2 * len(alone)
+    assert [views.RENDERER_MARK in output for output in outputs] == [True] + [False] * 8
+    for result in shown[3:5]:
+        page = result.to_html(tmp_path / "view.html").read_text()
+        assert page.count(views.RENDERER_MARK) == 1 and page.count("<script") == 1 and "<style" not in page
+
+
+def test_views_hold_no_style_and_the_renderer_inlines_safely():
+    """A view is a div and its data, no <style> (a sanitiser shows CSS as text) and no script;
+    the renderer's one <script> cannot be ended early by its own text."""
+    fragment = views.token_heatmap_html(["a", HOSTILE], [1.0, 2.0], title="it's <b>")
+    assert "<style" not in fragment and "<script" not in fragment and "<b>" not in fragment
+    script = views.renderer_script()
+    body = script[script.index(">") + 1 : -len("</script>")]
+    assert not any(mark in body.lower() for mark in ("</", "<!--", "<script"))
