@@ -29,10 +29,10 @@ class TunedLensResult(LogitLensResult):
 
     def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
         from mlxterp_analyses import lens_heatmap
-        from mlxterp.plugin import finish
+        from mlxterp.plugin import figure_text, finish
 
         fig = lens_heatmap(self, None, max_display_tokens, figsize)
-        fig.axes[0].set_title(f"Tuned lens: top prediction after each layer\n{self.text!r}")
+        fig.axes[0].set_title(figure_text(f"Tuned lens: top prediction after each layer\n{self.text!r}"))
         return finish(fig, path)
 
 
