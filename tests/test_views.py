@@ -256,3 +256,23 @@ def test_views_hold_no_style_and_the_renderer_inlines_safely():
     script = views.renderer_script()
     body = script[script.index(">") + 1 : -len("</script>")]
     assert not any(mark in body.lower() for mark in ("</", "<!--", "<script"))
+
+
+def test_the_token_heatmap_scale_leaves_out_a_first_token_outlier_only():
+    """The attention sink's first token (100x the others) would pale every other token: it is
+    left out of the scale and named; a sparse feature's peak, or a first token only 3x the
+    others, is not."""
+
+    def data(tokens, values, **options) -> dict:
+        (found,) = embedded_data(views.token_heatmap_html(tokens, values, **options))
+        return found
+
+    sink = data(["<s>", "a", "b", "c"], [100.0, 1.0, -2.0, 0.5])
+    assert sink["scale"] == [2.0] and sink["clipped"] == [[0]] and sink["outliers"]
+    sparse = data(list("abcde"), [0.0, 0.0, 5.0, 0.0, 1.0])
+    assert sparse["scale"] == [5.0] and sparse["clipped"] == [[]]
+    assert data(list("abc"), [3.0, 1.0, 0.5])["scale"] == [3.0]
+    lines = data([["<s>", "a"], ["<s>", "b", "c"]], [[[50.0, 1.0]], [[2.0, 1.5, -1.0]]], labels=["f"])
+    assert lines["scale"] == [2.0] and lines["clipped"] == [[0]]  # the first line's sink; the second's first is 2
+    given = data(list("abc"), [[4.0, 1.0, 0.5], [1.0, 2.0, 3.0]], labels=["x", "y"], scale=[2.0, 10.0])
+    assert given["scale"] == [2.0, 10.0] and given["clipped"] == [[0], []] and not given["outliers"]

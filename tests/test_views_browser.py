@@ -186,6 +186,22 @@ def test_token_heatmap_view_colours_and_hovers(open_view):
     assert page.inner_text(".mv-info").endswith("feature <b>9 = -2.00")
 
 
+def test_a_first_token_outlier_does_not_pale_the_others(open_view):
+    """The attention sink: the first token's value is 100x the others'. The others keep their
+    colours (the largest of them at full colour), the sink is at full colour, dashed, and the
+    legend says it is left out of the scale."""
+    tokens = ["What", " a", " wonderful", " day", ",", " but", " awful"]
+    values = [240.0, 0.4, 3.0, 1.2, -0.3, -1.0, -2.5]
+    page = open_view(views.token_heatmap_html(tokens, values, labels=["sentiment"]), "tokens-outlier")
+    colours = page.eval_on_selector_all(".mv-tok", "ns => ns.map(n => n.style.background)")
+    assert colours[0] == colours[2] == "rgb(9, 105, 218)"  # the sink, and the largest of the others
+    assert colours[6] == "rgb(215, 71, 81)"  # -2.5 of 3: red mixed 5/6 into the white background
+    assert page.eval_on_selector_all(".mv-tok", "ns => ns.map(n => n.classList.contains('mv-clipped'))") == [True] + [False] * 6
+    legend = page.inner_text(".mv-legend")
+    assert legend.startswith("sentiment: full colour at |value| 3.00; left out of the scale as outliers")
+    assert 'position 0 "What" = 240.0' in legend
+
+
 def test_several_texts_are_lines(open_view):
     page = open_view(views.token_heatmap_html([["a", "b"], ["c", "d", "e"]], [[1.0, 0.0], [0.0, 0.5, -1.0]]), "examples")
     assert page.eval_on_selector_all(".mv-line", "ls => ls.map(l => l.children.length)") == [2, 3]
