@@ -148,6 +148,31 @@ def test_lens_view_shows_the_top_k_of_a_hovered_cell(model, open_view):
         assert page.inner_text(".mv-panel .mv-title").startswith(f"layer {layer}, position {position}")
 
 
+def test_the_tuned_lens_view_is_titled_so_and_shows_kl_entropy_and_rank(model, open_view):
+    """A tuned lens result carries, per cell, KL to the final distribution, entropy and the rank
+    of the final top-1: hovering a cell lists them, and each can colour the grid."""
+    from mlxterp_lenses import TunedLens
+
+    result = model.tuned_lens("the cat sat on the mat", TunedLens.for_model(model))
+    page = open_view(result._repr_html_(), "tuned-lens")
+    assert page.inner_text(".mlxterp-view > .mv-title") == "Tuned lens: the cat sat on the mat"
+    layer, position = result.layers[-2], 2
+    page.hover(f"table.mv-grid tr:nth-child(2) td:nth-child({position + 2})")  # the second row from the top
+    lines = dict(line.split(": ") for line in texts(page, ".mv-panel .mv-metrics"))
+    assert float(lines["KL(final || lens)"].removesuffix(" nats")) == pytest.approx(result.kl[layer][position], rel=2e-3, abs=1e-3)
+    assert float(lines["entropy"].removesuffix(" nats")) == pytest.approx(result.entropy[layer][position], rel=2e-3)
+    assert int(lines["rank of the final top-1"]) == result.final_rank[layer][position]
+
+    def colours() -> list[str]:
+        return page.eval_on_selector_all("td.mv-cell", "ns => ns.map(n => n.style.background)")
+
+    by_probability = colours()
+    page.select_option("select.mv-colour-by", "1")
+    assert colours() != by_probability and "colour: KL(final || lens)" in page.inner_text(".mlxterp-view > .mv-legend")
+    top_row = colours()[: len(result.tokens)]  # the last layer is the model: KL 0, no colour
+    assert set(top_row) == {"rgb(255, 255, 255)"}
+
+
 def test_patching_view_hover_gives_the_recovery(model, open_view):
     result = model.activation_patching(CLEAN, CORRUPTED, component="resid", positions="all", answers=(11, 12))
     labels = list(result.labels)
