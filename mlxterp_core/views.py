@@ -31,7 +31,8 @@ import hashlib
 import html
 import json
 import sys
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -158,20 +159,19 @@ def renderer_script() -> str:
 
 
 class _Session:
-    """Where this kernel session's notebook got the renderer: the output that carried it, by
-    notebook cell and execution count (both None where the frontend does not say)."""
+    """Where this kernel session's notebook got the renderer: the cell whose output carried it
+    and that cell's run (a weak reference to IPython's ExecutionResult)."""
 
-    carrier: tuple[str | None, int | None] | None = None
+    carrier: tuple[str | None, Callable[[], Any]] | None = None
 
 
-def _execution() -> tuple[str | None, int | None]:
-    """The notebook cell running now and its execution count, as IPython knows them."""
+def _execution() -> tuple[str | None, Any]:
+    """The notebook cell running now (None where the frontend does not say) and its run
+    (IPython's ExecutionResult, None outside a cell)."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None else None
     running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
-    if running is None:
-        return None, None
-    return getattr(getattr(running, "info", None), "cell_id", None), getattr(running, "execution_count", None)
+    return getattr(getattr(running, "info", None), "cell_id", None), running
 
 
 def notebook_renderer() -> str:
@@ -184,11 +184,11 @@ def notebook_renderer() -> str:
     separate pages. Where it is missing (the carrier's cell cleared or deleted, then the notebook
     reopened), each result shows its one-line summary until a cell shows a view in a new session.
     """
-    cell, count = _execution()
+    cell, run = _execution()
     carrier = _Session.carrier
-    again = carrier is not None and cell is not None and cell == carrier[0] and count != carrier[1]
+    again = carrier is not None and cell is not None and cell == carrier[0] and carrier[1]() is not run
     if carrier is None or again or "google.colab" in sys.modules:
-        _Session.carrier = (cell, count)
+        _Session.carrier = (cell, weakref.ref(run) if run is not None else lambda: None)
         return renderer_script()
     return ""
 

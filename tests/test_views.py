@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -276,3 +277,19 @@ def test_the_token_heatmap_scale_leaves_out_a_first_token_outlier_only():
     assert lines["scale"] == [2.0] and lines["clipped"] == [[0]]  # the first line's sink; the second's first is 2
     given = data(list("abc"), [[4.0, 1.0, 0.5], [1.0, 2.0, 3.0]], labels=["x", "y"], scale=[2.0, 10.0])
     assert given["scale"] == [2.0, 10.0] and given["clipped"] == [[0], []] and not given["outliers"]
+
+
+def test_the_renderer_travels_again_when_the_cell_that_carried_it_runs_again(monkeypatch):
+    """Its output is being replaced then; other cells, and the same run, carry no second copy."""
+    class Run:  # IPython's ExecutionResult: one per run of a cell
+        pass
+
+    runs = [Run() for _ in range(5)]
+    running = iter([("a", runs[0]), ("a", runs[0]), ("b", runs[1]), ("a", runs[2]), ("a", runs[2]), ("c", runs[3]),
+                    (None, None)])
+    monkeypatch.setattr(views, "_execution", lambda: next(running))
+    views.new_session()
+    assert [bool(views.notebook_renderer()) for _ in range(7)] == [True, False, False, True, False, False, False]
+    monkeypatch.setitem(sys.modules, "google.colab", object())  # Colab: every output is its own page
+    monkeypatch.setattr(views, "_execution", lambda: ("d", runs[4]))
+    assert views.notebook_renderer() and views.notebook_renderer()
