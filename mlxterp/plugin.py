@@ -32,7 +32,7 @@ from mlxterp_core.errors import (
     WriteError,
     did_you_mean,
 )
-from mlxterp_core.figures import finish, pyplot, token_label
+from mlxterp_core.figures import figure_text, finish, pyplot, token_label
 from mlxterp_core.files import read_json, read_safetensors, read_text, write_atomic, write_json
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.interventions import Intervention
@@ -117,6 +117,6 @@ __all__ = [
     "Serialisable", "LayerMapping",
     # the view kit
     "Display", "short", "percent", "encode_unit", "encode_values", "encode_ids", "token_heatmap_html",
-    "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish", "token_label",
+    "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish", "token_label", "figure_text",
     "token_text", "ids_text", "token_ids",
 ]

@@ -12,21 +12,27 @@ A result class takes both by inheriting :class:`Display` and declaring itself
         def _view(self) -> str | None:      # an HTML fragment (None: no HTML view)
             return token_heatmap_html(self.tokens, self.values, title="...")
 
-The views are one HTML fragment each: a ``<div>``, its data as JSON in a
-``<script type="application/json">`` (every ``<``, ``>`` and ``&`` escaped, so a token like
-``</script>`` cannot end it), and the renderer (``static/views.js``, ``static/views.css``)
-inlined. The page reads no network and no CDN. Large arrays travel as base64: attention
-weights and probabilities as uint8 (1/255 steps), other values as float16. Text reaches the
-page only through ``textContent``, never as markup.
+A view is one ``<div class="mlxterp-view">`` holding its data as JSON in its ``data-mlxterp``
+attribute (every ``<``, ``>``, ``&`` and ``'`` escaped, so no token can end it), and nothing
+else: no script, no style. The renderer (``static/views.js``, which carries ``static/views.css``
+and puts it in the page's ``<head>``) is one ``<script>`` per page: a written file carries it
+once, and a notebook carries it in the first view shown in a kernel session; it renders every
+view on the page and the views added later, in any order. A result's HTML also holds its
+one-line summary, which the renderer hides: where no script runs (an untrusted notebook, a
+sanitising viewer), the summary is what shows. The page reads no network and no CDN. Large
+arrays travel as base64: attention weights and probabilities as uint8 (1/255 steps), other
+values as float16. Text reaches the page only through ``textContent``, never as markup.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
-import uuid
-from collections.abc import Sequence
+import sys
+import weakref
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -69,16 +75,19 @@ class Display:
         return f"{type(self).__name__}({self._summary()})"
 
     def _repr_html_(self) -> str | None:
-        return self._view()
+        views = self._view()
+        if views is None:
+            return None
+        return result_html(repr(self), views) + notebook_renderer()
 
     def to_html(self, path: str | Path, title: str | None = None) -> Path:
         """Write this result's view to ``path`` as one self-contained HTML file."""
-        fragment = self._view()
-        if fragment is None:
+        views = self._view()
+        if views is None:
             from .errors import InputError
 
             raise InputError(f"{type(self).__name__} has no HTML view; use .plot() or .save().")
-        return write_html(path, fragment, title or type(self).__name__)
+        return write_html(path, result_html(repr(self), views), title or type(self).__name__)
 
 
 # ---------------------------------------------------------------- encoding arrays for the page
@@ -131,27 +140,85 @@ def _script_json(data: Any) -> str:
         "\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
+def _attribute_json(data: Any) -> str:
+    """JSON for a single-quoted attribute: '<', '>', '&' as JSON escapes, "'" as a character
+    reference (the parser gives it back), so a value can neither end the attribute nor the tag."""
+    return _script_json(data).replace("'", "&#39;")
+
+
+RENDERER_MARK = 'class="mlxterp-renderer"'
+
+
+@cache
+def renderer_script() -> str:
+    """The one ``<script>`` that renders every view of a page: views.js called with its
+    version and the stylesheet (which it puts in the page's ``<head>``)."""
+    js, css = _static("views.js"), _static("views.css")
+    version = hashlib.sha256((js + css).encode()).hexdigest()[:12]
+    return f"<script {RENDERER_MARK}>{js.strip()}({_script_json(version)},{_script_json(css)});</script>"
+
+
+class _Session:
+    """Where this kernel session's notebook got the renderer: the cell whose output carried it
+    and that cell's run (a weak reference to IPython's ExecutionResult)."""
+
+    carrier: tuple[str | None, Callable[[], Any]] | None = None
+
+
+def _execution() -> tuple[str | None, Any]:
+    """The notebook cell running now (None where the frontend does not say) and its run
+    (IPython's ExecutionResult, None outside a cell)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    return getattr(getattr(running, "info", None), "cell_id", None), running
+
+
+def notebook_renderer() -> str:
+    """The renderer's ``<script>`` for the first view a kernel session shows, "" after that.
+
+    Later views need no script of their own: the renderer, once on the page, renders views as
+    they are added, and on a reopened notebook the outputs render in order, the carrier first
+    (a view above it is rendered when it arrives). It is carried again when the cell that carried
+    it runs again (that output is being replaced), and always in Colab, whose outputs are
+    separate pages. Where it is missing (the carrier's cell cleared or deleted, then the notebook
+    reopened), each result shows its one-line summary until a cell shows a view in a new session.
+    """
+    cell, run = _execution()
+    carrier = _Session.carrier
+    again = carrier is not None and cell is not None and cell == carrier[0] and carrier[1]() is not run
+    if carrier is None or again or "google.colab" in sys.modules:
+        _Session.carrier = (cell, weakref.ref(run) if run is not None else lambda: None)
+        return renderer_script()
+    return ""
+
+
+def new_session() -> None:
+    """Forget that this session carried the renderer (the next view carries it again)."""
+    _Session.carrier = None
+
+
 def fragment(kind: str, data: dict[str, Any]) -> str:
-    """One view as an HTML fragment: a div, its data, the stylesheet and the renderer."""
-    view_id = f"mlxterp-view-{uuid.uuid4().hex}"
-    payload = _script_json({"kind": kind, **data})
-    return (
-        f'<div class="mlxterp-view" id="{view_id}" data-kind="{kind}">'
-        f"<style>{_static('views.css')}</style>"
-        f'<script type="application/json" class="mlxterp-data">{payload}</script>'
-        f'<noscript>This view needs JavaScript.</noscript>'
-        f"<script>{_static('views.js')}\nmlxterpView(document.getElementById({json.dumps(view_id)}));</script>"
-        "</div>"
-    )
+    """One view as an HTML fragment: an empty div holding its data (the renderer fills it)."""
+    payload = _attribute_json({"kind": kind, **data})
+    return f"<div class=\"mlxterp-view\" data-kind=\"{kind}\" data-mlxterp='{payload}'></div>"
+
+
+def result_html(summary: str, views: str) -> str:
+    """A result's HTML: its one-line summary (what shows where no script runs; the renderer
+    hides it) and its views."""
+    return (f'<div class="mlxterp-result"><pre class="mlxterp-summary">{html.escape(summary)}</pre>'
+            f"{views}</div>")
 
 
 def document(fragment_html: str, title: str = "mlxterp") -> str:
-    """A whole HTML page around a fragment."""
+    """A whole HTML page around a fragment, with the renderer (once)."""
+    renderer = "" if RENDERER_MARK in fragment_html else renderer_script()
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1"></head>'
-        f'<body class="mlxterp-page">{fragment_html}</body></html>\n'
+        f'<body class="mlxterp-page">{fragment_html}{renderer}</body></html>\n'
     )
 
 
@@ -170,6 +237,7 @@ def token_heatmap_html(
     values: Any,
     labels: Sequence[str] | None = None,
     title: str = "",
+    scale: float | Sequence[float] | None = None,
 ) -> str:
     """Values over tokens: each token coloured by its value, hover for the number.
 
@@ -178,8 +246,12 @@ def token_heatmap_html(
     - several texts (e.g. a feature's top examples): ``tokens`` a list of N token lists,
       ``values`` a list of N arrays (T_n,), or of (F, T_n) with ``labels``; each text is a line.
 
-    Colours: blue for positive, red for negative, scaled to the largest |value| of the chosen
-    row. Returns an HTML fragment (``write_html(path, fragment)`` writes a page).
+    Colours: blue for positive, red for negative, full colour at ``scale`` (one |value| for
+    every row, or one per row). By default that is the largest |value| of the row, leaving out
+    the first token of a text where it is an outlier (more than ``OUTLIER`` times every other
+    token's |value|, as the attention sink's activations are), so that one token does not pale
+    all the others; tokens past the scale show at full colour, dashed, and the legend names
+    them. Returns an HTML fragment (``write_html(path, fragment)`` writes a page).
     """
     from .errors import InputError
 
@@ -206,13 +278,36 @@ def token_heatmap_html(
     joined = np.concatenate(arrays, axis=1) if arrays else np.zeros((n_features, 0), np.float32)
     if not np.isfinite(joined).all():
         raise InputError("token_heatmap_html: values must be finite (no NaN or inf).")
+    starts = np.cumsum([0] + [len(t) for t in texts[:-1]]) if texts else np.zeros(0, int)
+    if scale is None:
+        scales = [_robust_scale(np.abs(row), starts) for row in joined]
+    else:
+        scales = [float(v) for v in np.broadcast_to(np.asarray(scale, dtype=np.float64), (n_features,))]
     return fragment("tokens", {
         "title": title,
         "texts": texts,
         "labels": labels,
         "values": encode_values(joined),  # (F, sum of T_n)
-        "scale": np.abs(joined).max(axis=1).tolist() if joined.size else [0.0] * n_features,
+        "scale": scales,
+        "clipped": [np.flatnonzero(np.abs(row) > s * (1 + 1e-3)).tolist() for row, s in zip(joined, scales)],
+        "outliers": scale is None,
     })
+
+
+OUTLIER = 4.0  # a first token this many times larger than every other token is left out of the scale
+
+
+def _robust_scale(magnitudes: np.ndarray, starts: np.ndarray) -> float:
+    """The |value| of full colour for one row of |values|: the largest, unless the first
+    tokens of the texts (``starts``) are outliers (see :func:`token_heatmap_html`)."""
+    if magnitudes.size == 0:
+        return 0.0
+    rest = np.delete(magnitudes, starts)
+    largest_rest = float(rest.max()) if rest.size else 0.0
+    firsts = magnitudes[starts]
+    if largest_rest > 0 and (firsts > OUTLIER * largest_rest).any():
+        return max(largest_rest, float(firsts[firsts <= OUTLIER * largest_rest].max(initial=0.0)))
+    return float(magnitudes.max())
 
 
 def attention_html(
@@ -247,10 +342,15 @@ def lens_html(
     layers: Sequence[int],
     predictions: Sequence[Sequence[Sequence[tuple[int, float, str]]]],
     title: str = "",
+    metrics: Sequence[dict[str, Any]] = (),
 ) -> str:
     """A logit lens grid (layers x positions): each cell shows the top token, coloured by its
     probability; hover (or click) a cell for its top-k list. ``predictions[l][t]`` is the
-    top-k list of ``(token_id, probability, text)`` at layer ``layers[l]``, position t."""
+    top-k list of ``(token_id, probability, text)`` at layer ``layers[l]``, position t.
+
+    ``metrics``: more numbers per cell, each ``{"name": ..., "values": (layers, positions),
+    "unit": " nats", "log": False, "integer": False}``, listed with a cell's top-k and selectable
+    as the cells' colour (``log``: coloured on a log scale, e.g. a rank)."""
     vocab: dict[str, int] = {}
     ids = [[[vocab.setdefault(str(text), len(vocab)) for _, _, text in cell] for cell in row] for row in predictions]
     probs = [[[p for _, p, _ in cell] for cell in row] for row in predictions]
@@ -261,6 +361,16 @@ def lens_html(
         for t, cell in enumerate(row):
             ids_array[li, t, : len(cell)] = cell
             probs_array[li, t, : len(cell)] = probs[li][t]
+    extra = []
+    for metric in metrics:
+        values = np.asarray(metric["values"], dtype=np.float32)
+        if values.shape != (len(layers), len(tokens)):
+            from .errors import InputError
+
+            raise InputError(f"lens_html: metric {metric['name']!r} has shape {values.shape}; "
+                             f"expected (layers, positions) = {(len(layers), len(tokens))}.")
+        extra.append({"name": str(metric["name"]), "unit": str(metric.get("unit", "")), "log": bool(metric.get("log")),
+                      "integer": bool(metric.get("integer")), "values": encode_values(np.nan_to_num(values))})
     return fragment("lens", {
         "title": title,
         "tokens": [str(t) for t in tokens],
@@ -268,6 +378,7 @@ def lens_html(
         "vocab": list(vocab),
         "ids": encode_ids(ids_array),
         "probs": encode_unit(probs_array),
+        "metrics": extra,
     })
 
 

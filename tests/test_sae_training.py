@@ -289,3 +289,16 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(llama, tmp_path, monk
         for name in a.tensor_names:
             assert mx.array_equal(a[name], b[name]).item(), (a.cfg.site, name)
         assert a.training_log.l0 == b.training_log.l0 and a.training_log.fvu == b.training_log.fvu
+
+
+def test_a_short_run_logs_a_curve_and_plots_its_points(llama):
+    """The guide's tiny run (4 steps, logging every 10): the first and last steps are logged, so
+    the plot has two points per panel, drawn with markers (one point and no marker was empty)."""
+    sae = train_sae(llama, "layers.2.output", TEXTS, architecture="topk", k=4, d_sae=64, n_tokens=4 * 128,
+                    batch_size=128, buffer_tokens=512, progress=False)
+    log = sae.training_log
+    assert log.steps == [1, 4] and log.tokens == [128, 512]
+    figure = log.plot()
+    for ax in figure.axes:
+        (line,) = ax.get_lines()
+        assert line.get_marker() == "o" and len(line.get_xdata()) == 2

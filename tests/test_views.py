@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
+import sys
 
 import numpy as np
 import pytest
@@ -130,22 +130,17 @@ def embedded_data(page: str) -> list[dict]:
     """The JSON payloads of every view in a page, parsed as a browser would split the page."""
     from html.parser import HTMLParser
 
-    class Scripts(HTMLParser):
+    class Views(HTMLParser):
         def __init__(self):
             super().__init__()
-            self.inside, self.found = False, []
+            self.found = []
 
         def handle_starttag(self, tag, attrs):
-            self.inside = tag == "script" and ("type", "application/json") in attrs
+            attrs = dict(attrs)
+            if "mlxterp-view" in (attrs.get("class") or "").split():
+                self.found.append(json.loads(attrs["data-mlxterp"]))
 
-        def handle_data(self, data):
-            if self.inside:
-                self.found.append(json.loads(data))
-
-        def handle_endtag(self, tag):
-            self.inside = False
-
-    parser = Scripts()
+    parser = Views()
     parser.feed(page)
     return parser.found
 
@@ -256,3 +251,65 @@ def test_a_dataset_lists_its_sites_like_a_mapping(model, tmp_path):
                                  context_size=8, progress=False)
     assert ds.keys() == ds.sites == ["layers.1.output", "layers.2.mlp"]
     assert "layers[1]" in ds and "layers.3.output" not in ds
+
+
+def test_a_session_carries_the_renderer_once_and_files_always(all_results, tmp_path):
+    """Nine views shown in one kernel session: the first carries the renderer (the script and
+    the stylesheet), the others only their data, so the nine weigh far less than nine times
+    one; a file written from any of them is whole on its own."""
+    shown = [result for result in all_results.values() if result._view() is not None]
+    shown = (shown + shown)[:9]
+    views.new_session()
+    outputs = [result._repr_html_() for result in shown]
+    alone = views.document(views.result_html(repr(shown[0]), shown[0]._view()))
+    assert sum(map(len, outputs)) < 2 * len(outputs[0]) < 2 * len(alone)
+    assert [views.RENDERER_MARK in output for output in outputs] == [True] + [False] * 8
+    for result in shown[3:5]:
+        page = result.to_html(tmp_path / "view.html").read_text()
+        assert page.count(views.RENDERER_MARK) == 1 and page.count("<script") == 1 and "<style" not in page
+
+
+def test_views_hold_no_style_and_the_renderer_inlines_safely():
+    """A view is a div and its data, no <style> (a sanitiser shows CSS as text) and no script;
+    the renderer's one <script> cannot be ended early by its own text."""
+    fragment = views.token_heatmap_html(["a", HOSTILE], [1.0, 2.0], title="it's <b>")
+    assert "<style" not in fragment and "<script" not in fragment and "<b>" not in fragment
+    script = views.renderer_script()
+    body = script[script.index(">") + 1 : -len("</script>")]
+    assert not any(mark in body.lower() for mark in ("</", "<!--", "<script"))
+
+
+def test_the_token_heatmap_scale_leaves_out_a_first_token_outlier_only():
+    """The attention sink's first token (100x the others) would pale every other token: it is
+    left out of the scale and named; a sparse feature's peak, or a first token only 3x the
+    others, is not."""
+
+    def data(tokens, values, **options) -> dict:
+        (found,) = embedded_data(views.token_heatmap_html(tokens, values, **options))
+        return found
+
+    sink = data(["<s>", "a", "b", "c"], [100.0, 1.0, -2.0, 0.5])
+    assert sink["scale"] == [2.0] and sink["clipped"] == [[0]] and sink["outliers"]
+    sparse = data(list("abcde"), [0.0, 0.0, 5.0, 0.0, 1.0])
+    assert sparse["scale"] == [5.0] and sparse["clipped"] == [[]]
+    assert data(list("abc"), [3.0, 1.0, 0.5])["scale"] == [3.0]
+    lines = data([["<s>", "a"], ["<s>", "b", "c"]], [[[50.0, 1.0]], [[2.0, 1.5, -1.0]]], labels=["f"])
+    assert lines["scale"] == [2.0] and lines["clipped"] == [[0]]  # the first line's sink; the second's first is 2
+    given = data(list("abc"), [[4.0, 1.0, 0.5], [1.0, 2.0, 3.0]], labels=["x", "y"], scale=[2.0, 10.0])
+    assert given["scale"] == [2.0, 10.0] and given["clipped"] == [[0], []] and not given["outliers"]
+
+
+def test_the_renderer_travels_again_when_the_cell_that_carried_it_runs_again(monkeypatch):
+    """Its output is being replaced then; other cells, and the same run, carry no second copy."""
+    class Run:  # IPython's ExecutionResult: one per run of a cell
+        pass
+
+    runs = [Run() for _ in range(5)]
+    running = iter([("a", runs[0]), ("a", runs[0]), ("b", runs[1]), ("a", runs[2]), ("a", runs[2]), ("c", runs[3]),
+                    (None, None)])
+    monkeypatch.setattr(views, "_execution", lambda: next(running))
+    views.new_session()
+    assert [bool(views.notebook_renderer()) for _ in range(7)] == [True, False, False, True, False, False, False]
+    monkeypatch.setitem(sys.modules, "google.colab", object())  # Colab: every output is its own page
+    monkeypatch.setattr(views, "_execution", lambda: ("d", runs[4]))
+    assert views.notebook_renderer() and views.notebook_renderer()

@@ -1,8 +1,16 @@
-// mlxterp's HTML views: one renderer per kind of result (mlxterp_analyses/views.py writes the data).
+// mlxterp's HTML views: one renderer per kind of result (mlxterp_core/views.py writes the data).
 // Text reaches the page only through textContent, never as markup.
-if (typeof window.mlxterpView !== "function") {
-window.mlxterpView = (function () {
+//
+// This file is one function expression; views.py calls it with (version, stylesheet) in the one
+// script element that a page (or a notebook session) carries. It puts the stylesheet in the
+// page's head, renders every view on the page (a div of class mlxterp-view holding its data, JSON,
+// in its data-mlxterp attribute), and watches the page for views added later (the outputs of
+// later notebook cells, which carry no script at all), in whatever order they arrive. Its text
+// names no tag in angle brackets, so it can sit inside a script element as it is.
+(function (version, css) {
   "use strict";
+  var loaded = window.mlxterpViews;
+  if (loaded && loaded.version === version) { loaded.scan(document); return; }
 
   function decode(enc) {
     var bin = atob(enc.b64), bytes = new Uint8Array(bin.length);
@@ -45,16 +53,54 @@ window.mlxterpView = (function () {
 
   function quoted(token) { return JSON.stringify(token); }
 
-  // Colours: sequential blue for [0, 1], blue/red around 0 for signed values.
-  function unitColour(v) {
-    v = Math.max(0, Math.min(1, v));
-    return "rgba(9, 105, 218, " + v.toFixed(3) + ")";
+  // ------------------------------------------------------------ colours
+  // A cell's colour is mixed with the view's own background when it is painted (opaque, so it
+  // does not depend on what is behind it), and its text is black or white, whichever contrasts
+  // more: at least 4.6:1 for any background.
+  function parseColour(text) {
+    text = String(text || "").trim();
+    var hex = /^#([0-9a-f]{3}|[0-9a-f]{6})$/i.exec(text);
+    if (hex) {
+      var h = hex[1].length === 3 ? hex[1].replace(/./g, "$&$&") : hex[1];
+      return [parseInt(h.slice(0, 2), 16), parseInt(h.slice(2, 4), 16), parseInt(h.slice(4, 6), 16), 1];
+    }
+    var rgb = /^rgba?\(([^)]*)\)$/.exec(text);
+    if (rgb) {
+      var parts = rgb[1].split(/[\s,\/]+/).filter(Boolean).map(parseFloat);
+      return [parts[0], parts[1], parts[2], parts.length > 3 ? parts[3] : 1];
+    }
+    return null;
   }
-  function signedColour(v, scale) {
-    var a = scale > 0 ? Math.min(1, Math.abs(v) / scale) : 0;
-    return v >= 0 ? "rgba(9, 105, 218, " + a.toFixed(3) + ")" : "rgba(207, 34, 46, " + a.toFixed(3) + ")";
+  function luminance(c) {
+    var l = c.slice(0, 3).map(function (v) { v /= 255; return v <= 0.04045 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+    return 0.2126 * l[0] + 0.7152 * l[1] + 0.0722 * l[2];
   }
-  function ink(alpha) { return alpha > 0.55 ? "#ffffff" : "#1f2328"; }
+  function mix(colour, alpha, background) {
+    alpha = Math.max(0, Math.min(1, alpha));
+    return [0, 1, 2].map(function (i) { return Math.round(background[i] + alpha * (colour[i] - background[i])); });
+  }
+  function css3(c) { return "rgb(" + c[0] + ", " + c[1] + ", " + c[2] + ")"; }
+  function ink(c) { return luminance(c) > 0.179 ? "#000000" : "#ffffff"; }  // the crossing of the two contrasts
+
+  function palette(root) {
+    var style = getComputedStyle(root);
+    function colour(name, fallback) { return parseColour(style.getPropertyValue(name)) || fallback; }
+    var bg = parseColour(style.backgroundColor);
+    if (!bg || bg[3] === 0) bg = [255, 255, 255, 1];
+    var p = {
+      bg: bg, fg: parseColour(style.color) || [31, 35, 40, 1],
+      pos: colour("--mv-pos", [9, 105, 218]), neg: colour("--mv-neg", [207, 34, 46]),
+    };
+    p.fill = function (node, colour, alpha) {
+      var c = mix(colour, alpha, p.bg);
+      node.style.background = css3(c);
+      node.style.color = ink(c);
+    };
+    p.unit = function (node, v) { p.fill(node, p.pos, v); };
+    p.signed = function (node, v, scale) { p.fill(node, v >= 0 ? p.pos : p.neg, scale > 0 ? Math.abs(v) / scale : 0); };
+    p.clear = function (node) { node.style.background = ""; node.style.color = ""; };
+    return p;
+  }
 
   function fmt(v) {
     if (!isFinite(v)) return String(v);
@@ -67,8 +113,8 @@ window.mlxterpView = (function () {
     if (data.subtitle) root.appendChild(el("div", "mv-subtitle", data.subtitle));
   }
 
-  function select(labelText, options, onChange) {
-    var wrap = el("span"), sel = el("select");
+  function select(labelText, options, onChange, cls) {
+    var wrap = el("span"), sel = el("select", cls);
     wrap.appendChild(el("label", null, labelText + " "));
     options.forEach(function (name, i) { var o = el("option", null, name); o.value = String(i); sel.appendChild(o); });
     sel.addEventListener("change", function () { onChange(parseInt(sel.value, 10)); });
@@ -79,13 +125,14 @@ window.mlxterpView = (function () {
   // ------------------------------------------------------------ values over tokens
   function tokens(root, data) {
     header(root, data);
+    var colours = palette(root);
     var values = decode(data.values), total = data.values.shape[1], row = 0, spans = [];
     var controls = el("div", "mv-controls");
     if (data.labels.length > 1) controls.appendChild(select("show", data.labels, function (r) { row = r; paint(); }));
     var legend = el("span", "mv-legend");
     controls.appendChild(legend);
     root.appendChild(controls);
-    var body = el("div", "mv-body"), offset = 0;
+    var body = el("div", "mv-body"), offset = 0, where = [];
     data.texts.forEach(function (text, n) {
       var line = el("div", "mv-tokens mv-line");
       text.forEach(function (token, t) {
@@ -96,6 +143,7 @@ window.mlxterpView = (function () {
         span.dataset.token = token;
         line.appendChild(span);
         spans.push(span);
+        where.push((data.texts.length > 1 ? "text " + n + ", " : "") + "position " + t + " " + quoted(token));
       });
       offset += text.length;
       body.appendChild(line);
@@ -104,12 +152,19 @@ window.mlxterpView = (function () {
     var info = el("div", "mv-info", "hover a token for its value");
     root.appendChild(info);
     function paint() {
-      var scale = data.scale[row];
-      legend.textContent = data.labels[row] + ": max |value| " + fmt(scale);
+      var scale = data.scale[row], clipped = (data.clipped || [])[row] || [];
+      var text = data.labels[row] + ": full colour at |value| " + fmt(scale);
+      if (clipped.length) {
+        text += (data.outliers ? "; left out of the scale as outliers (as an attention sink is), at full colour, dashed: "
+                               : "; past the scale, at full colour, dashed: ") +
+          clipped.slice(0, 5).map(function (i) { return where[i] + " = " + fmt(values[row * total + i]); }).join(", ") +
+          (clipped.length > 5 ? " and " + (clipped.length - 5) + " more" : "");
+      }
+      legend.textContent = text;
       spans.forEach(function (span) {
-        var v = values[row * total + parseInt(span.dataset.index, 10)], a = scale > 0 ? Math.abs(v) / scale : 0;
-        span.style.background = signedColour(v, scale);
-        span.style.color = ink(a);
+        var i = parseInt(span.dataset.index, 10), v = values[row * total + i];
+        colours.signed(span, v, scale);
+        span.classList.toggle("mv-clipped", clipped.indexOf(i) >= 0);
         span.dataset.value = fmt(v);
       });
     }
@@ -117,28 +172,26 @@ window.mlxterpView = (function () {
       var span = e.target.closest(".mv-tok");
       if (!span) return;
       spans.forEach(function (s) { s.classList.toggle("mv-focus", s === span); });
-      info.textContent = (data.texts.length > 1 ? "text " + span.dataset.text + ", " : "") + "position " +
-        span.dataset.position + " " + quoted(span.dataset.token) + ": " + data.labels[row] + " = " + span.dataset.value;
+      info.textContent = where[parseInt(span.dataset.index, 10)] + ": " + data.labels[row] + " = " + span.dataset.value;
     });
     paint();
   }
 
   // ------------------------------------------------------------ attention patterns
-  function drawPattern(canvas, weights, base, T, row, gamma) {
+  function drawPattern(canvas, weights, base, T, row, gamma, colours) {
     canvas.width = T; canvas.height = T;
     var ctx = canvas.getContext("2d"), img = ctx.createImageData(T, T);
     for (var i = 0; i < T; i++) for (var j = 0; j < T; j++) {
-      var v = Math.pow(weights[base + i * T + j], gamma), p = 4 * (i * T + j), hl = (i === row) ? 1 : 0;
-      img.data[p] = Math.round(255 - v * (255 - 9)) - hl * 40;
-      img.data[p + 1] = Math.round(255 - v * (255 - 105)) - hl * 40;
-      img.data[p + 2] = Math.round(255 - v * (255 - 218)) - hl * 10;
-      img.data[p + 3] = 255;
+      var c = mix(colours.pos, Math.pow(weights[base + i * T + j], gamma), colours.bg), p = 4 * (i * T + j);
+      if (i === row) c = mix(colours.fg, 0.18, c);  // the hovered query's row, towards the text colour
+      img.data[p] = c[0]; img.data[p + 1] = c[1]; img.data[p + 2] = c[2]; img.data[p + 3] = 255;
     }
     ctx.putImageData(img, 0, 0);
   }
 
   function attention(root, data) {
     header(root, data);
+    var colours = palette(root);
     var w = decode(data.patterns), L = data.layers.length, H = data.heads.length, T = data.tokens.length;
     var layer = 0, head = 0, mode = "to", focus = -1, locked = -1;  // head === H: mean of the heads
     var gamma = 1;  // colour = weight ** gamma; 0.5 brings out small weights
@@ -203,28 +256,26 @@ window.mlxterpView = (function () {
     big.style.width = side + "px"; big.style.height = side + "px";
     big.className = "mv-pattern";
     row.appendChild(big);
-    row.appendChild(el("div", "mv-legend", "rows: attending (query) tokens; columns: attended (key) tokens; darker = more weight"));
+    row.appendChild(el("div", "mv-legend", "rows: attending (query) tokens; columns: attended (key) tokens; stronger colour = more weight"));
     root.appendChild(row);
 
     function thumbs() {
       thumbCanvases.forEach(function (c, k) {
         var b = k === H ? layer * T * T : (layer * H + k) * T * T;
-        drawPattern(c, k === H ? mean : w, b, T, -1, gamma);
+        drawPattern(c, k === H ? mean : w, b, T, -1, gamma, colours);
         c.parentNode.classList.toggle("mv-on", k === head);
       });
     }
     function current() { return locked >= 0 ? locked : focus; }
     function paint() {
       var q = current();
-      drawPattern(big, weights(), base(), T, mode === "to" ? q : -1, gamma);
+      drawPattern(big, weights(), base(), T, mode === "to" ? q : -1, gamma, colours);
       var where = "layer " + data.layers[layer] + ", " + (head === H ? "mean of " + H + " heads" : "head " + data.heads[head]);
       spans.forEach(function (span, t) {
         span.classList.toggle("mv-focus", t === q);
         span.classList.toggle("mv-locked", t === locked);
         var v = q < 0 ? 0 : (mode === "to" ? at(q, t) : at(t, q));
-        var shade = Math.pow(v, gamma);
-        span.style.background = q < 0 ? "" : unitColour(shade);
-        span.style.color = ink(q < 0 ? 0 : shade);
+        if (q < 0) colours.clear(span); else colours.unit(span, Math.pow(v, gamma));
         span.dataset.weight = q < 0 ? "" : v.toFixed(3);
       });
       if (q < 0) { info.textContent = where + ": hover a token (click to keep it)"; return; }
@@ -258,23 +309,41 @@ window.mlxterpView = (function () {
     paint();
   }
 
-  // ------------------------------------------------------------ logit lens
+  // ------------------------------------------------------------ logit lens (and tuned lens)
+  // Optional data.metrics: per (layer, position) numbers shown with a cell's top-k (a tuned
+  // lens's KL to the final distribution, entropy, rank of the final top-1) and selectable as
+  // the cells' colour instead of the top token's probability.
   function lens(root, data) {
     header(root, data);
+    var colours = palette(root);
     var L = data.layers.length, T = data.tokens.length, K = data.ids.shape[2];
     var ids = decode(data.ids), probs = decode(data.probs), locked = null;
+    var metrics = (data.metrics || []).map(function (m) {
+      var values = decode(m.values), top = 0;
+      for (var i = 0; i < values.length; i++) top = Math.max(top, m.log ? Math.log1p(Math.max(0, values[i])) : values[i]);
+      return { name: m.name, unit: m.unit || "", log: !!m.log, integer: !!m.integer, values: values, top: top };
+    });
+    var colourBy = -1;  // -1: the top token's probability; else a metric
     function cell(l, t, k) { return (l * T + t) * K + k; }
-    var row = el("div", "mv-row"), table = el("table", "mv-grid"), panel = el("div", "mv-panel");
+    function metricText(m, v) { return m.integer ? String(Math.round(v)) : fmt(v) + m.unit; }
+    var legend = el("div", "mv-legend");
+    if (metrics.length) {
+      var controls = el("div", "mv-controls");
+      controls.appendChild(select("colour", ["top-1 probability"].concat(metrics.map(function (m) { return m.name; })),
+        function (v) { colourBy = v - 1; paint(); }, "mv-colour-by"));
+      root.appendChild(controls);
+    }
+    var row = el("div", "mv-row"), table = el("table", "mv-grid"), panel = el("div", "mv-panel"), cells = [];
     for (var l = L - 1; l >= 0; l--) {  // the last layer on top, as the residual stream flows upwards
       var tr = el("tr");
       tr.appendChild(el("th", null, "L" + data.layers[l]));
       for (var t = 0; t < T; t++) {
-        var i = cell(l, t, 0), p = probs[i], td = el("td", "mv-cell", ids[i] >= 0 ? shown(data.vocab[ids[i]]) : "");
-        td.style.background = unitColour(p);
-        td.style.color = ink(p);
+        var i = cell(l, t, 0), td = el("td", "mv-cell", ids[i] >= 0 ? shown(data.vocab[ids[i]]) : "");
         td.dataset.layer = String(l);
         td.dataset.position = String(t);
+        metrics.forEach(function (m, n) { td.dataset["metric" + n] = metricText(m, m.values[l * T + t]); });
         tr.appendChild(td);
+        cells.push(td);
       }
       table.appendChild(tr);
     }
@@ -285,8 +354,21 @@ window.mlxterpView = (function () {
     row.appendChild(table);
     row.appendChild(panel);
     root.appendChild(row);
-    root.appendChild(el("div", "mv-legend", "each cell: the top prediction after that layer (colour: its probability); " +
-      "bottom row: the input token at that position. Hover a cell for its top-" + K + ", click to keep it."));
+    root.appendChild(legend);
+    function paint() {
+      var m = metrics[colourBy];
+      cells.forEach(function (td) {
+        var l = parseInt(td.dataset.layer, 10), t = parseInt(td.dataset.position, 10);
+        if (!m) { colours.unit(td, probs[cell(l, t, 0)]); return; }
+        var v = m.values[l * T + t], s = m.log ? Math.log1p(Math.max(0, v)) : v;
+        colours.unit(td, m.top > 0 ? s / m.top : 0);
+      });
+      legend.textContent = "each cell: the top prediction after that layer (colour: " +
+        (m ? m.name + ", full at " + (m.integer ? String(Math.round(Math.expm1(m.top))) : fmt(m.top) + m.unit) + (m.log ? ", log scale" : "")
+           : "its probability") +
+        "); bottom row: the input token at that position. Hover a cell for its top-" + K +
+        (metrics.length ? " and " + metrics.map(function (x) { return x.name; }).join(", ") : "") + ", click to keep it.";
+    }
     function show(td) {
       var l = parseInt(td.dataset.layer, 10), t = parseInt(td.dataset.position, 10);
       Array.prototype.forEach.call(table.querySelectorAll("td.mv-focus"), function (c) { c.classList.remove("mv-focus"); });
@@ -306,6 +388,11 @@ window.mlxterpView = (function () {
         topk.appendChild(tr);
       }
       panel.appendChild(topk);
+      metrics.forEach(function (m, n) {
+        var line = el("div", "mv-metrics", m.name + ": " + td.dataset["metric" + n]);
+        line.dataset.metric = m.name;
+        panel.appendChild(line);
+      });
     }
     table.addEventListener("mouseover", function (e) {
       var td = e.target.closest("td.mv-cell");
@@ -317,12 +404,14 @@ window.mlxterpView = (function () {
       locked = locked === td ? null : td;
       show(td);
     });
+    paint();
     show(table.querySelector("td.mv-cell[data-position='" + (T - 1) + "']"));
   }
 
   // ------------------------------------------------------------ labelled heatmap (patching)
   function heatmap(root, data) {
     header(root, data);
+    var colours = palette(root);
     var R = data.rows.length, C = data.columns.length, values = decode(data.values), scale = data.scale;
     var unit = data.unit || "", numbers = C <= 32;
     var table = el("table", "mv-grid"), info = el("div", "mv-info");
@@ -333,11 +422,10 @@ window.mlxterpView = (function () {
       var tr = el("tr");
       tr.appendChild(el("th", null, data.rows[r]));
       for (var c = 0; c < C; c++) {
-        var v = values[r * C + c], a = scale > 0 ? Math.abs(v) / scale : 0;
+        var v = values[r * C + c];
         var label = numbers ? (scale >= 10 ? Math.round(v).toString() : v.toFixed(2)) : "";
         var td = el("td", "mv-cell", /^-0(\.0+)?$/.test(label) ? label.slice(1) : label);  // no "-0"
-        td.style.background = signedColour(v, scale);
-        td.style.color = ink(a);
+        colours.signed(td, v, scale);
         td.dataset.row = String(r);
         td.dataset.column = String(c);
         tr.appendChild(td);
@@ -366,16 +454,47 @@ window.mlxterpView = (function () {
 
   var renderers = { tokens: tokens, attention: attention, lens: lens, heatmap: heatmap };
 
-  return function render(root) {
+  // ------------------------------------------------------------ the page
+  function render(root) {
     if (!root || root.dataset.rendered) return;
     root.dataset.rendered = "1";
     try {
-      var data = JSON.parse(root.querySelector("script.mlxterp-data").textContent);
+      var data = JSON.parse(root.getAttribute("data-mlxterp"));
       renderers[data.kind](root, data);
     } catch (err) {
       root.appendChild(el("pre", "mv-error", "mlxterp view failed: " + err));
-      throw err;
+      setTimeout(function () { throw err; });  // reported, without stopping the other views
+      return;
     }
-  };
-})();
-}
+    // the result's one-line summary stands in for its views where no script runs; here one did
+    var result = root.closest(".mlxterp-result"), summary = result && result.querySelector(".mlxterp-summary");
+    if (summary) summary.style.display = "none";
+  }
+
+  function scan(node) {
+    if (node.nodeType === 1 && node.classList.contains("mlxterp-view")) render(node);
+    if (!node.querySelectorAll) return;
+    Array.prototype.forEach.call(node.querySelectorAll(".mlxterp-view:not([data-rendered])"), render);
+  }
+
+  var style = document.querySelector("style[data-mlxterp-views]");
+  if (!style) {
+    style = document.createElement("style");
+    style.setAttribute("data-mlxterp-views", "");
+    (document.head || document.documentElement).appendChild(style);
+  }
+  style.textContent = css;
+  if (loaded && loaded.observer) loaded.observer.disconnect();  // an older renderer on this page
+  var observer = new MutationObserver(function (records) {
+    for (var i = 0; i < records.length; i++) {
+      var added = records[i].addedNodes;
+      for (var j = 0; j < added.length; j++) {
+        var node = added[j];
+        if (node.nodeType === 1 && (node.classList.contains("mlxterp-view") || node.getElementsByClassName("mlxterp-view").length)) scan(node);
+      }
+    }
+  });
+  observer.observe(document.documentElement, { childList: true, subtree: true });
+  window.mlxterpViews = { version: version, render: render, scan: scan, observer: observer };
+  scan(document);
+})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mlxterp.plugin import finish, pyplot, token_label
+from mlxterp.plugin import figure_text, finish, pyplot, token_label
 
 if TYPE_CHECKING:
     from .results import AttentionPatterns, DLAResult, LogitLensResult, PatchingResult, ResidComponents, SteeringVector
@@ -34,7 +34,7 @@ def lens_heatmap(result: LogitLensResult, path, max_display_tokens: int, figsize
     ax.set_yticklabels([str(layer) for layer in layers])
     ax.set_xlabel("input token (position)")
     ax.set_ylabel("layer")
-    ax.set_title(f"Logit lens: top prediction after each layer\n{result.text!r}")
+    ax.set_title(figure_text(f"Logit lens: top prediction after each layer\n{result.text!r}"))
     fig.colorbar(image, ax=ax, label="probability of the top token")
     return finish(fig, path)
 
@@ -63,7 +63,7 @@ def patching_plot(result: PatchingResult, path, figsize):
         ax.set_xlabel("corrupted-prompt token (position)" if result.axis == "position" else "head")
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, label="recovery (%)")
-    ax.set_title(f"{title}\n{result.corrupted_text!r}")
+    ax.set_title(figure_text(f"{title}\n{result.corrupted_text!r}"))
     return finish(fig, path)
 
 
@@ -97,7 +97,7 @@ def attention_plot(result: AttentionPatterns, path, columns: int, cell: float):
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels, fontsize=7)
-    fig.suptitle(f"Attention patterns (rows attend to columns)\n{result.text!r}")
+    fig.suptitle(figure_text(f"Attention patterns (rows attend to columns)\n{result.text!r}"))
     fig.tight_layout()
     return finish(fig, path)
 
@@ -117,7 +117,7 @@ def dla_plot(result: DLAResult, path, figsize):
     ax.bar([i + width / 2 for i in layers], mlp, width, label="MLP")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"contribution to logit {result.answers[0]!r} - {result.answers[1]!r}")
+    ax.set_ylabel(figure_text(f"contribution to logit {result.answers[0]!r} - {result.answers[1]!r}"))
     ax.legend()
     ax.set_title(f"Direct logit attribution (total {result.logit_diff:.2f}, embed {result['embed']:+.2f})")
     if result.n_heads:
@@ -143,6 +143,6 @@ def resid_norms_plot(result: ResidComponents, path, position: int, figsize):
     ax.set_xticks(range(len(norms)))
     ax.set_xticklabels(result.labels, rotation=90, fontsize=7)
     ax.set_ylabel("L2 norm")
-    ax.set_title(f"Residual stream, {result.kind}, at {result.tokens[position]!r} ({result.text!r})")
+    ax.set_title(figure_text(f"Residual stream, {result.kind}, at {result.tokens[position]!r} ({result.text!r})"))
     fig.tight_layout()
     return finish(fig, path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlxterp.plugin import finish, pyplot
+from mlxterp.plugin import figure_text, finish, pyplot
 
 
 def head_scores_plot(result, path, figsize):
@@ -17,6 +17,6 @@ def head_scores_plot(result, path, figsize):
     ax.set_yticklabels([str(layer) for layer in result.layers], fontsize=7)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{result.kind.replace('_', '-')} scores ({result.error_measure})\n{result.source}", fontsize=9)
+    ax.set_title(figure_text(f"{result.kind.replace('_', '-')} scores ({result.error_measure})\n{result.source}"), fontsize=9)
     fig.colorbar(image, ax=ax, label="score")
     return finish(fig, path)

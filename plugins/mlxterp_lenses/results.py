@@ -27,12 +27,27 @@ class TunedLensResult(LogitLensResult):
         """layer -> KL(final || lens) averaged over positions."""
         return {layer: sum(row) / len(row) for layer, row in self.kl.items()}
 
+    def _view(self) -> str:
+        """The lens grid titled as a tuned lens, with each cell's KL to the final distribution,
+        entropy and rank of the final top-1 on hover, each selectable as the cells' colour."""
+        from mlxterp.plugin import lens_html
+
+        metrics = [
+            {"name": "KL(final || lens)", "unit": " nats", "values": self.kl},
+            {"name": "entropy", "unit": " nats", "values": self.entropy},
+            {"name": "rank of the final top-1", "values": self.final_rank, "log": True, "integer": True},
+        ]
+        return lens_html(self.tokens, self.layers, [self.predictions[layer] for layer in self.layers],
+                         title=f"Tuned lens: {self.text}",
+                         metrics=[{**m, "values": [m["values"][layer] for layer in self.layers]} for m in metrics
+                                  if all(layer in m["values"] for layer in self.layers)])
+
     def plot(self, path: str | Path | None = None, max_display_tokens: int = 15, figsize=(16, 10)):
         from mlxterp_analyses import lens_heatmap
-        from mlxterp.plugin import finish
+        from mlxterp.plugin import figure_text, finish
 
         fig = lens_heatmap(self, None, max_display_tokens, figsize)
-        fig.axes[0].set_title(f"Tuned lens: top prediction after each layer\n{self.text!r}")
+        fig.axes[0].set_title(figure_text(f"Tuned lens: top prediction after each layer\n{self.text!r}"))
         return finish(fig, path)
 
 

@@ -59,7 +59,7 @@ class FeatureExamples(Serialisable, Display):
         return f"{len(self.features)} features at {self.site} over {self.n_tokens} tokens: {shown}"
 
     def plot(self, path=None):
-        from mlxterp.plugin import finish, pyplot
+        from mlxterp.plugin import figure_text, finish, pyplot
 
         plt = pyplot()
 
@@ -69,7 +69,7 @@ class FeatureExamples(Serialisable, Display):
             labels = [("".join(e.tokens[max(0, e.index - 4): e.index]) + "[" + e.tokens[e.index] + "]").replace("\n", "\\n")
                       for e in examples[:8]]  # one line per bar
             ax.barh(range(len(labels))[::-1], [e.activation for e in examples[:8]])
-            ax.set_yticks(range(len(labels))[::-1], [label[-40:] for label in labels], fontsize=7)
+            ax.set_yticks(range(len(labels))[::-1], [figure_text(label[-40:]) for label in labels], fontsize=7)
             ax.set_title(f"feature {feature} at {self.site}: density {density:.2%}", fontsize=9)
         fig.tight_layout()
         return finish(fig, path)

@@ -74,8 +74,9 @@ class TrainingLog:
         plt = pyplot()
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+        marker = "o" if len(self.tokens) <= 30 else None  # a short run's few points, each visible
         for ax, values, label in zip(axes, (self.l0, self.fvu, self.dead), ("L0", "FVU", "dead fraction")):
-            ax.plot(self.tokens, values)
+            ax.plot(self.tokens, values, marker=marker)
             ax.set_xlabel("training tokens")
             ax.set_title(f"{label} ({self.site})")
         fig.tight_layout()
@@ -183,6 +184,7 @@ def train_sae(
     group = _Group(names, settings, log_every)
     run = train_steps(group, batches, steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       settings=settings, progress=progress, desc="train_sae", what="train_sae", error=SAEError)
+    group.finish()
     saes = []
     for trainer in group.trainers:
         sae = trainer.export(model)
@@ -212,9 +214,19 @@ class _Group:
         for trainer in self.trainers:
             trainer.step(batch[trainer.site])
         self.step_count += 1
-        if self.step_count % self.log_every == 0 or self.step_count == self.settings["steps"]:
-            stats = [t.log(self.step_count) for t in self.trainers]
-            self._status = " ".join(f"L0={s[0]:.1f} FVU={s[1]:.3f} dead={s[2]:.1%}" for s in stats[:2])
+        # the first and the last step too, so that even a short run logs a curve (two points)
+        if self.step_count in (1, self.settings["steps"]) or self.step_count % self.log_every == 0:
+            self._log()
+
+    def _log(self) -> None:
+        stats = [t.log(self.step_count) for t in self.trainers]
+        self._status = " ".join(f"L0={s[0]:.1f} FVU={s[1]:.3f} dead={s[2]:.1%}" for s in stats[:2])
+
+    def finish(self) -> None:
+        """Log the last step run, where the data ran out before a logged step."""
+        trainer = self.trainers[0] if self.trainers else None  # they step together
+        if trainer is not None and trainer.stepped and trainer.history["steps"][-1:] != [self.step_count]:
+            self._log()
 
     def status(self) -> str:
         return self._status
@@ -315,6 +327,11 @@ class _Trainer:
         for key, value in zip(("steps", "tokens", "l0", "fvu", "dead"), (step, self.seen, l0, fvu, dead)):
             self.history[key].append(value)
         return l0, fvu, dead
+
+    @property
+    def stepped(self) -> bool:
+        """Whether this call stepped (a finished run resumed from its checkpoint has not)."""
+        return self._last is not None
 
     def log_sparsity(self) -> mx.array:
         tokens = max(self.counted_tokens, 1)
