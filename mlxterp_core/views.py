@@ -50,9 +50,30 @@ def percent(value: float) -> str:
     return f"{value:.1f}%"
 
 
+class Rounded(float):
+    """A float that shows 4 significant digits in ``repr`` (``90.97``, not
+    ``90.97457122802734``) and keeps its full value: arithmetic, comparisons, ``str``,
+    f-strings and JSON see every digit. What results' helpers (``top()``, ``best()``) return,
+    so that a list of them prints short."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{float(self):.4g}"
+
+    __str__ = float.__repr__
+
+
+def summary_html(text: str) -> str:
+    """A result's one-line summary as a small HTML fragment (for results with no view): plain
+    text in a monospace block, colours inherited from the page (light or dark)."""
+    return f'<pre class="mlxterp-summary" style="white-space: pre-wrap; margin: 0">{html.escape(text)}</pre>'
+
+
 class Display:
     """Mixin of result classes: a one-line ``repr`` from ``_summary()``, and an HTML view from
-    ``_view()`` written by ``to_html(path)`` and shown inline by Jupyter (``_repr_html_``).
+    ``_view()`` written by ``to_html(path)`` and shown inline by Jupyter (``_repr_html_``;
+    a result with no view shows its summary there).
 
     Declare the attrs class with ``repr=False`` so that attrs keeps this ``__repr__``.
     """
@@ -68,8 +89,9 @@ class Display:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._summary()})"
 
-    def _repr_html_(self) -> str | None:
-        return self._view()
+    def _repr_html_(self) -> str:
+        """The view; for a result with none, its summary as a line of HTML."""
+        return self._view() or summary_html(repr(self))
 
     def to_html(self, path: str | Path, title: str | None = None) -> Path:
         """Write this result's view to ``path`` as one self-contained HTML file."""
