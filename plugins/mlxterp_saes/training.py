@@ -70,7 +70,7 @@ class TrainingLog(Display):
 
     def _summary(self) -> str:
         head = (f"{self.architecture} at {self.site}, {self.n_tokens} tokens in {self.seconds:.3g} s "
-                f"({self.tokens_per_second:.4g} tokens/s), {len(self.steps)} logged steps")
+                f"({self.tokens_per_second:,.0f} tokens/s), {len(self.steps)} logged steps")
         if not self.steps:
             return head
         return f"{head}; at step {self.steps[-1]}: L0 {self.l0[-1]:.3g}, FVU {self.fvu[-1]:.3g}, dead {self.dead[-1]:.1%}"
