@@ -19,6 +19,7 @@ from mlxterp_core.errors import (
     InterventionError,
     MlxterpError,
     OptionError,
+    ResultIndexError,
     TraceError,
     UnknownNameError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "InterventionError",
     "InputError",
     "OptionError",
+    "ResultIndexError",
     "FileFormatError",
     "TraceError",
     "CorpusError",

@@ -27,6 +27,7 @@ from mlxterp_core.errors import (
     InterventionError,
     MlxterpError,
     OptionError,
+    ResultIndexError,
     TraceError,
     UnknownNameError,
     WriteError,
@@ -42,7 +43,7 @@ from mlxterp_core.names import StandardName, is_raw, parse, transformerlens_name
 from mlxterp_core.plugins import bench_rows
 from mlxterp_core.module_probes import probes_installed
 from mlxterp_core.progress import progress_bar, progress_over
-from mlxterp_core.results import LayerMapping, Serialisable
+from mlxterp_core.results import LayerMapping, Serialisable, index_of
 from mlxterp_core.schema import ArchitectureSchema
 from mlxterp_core.sites import (
     INPUT_PORT,
@@ -76,6 +77,7 @@ from mlxterp_core.trace import MODEL_OUTPUT, Activations, Hooks
 from mlxterp_core.training import Run, load_checkpoint, save_checkpoint, train_steps
 from mlxterp_core.views import (
     Display,
+    Rounded,
     attention_html,
     encode_ids,
     encode_unit,
@@ -84,6 +86,7 @@ from mlxterp_core.views import (
     lens_html,
     percent,
     short,
+    summary_html,
     token_heatmap_html,
     write_html,
 )
@@ -93,7 +96,7 @@ __all__ = [
     "hookimpl", "bench_rows",
     # errors
     "MlxterpError", "InputError", "OptionError", "FileFormatError", "UnknownNameError", "TraceError",
-    "InterventionError", "CorpusError", "DatasetError", "LoadError", "WriteError", "did_you_mean",
+    "InterventionError", "CorpusError", "DatasetError", "LoadError", "WriteError", "ResultIndexError", "did_you_mean",
     # loading and running the model
     "load", "DEFAULT_MODEL", "InterpretableModel", "Hooks", "Activations", "MODEL_OUTPUT", "probes_installed",
     "interventions", "Intervention", "on_cpu", "describe_backend",
@@ -114,9 +117,10 @@ __all__ = [
     # files, progress, distributed
     "read_text", "read_json", "read_safetensors", "write_atomic", "write_json", "progress_bar", "progress_over", "map_rows",
     # the result kit
-    "Serialisable", "LayerMapping",
+    "Serialisable", "LayerMapping", "index_of",
     # the view kit
-    "Display", "short", "percent", "encode_unit", "encode_values", "encode_ids", "token_heatmap_html",
-    "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish", "token_label", "figure_text",
+    "Display", "short", "percent", "Rounded", "summary_html", "encode_unit", "encode_values", "encode_ids",
+    "token_heatmap_html", "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish",
+    "token_label", "figure_text",
     "token_text", "ids_text", "token_ids",
 ]

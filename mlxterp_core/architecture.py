@@ -10,12 +10,14 @@ through the attention output: ``attn' = f(input + attn) - input``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .errors import UnknownNameError, closest
 from .names import FORWARD_ORDER, HEAD_VIEWS, StandardName, parse
@@ -149,12 +151,20 @@ class Resolved:
 
 
 class Architecture:
-    """A schema applied to one model: layer count, head counts, and name resolution."""
+    """A schema applied to one model: its sizes, and name resolution.
+
+    The sizes have TransformerLens's names (``cfg.d_model`` there, ``architecture.d_model``
+    here): ``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_head``, ``d_model``, ``d_vocab`` and
+    ``d_mlp`` (None where the model does not say, e.g. mixture-of-experts MLPs); and
+    ``quantization``, ``backend`` and ``model_name`` (from ``load_report``, which
+    ``mlxterp.load`` sets).
+    """
 
     def __init__(self, schema: ArchitectureSchema, root: nn.Module, plugin: str = "?"):
         self.schema = schema
         self.plugin = plugin
         self.root = root
+        self.load_report: dict[str, Any] | None = None  # what mlxterp.load did, where it made the model
         try:
             self.layers = read_attribute(root, schema.layers)
             attention = read_attribute(self.layers[0], schema.attention.module)
@@ -184,6 +194,77 @@ class Architecture:
     @property
     def family(self) -> str:
         return self.schema.family
+
+    # -- sizes and facts, in TransformerLens's names ----------------------------------------------
+
+    @property
+    def d_head(self) -> int | None:
+        return self.head_dim
+
+    @property
+    def d_model(self) -> int | None:
+        """Width of the residual stream (the token embedding's)."""
+        embedding = self._embedding()
+        if embedding is None:
+            return None
+        return int(getattr(embedding, "dims", None) or embedding.weight.shape[-1])
+
+    @property
+    def d_vocab(self) -> int | None:
+        """Rows of the token embedding (valid token ids are 0 .. d_vocab - 1)."""
+        embedding = self._embedding()
+        return None if embedding is None else int(embedding.weight.shape[0])
+
+    @property
+    def d_mlp(self) -> int | None:
+        """Width of the MLP's hidden layer (the input of its down projection), where it is a
+        linear layer; None otherwise (mixtures of experts)."""
+        port = self.schema.block.get("mlp.down") or self.schema.block.get("mlp.act")
+        if port is None:
+            return None
+        try:
+            down = read_attribute(self.layers[0], re.split(r"[#:]", port.site, maxsplit=1)[0])
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+        return linear_input_width(down)
+
+    @property
+    def quantization(self) -> str:
+        """What the weights are now: ``"4-bit, group size 64"``, or ``"none (float32)"``, and
+        what they were in the loaded file if mlxterp.load dequantized them."""
+        now = quantization_of(self.root)
+        stored = (self.load_report or {}).get("quantization")
+        if now.startswith("none") and stored and stored != "none":
+            bits = sorted({int(b) for b in re.findall(r"(\d+)-bit", stored)})
+            was = "/".join(map(str, bits)) + "-bit" if bits else stored
+            return f"{now[:-1]}, dequantized from {was})" if now.endswith(")") else f"none (dequantized from {was})"
+        return now
+
+    @property
+    def backend(self) -> str:
+        """Where MLX runs: "cpu" or "gpu"."""
+        return "gpu" if mx.default_device().type == mx.gpu else "cpu"
+
+    @property
+    def model_name(self) -> str | None:
+        """The model's name as loaded: a file's name, a Hugging Face repo id, a directory's
+        name (None for a module wrapped by hand)."""
+        report = self.load_report or {}
+        for key in ("repo", "file", "directory"):
+            if report.get(key):
+                return report[key] if key == "repo" else Path(report[key]).name.removesuffix(".gguf")
+        return report.get("name")
+
+    def __repr__(self) -> str:
+        name = f" {self.model_name!r}" if self.model_name else ""
+        heads = f"{self.n_heads} heads" + (f" ({self.n_kv_heads} kv)" if self.n_kv_heads != self.n_heads else "")
+        sizes = [f"{self.n_layers} layers", f"d_model {self.d_model}", heads + (f" x d_head {self.d_head}" if self.d_head else "")]
+        sizes += [f"d_mlp {self.d_mlp}"] if self.d_mlp else []
+        sizes += [f"d_vocab {self.d_vocab}"]
+        return f"Architecture({self.family}{name}: {', '.join(sizes)}; weights {self.quantization}, {self.backend})"
+
+    def _embedding(self) -> nn.Module | None:
+        return token_embedding(self.root, (self.schema.embed, self.schema.unembed.tied_to))
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -366,6 +447,54 @@ class Architecture:
 
     def final_norm(self, resid: mx.array) -> mx.array:
         return read_attribute(self.root, self.schema.final_norm)(resid)
+
+
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+def token_embedding(module: nn.Module, paths: Sequence[str | None] = ()) -> nn.Module | None:
+    """``module``'s token embedding, or None when it has none: the first of ``paths`` (an
+    architecture schema's embedding and tied unembedding) that is an embedding, else the
+    largest ``nn.Embedding`` / ``nn.QuantizedEmbedding`` in the module tree (a token table is
+    larger than a position table)."""
+    from .module_probes import walk_modules
+
+    for path in paths:
+        if not path or ":" in path or "#" in path:
+            continue
+        try:
+            found = read_attribute(module, path)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(found, EMBEDDINGS):
+            return found
+    tables = [m for _, m in walk_modules(module) if isinstance(m, EMBEDDINGS)]
+    return max(tables, key=lambda m: m.weight.shape[0]) if tables else None
+
+
+def linear_input_width(module: Any) -> int | None:
+    """Input width of a linear layer, quantized or not (None for anything else)."""
+    if isinstance(module, nn.QuantizedLinear):
+        return int(module.weight.shape[-1] * 32 // module.bits)
+    if isinstance(module, nn.Linear):
+        return int(module.weight.shape[-1])
+    return None
+
+
+def quantization_of(module: nn.Module) -> str:
+    """``"4-bit, group size 64"`` (``"4/8-bit, ..."`` for mixed widths) when ``module`` has
+    quantized layers, else ``"none (float32)"`` with its most common float type."""
+    found = [m for _, m in module.named_modules() if hasattr(m, "scales") and hasattr(m, "bits")]
+    if found:
+        bits = "/".join(str(b) for b in sorted({int(m.bits) for m in found}))
+        groups = "/".join(str(g) for g in sorted({int(m.group_size) for m in found}))
+        return f"{bits}-bit, group size {groups}"
+    dtypes: dict[str, int] = {}
+    for _, value in tree_flatten(module.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            name = str(value.dtype).rsplit(".", 1)[-1]
+            dtypes[name] = dtypes.get(name, 0) + value.size
+    return f"none ({max(dtypes, key=dtypes.get)})" if dtypes else "none"
 
 
 def model_type(model: nn.Module) -> str | None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import DatasetError, FileFormatError, MlxterpError
 from .files import fsync_dir, safetensors_header, sha256_file
+from .views import Display, short
 
 MANIFEST = "manifest.json"
 SETTINGS = "cache.json"
@@ -185,7 +186,7 @@ def _to_mx(rows: np.ndarray, dtype: mx.Dtype) -> mx.array:
     return array.view(mx.bfloat16) if dtype == mx.bfloat16 else array
 
 
-class ActivationDataset:
+class ActivationDataset(Display):
     """A cached activation dataset (written by ``model.cache_activations``), read lazily.
 
     Attributes:
@@ -219,8 +220,17 @@ class ActivationDataset:
         self.n_tokens: int = int(self.manifest["n_tokens"])
         self._headers: dict[int, tuple[dict, int]] = {}
 
-    def __repr__(self) -> str:
-        return f"ActivationDataset({str(self.path)!r}, {len(self.sites)} sites, {self.n_tokens} tokens, {len(self.shards)} shards)"
+    def _summary(self) -> str:
+        entries = self.manifest["sites"]
+        shown = ", ".join(f"{s['name']} ({'x'.join(map(str, s['shape']))} {s['dtype']})" for s in entries[:2])
+        more = ", ..." if len(entries) > 2 else ""
+        documents = self.manifest.get("corpus", {}).get("documents")
+        source = f" from {documents} documents" if documents is not None else ""
+        family = self.manifest.get("model", {}).get("family")
+        model = f", {family} model" if family else ""
+        shards = f"{len(self.shards)} shard{'s' * (len(self.shards) != 1)}"
+        return (f"{short(str(self.path), 60)}, {len(self.sites)} site{'s' * (len(self.sites) != 1)}: {shown}{more}; "
+                f"{self.n_tokens} tokens{source} in {shards}{model}")
 
     def keys(self) -> list[str]:
         """The cached site names (``ds[name]`` reads one)."""

@@ -21,6 +21,18 @@ class UnknownNameError(MlxterpError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ResultIndexError(MlxterpError, KeyError, IndexError):
+    """An index that a result does not have: ``lens[30]`` of a 30-layer lens, ``probe["mlp"]``.
+
+    A KeyError (results index like dicts, by layer) and an IndexError (negative indices count
+    from the end, as in sequences), so that code written for either keeps working; the message
+    names what the result has.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class InterventionError(MlxterpError):
     """An intervention raised, returned the wrong shape or dtype, or never ran."""
 

@@ -29,8 +29,6 @@ import numpy as np
 
 from .errors import InputError
 
-_EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
-
 
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text``, with whatever special tokens the tokenizer adds by default."""
@@ -212,26 +210,12 @@ def check_token_ids(ids: mx.array, vocab_size: int | None) -> None:
 
 
 def embedding_vocab_size(module: nn.Module, paths: Sequence[str | None] = ()) -> int | None:
-    """Rows of ``module``'s token embedding, or None when it has none.
+    """Rows of ``module``'s token embedding, or None when it has none (see
+    :func:`~mlxterp_core.architecture.token_embedding` for which embedding that is)."""
+    from .architecture import token_embedding
 
-    ``paths``: attribute paths to try first (an architecture schema's embedding and tied
-    unembedding); otherwise the largest ``nn.Embedding`` / ``nn.QuantizedEmbedding`` in the
-    module tree (a token table is larger than a position table).
-    """
-    from .architecture import read_attribute
-    from .module_probes import walk_modules
-
-    for path in paths:
-        if not path or ":" in path or "#" in path:
-            continue
-        try:
-            found = read_attribute(module, path)
-        except (AttributeError, KeyError, IndexError, TypeError):
-            continue
-        if isinstance(found, _EMBEDDINGS):
-            return int(found.weight.shape[0])
-    sizes = [int(m.weight.shape[0]) for _, m in walk_modules(module) if isinstance(m, _EMBEDDINGS)]
-    return max(sizes) if sizes else None
+    found = token_embedding(module, paths)
+    return None if found is None else int(found.weight.shape[0])
 
 
 def _unravel(index: int, shape: Sequence[int]) -> list[int]:

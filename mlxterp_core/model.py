@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from . import inputs as _inputs
 from . import plugins
-from .architecture import Architecture, model_type, recognize
+from .architecture import Architecture, model_type, quantization_of, recognize
 from .errors import InputError, TraceError, UnknownNameError, did_you_mean
 from .module_probes import walk_modules
 from .schema import ArchitectureSchema
@@ -70,7 +70,7 @@ class InterpretableModel:
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.load_report: dict[str, Any] | None = None  # set by mlxterp.load
+        self._load_report: dict[str, Any] | None = None  # set by mlxterp.load
         self._splices: list[Any] = []  # attached by `with model.saes(...)`
         if schema is not None:
             if not isinstance(schema, ArchitectureSchema):
@@ -82,6 +82,18 @@ class InterpretableModel:
             from .validation import validate_architecture
 
             validate_architecture(self)
+
+    @property
+    def load_report(self) -> dict[str, Any] | None:
+        """What ``mlxterp.load`` did (format, file, quantization, weights, backend); None for
+        a module wrapped by hand. The architecture reads its model name and quantization here."""
+        return self._load_report
+
+    @load_report.setter
+    def load_report(self, report: dict[str, Any] | None) -> None:
+        self._load_report = report
+        if self.architecture is not None:
+            self.architecture.load_report = report
 
     def architecture_or_raise(self, name: str) -> Architecture:
         """The architecture, or an error saying standard names need one."""
@@ -278,8 +290,15 @@ class InterpretableModel:
         return sorted({*super().__dir__(), *plugins.analyses()})
 
     def __repr__(self) -> str:
-        family = self.architecture.family if self.architecture else "unknown family"
-        return f"InterpretableModel({type(self.model).__name__}, {family}, tokenizer={type(self.tokenizer).__name__})"
+        arch = self.architecture
+        tokenizer = "" if self.tokenizer is not None else ", no tokenizer"
+        if arch is None:
+            return (f"InterpretableModel({type(self.model).__name__}, no family recognised (raw names only), "
+                    f"weights {quantization_of(self.model)}{tokenizer})")
+        name = f"{arch.model_name!r}, " if arch.model_name else ""
+        heads = f"{arch.n_heads} heads" + (f" ({arch.n_kv_heads} kv)" if arch.n_kv_heads != arch.n_heads else "")
+        return (f"InterpretableModel({name}{arch.family}, {arch.n_layers} layers, d_model {arch.d_model}, {heads}; "
+                f"weights {arch.quantization}, {arch.backend}{tokenizer})")
 
 
 __all__ = ["InterpretableModel", "MODEL_OUTPUT"]

@@ -1,18 +1,21 @@
 """The result kit every plugin's results share: ``Serialisable`` (``to_data`` / ``save`` /
-``load`` through cattrs, JSON on disk) and ``LayerMapping`` (read-only dict-like access by
-layer). A saved file names its class (``"mlxterp_result"``), so :func:`load_result` reloads
-it without the caller knowing which class it is."""
+``load`` through cattrs, JSON on disk), ``LayerMapping`` (read-only dict-like access by
+layer) and ``index_of`` (where a layer, head or label is in a result, negative indices
+counted from the end, a clear error for one it lacks). A saved file names its class
+(``"mlxterp_result"``), so :func:`load_result` reloads it without the caller knowing which
+class it is."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import cattrs
 
-from .errors import FileFormatError
+from .errors import FileFormatError, ResultIndexError, did_you_mean
 from .files import read_json, write_atomic
 
 converter = cattrs.Converter()
@@ -71,9 +74,65 @@ class Serialisable:
             raise FileFormatError(f"{path} is not {expected}: {details:.300}") from None
 
 
+def index_of(keys: Sequence[Any], key: Any, what: str = "layer", owner: str = "result") -> int:
+    """Where ``key`` is in ``keys`` (a result's layers, heads or labels).
+
+    Integer keys (layers, heads) are looked up by value, and a negative one that is not among
+    them counts from the end, as in a Python sequence: with layers 0..29, ``-1`` is layer 29;
+    with layers [3, 7], ``-1`` is layer 7. A key that is not there is a
+    :class:`ResultIndexError` (a KeyError and an IndexError) naming what ``owner`` has.
+    """
+    keys = list(keys)
+    number = _integer(key)
+    numbered = bool(keys) and all(_integer(k) is not None for k in keys)
+    if numbered and number is not None:
+        key = number
+        if key in keys:
+            return keys.index(key)
+        if -len(keys) <= key < 0:
+            return len(keys) + key
+    elif not numbered and key in keys:
+        return keys.index(key)
+    if numbered:
+        negative = f" (or -{len(keys)}..-1 counted from the end)"
+        raise ResultIndexError(f"{what} {key!r} is not in this {owner}: it has {what}s {_describe(keys)}{negative}.")
+    shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    hint = did_you_mean(key, map(str, keys)) if isinstance(key, str) else ""
+    raise ResultIndexError(f"{what} {key!r} is not in this {owner}; it has {len(keys)}: {shown}.{hint}")
+
+
+def _integer(key: Any) -> int | None:
+    """``key`` as an int if it is an integer (numpy's included, bool not), else None."""
+    if isinstance(key, bool):
+        return None
+    try:
+        return operator.index(key)
+    except TypeError:
+        return None
+
+
+def _describe(keys: list[int]) -> str:
+    """'0..29' for a run of consecutive numbers, else the numbers (a few of them)."""
+    if not keys:
+        return "none"
+    if keys == list(range(keys[0], keys[0] + len(keys))) and len(keys) > 2:
+        return f"{keys[0]}..{keys[-1]}"
+    if len(keys) <= 8:
+        return str(keys)
+    return f"[{', '.join(map(str, keys[:3]))}, ..., {', '.join(map(str, keys[-2:]))}] ({len(keys)} in all)"
+
+
 class LayerMapping:
     """Read-only dict-like access by layer (kept out of the class hierarchy of ``Mapping`` so
-    that cattrs still sees an attrs class)."""
+    that cattrs still sees an attrs class).
+
+    The keys are ``self.layers``; ``result[-1]`` is the last of them, as in a sequence, and a
+    layer the result lacks is a :class:`ResultIndexError` naming the layers it has. A subclass
+    writes ``__getitem__`` with :meth:`_position` (where a layer is in ``self.layers``).
+    """
+
+    def _position(self, layer: Any) -> int:
+        return index_of(self.layers, layer, "layer", type(self).__name__)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.layers)
@@ -94,4 +153,7 @@ class LayerMapping:
         return [(layer, self[layer]) for layer in self.layers]
 
     def get(self, layer: int, default: Any = None) -> Any:
-        return self[layer] if layer in self.layers else default
+        try:
+            return self[layer]
+        except ResultIndexError:
+            return default

@@ -73,6 +73,7 @@ from .sites import (
     stop_name,
 )
 from .splice import Splices, dotted, splice_list
+from .views import Display
 
 if TYPE_CHECKING:
     from .model import InterpretableModel
@@ -331,7 +332,7 @@ def checked(fn: Callable, site: str, key: str) -> Callable[[mx.array], mx.array]
     return run
 
 
-class Trace:
+class Trace(Display):
     """One run of the model on ``inputs``, with interventions, recording what was asked.
 
     Use it as a context manager (the forward pass runs on entering the block, so activations
@@ -399,14 +400,15 @@ class Trace:
     def logits(self) -> mx.array:
         return self.activations["logits"] if self._model.architecture else self.output
 
-    def __repr__(self) -> str:
+    def _summary(self) -> str:
         inputs = self._inputs.array
         shape = "x".join(map(str, inputs.shape))
-        edits = f", interventions: {', '.join(self._interventions)}" if self._interventions else ""
+        names = list(self._interventions)
+        edits = f", interventions: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" if names else ""
         if not self._ran:
-            return f"Trace(not run yet, inputs {shape}{edits})"
+            return f"not run yet, inputs {shape}{edits}"
         n = len(self.activations)
-        return f"Trace(inputs {shape}, {n} site{'s' * (n != 1)} recorded{_sites_shown(self.activations)}{edits})"
+        return f"inputs {shape}, {n} site{'s' * (n != 1)} recorded{_sites_shown(self.activations)}{edits}"
 
     def __enter__(self) -> Trace:
         if not self._ran:

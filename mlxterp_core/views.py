@@ -56,9 +56,30 @@ def percent(value: float) -> str:
     return f"{value:.1f}%"
 
 
+class Rounded(float):
+    """A float that shows 4 significant digits in ``repr`` (``90.97``, not
+    ``90.97457122802734``) and keeps its full value: arithmetic, comparisons, ``str``,
+    f-strings and JSON see every digit. What results' helpers (``top()``, ``best()``) return,
+    so that a list of them prints short."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{float(self):.4g}"
+
+    __str__ = float.__repr__
+
+
+def summary_html(text: str) -> str:
+    """A result's one-line summary as a small HTML fragment (for results with no view): plain
+    text in a monospace block, colours inherited from the page (light or dark)."""
+    return f'<pre class="mlxterp-summary" style="white-space: pre-wrap; margin: 0">{html.escape(text)}</pre>'
+
+
 class Display:
     """Mixin of result classes: a one-line ``repr`` from ``_summary()``, and an HTML view from
-    ``_view()`` written by ``to_html(path)`` and shown inline by Jupyter (``_repr_html_``).
+    ``_view()`` written by ``to_html(path)`` and shown inline by Jupyter (``_repr_html_``;
+    a result with no view shows its summary there).
 
     Declare the attrs class with ``repr=False`` so that attrs keeps this ``__repr__``.
     """
@@ -74,10 +95,12 @@ class Display:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._summary()})"
 
-    def _repr_html_(self) -> str | None:
+    def _repr_html_(self) -> str:
+        """The view, above its summary (which shows where no script runs); for a result with no
+        view, its summary as a line of HTML."""
         views = self._view()
         if views is None:
-            return None
+            return summary_html(repr(self))
         return result_html(repr(self), views) + notebook_renderer()
 
     def to_html(self, path: str | Path, title: str | None = None) -> Path:
@@ -207,8 +230,7 @@ def fragment(kind: str, data: dict[str, Any]) -> str:
 def result_html(summary: str, views: str) -> str:
     """A result's HTML: its one-line summary (what shows where no script runs; the renderer
     hides it) and its views."""
-    return (f'<div class="mlxterp-result"><pre class="mlxterp-summary">{html.escape(summary)}</pre>'
-            f"{views}</div>")
+    return f'<div class="mlxterp-result">{summary_html(summary)}{views}</div>'
 
 
 def document(fragment_html: str, title: str = "mlxterp") -> str:

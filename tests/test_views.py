@@ -193,7 +193,8 @@ def test_results_without_a_view_say_so(all_results, tmp_path):
     from mlxterp_core.errors import MlxterpError
 
     steering = all_results["steering"]
-    assert steering._repr_html_() is None  # Jupyter falls back to the repr
+    # Jupyter shows the one-line summary (before issue 22 item 1: None, and Jupyter fell back to the repr)
+    assert steering._repr_html_() == views.summary_html(repr(steering))
     with pytest.raises(MlxterpError, match="no HTML view"):
         steering.to_html(tmp_path / "s.html")
 

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from mlxterp.plugin import LayerMapping, Serialisable
-from mlxterp.plugin import Display, percent, short
+from mlxterp.plugin import Display, Rounded, index_of, percent, short
 
 Prediction = tuple[int, float, str]  # (token id, probability, token text)
 
@@ -19,7 +19,8 @@ Prediction = tuple[int, float, str]  # (token id, probability, token text)
 class LogitLensResult(Display, Serialisable, LayerMapping):
     """What every layer predicts at every position: ``result[layer][position]`` is the top-k
     list of ``(token_id, probability, token_text)``, best first, so
-    ``result[layer][-1][0][2]`` is the top token at the last position."""
+    ``result[layer][-1][0][2]`` is the top token at the last position; ``result[-1]`` is the
+    last layer."""
 
     text: str
     tokens: list[str]
@@ -29,7 +30,7 @@ class LogitLensResult(Display, Serialisable, LayerMapping):
     top_k: int
 
     def __getitem__(self, layer: int) -> list[list[Prediction]]:
-        return self.predictions[layer]
+        return self.predictions[self.layers[self._position(layer)]]
 
     def top_tokens(self, position: int = -1) -> dict[int, str]:
         """layer -> the top predicted token at ``position``."""
@@ -46,7 +47,7 @@ class LogitLensResult(Display, Serialisable, LayerMapping):
             if self.predictions[layer][-1][0][0] != final_id:
                 break
             first = layer
-        return (f"{head}; at {self.tokens[-1]!r} layer {last} predicts {final_text!r} "
+        return (f"{head}; at {short(self.tokens[-1], 20)} layer {last} predicts {short(final_text, 20)} "
                 f"({percent(100 * final_p)}), top-1 since layer {first}")
 
     def _view(self) -> str:
@@ -66,8 +67,8 @@ class PatchingResult(Display, Serialisable, LayerMapping):
     """Recovery (%) from patching clean activations into the corrupted run.
 
     ``axis`` is "layer" (one number per layer: ``result[layer]`` is a float, as in the original
-    API), "position" or "head" (``result[layer]`` is a list over positions / heads). 0% is the
-    corrupted run, 100% the clean run.
+    API), "position" or "head" (``result[layer]`` is a list over positions / heads;
+    ``result[-1]`` the last layer). 0% is the corrupted run, 100% the clean run.
     """
 
     clean_text: str
@@ -84,13 +85,14 @@ class PatchingResult(Display, Serialisable, LayerMapping):
     metric: str
 
     def __getitem__(self, layer: int):
-        row = self.recovery[self.layers.index(layer)]
+        row = self.recovery[self._position(layer)]
         return row[0] if self.axis == "layer" else row
 
     def top(self, n: int = 5) -> list[tuple[int, int | None, float]]:
-        """The n cells of highest recovery: (layer, position or head or None, recovery)."""
+        """The n cells of highest recovery: (layer, position or head or None, recovery), the
+        recovery shown to 4 significant digits (its value is exact)."""
         cells = [
-            (layer, None if self.axis == "layer" else j, value)
+            (layer, None if self.axis == "layer" else j, Rounded(value))
             for layer, row in zip(self.layers, self.recovery)
             for j, value in enumerate(row)
         ]
@@ -148,6 +150,7 @@ class AttributionResult(Display, Serialisable):
     metric: str
 
     def __getitem__(self, component: str) -> PatchingResult:
+        component = list(self.estimates)[index_of(list(self.estimates), component, "component", type(self).__name__)]
         heads = component == "heads"
         return PatchingResult(
             clean_text=self.clean_text,
@@ -211,7 +214,7 @@ class ResidComponents(Display, Serialisable):
     def __getitem__(self, label: str):
         import mlx.core as mx
 
-        return mx.array(self.vectors[self.labels.index(label)])
+        return mx.array(self.vectors[index_of(self.labels, label, "component", type(self).__name__)])
 
     def sum(self):
         """The components summed, (T, D): equals ``total`` for a decomposition."""
@@ -244,11 +247,12 @@ class DLAResult(Display, Serialisable):
     n_heads: int  # 0 when attention layers were not split into heads
 
     def __getitem__(self, label: str) -> float:
-        return self.values[self.labels.index(label)]
+        return self.values[index_of(self.labels, label, "component", type(self).__name__)]
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
-        """The n components of largest |contribution|."""
-        return sorted(zip(self.labels, self.values), key=lambda lv: abs(lv[1]), reverse=True)[:n]
+        """The n components of largest |contribution| (shown to 4 significant digits)."""
+        ranked = sorted(zip(self.labels, self.values), key=lambda lv: abs(lv[1]), reverse=True)[:n]
+        return [(label, Rounded(value)) for label, value in ranked]
 
     def head_matrix(self) -> list[list[float]]:
         """(layers, heads) of per-head contributions (needs heads=True)."""
@@ -310,7 +314,7 @@ class AttentionPatterns(Display, Serialisable):
     patterns: list[list[list[float]]]
 
     def __getitem__(self, head: int) -> list[list[float]]:
-        return self.patterns[self.heads.index(head)]
+        return self.patterns[index_of(self.heads, head, "head", type(self).__name__)]
 
     def _summary(self) -> str:
         head = f"layer {self.layer}, {len(self.heads)} heads x {len(self.tokens)} tokens, {short(self.text)}"
@@ -345,7 +349,8 @@ class AttentionLayers(Display, Serialisable, LayerMapping):
     patterns: list[list[list[list[float]]]]
 
     def __getitem__(self, layer: int) -> AttentionPatterns:
-        return AttentionPatterns(self.text, self.tokens, layer, self.heads, self.patterns[self.layers.index(layer)])
+        k = self._position(layer)
+        return AttentionPatterns(self.text, self.tokens, self.layers[k], self.heads, self.patterns[k])
 
     def _summary(self) -> str:
         head = f"{len(self.layers)} layers x {len(self.heads)} heads x {len(self.tokens)} tokens, {short(self.text)}"
@@ -478,6 +483,6 @@ class PromptCheck(Display, Serialisable):
         return len(self.ranks)
 
     def _summary(self) -> str:
-        parts = [f"{t!r} rank {r} (p={p:.3g})" for t, r, p in zip(self.answer_tokens, self.ranks, self.probabilities)]
-        top = ", ".join(f"{t!r} {p:.2g}" for t, p in self.top[0][:3])
+        parts = [f"{t!r} rank {r} ({p:.2%})" for t, r, p in zip(self.answer_tokens, self.ranks, self.probabilities)]
+        top = ", ".join(f"{t!r} {p:.1%}" for t, p in self.top[0][:3])
         return f"{short(self.prompt)}: {'; '.join(parts[:4])}{' ...' if len(parts) > 4 else ''}; top first: {top}"

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import attrs
 
-from mlxterp.plugin import Serialisable
+from mlxterp.plugin import Display, LayerMapping, Rounded, Serialisable, index_of, short
 
 
-@attrs.frozen
-class HeadScores(Serialisable):
+@attrs.frozen(repr=False)
+class HeadScores(Display, Serialisable, LayerMapping):
     """A score per (layer, query head): ``scores[k][h]`` is head h of layer ``layers[k]``;
-    ``result[layer]`` is that layer's row and ``result[layer, head]`` one score."""
+    ``result[layer]`` is that layer's row and ``result[layer, head]`` one score (negative
+    layers and heads count from the end)."""
 
     kind: str
     error_measure: str
@@ -26,8 +28,8 @@ class HeadScores(Serialisable):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             layer, head = key
-            return self.scores[self.layers.index(layer)][head]
-        return self.scores[self.layers.index(key)]
+            return self.scores[self._position(layer)][index_of(range(self.n_heads), head, "head", "HeadScores")]
+        return self.scores[self._position(key)]
 
     @property
     def array(self):
@@ -37,10 +39,26 @@ class HeadScores(Serialisable):
         return mx.array(self.scores)
 
     def top(self, n: int = 5) -> list[tuple[int, int, float]]:
-        """The n highest-scoring heads: (layer, head, score), best first (NaN never ranks)."""
-        cells = [(layer, head, value) for layer, row in zip(self.layers, self.scores)
+        """The n highest-scoring heads: (layer, head, score), best first (NaN never ranks; the
+        score shown to 4 significant digits, its value exact)."""
+        cells = [(layer, head, Rounded(value)) for layer, row in zip(self.layers, self.scores)
                  for head, value in enumerate(row) if not math.isnan(value)]
         return sorted(cells, key=lambda cell: cell[2], reverse=True)[:n]
+
+    def _summary(self) -> str:
+        top = ", ".join(f"L{layer}H{head} {value:.3g}" for layer, head, value in self.top(3))
+        described = re.match(r"\d+ (prompts|sequences)\b", self.source)  # else the text itself
+        source = self.source if described else short(self.source, 60)
+        return (f"{self.kind} ({self.error_measure}), {len(self.layers)} layers x {self.n_heads} heads on "
+                f"{source}; top: {top or 'none (every score is NaN)'}")
+
+    def _view(self) -> str:
+        from mlxterp.plugin import heatmap_html
+
+        return heatmap_html([f"L{layer}" for layer in self.layers], [f"H{head}" for head in range(self.n_heads)],
+                            self.scores,
+                            title=f"{self.kind.replace('_', '-')} head scores ({self.error_measure})",
+                            subtitle=self.source, row_name="layer", column_name="head", flip=True)
 
     def plot(self, path: str | Path | None = None, figsize=(8, 9)):
         from .plots import head_scores_plot
@@ -48,8 +66,8 @@ class HeadScores(Serialisable):
         return head_scores_plot(self, path, figsize)
 
 
-@attrs.frozen
-class InductionLoss(Serialisable):
+@attrs.frozen(repr=False)
+class InductionLoss(Display, Serialisable):
     """Next-token loss on repeated random tokens: ``first_half`` over the first copy,
     ``second_half`` over the repeats (the first repeated token excluded), with the heads in
     ``ablated`` zero-ablated. ``per_position[p]`` is the mean loss of predicting token p + 1."""
@@ -63,3 +81,11 @@ class InductionLoss(Serialisable):
     n_sequences: int
     seed: int
     bos: bool
+
+    def _summary(self) -> str:
+        shown = ", ".join(f"L{layer}H{head}" for layer, head in self.ablated[:4])
+        more = f" +{len(self.ablated) - 4} more" if len(self.ablated) > 4 else ""
+        ablated = f"{shown}{more} ablated" if self.ablated else "no heads ablated"
+        bos = ", BOS first" if self.bos else ""
+        return (f"{self.n_sequences} sequences of {self.n_tokens} random tokens x {self.repeats}{bos}, {ablated}: "
+                f"loss {self.first_half:.3g} nats on the first copy, {self.second_half:.3g} on the repeats")

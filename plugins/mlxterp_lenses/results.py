@@ -7,10 +7,10 @@ from pathlib import Path
 import attrs
 
 from mlxterp_analyses import LogitLensResult
-from mlxterp.plugin import Serialisable
+from mlxterp.plugin import Display, Rounded, Serialisable
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)
 class TunedLensResult(LogitLensResult):
     """The logit lens's result (``result[layer][position]`` is the top-k list of
     ``(token_id, probability, token_text)``), read through a tuned lens, plus per layer and
@@ -24,8 +24,17 @@ class TunedLensResult(LogitLensResult):
     lens: str = "tuned"
 
     def mean_kl(self) -> dict[int, float]:
-        """layer -> KL(final || lens) averaged over positions."""
-        return {layer: sum(row) / len(row) for layer, row in self.kl.items()}
+        """layer -> KL(final || lens) averaged over positions (shown to 4 significant digits)."""
+        return {layer: Rounded(sum(row) / len(row)) for layer, row in self.kl.items() if row}
+
+    def _summary(self) -> str:
+        mean = self.mean_kl()
+        shown = [layer for layer in self.layers if layer in mean]
+        if len(shown) > 1:  # the last layer's is 0: it is the model's own distribution
+            shown = shown[:-1]
+        picked = sorted({shown[0], shown[len(shown) // 2], shown[-1]}) if shown else []
+        kl = ", ".join(f"L{layer} {mean[layer]:.3g}" for layer in picked)
+        return super()._summary() + (f"; mean KL to the final distribution: {kl} nats" if kl else "")
 
     def _view(self) -> str:
         """The lens grid titled as a tuned lens, with each cell's KL to the final distribution,
@@ -51,8 +60,8 @@ class TunedLensResult(LogitLensResult):
         return finish(fig, path)
 
 
-@attrs.frozen
-class LensEvaluation(Serialisable):
+@attrs.frozen(repr=False)
+class LensEvaluation(Display, Serialisable):
     """Mean KL(final || lens) in nats over ``n_tokens`` held-out tokens, per translator:
     ``layers[k]`` reads the stream entering block k (0 = the embeddings)."""
 
@@ -60,6 +69,14 @@ class LensEvaluation(Serialisable):
     tuned_kl: list[float]
     logit_kl: list[float]
     n_tokens: int
+
+    def _summary(self) -> str:
+        if not self.layers:
+            return f"no layers, {self.n_tokens} tokens"
+        tuned, logit = sum(self.tuned_kl) / len(self.layers), sum(self.logit_kl) / len(self.layers)
+        return (f"{len(self.layers)} translators over {self.n_tokens} held-out tokens: KL(final || lens) tuned "
+                f"{tuned:.3g} vs logit lens {logit:.3g} nats (mean over layers); input of layer {self.layers[0]}: "
+                f"{self.tuned_kl[0]:.3g} vs {self.logit_kl[0]:.3g}")
 
     def table(self) -> str:
         """A Markdown table: layer, logit-lens KL, tuned-lens KL."""

@@ -78,9 +78,11 @@ def train_tuned_lens(
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
     rows = TextRows(model, corpus, names, context_size=context_size, batch_size=batch_size, outputs=True)
     trainer = _LensTrainer(model, lens, names, num_steps, lr, momentum, weight_decay, grad_clip)
-    train_steps(trainer, _Steps(rows, tokens_per_step), num_steps, checkpoint_dir=checkpoint_dir,
-                checkpoint_every=checkpoint_every, settings=settings, progress=progress, desc="tuned lens",
-                what="train_tuned_lens")
+    before = lens.steps_trained
+    run = train_steps(trainer, _Steps(rows, tokens_per_step), num_steps, checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every, settings=settings, progress=progress, desc="tuned lens",
+                      what="train_tuned_lens")
+    lens.steps_trained, lens.training_kl = before + run.end, trainer.kl
     return lens
 
 

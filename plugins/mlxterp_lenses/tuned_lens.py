@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.plugin import InputError, write_atomic
+from mlxterp.plugin import Display, InputError, write_atomic
 
 WEIGHTS = "params.safetensors"
 REFERENCE_WEIGHTS = "params.pt"
@@ -31,8 +31,13 @@ CONFIG = "config.json"
 LENS_TYPE = "linear_tuned_lens"
 
 
-class TunedLens(nn.Module):
-    """``num_hidden_layers`` affine translators of width ``d_model``, zero-initialised."""
+class TunedLens(Display, nn.Module):
+    """``num_hidden_layers`` affine translators of width ``d_model``, zero-initialised.
+
+    ``steps_trained`` counts the optimiser steps ``train_tuned_lens`` gave it, ``training_kl``
+    is its last step's mean KL(final || lens) in nats (None before any), and ``source`` the
+    folder it was loaded from (None for a new lens), so that its repr says what it is.
+    """
 
     def __init__(self, d_model: int, num_hidden_layers: int, bias: bool = True,
                  base_model_name_or_path: str = "", unembed_hash: str | None = None):
@@ -51,6 +56,22 @@ class TunedLens(nn.Module):
             "unembed_hash": unembed_hash,
             "lens_type": LENS_TYPE,
         }
+        self.steps_trained = 0
+        self.training_kl: float | None = None
+        self.source: str | None = None
+
+    def _summary(self) -> str:
+        d, bias = self._config["d_model"], " with bias" if self._config["bias"] else ""
+        what = f"{self.num_hidden_layers} translators of {d}x{d}{bias}"
+        source = self.source if self.source is None or len(self.source) <= 60 else "…" + self.source[-59:]
+        history = [f"loaded from {source!r}"] if source else []
+        if self.steps_trained:
+            history.append(f"trained {self.steps_trained} steps")
+        elif not self.source:
+            history.append("untrained: the logit lens")
+        if self.training_kl is not None:
+            history.append(f"last step's KL(final || lens) {self.training_kl:.3g} nats")
+        return f"{what}; {', '.join(history)}"
 
     @classmethod
     def for_model(cls, model, bias: bool = True) -> TunedLens:
@@ -128,6 +149,7 @@ class TunedLens(nn.Module):
         else:
             raise InputError(f"{path} has {CONFIG} but no {WEIGHTS} (or the reference's {REFERENCE_WEIGHTS}).")
         lens.load_state(state)
+        lens.source = str(path)
         if model is not None and config.get("unembed_hash") and config["unembed_hash"] != unembed_hash(model):
             import warnings
 

@@ -19,13 +19,13 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import InputError
+from mlxterp.plugin import Display, InputError
 
 NEWTON_STEPS = 30
 
 
-@attrs.frozen
-class LinearProbe:
+@attrs.frozen(repr=False)
+class LinearProbe(Display):
     """``logit = x @ direction + bias`` on raw activations x (..., D)."""
 
     direction: mx.array  # (D,)
@@ -37,6 +37,10 @@ class LinearProbe:
 
     def predict(self, x: mx.array) -> mx.array:
         return self.logits(x) > 0
+
+    def _summary(self) -> str:
+        norm = float(mx.linalg.norm(self.direction.astype(mx.float32)).item())
+        return f"{self.method}, {self.direction.shape[-1]} dims, |direction| {norm:.3g}, bias {self.bias:+.3g}"
 
 
 def fit_logistic(x: mx.array, y, l2: float = 1e-2, steps: int = NEWTON_STEPS) -> LinearProbe:

@@ -7,16 +7,16 @@ from pathlib import Path
 import attrs
 
 from mlxterp_analyses import SteeringVector
-from mlxterp.plugin import Serialisable
+from mlxterp.plugin import Display, MlxterpError, Rounded, Serialisable, index_of, parse
 
 
-@attrs.frozen
-class ProbeSweep(Serialisable):
+@attrs.frozen(repr=False)
+class ProbeSweep(Display, Serialisable):
     """One probe per site (``sites[k]``: "embed", "layers.3.output", ...) with its held-out
     ``accuracy[k]`` and ``auroc[k]`` on ``n_test`` examples of groups never trained on, and its
     ``directions[k]`` (D floats, raw activation space) and ``biases[k]``: the probe's logit is
     ``x @ direction + bias``. ``result["layers.3.output"]`` or ``result[3]`` is
-    ``(accuracy, auroc)``."""
+    ``(accuracy, auroc)``; ``result[-1]`` is the last layer's."""
 
     method: str
     position: str
@@ -33,18 +33,43 @@ class ProbeSweep(Serialisable):
     projections: list[list[float]] = attrs.field(factory=list)  # per site, each example on the unit direction
 
     def _index(self, key) -> int:
-        if isinstance(key, int):
-            key = next((s for s in self.sites if s.startswith(f"layers.{key}.")), f"layers.{key}")
-        return self.sites.index(key)
+        if isinstance(key, str):
+            if key not in self.sites:
+                try:
+                    key = str(parse(key))  # 'layers[3].output'
+                except MlxterpError:
+                    pass
+            return index_of(self.sites, key, "site", "ProbeSweep")
+        layers = {}  # layer -> its first site
+        for k, site in enumerate(self.sites):
+            parts = site.split(".")
+            if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+                layers.setdefault(int(parts[1]), k)
+        return list(layers.values())[index_of(list(layers), key, "layer", "ProbeSweep")]
 
     def __getitem__(self, key) -> tuple[float, float]:
         k = self._index(key)
         return self.accuracy[k], self.auroc[k]
 
     def best(self) -> tuple[str, float, float]:
-        """(site, accuracy, auroc) of the best held-out site (accuracy, then AUROC)."""
+        """(site, accuracy, auroc) of the best held-out site (accuracy, then AUROC; shown to 4
+        significant digits)."""
         k = max(range(len(self.sites)), key=lambda i: (self.accuracy[i], self.auroc[i]))
-        return self.sites[k], self.accuracy[k], self.auroc[k]
+        return self.sites[k], Rounded(self.accuracy[k]), Rounded(self.auroc[k])
+
+    def _summary(self) -> str:
+        at = {"last": "the last token", "mean": "the mean over tokens"}.get(self.position, f"position {self.position}")
+        width = len(self.directions[0]) if self.directions else 0
+        head = (f"{self.method} probes at {at}, {len(self.sites)} sites x {width} dims, "
+                f"{self.n_train} train / {self.n_test} held-out examples")
+        if not self.sites:
+            return head
+        site, accuracy, area = self.best()
+        baseline = ""
+        if "embed" in self.sites and site != "embed":
+            k = self.sites.index("embed")
+            baseline = f"; embed {self.accuracy[k]:.3g} / {self.auroc[k]:.3g}"
+        return f"{head}; best {site}: accuracy {accuracy:.3g}, AUROC {area:.3g}{baseline}"
 
     def steering_vector(self, key) -> SteeringVector:
         """The probe's direction at a site (name or layer) as a SteeringVector: its

@@ -126,7 +126,7 @@ class SAEEvaluation(Serialisable, Display):
 
     def _summary(self) -> str:
         return (f"{self.site}, {self.n_tokens} tokens: L0 {self.l0:.1f}, EV {self.explained_variance:.3f}, "
-                f"CE recovered {self.ce_loss_recovered:.1%} (+{self.ce_increase:.3f} nats), dead {self.dead_fraction:.1%}")
+                f"CE recovered {self.ce_loss_recovered:.1%} ({self.ce_increase:+.3f} nats), dead {self.dead_fraction:.1%}")
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)

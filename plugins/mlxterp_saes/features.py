@@ -22,8 +22,8 @@ from mlxterp.plugin import Display
 from .sae import SAE, SAEError
 
 
-@attrs.frozen
-class Example:
+@attrs.frozen(repr=False)
+class Example(Display):
     """One context: its tokens, the feature's activation on each, and which token is the one
     (``index``) with ``activation``; ``document`` and ``position`` locate it in the corpus."""
 
@@ -33,6 +33,12 @@ class Example:
     activation: float
     document: int
     position: int
+
+    def _summary(self) -> str:
+        before = "".join(self.tokens[max(0, self.index - 6): self.index])
+        after = "".join(self.tokens[self.index + 1: self.index + 3])
+        context = f"{before[-40:]}[{self.tokens[self.index][:20]}]{after[:20]}" if self.tokens else ""
+        return f"{context!r} {self.activation:.4g}, document {self.document} position {self.position}"
 
 
 @attrs.frozen(repr=False)

@@ -29,7 +29,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp.plugin import UnknownNameError, transformerlens_name
+from mlxterp.plugin import Display, UnknownNameError, transformerlens_name
 
 from .architectures import Architecture, get_architecture
 from .architectures.base import SAEError
@@ -86,7 +86,7 @@ class SAEConfig:
         return "hook_z" if hook.endswith("hook_z") and not self.is_transcoder else "none"
 
 
-class SAE(nn.Module):
+class SAE(Display, nn.Module):
     """A sparse autoencoder (or transcoder): ``encode``, ``decode``, ``sae(x)``, and a splice.
 
     Give it to ``model.trace(text, saes=[sae])``: the site ``sae.site`` is replaced by
@@ -361,11 +361,11 @@ class SAE(nn.Module):
             raise SAEError(f"feature {feature} is out of range: this SAE has {self.cfg.d_sae} features (0..{self.cfg.d_sae - 1}).")
         return self.W_dec[int(feature)]
 
-    def __repr__(self) -> str:
+    def _summary(self) -> str:
         c = self.cfg
         what = f"{c.site} -> {c.site_out}" if c.is_transcoder else c.site
         extra = f", k={c.k}" if c.k else ""
-        return f"SAE({c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{extra}, site={what})"
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{extra}, site={what}"
 
 
 def hook_name_of(site: str) -> str | None:

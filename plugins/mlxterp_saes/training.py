@@ -43,7 +43,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxterp.plugin import ActivationDataset, ArrayRows, Batches, DatasetRows, RowSource, TextRows, is_raw, train_steps
+from mlxterp.plugin import ActivationDataset, ArrayRows, Batches, DatasetRows, Display, RowSource, TextRows, is_raw, train_steps
 
 from .architectures import get_architecture
 from .architectures.base import check_option
@@ -51,8 +51,8 @@ from .sae import SAE, SAEConfig, SAEError, hook_name_of, site_width
 
 
 
-@attrs.frozen
-class TrainingLog:
+@attrs.frozen(repr=False)
+class TrainingLog(Display):
     """What a training run did: per logged step, the step, tokens seen, L0, FVU (fraction of
     variance unexplained on the training batch) and the dead fraction; and its speed."""
 
@@ -67,6 +67,13 @@ class TrainingLog:
     seconds: float
     tokens_per_second: float
     input_scale: float
+
+    def _summary(self) -> str:
+        head = (f"{self.architecture} at {self.site}, {self.n_tokens} tokens in {self.seconds:.3g} s "
+                f"({self.tokens_per_second:,.0f} tokens/s), {len(self.steps)} logged steps")
+        if not self.steps:
+            return head
+        return f"{head}; at step {self.steps[-1]}: L0 {self.l0[-1]:.3g}, FVU {self.fvu[-1]:.3g}, dead {self.dead[-1]:.1%}"
 
     def plot(self, path=None):
         from mlxterp.plugin import finish, pyplot
