@@ -215,7 +215,8 @@ def test_e_reshape_activations_survives_a_round_trip_and_follows_the_final_hook_
 
 @pytest.mark.parametrize(
     "report, name",
-    [({"format": "gguf", "file": "/Users/someone/models/tiny.Q4_1.gguf", "name": "Tiny Llama 4L"}, "Tiny Llama 4L"),
+    [({"format": "gguf", "file": "/Users/someone/models/tiny.Q4_1.gguf", "name": "Tiny Llama 4L"}, "tiny.Q4_1"),
+     ({"format": "hub", "repo": "someone/tiny-llama", "file": "/home/someone/.cache/x.safetensors"}, "someone/tiny-llama"),
      ({"format": "mlx-lm", "directory": "/home/someone/models/tiny-llama-4bit"}, "tiny-llama-4bit")],
 )
 def test_f_train_sae_writes_the_models_name_never_a_path(llama, tmp_path, report, name):

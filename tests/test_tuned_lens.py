@@ -116,3 +116,11 @@ def test_a_trained_lens_beats_the_logit_lens_at_every_layer(smollm):
     print(evaluation.table())
     assert len(evaluation.layers) == 30
     assert all(tuned < logit for tuned, logit in zip(evaluation.tuned_kl, evaluation.logit_kl))
+
+
+def test_a_new_lens_names_its_model_never_a_local_path(llama):
+    llama.load_report = {"format": "gguf", "file": "/Users/someone/models/tiny.Q4_1.gguf"}
+    try:
+        assert TunedLens.for_model(llama).config["base_model_name_or_path"] == "tiny.Q4_1"
+    finally:
+        llama.load_report = None

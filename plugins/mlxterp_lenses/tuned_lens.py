@@ -78,8 +78,8 @@ class TunedLens(Display, nn.Module):
         """An untrained lens shaped for ``model`` (an InterpretableModel)."""
         arch = model.architecture_or_raise("the tuned lens")
         d_model = model.run([[0]], capture=["layers.0.input"]).activations["layers.0.input"].shape[-1]
-        report = model.load_report or {}
-        return cls(d_model, arch.n_layers, bias, str(report.get("file") or report.get("name") or ""), unembed_hash(model))
+        # the model's name as loaded, never a local path (the reference writes a Hub repo id here)
+        return cls(d_model, arch.n_layers, bias, arch.model_name or "", unembed_hash(model))
 
     @property
     def config(self) -> dict:

@@ -474,14 +474,8 @@ class _ForeignBatches(RowSource):
 
 
 def _model_name(model) -> str | None:
-    """cfg.json's ``metadata.model_name``: the Hub repo id, the GGUF file's ``general.name``, or
-    the local model folder's (file's) own name; never a path, which would put one machine's
-    folders into files that are shared."""
-    report = getattr(model, "load_report", None) or {}
-    if report.get("repo") or report.get("name"):
-        return str(report.get("repo") or report.get("name"))
-    if report.get("directory"):
-        return Path(report["directory"]).name
-    if report.get("file"):
-        return Path(report["file"]).stem
-    return type(model.model).__name__
+    """cfg.json's ``metadata.model_name``: the model's name as loaded (``model.architecture
+    .model_name``: a Hub repo id, a file's or folder's own name), never a path, which would put
+    one machine's folders into files that are shared."""
+    arch = model.architecture
+    return (arch.model_name if arch is not None else None) or type(model.model).__name__
