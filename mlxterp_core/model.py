@@ -115,6 +115,7 @@ class InterpretableModel:
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
         saes: Any = None,
+        transcoders: Any = None,
     ) -> Trace:
         """A trace of one forward pass; use as ``with model.trace(...) as tr:``.
 
@@ -126,8 +127,10 @@ class InterpretableModel:
             saes: splices (sparse autoencoders, transcoders; see :mod:`mlxterp_core.splice`)
                 that replace their sites in this pass; their sub-sites
                 (``layers.8.output.sae.features``) can be captured and intervened on.
+            transcoders: the same as ``saes`` (a set of transcoders splices every layer it
+                covers); both may be given.
         """
-        return Trace(self, inputs, interventions=interventions, capture=capture, saes=saes)
+        return Trace(self, inputs, interventions=interventions, capture=capture, saes=[saes, transcoders])
 
     def run(
         self,
@@ -135,14 +138,16 @@ class InterpretableModel:
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
         saes: Any = None,
+        transcoders: Any = None,
     ) -> Trace:
         """Like :meth:`trace` without the ``with`` block: returns the finished trace."""
-        return self.trace(inputs, interventions=interventions, capture=capture, saes=saes).run()
+        return self.trace(inputs, interventions=interventions, capture=capture, saes=saes, transcoders=transcoders).run()
 
     @contextmanager
     def saes(self, *saes: Any) -> Iterator[InterpretableModel]:
         """Attach splices (SAEs, transcoders) for a block: every trace, generation and
-        analysis inside ``with model.saes(sae, ...):`` runs with them."""
+        analysis inside ``with model.saes(sae, ...):`` runs with them
+        (``with model.transcoders(tc):`` is the same)."""
         from .splice import Splices, splice_list
 
         added = [s for group in saes for s in splice_list(group)]
@@ -153,6 +158,8 @@ class InterpretableModel:
             yield self
         finally:
             self._splices[:] = before
+
+    transcoders = saes
 
     @property
     def attached_saes(self) -> tuple[Any, ...]:
