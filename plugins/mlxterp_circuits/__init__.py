@@ -1,0 +1,31 @@
+"""Attribution graphs (circuit tracing) on MLX: the direct linear effects between transcoder
+features, error nodes, tokens and logits of a prompt's local replacement model, computed as
+circuit-tracer computes them, pruned and scored, written for its frontend and Neuronpedia,
+viewed offline, and tested by feature interventions.
+
+``model.attribution_graph(prompt, tc)``, ``model.feature_intervention(prompt, [(layer, pos,
+feature, value)], tc)``; ``mlxterp.load_graph(path)``.
+"""
+
+from __future__ import annotations
+
+from mlxterp.plugin import hookimpl
+
+from .attribution import attribution_graph
+from .graph import AttributionGraph, GraphScores, PrunedGraph
+from .replacement import GraphError
+
+load_graph = AttributionGraph.load
+
+
+@hookimpl
+def mlxterp_analyses():
+    return {"attribution_graph": attribution_graph}
+
+
+@hookimpl
+def mlxterp_exports():
+    return {"AttributionGraph": AttributionGraph, "load_graph": load_graph}
+
+
+__all__ = ["AttributionGraph", "GraphError", "GraphScores", "PrunedGraph", "attribution_graph", "load_graph"]
