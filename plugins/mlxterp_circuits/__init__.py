@@ -13,6 +13,7 @@ from mlxterp.plugin import hookimpl
 
 from .attribution import attribution_graph
 from .graph import AttributionGraph, GraphScores, PrunedGraph
+from .interventions import FeatureIntervention, feature_intervention
 from .replacement import GraphError
 
 load_graph = AttributionGraph.load
@@ -20,7 +21,7 @@ load_graph = AttributionGraph.load
 
 @hookimpl
 def mlxterp_analyses():
-    return {"attribution_graph": attribution_graph}
+    return {"attribution_graph": attribution_graph, "feature_intervention": feature_intervention}
 
 
 @hookimpl
@@ -28,4 +29,5 @@ def mlxterp_exports():
     return {"AttributionGraph": AttributionGraph, "load_graph": load_graph}
 
 
-__all__ = ["AttributionGraph", "GraphError", "GraphScores", "PrunedGraph", "attribution_graph", "load_graph"]
+__all__ = ["AttributionGraph", "FeatureIntervention", "GraphError", "GraphScores", "PrunedGraph", "attribution_graph",
+           "feature_intervention", "load_graph"]
