@@ -141,3 +141,29 @@ def write_gguf(path, module, tokenizer, architecture: str) -> None:
     if getattr(args, "head_dim", None):
         metadata[f"{architecture}.attention.key_length"] = scalar(args.head_dim)
     mx.save_gguf(str(path), tensors, metadata)
+
+
+def random_transcoders(model, kind: str = "plt", d_features: int = 32, skip: bool = False, seed: int = 0,
+                       reads: str | None = None, bias: float = -0.8):
+    """Random transcoders over every layer of ``model`` (ReLU, encoder rows of norm ~1, so
+    a few features fire per token), in circuit-tracer's conventions."""
+    import numpy as np
+    from mlxterp_transcoders import Transcoders
+
+    arch = model.architecture
+    n, d = arch.n_layers, arch.d_model
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    reads = reads or ("ln2" if arch.has("ln2") else "resid_mid")
+    return Transcoders(
+        kind, list(range(n)),
+        W_enc=[normal(d_features, d, scale=d ** -0.5) for _ in range(n)],
+        b_enc=[normal(d_features, scale=0.1) + bias for _ in range(n)],
+        W_dec=[normal(d_features, 1 if kind == "plt" else n - i, d, scale=0.3) for i in range(n)],
+        b_dec=[normal(d, scale=0.1) for _ in range(n)],
+        W_skip=[normal(d, d, scale=0.1) for _ in range(n)] if skip else None,
+        activation="relu", reads=reads,
+    )

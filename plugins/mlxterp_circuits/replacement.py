@@ -34,7 +34,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import Hooks, InputError, MlxterpError, locate_module
+from mlxterp.plugin import Hooks, InputError, MlxterpError, locate_module, module_part
 
 NORM_KINDS = ("rms", "rms_offset", "layer")  # x*s*g, x*s*(1+g) (Gemma), (x-mean)*s*g + b
 
@@ -134,9 +134,6 @@ class Replacement:
         self._pattern = [resolve(n) for n in self.pattern_names]
         self._embed = resolve("embed")
         self._final = resolve("ln_final")
-        for r in [*self._read, *self._mlp, self._embed, self._final]:
-            if r.view is not None or r.write_site is not None:
-                raise GraphError(f"{r.name} is not a plain module output in this {arch.family} model; attribution graphs need it to be one.")
         self.norm_paths = self._norm_paths()
         self._clean_pass()
         self._features()
@@ -145,14 +142,16 @@ class Replacement:
 
     def _norm_paths(self) -> list[str]:
         """Raw sites of the normalisations to freeze: every norm module outside the MLPs (whose
-        outputs are frozen whole)."""
-        mlp_sites = [r.site for r in self._mlp]
+        outputs are frozen whole) and the attention modules (whose query and key norms only
+        shape the frozen patterns)."""
+        skip = [r.site for r in self._mlp]
+        skip += [module_part(r.site) for r in self._pattern]  # the attention modules
         found = []
         for name, module in self.model.model.named_modules():
             site = "model." + name if name else "model"
             if not _is_norm(module):
                 continue
-            if any(site == m or site.startswith(m + ".") for m in mlp_sites):
+            if any(site == m or site.startswith(m + ".") for m in skip):
                 continue
             found.append(site)
         return sorted(found)
@@ -264,10 +263,12 @@ def prompt_ids(model, prompt) -> list[int]:
         ids = token_ids(model, prompt)
     if not ids:
         raise InputError("the prompt is empty: give the text (or token ids) to trace.")
+    if tokenizer is None:
+        return ids  # no way to tell a special token: position 0 is taken as the BOS
     specials = _special_ids(tokenizer)
     if ids[0] not in specials:
         first = next((getattr(tokenizer, a, None) for a in ("bos_token_id", "pad_token_id", "eos_token_id")
-                      if getattr(tokenizer, a, None) is not None), None) if tokenizer is not None else None
+                      if getattr(tokenizer, a, None) is not None), None)
         if first is None:
             raise InputError(
                 "attribution graphs start with a special token (circuit-tracer's convention: position 0 is not "
