@@ -383,3 +383,16 @@ def test_thresholds_of_one_keep_every_node_with_influence(graphs):
     assert pruned.node_mask[influential].all() and pruned.node_mask[g.token_start:].all()
     assert not pruned.node_mask[g.error_start:g.error_start + g.n_pos * g.n_layers:g.n_pos].any()  # position 0: no error
     assert pruned.n_edges > g.prune(0.8, 0.98).n_edges
+
+
+def test_decoder_rows_gathered_per_batch_give_the_same_rows(tiny, ids):
+    """Under a tight memory budget the active features' decoder rows are not kept but gathered
+    again in every batch, one source layer at a time: the same computation, the same rows."""
+    from mlxterp_circuits.attribution import _encoder_rows, _Sources
+
+    rep = Replacement(tiny, transcoders("clt_jumprelu", tiny), ids)
+    kept, gathered = _Sources(rep), _Sources(rep, room=0)
+    assert kept.kept and not gathered.kept and gathered.nbytes < kept.nbytes
+    encoders = _encoder_rows(rep)
+    batch = [(int(rep.active[k, 0]), int(rep.active[k, 1]), encoders[k]) for k in range(150, 200)]
+    assert np.array_equal(kept.rows(batch), gathered.rows(batch))
