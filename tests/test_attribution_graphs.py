@@ -340,6 +340,12 @@ def test_bad_input_is_a_clear_error(tiny, ids, graphs):
     partial.layers, partial.W_enc, partial.b_enc = [0, 1], partial.W_enc[:2], partial.b_enc[:2]
     with pytest.raises(GraphError, match=r"cover layers \[0, 1\].*all 3 layers"):
         tiny.attribution_graph(ids, partial)
+    from mlxterp_transcoders import TranscoderError, Transcoders
+
+    W = [np.array(w) for w in tc.W_enc]
+    with pytest.raises(TranscoderError, match=r"W_enc of layer 1 has shape \(64, 32\); expected \(128, 32\)"):
+        Transcoders("plt", [0, 1, 2], [mx.array(W[0]), mx.array(W[1][:64]), mx.array(W[2])], tc.b_enc, tc.W_dec, tc.b_dec,
+                    activation="jumprelu", threshold=tc.threshold)  # widths that differ
     wide = InterpretableModel(tiny_family("llama"))  # 64 wide, 3 layers
     with pytest.raises(GraphError, match="width 32; this model's d_model is 64"):
         wide.attribution_graph([1, 2, 3], tc)

@@ -1,6 +1,7 @@
 """Attribution graphs: every direct linear effect between the nodes of a prompt's local
 replacement model (:mod:`.replacement`), computed as circuit-tracer computes them
-(``../shared/research/circuit-tracing.md`` §1.4-1.8).
+(its ``attribution/attribute.py``; Ameisen et al. 2025,
+https://transformer-circuits.pub/2025/attribution-graphs/methods.html).
 
 Nodes, in adjacency order: the selected active features ``(layer, position, feature)``, one
 error node per (layer, position) layer-major, one token node per position, the logit targets.
@@ -294,9 +295,6 @@ def _check_transcoders(tc, model):
         )
     if tc.d_model != arch.d_model:
         raise GraphError(f"these transcoders read width {tc.d_model}; this model's d_model is {arch.d_model}.")
-    widths = {int(w.shape[0]) for w in tc.W_enc}
-    if len(widths) != 1:
-        raise GraphError(f"the transcoders' widths differ between layers ({sorted(widths)}); a graph needs one width.")
     return tc
 
 

@@ -1,5 +1,5 @@
 """The attribution graph result: its nodes and edges, influence, pruning and scores, saved and
-loaded, as circuit-tracer defines them (``../shared/research/circuit-tracing.md`` §1.4, §2).
+loaded, as circuit-tracer defines them (its ``graph.py``).
 
 Only feature and logit nodes have inputs, so the graph keeps just their rows (``rows``:
 selected features in active-feature order, then the logits): lossless, and a fraction of the
