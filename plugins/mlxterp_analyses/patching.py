@@ -76,13 +76,14 @@ def closeness_to(clean_logits: mx.array, distance: str) -> Callable[[mx.array], 
     def metric(logits: mx.array) -> mx.array:
         last = logits[:, -1].astype(mx.float32)
         if distance == "l2":
-            return -mx.sqrt(((last - clean) ** 2).sum(axis=-1))
-        if distance == "mse":
-            return -((last - clean) ** 2).mean(axis=-1)
-        cosine = (last * clean).sum(axis=-1) / (mx.linalg.norm(last, axis=-1) * mx.linalg.norm(clean))
-        return cosine - 1
+            far = mx.sqrt(((last - clean) ** 2).sum(axis=-1))
+        elif distance == "mse":
+            far = ((last - clean) ** 2).mean(axis=-1)
+        else:
+            far = 1 - (last * clean).sum(axis=-1) / (mx.linalg.norm(last, axis=-1) * mx.linalg.norm(clean))
+        return 0.0 - far  # not -far: the clean run scores 0, not -0
 
-    metric.__name__ = f"{distance} distance to the clean logits"
+    metric.__name__ = f"minus the {distance} distance to the clean logits"
     return reads_last(1)(metric)
 
 
