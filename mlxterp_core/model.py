@@ -352,9 +352,11 @@ class InterpretableModel:
         try:
             return getattr(module, name)
         except AttributeError:
+            exported = f" mlxterp.{name}(model, ...) is the function of that name." if callable(plugins.exports().get(name)) else ""
             raise AttributeError(
                 f"'InterpretableModel' object has no attribute {name!r} (nor has the wrapped "
-                f"{type(module).__name__})." + did_you_mean(name, [n for n in self.__dir__() if not n.startswith("_")])
+                f"{type(module).__name__})." + exported
+                + did_you_mean(name, [n for n in self.__dir__() if not n.startswith("_")])
             ) from None
 
     def __dir__(self) -> list[str]:
