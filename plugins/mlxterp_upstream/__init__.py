@@ -33,5 +33,5 @@ def mlxterp_analyses():
     return {"load_sae": load_sae, "load_tuned_lens": load_tuned_lens}
 
 
-__all__ = ["ActivationCache", "batch_get_activations", "collect_activations", "get_activations", "load_sae",
-           "load_tuned_lens", "visualization"]
+__all__ = ["batch_get_activations", "collect_activations", "get_activations", "load_sae", "load_tuned_lens",
+           "visualization"]  # ActivationCache is mlxterp.Activations: documented there
