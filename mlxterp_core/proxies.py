@@ -83,10 +83,11 @@ class _View:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input"):
+            site = self._key if not isinstance(self, ModuleView) else self._site + (":input" if name == "input" else "")
             raise TraceError(
                 f"{_shown(self._key)}.{name} = ...: mlxterp runs the forward pass when the `with` block starts, "
                 "so an assignment in it comes too late. Give the change up front: model.trace(..., "
-                f"interventions={{'{self._key}': iv.replace_with(value)}}) (docs/guide/migrating.md)."
+                f"interventions={{'{site}': iv.replace_with(value)}}) (docs/guide/migrating.md)."
             )
         if not isinstance(self, ModuleView):
             raise AttributeError(f"{self!r} has no attributes to set")

@@ -62,7 +62,7 @@ def test_the_layer_list_outside_a_trace_is_the_model_s_blocks_and_changes_nothin
     with pytest.raises(TraceError, match=r"inside a `with model.trace\(...\)` block"):
         model.layers[0].output
     with model.trace(TEXT):
-        with pytest.raises(TraceError, match=r"interventions=\{'layers.1': iv.replace_with"):
+        with pytest.raises(TraceError, match=r"interventions=\{'model.model.layers.1': iv.replace_with"):
             model.layers[1].output = mx.zeros((1, 5, 64))
     assert all(type(m).__module__.startswith("mlx") for m in model.model.modules())  # no probe left
 
