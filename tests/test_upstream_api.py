@@ -114,8 +114,13 @@ def test_module_paths_without_the_model_prefix(llama):
     assert not bitwise_equal(output, model.run(TEXT).output)
     tr = model.run(TEXT, capture=["layers.2.self_attn.q_proj", "layers.1"])
     assert bitwise_equal(tr.activations["layers.2.self_attn.q_proj"], tr.activations["model.model.layers.2.self_attn.q_proj"])
-    # layers.1 is the standard name (the residual stream), the block's output here
+    # layers.1 is the standard name (the residual stream), the block's output in every family
     assert bitwise_equal(tr.activations["layers.1"], tr.activations["model.model.layers.1"])
+    # calls, inputs and patterns are written as in raw names
+    raw = ["model.model.layers.2.self_attn.rope#1", "model.model.layers.2.mlp.down_proj:input"]
+    tr = model.run(TEXT, capture=["layers.2.self_attn.rope#1", "layers.2.mlp.down_proj:input", "layers.*.self_attn.q_proj"])
+    assert sorted(tr.activations) == sorted(raw + [f"model.model.layers.{i}.self_attn.q_proj" for i in range(4)])
+    assert bitwise_equal(tr.activations["layers.2.self_attn.rope#1"], tr.activations[raw[0]])
 
 
 def test_layer_keys_on_a_custom_model(simple):
