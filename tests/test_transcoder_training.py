@@ -235,3 +235,21 @@ def test_a_plt_beats_pca_at_equal_sparsity_on_held_out_mlp_outputs(smollm, capsy
         print(f"\nlayers.{layer}.mlp: PLT EV {ours:.3f} at L0 {l0:.1f} vs PCA-{k} {pca:.3f} (held out); {tc.training_log}")
     assert 4 <= l0 <= 64
     assert ours > pca
+
+
+def test_the_bench_rows_and_the_comparison_run_at_a_tiny_size(llama, tmp_path):
+    from mlxterp_tools import bench
+    from mlxterp_tools.transcoder_rows import training_speed
+    from mlxterp_tools.transcoder_training import compare
+
+    assert "transcoders" in bench.all_rows()
+    speed = training_speed(llama, TEXTS, n_tokens=256, d_features=32, k=4, batch_size=128, context_size=32)
+    assert set(speed) == {"plain_tokens_per_s", "plt_tokens_per_s", "clt_tokens_per_s"}
+    assert all(v > 0 for v in speed.values())
+    report = compare(llama, TEXTS, CORPUS * 2, features=32, k=4, tokens=512, batch_size=128, eval_tokens=256,
+                     out=tmp_path, save=True, say=lambda *args, **kwargs: None)
+    comparison = report["comparison"]
+    assert comparison["total_features_each"] == 4 * 32 and set(comparison["kl"]) == {"plt", "clt"}
+    assert report["plt"]["training_tokens"] == report["clt"]["training_tokens"] == 512
+    assert all((tmp_path / name).is_file() for name in ("transcoder_comparison.png", "clt_evaluation.png", "plt_training.png"))
+    assert mlxterp.load_transcoders(tmp_path / "clt").kind == "clt"

@@ -127,13 +127,13 @@ def train_transcoders(
     skip: bool = False,
     *,
     reads: str = "ln2",
-    expansion: int = 8,
+    expansion: int = 4,
     k: float = 32,
     n_tokens: int = 1_000_000,
     batch_size: int = 1024,
     lr: float | None = None,
     sparsity: str = "tanh",
-    sparsity_coefficient: float = 0.5,
+    sparsity_coefficient: float = 2.0,
     tanh_scale: float = 4.0,
     sparsity_warmup: float = 0.5,
     pre_act_coefficient: float = 3e-6,
@@ -294,8 +294,10 @@ def train_transcoders(
 def training_memory(kind: str, n_layers: int, d_model: int, d_features: int, *, activation: str = "jumprelu",
                     skip: bool = False, batch_size: int = 1024, buffer_tokens: int = 8192) -> dict[str, int]:
     """Bytes a training run holds (float32): ``parameters``, ``adam`` (two moments),
-    ``gradients``, ``activations`` (one batch: inputs, targets, reconstructions and errors, 6 x
-    d per layer; pre-activations, features and their gradients, 6 x d_features per layer) and
+    ``gradients``, ``activations`` (one batch: inputs, targets, reconstructions, errors, their
+    gradients and the decoder's partial sums, 10 x d per layer; pre-activations, features, the
+    penalty's terms and their gradients, 8 x d_features per layer: measured peaks on the CPU
+    were within 10% of this) and
     ``buffer`` (the mixing buffer: up to ``buffer_tokens + batch_size`` rows of the 2 sites of
     every layer, twice while it reshuffles), and their ``total``. A CLT has n(n+1)/2 decoder
     blocks (source, target), a PLT set n."""
@@ -303,7 +305,7 @@ def training_memory(kind: str, n_layers: int, d_model: int, d_features: int, *, 
     per_layer = d_features * d_model + 2 * d_features + d_model + (d_model * d_model if skip else 0)
     params = n_layers * per_layer + blocks * d_features * d_model
     need = {"parameters": 4 * params, "adam": 8 * params, "gradients": 4 * params,
-            "activations": 4 * batch_size * n_layers * 6 * (d_model + d_features),
+            "activations": 4 * batch_size * n_layers * (10 * d_model + 8 * d_features),
             "buffer": 4 * 2 * (buffer_tokens + batch_size) * 2 * n_layers * d_model}
     need["total"] = sum(need.values())
     return need
