@@ -7,6 +7,7 @@ per-layer transcoder explains more held-out MLP-output variance than PCA at equa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +24,7 @@ TEXTS = CORPUS * 12
 SMALL = dict(d_features=96, k=6, n_tokens=2048, batch_size=128, buffer_tokens=512, log_every=2, progress=False,
              sparsity_coefficient=0.1, lr=3e-3)
 SITES = [f"layers.{i}.{sub}" for sub in ("ln2", "mlp") for i in range(4)]
+TRAINED = Path(__file__).parent / "fixtures" / "circuit_tracer" / "trained"
 
 
 @pytest.mark.parametrize("kind", ["plt", "clt"])
@@ -113,6 +115,27 @@ def test_save_dir_writes_circuit_tracers_layout(llama, tmp_path):
     assert again.kind == "clt" and again.metadata == tc.metadata
     for a, b in zip(tc.W_dec + tc.threshold, again.W_dec + again.threshold):
         assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("name", ["plt_skip_jumprelu", "clt_jumprelu"])
+def test_what_we_train_and_save_circuit_tracer_loads_and_computes_alike(name):
+    """Transcoders trained and saved by mlxterp (tests/fixtures/circuit_tracer/trained, made by
+    its make.py), loaded by circuit-tracer 0.5.0's own loader and run on the same MLP inputs:
+    its pre-activations, features and reconstructions are ours (float32)."""
+    tc = mlxterp.load_transcoders(TRAINED / name)
+    assert tc.kind == name[:3] and tc.activation == "jumprelu" and tc.skip == ("skip" in name)
+    x = np.load(TRAINED / "inputs.npz")["x"]
+    theirs = np.load(TRAINED / f"{name}__ct.npz")
+    assert str(theirs["meta_kind"]) == ("cross_layer_transcoder" if tc.kind == "clt" else "transcoder_set")
+    inputs = {layer: mx.array(x[layer]) for layer in tc.layers}
+    features = {layer: tc.encode(inputs[layer], layer) for layer in tc.layers}
+    for layer in tc.layers:
+        ours = {"pre": tc.pre_acts(inputs[layer], layer), "post": features[layer],
+                "recon": tc.reconstruct(features, inputs[layer], layer)}
+        for key, value in ours.items():
+            expected = theirs[f"{key}_{layer}"]
+            np.testing.assert_allclose(np.array(value), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert (np.array(features[tc.layers[-1]]) > 0).sum(-1).mean() > 5  # features fire: a real comparison
 
 
 def bad(call, error, *texts):
