@@ -111,6 +111,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(llama, tmp_path, monk
 
 def test_save_dir_writes_circuit_tracers_layout(llama, tmp_path):
     tc = mlxterp.train_transcoders(llama, TEXTS, kind="clt", save_dir=tmp_path / "clt", **SMALL)
+    assert tc.training_log.memory_estimate == training_memory("clt", 4, 64, 96, batch_size=128, buffer_tokens=512)
     again = mlxterp.load_transcoders(tmp_path / "clt", model=llama)
     assert again.kind == "clt" and again.metadata == tc.metadata
     for a, b in zip(tc.W_dec + tc.threshold, again.W_dec + again.threshold):
@@ -168,6 +169,7 @@ def test_bad_options_are_clear_errors_before_anything_runs_or_is_written(llama, 
     bad(train(activation="relu", sparsity="l0"), OptionError, "sparsity='l0' is JumpReLU's")
     bad(train(layers=[9]), OptionError, "layer 9 does not exist")
     bad(train(memory_budget=2**20), TranscoderError, "needs about", "memory_budget is 0.0 GiB")
+    bad(train(kind="clt", layers=[1, 2]), TranscoderError, "circuit-tracer's CLT layout covers layers 0..n-1")
     bad(lambda: mlxterp.train_transcoders(llama, "The capital of France", **SMALL, **written), TranscoderError,
         "not a file or folder")
     bad(lambda: mlxterp.train_transcoders(llama, {"layers.0.ln2": np.zeros((8, 64))}, **SMALL, **written),

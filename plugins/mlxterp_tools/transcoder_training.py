@@ -53,8 +53,8 @@ def compare(model, train_texts, test_texts, *, features: int, k: int, tokens: in
     report: dict = {}
     results = {}
     for kind in ("plt", "clt"):
-        need = training_memory(kind, n_layers, model.architecture.d_model, features, activation=activation,
-                               batch_size=batch_size, buffer_tokens=options["buffer_tokens"])
+        need = training_memory(kind, n_layers, model.architecture.d_model, features, batch_size=batch_size,
+                               buffer_tokens=options["buffer_tokens"])
         say(f"[{time.strftime('%H:%M:%S')}] training the {kind.upper()} on {n_layers} layers x {features} features "
             f"({activation}{f', k={k}' if activation in ('topk', 'batchtopk') else ''}) on {tokens:,} tokens; "
             f"memory estimate {need['total'] / 2**30:.2f} GiB", flush=True)

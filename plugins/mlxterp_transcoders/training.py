@@ -73,7 +73,8 @@ class TranscoderTrainingLog(Display):
     """What a training run did: per logged step, the step, tokens seen, L0 and FVU (fraction of
     variance unexplained on the training batch) averaged over layers, the dead fraction of all
     features and the sparsity coefficient in effect; the last logged step's L0 and FVU per layer;
-    the scales measured on the first batch; and the speed."""
+    the scales measured on the first batch; the speed; and the memory the run was estimated to
+    need before it started (:func:`training_memory`, bytes)."""
 
     kind: str
     activation: str
@@ -91,6 +92,7 @@ class TranscoderTrainingLog(Display):
     n_tokens: int
     seconds: float
     tokens_per_second: float
+    memory_estimate: dict[str, int]  # training_memory's figures, in bytes
 
     def _summary(self) -> str:
         head = (f"{self.kind} {self.activation}, {len(self.layers)} layers, {self.n_tokens:,} tokens in "
@@ -248,14 +250,19 @@ def train_transcoders(
     if dead_tokens is not None:
         options.integer(dead_tokens, "dead_tokens", 1)
     budget = default_budget() if memory_budget is None else options.number(memory_budget, "memory_budget", 0, open_low=True)
-    need = training_memory(kind, len(covered), d_model, features, activation=activation, skip=skip,
-                           batch_size=batch_size, buffer_tokens=buffer_tokens)
+    need = training_memory(kind, len(covered), d_model, features, skip=skip, batch_size=batch_size,
+                           buffer_tokens=buffer_tokens)
     if need["total"] > budget:
         parts = ", ".join(f"{key} {value / GiB:.2f}" for key, value in need.items() if key != "total")
         raise TranscoderError(
             f"train_transcoders: a {kind} over {len(covered)} layers with {features} features per layer needs about "
             f"{need['total'] / GiB:.1f} GiB ({parts} GiB); memory_budget is {budget / GiB:.1f} GiB. Use fewer layers, "
             "a smaller d_features, batch_size or buffer_tokens, or raise memory_budget."
+        )
+    if save_dir is not None and kind == "clt" and (skip or covered != list(range(len(covered)))):
+        raise TranscoderError(
+            f"save_dir: circuit-tracer's CLT layout covers layers 0..n-1 without a skip; this CLT would cover {covered}"
+            f"{' with a skip' if skip else ''}. Train it with layers=range(n) and skip=False, or save it yourself."
         )
 
     inputs = [_standard(model, f"layers.{layer}.{reads}") for layer in covered]
@@ -280,7 +287,7 @@ def train_transcoders(
                       error=TranscoderError)
     trainer.finish()
     tc = trainer.export(_model_name(model))
-    tc.training_log = trainer.training_log(run.seconds, run.steps * batch_size)
+    tc.training_log = trainer.training_log(run.seconds, run.steps * batch_size, need)
     if save_dir is not None:
         from .formats import save_transcoders
 
@@ -291,8 +298,8 @@ def train_transcoders(
 # -- memory -----------------------------------------------------------------------------------
 
 
-def training_memory(kind: str, n_layers: int, d_model: int, d_features: int, *, activation: str = "jumprelu",
-                    skip: bool = False, batch_size: int = 1024, buffer_tokens: int = 8192) -> dict[str, int]:
+def training_memory(kind: str, n_layers: int, d_model: int, d_features: int, *, skip: bool = False,
+                    batch_size: int = 1024, buffer_tokens: int = 8192) -> dict[str, int]:
     """Bytes a training run holds (float32): ``parameters``, ``adam`` (two moments),
     ``gradients``, ``activations`` (one batch: inputs, targets, reconstructions, errors, their
     gradients and the decoder's partial sums, 10 x d per layer; pre-activations, features, the
@@ -565,14 +572,14 @@ class _Trainer:
         mx.eval(tc.W_enc, tc.W_dec, tc.b_dec, tc.threshold, tc.W_skip)
         return tc
 
-    def training_log(self, seconds: float, tokens: int) -> TranscoderTrainingLog:
+    def training_log(self, seconds: float, tokens: int, memory: dict[str, int]) -> TranscoderTrainingLog:
         h = self.history
         return TranscoderTrainingLog(
             kind=self.kind, activation=self.activation, layers=list(self.settings["layers"]), steps=h["steps"],
             tokens=h["tokens"], l0=h["l0"], fvu=h["fvu"], dead=h["dead"], sparsity_coefficient=h["lam"],
             layer_l0=list(self.layer_stats[0]), layer_fvu=list(self.layer_stats[1]), input_scales=self.input_scales,
             target_scales=self.target_scales, n_tokens=self.seen, seconds=seconds,
-            tokens_per_second=tokens / max(seconds, 1e-9))
+            tokens_per_second=tokens / max(seconds, 1e-9), memory_estimate=memory)
 
 
 def _scale(x: mx.array) -> float:
