@@ -17,8 +17,10 @@
    (every MLP replaced, errors off). The report says whether the CLT is the better replacement
    at equal sparsity (more CE recovered and a lower KL, L0s within 10%).
 
-``--model random``: a random-weight Llama of SmolLM2-135M's shape (as ``sae_training``), for a
-machine without the default model's file; its throughput is the default model's.
+``--model random``: a random-weight Llama of SmolLM2-135M's shape, 4-bit, float16 (as
+``sae_training``), for a GPU without the default model's file; its throughput is the default
+model's there. Not for a CPU, where MLX's float16 4-bit matmuls are far slower than the
+dequantized float32 model ``mlxterp.load()`` prepares.
 
 Writes ``--out``/transcoder_training.json, transcoder_comparison.png (both sets per layer),
 {plt,clt}_evaluation.png and {plt,clt}_training.png; ``--save`` also writes both sets in
