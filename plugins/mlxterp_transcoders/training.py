@@ -283,7 +283,8 @@ def train_transcoders(
     batches = Batches(source, batch_size, buffer_rows=buffer_tokens, rng=rng)
     trainer = _Trainer(settings, inputs, targets, log_every)
     run = train_steps(trainer, batches, steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                      settings=settings, progress=progress, desc="train_transcoders", what="train_transcoders",
+                      settings=settings, progress=progress, what="train_transcoders",
+                      desc=f"train_transcoders ({kind}, {len(covered)} layers, ~{need['total'] / GiB:.1f} GiB)",
                       error=TranscoderError)
     trainer.finish()
     tc = trainer.export(_model_name(model))
