@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from mlxterp.plugin import hookimpl
 
+from .evaluate import TranscoderEvaluation, evaluate_transcoders
 from .formats import load_transcoders, save_transcoders
+from .training import TranscoderTrainingLog, train_transcoders, training_memory
 from .transcoders import TranscoderError, Transcoders
 
 
 @hookimpl
 def mlxterp_exports():
-    return {"Transcoders": Transcoders, "load_transcoders": load_transcoders}
+    return {"Transcoders": Transcoders, "load_transcoders": load_transcoders, "train_transcoders": train_transcoders,
+            "evaluate_transcoders": evaluate_transcoders}
 
 
-__all__ = ["TranscoderError", "Transcoders", "load_transcoders", "save_transcoders"]
+__all__ = ["TranscoderError", "Transcoders", "TranscoderTrainingLog", "TranscoderEvaluation", "load_transcoders",
+           "save_transcoders", "train_transcoders", "evaluate_transcoders", "training_memory"]

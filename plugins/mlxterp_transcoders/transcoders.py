@@ -180,6 +180,13 @@ class Transcoders(Display):
         features = {layer: self.encode(inputs[layer], layer) for layer in self.layers}
         return {layer: self.reconstruct(features, inputs[layer], layer) for layer in self.layers}
 
+    def evaluate(self, model, texts, **options) -> Any:
+        """``mlxterp.evaluate_transcoders(model, self, texts, **options)``: per-layer
+        reconstruction and the replacement model's CE loss and KL (a TranscoderEvaluation)."""
+        from .evaluate import evaluate_transcoders
+
+        return evaluate_transcoders(model, self, texts, **options)
+
     def with_error_term(self, on: bool = True) -> Transcoders:
         """The same transcoders (weights shared) splicing with or without the error term."""
         other = copy.copy(self)
