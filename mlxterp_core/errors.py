@@ -38,6 +38,11 @@ class FileFormatError(MlxterpError, ValueError):
     """A file that is missing, truncated, not the format expected, or of another kind."""
 
 
+class FileWriteError(MlxterpError, OSError):
+    """A file that could not be written (a full disk, no permission); the file that was there is
+    kept whole."""
+
+
 class TraceError(MlxterpError, RuntimeError):
     """A trace used out of order: ``model.output`` outside a trace, nested traces, ..."""
 

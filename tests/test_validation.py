@@ -283,7 +283,7 @@ def test_broken_model_directories(tmp_path):
     from mlxterp_core.load import LoadError
 
     (tmp_path / "config.json").write_text('{"model_type": "llama", ')
-    with pytest.raises(LoadError, match="config.json is not readable JSON"):
+    with pytest.raises(LoadError, match="config.json is not valid JSON"):
         mlxterp.load(tmp_path)
     (tmp_path / "config.json").write_text(
         '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, '

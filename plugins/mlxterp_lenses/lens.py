@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxterp_core.errors import InputError
+from mlxterp_core.files import read_json, read_tensors, write_tensors_atomic, write_text_atomic
 
 WEIGHTS = "params.safetensors"
 REFERENCE_WEIGHTS = "params.pt"
@@ -105,8 +105,8 @@ class TunedLens(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         mx.eval(self.parameters())
-        _atomic(path / WEIGHTS, lambda tmp: mx.save_safetensors(str(tmp), self.state()), suffix=".safetensors")
-        _atomic(path / CONFIG, lambda tmp: tmp.write_text(json.dumps(self.config, indent=2)))
+        write_tensors_atomic(path / WEIGHTS, self.state())
+        write_text_atomic(path / CONFIG, json.dumps(self.config, indent=2))
         return path
 
     @classmethod
@@ -116,14 +116,16 @@ class TunedLens(nn.Module):
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise InputError(f"no tuned lens at {str(path)!r}: expected a folder with {CONFIG} and {WEIGHTS}.")
+        expected = "a tuned lens (saved by TunedLens.save or the tuned-lens package)"
+        config = read_json(path / CONFIG, f"the {CONFIG} of {expected}", error=InputError)
         try:
-            config = json.loads((path / CONFIG).read_text())
             lens = cls(int(config["d_model"]), int(config["num_hidden_layers"]), bool(config.get("bias", True)),
                        config.get("base_model_name_or_path") or "", config.get("unembed_hash"))
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path / CONFIG} is not a tuned-lens config ({type(e).__name__}: {e}).") from None
         if (path / WEIGHTS).is_file():
-            state = mx.load(str(path / WEIGHTS))
+            state = read_tensors(path / WEIGHTS, f"the weights of {expected}", error=InputError,
+                                 advice="Save the lens again, or retrain it.")
         elif (path / REFERENCE_WEIGHTS).is_file():
             state = _torch_state(path / REFERENCE_WEIGHTS)
         else:
@@ -154,16 +156,8 @@ def _torch_state(path: Path) -> dict[str, mx.array]:
         import torch
     except ImportError:
         raise InputError(f"{path} is a torch file; install torch to read it, or convert it to {WEIGHTS}.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: mx.array(value.float().numpy()) for key, value in state.items()}
-
-
-def _atomic(target: Path, write, suffix: str = "") -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
     try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a short or foreign file
+        raise InputError(f"{path} is corrupt or truncated: torch cannot read it ({type(e).__name__}: {e}).") from None
+    return {key: mx.array(value.float().numpy()) for key, value in state.items()}

@@ -24,8 +24,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxterp_analyses.lens import project
 from mlxterp_core.corpus import default_corpus, token_windows
 from mlxterp_core.errors import InputError
+from mlxterp_core.files import read_json, read_tensors, write_tensors_atomic, write_text_atomic
 
-from .lens import TunedLens, _atomic, log_softmax
+from .lens import TunedLens, log_softmax
 from .results import LensEvaluation
 
 MEMORY_BUDGET = 256 * 2**20  # bytes of float32 logits per (layer, chunk of tokens) of the loss
@@ -219,19 +220,24 @@ def _forever(model, corpus, context_size: int, batch_size: int):
 def _save_checkpoint(folder: Path, lens: TunedLens, optimizer, settings: dict, step: int, consumed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     lens.save(folder / "lens")
-    state = dict(tree_flatten(optimizer.state))
-    _atomic(folder / "optimizer.safetensors", lambda tmp: mx.save_safetensors(str(tmp), state), suffix=".safetensors")
+    write_tensors_atomic(folder / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     record = {"step": step, "microbatches": consumed, "settings": settings}
-    _atomic(folder / "state.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))  # last: marks it complete
+    write_text_atomic(folder / "state.json", json.dumps(record, indent=2))
 
 
 def _resume(folder: Path, lens: TunedLens, optimizer, settings: dict) -> tuple[int, int]:
-    record = json.loads((folder / "state.json").read_text())
+    advice = "Delete the folder to start over, or use another checkpoint_dir."
+    record = read_json(folder / "state.json", "a tuned-lens checkpoint's state", error=InputError, advice=advice)
     if record.get("settings") != settings:
         raise InputError(
             f"the checkpoint in {folder} was made with other settings ({record.get('settings')}); "
             "resume with the same ones, or use another checkpoint_dir."
         )
     lens.load_state(TunedLens.load(folder / "lens").state())
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return int(record["step"]), int(record["microbatches"])
+    tensors = read_tensors(folder / "optimizer.safetensors", "a tuned-lens checkpoint's optimiser state",
+                           error=InputError, advice=advice)
+    optimizer.state = tree_unflatten(list(tensors.items()))
+    try:
+        return int(record["step"]), int(record["microbatches"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{folder / 'state.json'} is not a tuned-lens checkpoint's state. {advice}") from None

@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxterp_core.errors import UnknownNameError
+from mlxterp_core.files import read_json, read_tensors, write_tensors_atomic, write_text_atomic
 from mlxterp_core.names import StandardName, parse, transformerlens_name
 
 from .sae import SAE, SAEConfig, SAEError
@@ -103,12 +104,7 @@ def check_sites(sae: SAE, model, where: str = "the SAE") -> None:
 
 def _saelens(folder: Path, norm_scaling_factor: float | None) -> SAE:
     cfg_path = folder / CFG
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise SAEError(f"{cfg_path}: not a readable JSON config ({type(e).__name__}: {e}).") from e
-    if not isinstance(raw, dict):
-        raise SAEError(f"{cfg_path}: the config is a JSON {type(raw).__name__}, not an object.")
+    raw = read_json(cfg_path, "an SAE config (SAELens cfg.json)", error=SAEError)
     cfg_dict = _v6(raw)
     weights = _read_tensors(folder / WEIGHTS)
     cfg = _config(cfg_dict, cfg_path)
@@ -255,18 +251,7 @@ def _legacy_tensors(weights: dict[str, mx.array], where: Path) -> dict[str, mx.a
 
 
 def _read_tensors(path: Path) -> dict[str, mx.array]:
-    if not path.is_file():
-        raise SAEError(f"{path}: file not found.")
-    try:
-        found = mx.load(str(path))
-    except Exception as e:  # mlx raises RuntimeError / ValueError on truncated or foreign files
-        raise SAEError(
-            f"{path}: cannot read the tensors ({type(e).__name__}: {e}); the file is corrupt or truncated "
-            "(download it again)."
-        ) from e
-    if not isinstance(found, dict):
-        raise SAEError(f"{path}: holds a single array, not named tensors.")
-    return found
+    return read_tensors(path, "SAE weights", error=SAEError, advice="Download or save the SAE again.")
 
 
 def _evolve(cfg: SAEConfig, **changes) -> SAEConfig:
@@ -382,16 +367,8 @@ def save_sae(sae: SAE, path, sparsity: mx.array | None = None) -> Path:
         meta.update(hook_name_out=cfg.hook_name_out or (cfg.site_out and _tl(cfg.site_out)),
                     hook_head_index_out=None, mlxterp_name_out=cfg.site_out)
     data["metadata"] = meta
-    _atomic_safetensors(folder / WEIGHTS, sae.state_dict())
+    write_tensors_atomic(folder / WEIGHTS, sae.state_dict(), metadata={"format": "pt"})
     if sparsity is not None:
-        _atomic_safetensors(folder / SPARSITY, {"sparsity": mx.array(sparsity).astype(mx.float32)})
-    tmp = folder / (CFG + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, folder / CFG)
+        write_tensors_atomic(folder / SPARSITY, {"sparsity": mx.array(sparsity).astype(mx.float32)}, metadata={"format": "pt"})
+    write_text_atomic(folder / CFG, json.dumps(data, indent=2))
     return folder
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, mx.array]) -> None:
-    tmp = path.with_name(path.stem + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
-    os.replace(tmp, path)

@@ -42,6 +42,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxterp_core.files import read_json, read_tensors, write_tensors_atomic, write_text_atomic
 from mlxterp_core.names import is_raw
 from mlxterp_core.progress import progress_bar
 
@@ -381,14 +382,13 @@ def _checkpoint(trainers: list[_Trainer], folder: Path, settings, step: int, pos
     for trainer in trainers:
         where = folder / _safe(trainer.site)
         where.mkdir(parents=True, exist_ok=True)
-        tmp = where / ("tmp." + CHECKPOINT_TENSORS)
-        mx.save_safetensors(str(tmp), trainer.state())
-        os.replace(tmp, where / CHECKPOINT_TENSORS)
+        write_tensors_atomic(where / CHECKPOINT_TENSORS, trainer.state())
         info = {"step": step, "source_position": position, "settings": settings, "scale": trainer.scale,
                 "seen": trainer.seen, "counted_tokens": trainer.counted_tokens, "history": trainer.history}
-        tmp = where / ("tmp." + CHECKPOINT_STATE)
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, where / CHECKPOINT_STATE)
+        write_text_atomic(where / CHECKPOINT_STATE, json.dumps(info))
+
+
+_RESTART = "Delete the checkpoint folder to start over."
 
 
 def _peek(folder: Path, sites: list[str], settings) -> dict[str, Any] | None:
@@ -399,10 +399,9 @@ def _peek(folder: Path, sites: list[str], settings) -> dict[str, Any] | None:
         if not where.is_file():
             found.append(None)
             continue
-        try:
-            info = json.loads(where.read_text())
-        except ValueError as e:
-            raise SAEError(f"{where}: unreadable checkpoint ({e}); delete it to start over.") from e
+        info = read_json(where, "an SAE training checkpoint", error=SAEError, advice=_RESTART)
+        if not isinstance(info.get("settings"), dict) or not isinstance(info.get("step"), int):
+            raise SAEError(f"{where} is not an SAE training checkpoint (no settings or step). {_RESTART}")
         differ = {k for k in settings if info["settings"].get(k) != settings[k]}
         if differ:
             raise SAEError(
@@ -420,12 +419,12 @@ def _peek(folder: Path, sites: list[str], settings) -> dict[str, Any] | None:
 def _resume(trainers: list[_Trainer], folder: Path) -> None:
     for trainer in trainers:
         where = folder / _safe(trainer.site)
-        info = json.loads((where / CHECKPOINT_STATE).read_text())
+        info = read_json(where / CHECKPOINT_STATE, "an SAE training checkpoint", error=SAEError, advice=_RESTART)
+        tensors = read_tensors(where / CHECKPOINT_TENSORS, "an SAE training checkpoint", error=SAEError, advice=_RESTART)
         try:
-            tensors = mx.load(str(where / CHECKPOINT_TENSORS))
-        except Exception as e:
-            raise SAEError(f"{where / CHECKPOINT_TENSORS}: unreadable checkpoint ({e}); delete it to start over.") from e
-        trainer.load_state(tensors, info)
+            trainer.load_state(tensors, info)
+        except KeyError as e:
+            raise SAEError(f"the checkpoint in {where} lacks {e}. {_RESTART}") from None
 
 
 def _safe(site: str) -> str:
