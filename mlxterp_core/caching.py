@@ -51,6 +51,7 @@ from .dataset import (
     write_json_atomic,
 )
 from .errors import MlxterpError
+from .files import read_json
 from .inputs import pad_id
 
 SHARD_BYTES = 256 << 20  # default shard size: bounds the RAM per shard and the work lost per crash
@@ -209,7 +210,7 @@ def cache_activations(
     if rank != 0:
         out.mkdir(parents=True, exist_ok=True)
         if (out / SETTINGS).is_file():
-            _check_settings(out, json.loads((out / SETTINGS).read_text()), settings)
+            _check_settings(out, _read_settings(out / SETTINGS), settings)
 
     mine = [k for k in range(len(shards)) if k % size == rank]
     done = _verified(out, fingerprint, mine)
@@ -428,6 +429,11 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
 # -- the folder ------------------------------------------------------------------------------
 
 
+def _read_settings(path: Path) -> dict:
+    return read_json(path, "the settings of an activation dataset", error=DatasetError,
+                     advice="Use another folder, or overwrite=True (--overwrite) to replace it.")
+
+
 def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
     """Rank 0: make sure ``out`` is empty, or holds this very cache (to resume), or is cleared."""
     if out.exists() and not out.is_dir():
@@ -446,7 +452,7 @@ def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool
         for p in ours:
             p.unlink()
     elif existing is not None:
-        _check_settings(out, json.loads(existing.read_text()), settings)
+        _check_settings(out, _read_settings(existing), settings)
     for p in out.glob("*.tmp"):  # a killed run's half-written file
         p.unlink()
     if overwrite or not (out / SETTINGS).is_file():
@@ -478,12 +484,12 @@ def _short(value: Any) -> str:
 def _journal_entries(out: Path, fingerprint: str) -> dict[int, dict]:
     entries: dict[int, dict] = {}
     for path in sorted(out.glob("journal-rank*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue  # a line cut by a crash
-            if entry.get("fingerprint") == fingerprint:
+            if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint and isinstance(entry.get("shard"), int):
                 entries[entry["shard"]] = entry
     return entries
 
@@ -497,7 +503,7 @@ def _verified(out: Path, fingerprint: str, mine: list[int]) -> dict[int, dict]:
         path = out / f"shard-{k:06d}.safetensors"
         if entry is None or not path.is_file():
             continue
-        if path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
+        if path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
             done[k] = entry
         else:
             warnings.warn(f"{path.name} does not match its recorded checksum: re-making it.", stacklevel=3)

@@ -67,6 +67,9 @@ FILES = [  # (folder, file, whether the reader may go on without it)
     ("lens-checkpoint", "lens/config.json", False),
     ("sae-checkpoint", f"{SITE}/trainer_state.json", True),
     ("sae-checkpoint", f"{SITE}/trainer_state.safetensors", False),
+    ("dataset", "manifest.json", False),
+    ("dataset", "shard-000000.safetensors", False),
+    ("dataset", "shard-000002.safetensors", False),
 ]
 
 
