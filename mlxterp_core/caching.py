@@ -59,7 +59,8 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # standard names whose tensors are not one row per token
 _NOT_ROWS = {"attn.q_heads", "attn.k_heads", "attn.v_heads", "attn.z_heads", "attn.q_rot", "attn.k_rot", "attn.pattern"}
 _RAW_LAYER = re.compile(r"\.layers\.(\d+)(?=$|[.#:])")
-_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+\.safetensors)(\.tmp)?$")
+_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+\.safetensors|writer-rank\d+\.lock)(\.tmp)?$")
+_LOCK = re.compile(r"^writer-rank\d+\.lock$")
 
 
 @attrs.frozen
@@ -153,7 +154,7 @@ def cache_activations(
     """
     started = time.perf_counter()
     group = distributed.world(group)
-    rank, size = group.rank(), group.size()
+    rank = group.rank()
     out = Path(out).expanduser()
     names = [sites] if isinstance(sites, str) else list(sites)
     if not names or not all(isinstance(n, str) for n in names):
@@ -197,6 +198,29 @@ def cache_activations(
             "between processes); give every rank the same command and files."
         )
 
+    lock = None
+    try:
+        # every rank takes its writer lock before rank 0 touches the folder: a second job
+        # writing here is refused before anything is changed
+        ok, error = True, None
+        try:
+            lock = _lock_folder(out, rank)
+        except MlxterpError as e:
+            ok, error = False, e
+        try:
+            distributed.all_ok(ok, group, f"locking {out}")
+        except distributed.DistributedError:
+            raise error or distributed.DistributedError(f"another rank could not lock {out}; see its error.") from None
+        return _write(model, corpus, windows, site_list, stop, shards, settings, fingerprint, out, overwrite,
+                      group, progress, started)
+    finally:
+        _unlock_folder(lock)
+
+
+def _write(model, corpus, windows, site_list, stop, shards, settings, fingerprint, out, overwrite, group,
+           progress, started) -> ActivationDataset | None:
+    """Prepare the folder, write this rank's shards, then (rank 0) the manifest."""
+    rank, size = group.rank(), group.size()
     ok, error = True, None
     if rank == 0:
         try:
@@ -207,10 +231,8 @@ def cache_activations(
         distributed.all_ok(ok, group, f"preparing {out}")
     except distributed.DistributedError:
         raise error or distributed.DistributedError(f"rank 0 could not prepare {out}; see its error.") from None
-    if rank != 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / SETTINGS).is_file():
-            _check_settings(out, _read_settings(out / SETTINGS), settings)
+    if rank != 0 and (out / SETTINGS).is_file():
+        _check_settings(out, _read_settings(out / SETTINGS), settings)
 
     mine = [k for k in range(len(shards)) if k % size == rank]
     done = _verified(out, fingerprint, mine)
@@ -429,18 +451,79 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
 # -- the folder ------------------------------------------------------------------------------
 
 
+def _lock_folder(out: Path, rank: int) -> tuple[Path, int] | None:
+    """Hold this rank's writer lock on ``out`` (creating the folder): an advisory ``flock`` on
+    ``writer-rank{rank}.lock``, whose content names the holder. Two jobs writing one folder both
+    have a rank 0, so the second is refused at once (the ranks of one job lock different files).
+    The system releases the lock when its process exits, killed or not, so a lock file left
+    behind never blocks a later run. Returns (path, descriptor), or None where the OS has no
+    flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per folder is then up to the user
+        return None
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file; cache_activations needs a folder (a new or empty one).")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"writer-rank{rank}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0)
+            os.close(fd)
+            raise DatasetError(_refusal(out, path, holder)) from None
+        except OSError as e:  # a filesystem without flock
+            os.close(fd)
+            warnings.warn(f"{path} cannot be locked ({e.strerror}): make sure no other process writes to {out}.", stacklevel=3)
+            return None
+        try:  # the holder we waited on may have removed the file: then lock the one there now
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return path, fd
+
+
+def _unlock_folder(lock: tuple[Path, int] | None) -> None:
+    if lock is not None:
+        path, fd = lock
+        path.unlink(missing_ok=True)  # removed while still held: no one can lock the old file after us
+        os.close(fd)
+
+
+def _refusal(out: Path, path: Path, holder: bytes) -> str:
+    try:
+        info = json.loads(holder)
+        who = (f"process {info['pid']} on {info['host']}, started {info['started']}"
+               + (f" ({info['command']})" if info.get("command") else ""))
+    except (ValueError, KeyError, TypeError):
+        who = "a process that is just starting"
+    return (
+        f"{out} is being written by another process: {who}. Two writers in one folder would corrupt it, "
+        "so this one stopped before changing anything. Wait for that process to finish and rerun this "
+        "call (it resumes, or finds the dataset done), stop that process, or write to another folder. "
+        f"(The lock is {path.name}; the system releases it when that process exits, even if it is killed.)"
+    )
+
+
 def _read_settings(path: Path) -> dict:
     return read_json(path, "the settings of an activation dataset", error=DatasetError,
                      advice="Use another folder, or overwrite=True (--overwrite) to replace it.")
 
 
 def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
-    """Rank 0: make sure ``out`` is empty, or holds this very cache (to resume), or is cleared."""
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out} is a file; cache_activations needs a folder (a new or empty one).")
+    """Rank 0, holding the lock: make sure ``out`` is empty, or holds this very cache (to
+    resume), or is cleared. Lock files stay: each is held by a rank of this job."""
     out.mkdir(parents=True, exist_ok=True)
     entries = list(out.iterdir())
-    ours = [p for p in entries if _OURS.match(p.name)]
+    ours = [p for p in entries if _OURS.match(p.name) and not _LOCK.match(p.name)]
     foreign = [p for p in entries if not _OURS.match(p.name)]
     existing = next((p for p in (out / SETTINGS, out / MANIFEST) if p.is_file()), None)
     if foreign and existing is None:

@@ -269,6 +269,31 @@ def test_a_shard_cut_short_while_open_is_an_error_not_a_crash(model, tmp_path):
     assert f"{ds.shards[1]['file']} is truncated" in done.stdout
 
 
+def test_a_held_writer_lock_refuses_a_second_writer_and_a_stale_one_blocks_nothing(model, tmp_path):
+    import socket
+
+    out = tmp_path / "ds"
+    reference = cache(model, out)
+    assert not list(out.glob("*.lock"))  # released and removed when the run ends
+    other = caching._lock_folder(out, 0)  # another writer (flock conflicts within a process too)
+    try:
+        before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".lock")}
+        for overwrite in (False, True):
+            with pytest.raises(DatasetError, match=rf"{out} is being written by another process: process {os.getpid()} "
+                                                   rf"on {socket.gethostname()}, started .*stopped before changing anything"):
+                cache(model, out, overwrite=overwrite)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".lock")} == before
+        rank1 = caching._lock_folder(out, 1)  # another rank of the same job: another lock file
+        caching._unlock_folder(rank1)
+    finally:
+        caching._unlock_folder(other)
+    # a killed writer's lock file (no one holds it) is no foreign file and blocks nothing
+    for folder, options in ((out, {}), (out, {"overwrite": True}), (tmp_path / "new", {})):
+        folder.mkdir(exist_ok=True)
+        (folder / "writer-rank0.lock").write_text('{"pid": 1, "host": "gone"}')
+        assert shard_digests(cache(model, folder, **options)) == shard_digests(reference)
+
+
 def test_one_shot_iterators_and_files(model, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))

@@ -70,6 +70,8 @@ def test_sigkill_mid_run_loses_at_most_one_shard(files, reference):
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-500:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
+    lock = out / "writer-rank0.lock"
+    assert json.loads(lock.read_text())["pid"] == proc.pid  # the killed writer's lock file stays behind
     done = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
     assert not (out / "manifest.json").exists() and len(done) < len(reference.shards)
     kept = {f"shard-{k:06d}.safetensors": (out / f"shard-{k:06d}.safetensors").stat().st_mtime_ns for k in done}
@@ -80,7 +82,33 @@ def test_sigkill_mid_run_loses_at_most_one_shard(files, reference):
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # finished shards untouched
     lines = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
     assert sorted(lines) == list(range(len(manifest["shards"])))  # every shard made exactly once
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not lock.exists()
+
+
+def test_two_writers_started_together_one_is_refused(files, reference, tmp_path):
+    """Two jobs caching into one folder at once: the second to lock it stops at once, naming
+    the first; the first writes the one-process dataset."""
+    root, gguf, corpus = files
+    out, go = tmp_path / "ds", tmp_path / "go"
+    writer = [sys.executable, os.path.join(os.path.dirname(__file__), "cache_writer.py"), str(go)]
+    procs = [subprocess.Popen(writer + command(gguf, corpus, out)[4:], env=environment(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs) and len(list(tmp_path.glob("holding-*"))) < 2:
+            time.sleep(0.02)
+        go.touch()  # one writer is out (refused), or both hold the folder at once (no lock)
+        outcome = [(p.pid, *p.communicate(timeout=180)[1:], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = sorted(code for _, _, code in outcome)
+    assert codes == [0, 2], [(code, err[-1000:]) for _, err, code in outcome]
+    (winner, _, _), (_, refused, _) = sorted(outcome, key=lambda o: o[2])
+    assert f"is being written by another process: process {winner} on {socket.gethostname()}, started" in refused
+    assert "Wait for that process to finish" in refused
+    assert mlxterp.ActivationDataset(out).verify() == {}
+    assert digests(out)[0] == digests(reference.path)[0]
 
 
 def free_ports(n):
