@@ -125,6 +125,8 @@ def cache_activations(
     shard_tokens: int | None = None,
     progress: bool | None = None,
     group: Any = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> ActivationDataset | None:
     """Run ``corpus`` through the model and write the activations at ``sites`` to ``out``.
 
@@ -148,6 +150,7 @@ def cache_activations(
             when stderr is a terminal.
         group: an ``mx.distributed`` group (default: ``mx.distributed.init()``, a singleton
             unless started by ``mlx.launch``).
+        encoding, errors: how corpus files are decoded (see ``read_documents``).
 
     Returns:
         The :class:`ActivationDataset` (None on a rank that cannot see rank 0's folder).
@@ -163,7 +166,7 @@ def cache_activations(
     if not isinstance(corpus, (str, Path)) and not isinstance(corpus, (list, tuple)):
         corpus = list(read_documents(corpus))  # read twice below: keep a one-shot iterator's documents
     windows = dict(context_size=context_size, batch_size=batch_size, packing=packing,
-                   prepend_bos=prepend_bos, max_tokens=max_tokens)
+                   prepend_bos=prepend_bos, max_tokens=max_tokens, encoding=encoding, errors=errors)
 
     plan_rows, corpus_id = _plan(model, corpus, windows)
     first = next(token_windows(model, corpus, **windows))
@@ -812,6 +815,8 @@ def cache_main(args) -> int:
             max_tokens=args.max_tokens,
             shard_tokens=args.shard_tokens,
             group=group,
+            encoding=args.encoding,
+            errors=args.errors,
         )
     except MlxterpError as e:
         print(f"{prefix}: {e}", file=sys.stderr)

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--max-tokens", type=int, help="cache at most this many tokens")
     cache.add_argument("--shard-tokens", type=int, help="about how many tokens per shard (default: ~256 MiB shards)")
     cache.add_argument("--no-packing", action="store_true", help="one document per window, right-padded (default: packed windows)")
+    cache.add_argument("--encoding", default="utf-8", help="the corpus files' text encoding (default: utf-8)")
+    cache.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore", "backslashreplace", "surrogateescape"],
+                       help="bytes that do not decode: an error naming the line (strict, the default), or replaced, ignored, ...")
     args = parser.parse_args(argv)
     if args.command == "cache":
         from .caching import cache_main

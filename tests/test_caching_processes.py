@@ -111,6 +111,21 @@ def test_two_writers_started_together_one_is_refused(files, reference, tmp_path)
     assert digests(out)[0] == digests(reference.path)[0]
 
 
+def test_the_cache_command_reads_a_corpus_in_another_encoding(files, tmp_path, capsys):
+    from mlxterp_core.cli import main
+
+    root, gguf, _ = files
+    docs = [f"{d.replace(chr(10), ' ')} caf\u00e9" for d in default_corpus()[:40] if d.isascii()]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("\n".join(docs).encode("latin-1"))
+    assert main(command(gguf, latin, tmp_path / "strict")[3:]) == 2
+    assert f"{latin} is not utf-8 text at line 1" in capsys.readouterr().err
+    assert main(command(gguf, latin, tmp_path / "latin", "--encoding", "latin-1")[3:]) == 0
+    expected = mlxterp.load(gguf).cache_activations(docs, SITES, tmp_path / "list", context_size=16, batch_size=2,
+                                                    shard_tokens=32, max_tokens=1200)
+    assert digests(tmp_path / "latin")[0] == digests(expected.path)[0]
+
+
 def free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:

@@ -99,3 +99,23 @@ def test_a_damaged_file_is_an_error_naming_it(model, made, tmp_path, folder, nam
         assert name.rsplit("/", 1)[-1] in str(e), str(e)
     else:
         assert optional and how == "missing", f"a {how} {name} was read without an error"
+
+
+def test_every_entry_point_reading_a_corpus_path_names_a_file_that_is_not_utf8(model, made, tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("\n".join(f"{text} caf\u00e9" for text in CORPUS * 2).encode("latin-1"))
+    sae = load_sae(made / "sae" / SITE)
+    lens = TunedLens.for_model(model)
+    calls = {
+        "cache_activations": lambda **o: model.cache_activations(latin, ["layers[1]"], tmp_path / f"ds-{len(o)}",
+                                                                 context_size=16, progress=False, **o),
+        "train_tuned_lens": lambda **o: model.train_tuned_lens(latin, **LENS_TRAINING, **o),
+        "evaluate_tuned_lens": lambda **o: model.evaluate_tuned_lens(lens, latin, context_size=16, **o),
+        "train_sae": lambda **o: train_sae(model, SITE, latin, **{**SAE_TRAINING, "checkpoint_every": 500}, **o),
+        "sae.evaluate": lambda **o: sae.evaluate(model, latin, context_size=16, progress=False, **o),
+        "sae.top_activations": lambda **o: sae.top_activations(model, latin, [0], context_size=16, progress=False, **o),
+    }
+    for name, call in calls.items():
+        with pytest.raises(MlxterpError, match=rf"{latin} is not utf-8 text at line 1, byte 35"):
+            call()
+        call(encoding="latin-1")

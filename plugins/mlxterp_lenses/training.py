@@ -48,6 +48,8 @@ def train_tuned_lens(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
     progress: bool = True,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> TunedLens:
     """Train a tuned lens for ``model`` on ``corpus`` (default: ``default_corpus()``, read again
     from its start whenever it runs out) and return it.
@@ -60,6 +62,7 @@ def train_tuned_lens(
         checkpoint_dir: save the lens, the optimiser state and the data position there every
             ``checkpoint_every`` steps; a later call with the same folder resumes from it.
         progress: a tqdm bar (silent when not on a terminal).
+        encoding, errors: how a corpus file is decoded (see ``mlxterp.read_documents``).
     """
     if num_steps < 1 or tokens_per_step < 1:
         raise InputError("num_steps and tokens_per_step must be positive.")
@@ -77,7 +80,7 @@ def train_tuned_lens(
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None and (checkpoint / "state.json").is_file():
         step, consumed = _resume(checkpoint, lens, optimizer, settings)
-    batches = _forever(model, corpus, context_size, batch_size)
+    batches = _forever(model, corpus, context_size, batch_size, encoding, errors)
     for _ in range(consumed):  # the micro-batches the checkpoint has already trained on
         next(batches)
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
@@ -123,15 +126,19 @@ def evaluate_tuned_lens(
     context_size: int = 512,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> LensEvaluation:
     """Mean KL(final || lens) in nats per translator (the stream entering each block), for the
-    tuned lens and the logit lens, over the real non-BOS tokens of ``corpus``."""
+    tuned lens and the logit lens, over the real non-BOS tokens of ``corpus`` (a corpus file is
+    decoded with ``encoding`` and ``errors``, see ``mlxterp.read_documents``)."""
     arch = model.architecture_or_raise("the tuned lens")
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
     tuned = mx.zeros(arch.n_layers)
     logit = mx.zeros(arch.n_layers)
     counted = 0
-    for windows in token_windows(model, corpus, context_size, batch_size=batch_size, max_tokens=max_tokens):
+    for windows in token_windows(model, corpus, context_size, batch_size=batch_size, max_tokens=max_tokens,
+                                 encoding=encoding, errors=errors):
         keep = mx.array(np.flatnonzero((windows.mask & ~windows.bos).ravel()))
         if keep.size == 0:
             continue
@@ -204,13 +211,13 @@ def _scale(tree, factor: float):
     return tree_map(lambda x: x * factor, tree)
 
 
-def _forever(model, corpus, context_size: int, batch_size: int):
+def _forever(model, corpus, context_size: int, batch_size: int, encoding: str = "utf-8", errors: str = "strict"):
     """The corpus's micro-batches, from its start again whenever it runs out."""
     if isinstance(corpus, Iterator):
         corpus = list(corpus)  # a one-shot iterator cannot be read twice
     for epoch in itertools.count():
         empty = True
-        for windows in token_windows(model, corpus, context_size, batch_size=batch_size):
+        for windows in token_windows(model, corpus, context_size, batch_size=batch_size, encoding=encoding, errors=errors):
             empty = False
             yield windows
         if empty:

@@ -101,8 +101,11 @@ def top_activations(
     prefix: int = 12,
     suffix: int = 4,
     progress: bool | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> FeatureExamples:
-    """The top-activating contexts of ``features`` over ``texts`` (see the module doc)."""
+    """The top-activating contexts of ``features`` over ``texts`` (see the module doc; a corpus
+    path is decoded with ``encoding`` and ``errors``, see ``mlxterp.read_documents``)."""
     from mlxterp_core.corpus import token_windows
     from mlxterp_core.progress import progress_over
 
@@ -117,7 +120,8 @@ def top_activations(
         raise SAEError("top_activations reads texts: the model needs a tokenizer.")
     select = mx.array(chosen)
     token_rows, value_rows, keep_rows, doc_rows, pos_rows = [], [], [], [], []
-    windows = token_windows(model, texts, context_size, batch_size=batch_size, max_tokens=n_tokens)
+    windows = token_windows(model, texts, context_size, batch_size=batch_size, max_tokens=n_tokens,
+                            encoding=encoding, errors=errors)
     sites = list(dict.fromkeys([sae.cfg.site]))
     for batch in progress_over(windows, n_tokens, "top_activations", progress is not False, "tok", lambda b: b.n_tokens):
         x = trace_sites(model, batch.inputs, sites)[sae.cfg.site]

@@ -113,6 +113,8 @@ def train_sae(
     save_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
     log_every: int = 10,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> SAE | list[SAE]:
     """Train an SAE (or one per site, all from the same forward passes) and return it.
 
@@ -144,6 +146,7 @@ def train_sae(
         save_dir: save each trained SAE there in the SAELens v6 layout (one folder per site).
         progress: False hides the tqdm bar with live L0 / FVU / dead fraction (shown only
             when stderr is a terminal).
+        encoding, errors: how a corpus file is decoded (see ``mlxterp.read_documents``).
 
     Returns:
         the SAE, or a list of SAEs (one per site) when ``site`` is a list. Each has
@@ -164,7 +167,7 @@ def train_sae(
     names = [_standard(model, s) for s in sites]
     if len(set(names)) != len(names):
         raise SAEError(f"the same site is named twice in {sites}.")
-    source = _source(model, names, data, context_size, forward_batch, seed, skip_first)
+    source = _source(model, names, data, context_size, forward_batch, seed, skip_first, encoding, errors)
     batches = _shuffled(source, batch_size, buffer_tokens, seed)
     steps = max(1, n_tokens // batch_size)
     dead_tokens = dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_tokens // 10))
@@ -504,10 +507,10 @@ class _Source:
 
 
 class _TextSource(_Source):
-    def __init__(self, model, sites, corpus, context_size, forward_batch, skip_first=True):
+    def __init__(self, model, sites, corpus, context_size, forward_batch, skip_first=True, encoding="utf-8", errors="strict"):
         from mlxterp_core.corpus import read_documents
 
-        self.model, self.sites = model, sites
+        self.model, self.sites, self.decoding = model, sites, {"encoding": encoding, "errors": errors}
         self.corpus = corpus if isinstance(corpus, (str, os.PathLike)) else list(read_documents(corpus))
         self.context_size, self.forward_batch, self.skip_first = context_size, forward_batch, skip_first
         self._skip = 0
@@ -517,7 +520,7 @@ class _TextSource(_Source):
 
         while True:
             read = skipped = 0
-            for windows in token_windows(self.model, self.corpus, self.context_size, batch_size=self.forward_batch):
+            for windows in token_windows(self.model, self.corpus, self.context_size, batch_size=self.forward_batch, **self.decoding):
                 self.position += len(windows)
                 if self.position <= self._skip:
                     skipped += 1
@@ -574,7 +577,7 @@ class _ArraySource(_Source):
                 yield {s: a[start : start + self.chunk].astype(mx.float32) for s, a in self.arrays.items()}
 
 
-def _source(model, sites, data, context_size, forward_batch, seed, skip_first=True) -> _Source:
+def _source(model, sites, data, context_size, forward_batch, seed, skip_first=True, encoding="utf-8", errors="strict") -> _Source:
     if hasattr(data, "batches"):
         return _DatasetSource(data, sites, 4096, seed, skip_first)
     if isinstance(data, (mx.array, np.ndarray)):
@@ -591,7 +594,7 @@ def _source(model, sites, data, context_size, forward_batch, seed, skip_first=Tr
         raise SAEError(f"data={data[:60]!r} is not a file or folder: pass texts as a list of strings.")
     if model.tokenizer is None:
         raise SAEError("training on texts needs a model with a tokenizer.")
-    return _TextSource(model, sites, data, context_size, forward_batch, skip_first)
+    return _TextSource(model, sites, data, context_size, forward_batch, skip_first, encoding, errors)
 
 
 def _shuffled(source: _Source, batch_size: int, buffer_tokens: int, seed: int) -> Iterator[dict[str, mx.array]]:
