@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxterp_analyses.lens import project
 from mlxterp_core.corpus import default_corpus, token_windows
-from mlxterp_core.errors import InputError
+from mlxterp_core import options
+from mlxterp_core.errors import InputError, OptionError
 from mlxterp_core.files import read_json, read_tensors, write_tensors_atomic, write_text_atomic
 
 from .lens import TunedLens, log_softmax
@@ -58,18 +60,26 @@ def train_tuned_lens(
         lens: continue training this lens (default: a new, zero-initialised one).
         num_steps, tokens_per_step: optimiser steps, and real tokens (BOS excluded) per step.
         context_size, batch_size: the token windows of one micro-batch (one forward pass).
-        lr, momentum, weight_decay, grad_clip: SGD-Nesterov as in the reference.
+        lr, momentum, weight_decay, grad_clip: SGD-Nesterov as in the reference (lr > 0,
+            momentum in (0, 1), weight_decay >= 0, grad_clip >= 0 where 0 does not clip).
         checkpoint_dir: save the lens, the optimiser state and the data position there every
             ``checkpoint_every`` steps; a later call with the same folder resumes from it.
         progress: a tqdm bar (silent when not on a terminal).
         encoding, errors: how a corpus file is decoded (see ``mlxterp.read_documents``).
     """
-    if num_steps < 1 or tokens_per_step < 1:
-        raise InputError("num_steps and tokens_per_step must be positive.")
-    lens = lens or TunedLens.for_model(model)
     arch = model.architecture_or_raise("the tuned lens")
-    if lens.num_hidden_layers != arch.n_layers:
-        raise InputError(f"this lens has {lens.num_hidden_layers} translators; the model has {arch.n_layers} layers.")
+    num_steps, tokens_per_step, context_size, batch_size, checkpoint_every = (
+        options.integer(value, option, 1) for option, value in (
+            ("num_steps", num_steps), ("tokens_per_step", tokens_per_step), ("context_size", context_size),
+            ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)))
+    lr = options.number(lr, "lr", 0.0, open_low=True)
+    momentum = options.number(momentum, "momentum", 0.0, 1.0, open_low=True, open_high=True)  # Nesterov needs > 0
+    weight_decay = options.number(weight_decay, "weight_decay", 0.0)
+    grad_clip = options.number(grad_clip, "grad_clip", 0.0)  # 0: no clipping
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise OptionError(f"checkpoint_dir={checkpoint_dir!r:.60}: expected a folder path, or None.")
+    _check_lens(lens, arch, optional=True)
+    lens = lens or TunedLens.for_model(model)
     corpus = default_corpus() if corpus is None else corpus
     optimizer = optim.SGD(learning_rate=optim.linear_schedule(lr, 0.0, num_steps), momentum=momentum,
                           weight_decay=weight_decay, nesterov=True)
@@ -133,6 +143,9 @@ def evaluate_tuned_lens(
     tuned lens and the logit lens, over the real non-BOS tokens of ``corpus`` (a corpus file is
     decoded with ``encoding`` and ``errors``, see ``mlxterp.read_documents``)."""
     arch = model.architecture_or_raise("the tuned lens")
+    _check_lens(lens, arch)
+    context_size, batch_size = options.integer(context_size, "context_size", 1), options.integer(batch_size, "batch_size", 1)
+    max_tokens = None if max_tokens is None else options.integer(max_tokens, "max_tokens", 1)
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
     tuned = mx.zeros(arch.n_layers)
     logit = mx.zeros(arch.n_layers)
@@ -159,6 +172,15 @@ def evaluate_tuned_lens(
 
 
 # -- pieces -------------------------------------------------------------------------------------
+
+
+def _check_lens(lens, arch, optional: bool = False) -> None:
+    if lens is None and optional:
+        return
+    if not isinstance(lens, TunedLens):
+        raise OptionError(f"lens={lens!r:.60}: expected a TunedLens (TunedLens.for_model(model) or TunedLens.load(path)).")
+    if lens.num_hidden_layers != arch.n_layers:
+        raise OptionError(f"lens: this lens has {lens.num_hidden_layers} translators; the model has {arch.n_layers} layers.")
 
 
 def _kl_sum(model, hidden: mx.array, target_logp: mx.array) -> mx.array:
