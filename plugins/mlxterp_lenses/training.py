@@ -248,6 +248,9 @@ def _forever(model, corpus, context_size: int, batch_size: int, encoding: str = 
 
 def _save_checkpoint(folder: Path, lens: TunedLens, optimizer, settings: dict, step: int, consumed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    # state.json, written last, marks the checkpoint complete: remove it before anything else
+    # changes, so that a write that fails (a full disk) never leaves it beside newer files
+    (folder / "state.json").unlink(missing_ok=True)
     lens.save(folder / "lens")
     write_tensors_atomic(folder / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     record = {"step": step, "microbatches": consumed, "settings": settings}

@@ -385,6 +385,9 @@ def _checkpoint(trainers: list[_Trainer], folder: Path, settings, step: int, pos
     for trainer in trainers:
         where = folder / _safe(trainer.site)
         where.mkdir(parents=True, exist_ok=True)
+        # the JSON state, written last, marks the checkpoint complete: remove it before the
+        # tensors change, so that a failed write (a full disk) never leaves it beside newer ones
+        (where / CHECKPOINT_STATE).unlink(missing_ok=True)
         write_tensors_atomic(where / CHECKPOINT_TENSORS, trainer.state())
         info = {"step": step, "source_position": position, "settings": settings, "scale": trainer.scale,
                 "seen": trainer.seen, "counted_tokens": trainer.counted_tokens, "history": trainer.history}
