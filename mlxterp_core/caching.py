@@ -35,7 +35,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from . import distributed
+from . import distributed, options
 from .corpus import DEFAULT_BATCH_SIZE, Windows, read_documents, token_windows
 from .dataset import (
     FORMAT,
@@ -50,7 +50,7 @@ from .dataset import (
     sha256_file,
     write_json_atomic,
 )
-from .errors import MlxterpError
+from .errors import MlxterpError, OptionError
 from .files import read_json
 from .inputs import pad_id
 
@@ -159,9 +159,13 @@ def cache_activations(
     group = distributed.world(group)
     rank = group.rank()
     out = Path(out).expanduser()
-    names = [sites] if isinstance(sites, str) else list(sites)
+    names = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, (list, tuple)) else []
     if not names or not all(isinstance(n, str) for n in names):
-        raise DatasetError(f"sites must be a site name or a non-empty list of names, got {sites!r}.")
+        raise DatasetError(f"sites must be a site name or a non-empty list of names, got {sites!r:.80}.")
+    for option, value in (("packing", packing), ("prepend_bos", prepend_bos)):
+        if not isinstance(value, bool):
+            raise OptionError(f"{option}={value!r:.40}: expected True or False.")
+    shard_tokens = None if shard_tokens is None else options.integer(shard_tokens, "shard_tokens", 1)
     stored = _stored_dtype(dtype)
     if not isinstance(corpus, (str, Path)) and not isinstance(corpus, (list, tuple)):
         corpus = list(read_documents(corpus))  # read twice below: keep a one-shot iterator's documents

@@ -250,7 +250,7 @@ def token_windows(
     for name, value in (("context_size", context_size), ("batch_size", batch_size)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise CorpusError(f"{name} must be a positive integer, got {value!r}.")
-    if max_tokens is not None and max_tokens < 1:
+    if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise CorpusError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
     bos_id = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
     bos_id = bos_id if isinstance(bos_id, int) else None

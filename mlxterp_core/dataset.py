@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import options
 from .errors import MlxterpError
 from .files import read_json, read_tensors
 
@@ -52,6 +53,10 @@ _MX_CODES = {mx_dtype: code for code, (_, mx_dtype) in _CODES.items()}
 
 class DatasetError(MlxterpError):
     """An activation dataset that cannot be written or read as asked, and what to do."""
+
+
+class RowIndexError(DatasetError, IndexError):
+    """A row index past the rows of a dataset (an IndexError too, so iteration stops there)."""
 
 
 def dtype_code(dtype: mx.Dtype) -> str:
@@ -268,16 +273,20 @@ class SiteRows:
         return self.shape[0]
 
     def numpy(self, index: Any) -> np.ndarray:
-        """The rows at ``index`` as numpy (bfloat16 as its uint16 bits)."""
+        """The rows at ``index`` (an int, a slice, or a 1-D array of ints or of n bools) as
+        numpy (bfloat16 as its uint16 bits)."""
         n = len(self)
         if isinstance(index, (int, np.integer)):
             i = int(index) + (n if index < 0 else 0)
             if not 0 <= i < n:
-                raise IndexError(f"row {index} out of range for {n} rows")
+                raise RowIndexError(f"row {index} does not exist: there are {n} rows (0 .. {n - 1}, or -{n} .. -1 from the end).")
             k = int(np.searchsorted(self._starts, i, side="right") - 1)
             return self._parts[k].read(i - self._starts[k], i - self._starts[k] + 1)[0]
         if isinstance(index, slice):
-            start, stop, step = index.indices(n)
+            try:
+                start, stop, step = index.indices(n)
+            except (TypeError, ValueError) as e:
+                raise DatasetError(f"rows[{index!r:.60}]: {e}.") from None
             if step == 1:
                 out = np.empty((max(stop - start, 0), *self.shape[1:]), self._np_dtype)
                 for k, part in enumerate(self._parts):
@@ -286,12 +295,7 @@ class SiteRows:
                         part.read(int(a - self._starts[k]), int(b - self._starts[k]), out[a - start : b - start])
                 return out
             index = np.arange(start, stop, step)
-        index = np.asarray(index)
-        if index.dtype == np.bool_:
-            index = np.flatnonzero(index)
-        index = np.where(index < 0, index + n, index)
-        if index.size and (index.min() < 0 or index.max() >= n):
-            raise IndexError(f"row index out of range for {n} rows")
+        index = _row_indices(index, n)
         out = np.empty((len(index), *self.shape[1:]), self._np_dtype)
         shard = np.searchsorted(self._starts, index, side="right") - 1
         for k in np.unique(shard):
@@ -305,6 +309,23 @@ class SiteRows:
 
     def __getitem__(self, index: Any) -> mx.array:
         return _to_mx(self.numpy(index), self.dtype)
+
+
+def _row_indices(index: Any, n: int) -> np.ndarray:
+    """An index array (1-D ints, negatives from the end, or n bools) as int64 rows in [0, n)."""
+    try:
+        array = np.asarray(np.array(index) if isinstance(index, mx.array) else index)
+    except (ValueError, TypeError):
+        array = np.asarray(None)
+    if array.dtype == np.bool_ and array.shape == (n,):
+        return np.flatnonzero(array)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise DatasetError(f"rows[{index!r:.60}]: index rows with an int, a slice, a 1-D array of ints, or {n} bools.")
+    rows = array.astype(np.int64)
+    bad = (rows < -n) | (rows >= n)
+    if bad.any():
+        raise RowIndexError(f"row {rows[bad][0]} does not exist: there are {n} rows (0 .. {n - 1}, or -{n} .. -1 from the end).")
+    return np.where(rows < 0, rows + n, rows)
 
 
 def _to_mx(rows: np.ndarray, dtype: mx.Dtype) -> mx.array:
@@ -431,6 +452,7 @@ class ActivationDataset:
 
     def load_shard(self, k: int) -> dict[str, mx.array]:
         """Every tensor of shard ``k`` (lazy, through ``mx.load``)."""
+        k = options.index(k, len(self.shards), "k", "shard")
         return read_tensors(self.path / self.shards[k]["file"], f"shard {k} of the dataset at {self.path}",
                             error=DatasetError, advice=REMAKE)
 
@@ -476,6 +498,8 @@ class ActivationDataset:
         name = self.site_name(site)
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise DatasetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        seed = None if seed is None else options.integer(seed, "seed", 0)
+        buffer_rows = options.integer(buffer_rows, "buffer_rows", 1)
         rng = np.random.default_rng(seed)
         dtype = self.site_info(name)["dtype"] if name in self.sites else None
         mx_dtype = getattr(mx, dtype) if dtype else None

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxterp_core import options
 from mlxterp_core.errors import InputError
 from mlxterp_core.files import read_json, read_tensors, write_tensors_atomic, write_text_atomic
 
@@ -38,6 +39,7 @@ class TunedLens(nn.Module):
     def __init__(self, d_model: int, num_hidden_layers: int, bias: bool = True,
                  base_model_name_or_path: str = "", unembed_hash: str | None = None):
         super().__init__()
+        d_model, num_hidden_layers = options.integer(d_model, "d_model", 1), options.integer(num_hidden_layers, "num_hidden_layers", 1)
         self.layer_translators = [nn.Linear(d_model, d_model, bias=bias) for _ in range(num_hidden_layers)]
         for translator in self.layer_translators:
             translator.weight = mx.zeros_like(translator.weight)
@@ -71,6 +73,8 @@ class TunedLens(nn.Module):
 
     def transform_hidden(self, hidden: mx.array, index: int) -> mx.array:
         """``h + A_index h + b_index`` for the stream entering block ``index``, (..., D)."""
+        index = options.index(index, self.num_hidden_layers, "index", "translator")
+        hidden = options.vectors(hidden, self._config["d_model"], "hidden")
         return hidden + self.layer_translators[index](hidden)
 
     def __call__(self, hidden: mx.array, index: int) -> mx.array:

@@ -18,6 +18,7 @@ import numpy as np
 
 from mlxterp_analyses.results import Serialisable
 from mlxterp_analyses.views import Display
+from mlxterp_core import options
 
 from .sae import SAE, SAEError
 
@@ -113,9 +114,11 @@ def top_activations(
 
     from .train import trace_sites
 
-    chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
-    for f in chosen:
-        sae.direction(f)  # range check
+    chosen = _features(sae, features)
+    n_examples, n_quantiles = options.integer(n_examples, "n_examples", 1), options.integer(n_quantiles, "n_quantiles", 1)
+    per_quantile, prefix, suffix = (options.integer(v, name, 0) for name, v in
+                                    (("per_quantile", per_quantile), ("prefix", prefix), ("suffix", suffix)))
+    n_tokens = None if n_tokens is None else options.integer(n_tokens, "n_tokens", 1)
     if model.tokenizer is None:
         raise SAEError("top_activations reads texts: the model needs a tokenizer.")
     select = mx.array(chosen)
@@ -185,7 +188,7 @@ def steer(sae: SAE, feature: int, scale: float, positions=None) -> dict[str, Cal
     ``run`` and ``generate`` (no splice needed): ``model.generate(p, interventions=sae.steer(3, 8.0))``."""
     from mlxterp_core import interventions as iv
 
-    add = iv.add_vector(scale * sae.direction(feature))
+    add = iv.add_vector(options.number(scale, "scale") * sae.direction(feature))
     return {sae.site: add if positions is None else add.at(positions=positions)}
 
 
@@ -195,13 +198,23 @@ def ablate(sae: SAE, features: int | Sequence[int], value: float = 0.0, position
     ``(value - f_i) * W_dec[i]``."""
     from mlxterp_core import interventions as iv
 
-    chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
-    for f in chosen:
-        sae.direction(f)
+    chosen = _features(sae, features)
+    value = options.number(value, "value")
     mask = mx.array(np.isin(np.arange(sae.cfg.d_sae), chosen))
     edit = iv.Intervention(lambda f: mx.where(mask, mx.array(value, dtype=f.dtype), f),
                            f"set features {chosen} to {value}")
     return {sae.feature_name("features"): edit if positions is None else edit.at(positions=positions)}
+
+
+def _features(sae: SAE, features: int | Sequence[int]) -> list[int]:
+    """Feature indices (one or a non-empty list), each checked against the SAE's width."""
+    if isinstance(features, (int, np.integer)) and not isinstance(features, bool):
+        features = [features]
+    if isinstance(features, (str, bytes)) or not isinstance(features, (Sequence, np.ndarray)) or not len(features):
+        raise SAEError(f"features={features!r:.60}: give a feature index or a non-empty list of them.")
+    for f in features:
+        sae.direction(f)  # range check
+    return [int(f) for f in features]
 
 
 # -- attribution --------------------------------------------------------------------------------

@@ -167,9 +167,10 @@ def _major(version: str) -> int:
 
 def _config(cfg: dict[str, Any], cfg_path: Path) -> SAEConfig:
     meta = dict(cfg.get("metadata") or {})
-    for field in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(field), int):
-            raise SAEError(f"{cfg_path}: cfg field {field!r} is missing or not an integer ({cfg.get(field)!r}).")
+    for field in ("d_in", "d_sae", "d_out", "k"):
+        value = cfg.get(field)
+        if (field in ("d_in", "d_sae") or value is not None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SAEError(f"{cfg_path}: cfg field {field!r} is missing or not a positive integer ({value!r}).")
     if meta.get("hook_head_index") is not None:
         raise SAEError(
             f"{cfg_path}: metadata.hook_head_index = {meta['hook_head_index']} (an SAE on one attention head) "

@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlxterp_core.errors import MlxterpError
 
@@ -181,6 +182,13 @@ class SAE(nn.Module):
         return other
 
     def _flat(self, x: mx.array, width: int, what: str) -> mx.array:
+        if not isinstance(x, mx.array):
+            try:
+                x = mx.array(x)
+            except (TypeError, ValueError):
+                x = None
+        if x is None or x.ndim == 0 or not (mx.issubdtype(x.dtype, mx.number) or x.dtype == mx.bool_):
+            raise SAEError(f"SAE {what}: expected an array of numbers (..., {width}), got {type(x).__name__}.")
         if x.ndim == 4 and x.shape[-1] * x.shape[-2] == width:  # hook_z SAEs: (B, T, H, D)
             x = x.reshape(*x.shape[:-2], width)
         if x.shape[-1] != width:
@@ -195,7 +203,7 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: mx.array) -> mx.array:
         """(..., d_in) -> (..., d_sae): ``h`` (for Gated, the magnitude path's pre-activation)."""
-        x = self._normalise(x.astype(mx.float32))
+        x = self._normalise(self._flat(x, self.cfg.d_in, "input"))
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         if self.cfg.architecture == "gated":
@@ -228,7 +236,7 @@ class SAE(nn.Module):
     def decode(self, f: mx.array, x: mx.array | None = None) -> mx.array:
         """(..., d_sae) -> (..., d_out) float32. ``x`` (the input) is needed by skip
         transcoders and by SAEs that normalise their input per token."""
-        out = f.astype(mx.float32) @ self.W_dec + self.b_dec
+        out = self._flat(f, self.cfg.d_sae, "features") @ self.W_dec + self.b_dec
         if self.cfg.architecture == "skip_transcoder":
             if x is None:
                 raise SAEError("a skip transcoder's decode needs the input x: decode(f, x).")
@@ -348,6 +356,8 @@ class SAE(nn.Module):
 
     def direction(self, feature: int) -> mx.array:
         """W_dec[feature], (d_out,): what one unit of the feature adds to the site."""
+        if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)):
+            raise SAEError(f"feature={feature!r:.40}: expected a feature index (an int).")
         if not 0 <= int(feature) < self.cfg.d_sae:
             raise SAEError(f"feature {feature} is out of range: this SAE has {self.cfg.d_sae} features (0..{self.cfg.d_sae - 1}).")
         return self.W_dec[int(feature)]

@@ -591,6 +591,10 @@ def _source(model, sites, data, context_size, forward_batch, seed, skip_first=Tr
         missing = [s for s in sites if s not in data]
         if missing:
             raise SAEError(f"no activations given for {', '.join(missing)}.")
+        for s in sites:
+            shape = getattr(data[s], "shape", None)
+            if not shape or not shape[-1] or not np.prod(shape):
+                raise SAEError(f"the activations given for {s} have shape {shape}: give an array of (N, d) rows, N >= 1.")
         arrays = {s: mx.array(data[s]).reshape(-1, data[s].shape[-1]) for s in sites}
         return _ArraySource(arrays, 8192)
     if isinstance(data, str) and not os.path.exists(data):
