@@ -596,7 +596,7 @@ def _verified(out: Path, fingerprint: str, mine: list[int]) -> dict[int, dict]:
         if path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
             done[k] = entry
         else:
-            warnings.warn(f"{path.name} does not match its recorded checksum: re-making it.", stacklevel=3)
+            warnings.warn(f"{path.name} does not match its recorded checksum: re-making it.", stacklevel=4)
     return done
 
 
