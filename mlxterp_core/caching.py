@@ -150,7 +150,8 @@ def cache_activations(
             when stderr is a terminal.
         group: an ``mx.distributed`` group (default: ``mx.distributed.init()``, a singleton
             unless started by ``mlx.launch``).
-        encoding, errors: how corpus files are decoded (see ``read_documents``).
+        encoding: the text encoding of corpus files (see ``read_documents``).
+        errors: what to do with bytes that do not decode ("strict": a CorpusError).
 
     Returns:
         The :class:`ActivationDataset` (None on a rank that cannot see rank 0's folder).

@@ -241,7 +241,8 @@ def token_windows(
         packing: pack documents into full windows (True) or one document per window (False).
         prepend_bos: start every document with the tokenizer's BOS token (if it has one).
         max_tokens: stop after this many tokens (BOS tokens included); None reads everything.
-        encoding, errors: how corpus files are decoded (see :func:`read_documents`).
+        encoding: the text encoding of corpus files (see :func:`read_documents`).
+        errors: what to do with bytes that do not decode ("strict": a CorpusError).
 
     Yields:
         :class:`Windows`, in corpus order.
