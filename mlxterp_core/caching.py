@@ -464,39 +464,50 @@ def _lock_folder(out: Path, rank: int) -> tuple[Path, int] | None:
     ``writer-rank{rank}.lock``, whose content names the holder. Two jobs writing one folder both
     have a rank 0, so the second is refused at once (the ranks of one job lock different files).
     The system releases the lock when its process exits, killed or not, so a lock file left
-    behind never blocks a later run. Returns (path, descriptor), or None where the OS has no
-    flock."""
+    behind never blocks a later run. Returns (path, descriptor), or None where the OS or the
+    filesystem has no flock."""
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file; cache_activations needs a folder (a new or empty one).")
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; one writer per folder is then up to the user
-        return None
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out} is a file; cache_activations needs a folder (a new or empty one).")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"writer-rank{rank}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0)
-            os.close(fd)
-            raise DatasetError(_refusal(out, path, holder)) from None
-        except OSError as e:  # a filesystem without flock
-            os.close(fd)
-            warnings.warn(f"{path} cannot be locked ({e.strerror}): make sure no other process writes to {out}.", stacklevel=3)
+        fcntl = None
+    path, fd = out / f"writer-rank{rank}.lock", None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
             return None
-        try:  # the holder we waited on may have removed the file: then lock the one there now
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
+        while fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0)
+                os.close(fd)
+                raise DatasetError(_refusal(out, path, holder)) from None
+            except OSError as e:
+                os.close(fd)
+                warnings.warn(f"{path} cannot be locked ({e.strerror}): make sure no other process writes to {out}.", stacklevel=3)
+                return None
+            if not _same_file(path, fd):  # its holder released and removed it after we opened it
+                os.close(fd)
+                fd = None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError as e:
+        if fd is not None:
+            os.close(fd)
+        raise DatasetError(f"{out} cannot be written ({e.strerror or e}); choose a folder you can write to (nothing was written).") from None
     return path, fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _unlock_folder(lock: tuple[Path, int] | None) -> None:

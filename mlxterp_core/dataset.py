@@ -175,6 +175,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
             (length,) = struct.unpack("<Q", raw) if len(raw) == 8 else (None,)
             if length is None or 8 + length > size:
                 raise DatasetError(f"{path} is truncated ({size} bytes, too short for its safetensors header). {REMAKE}")
+            if length > 100_000_000:
+                raise DatasetError(f"{path} is damaged: its header length ({length} bytes) is not a shard's. {REMAKE}")
             text = f.read(length)
     except FileNotFoundError:
         raise DatasetError(f"{path} is missing. {REMAKE}") from None
@@ -216,6 +218,8 @@ class _Tensor:
     def __init__(self, path: Path, entry: dict[str, Any], data_start: int):
         self.path = path
         self.dtype = np.dtype(_CODES[entry["dtype"]][0])
+        if not all(isinstance(d, int) and d >= 0 for d in entry["shape"]) or not all(isinstance(o, int) for o in entry["data_offsets"]):
+            raise ValueError("a shape or offset that is not a count")
         self.rows, *row_shape = entry["shape"]
         self.row_shape = tuple(row_shape)
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
