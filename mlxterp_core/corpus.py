@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +79,12 @@ def _documents(corpus: Any, encoding: str, errors: str) -> Iterator[str]:
     if isinstance(corpus, (str, Path)):
         path = Path(corpus).expanduser()
         if path.is_dir():
-            files = sorted(path.glob("*.txt"))
+            files = sorted(p for p in path.glob("*.txt") if p.is_file())
             if not files:
                 raise CorpusError(f"the corpus folder {path} holds no .txt files; put one document per .txt file there.")
             for file in files:
-                try:
+                with _reading(file, encoding):
                     text = file.read_text(encoding=encoding, errors=errors)
-                except UnicodeDecodeError as e:
-                    raise _undecodable(file, encoding, e) from None
                 yield text
         elif path.is_file():
             yield from (_jsonl(path, encoding, errors) if path.suffix == ".jsonl" else _lines(path, encoding, errors))
@@ -106,24 +105,25 @@ def _documents(corpus: Any, encoding: str, errors: str) -> Iterator[str]:
         yield document
 
 
-def _lines(path: Path, encoding: str, errors: str) -> Iterator[str]:
+@contextmanager
+def _reading(path: Path, encoding: str) -> Iterator[None]:
+    """Bytes that do not decode, or a file that cannot be read, as a CorpusError naming it."""
     try:
-        with path.open(encoding=encoding, errors=errors) as f:
-            for line in f:
-                yield line.rstrip("\n")
+        yield
     except UnicodeDecodeError as e:
         raise _undecodable(path, encoding, e) from None
+    except OSError as e:
+        raise CorpusError(f"{path} could not be read ({e.strerror or e}).") from None
+
+
+def _lines(path: Path, encoding: str, errors: str) -> Iterator[str]:
+    with _reading(path, encoding), path.open(encoding=encoding, errors=errors) as f:
+        for line in f:
+            yield line.rstrip("\n")
 
 
 def _jsonl(path: Path, encoding: str, errors: str) -> Iterator[str]:
-    try:
-        yield from _records(path, encoding, errors)
-    except UnicodeDecodeError as e:
-        raise _undecodable(path, encoding, e) from None
-
-
-def _records(path: Path, encoding: str, errors: str) -> Iterator[str]:
-    with path.open(encoding=encoding, errors=errors) as f:
+    with _reading(path, encoding), path.open(encoding=encoding, errors=errors) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

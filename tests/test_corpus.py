@@ -83,6 +83,8 @@ def test_a_corpus_that_is_not_utf8_is_named_with_its_line_and_can_be_decoded(tok
         [b.tokens.tolist() for b in token_windows(tokenizer, docs, 8)]
     with pytest.raises(CorpusError, match="encoding='nope'"):
         list(read_documents(text, encoding="nope"))
+    (folder / "not-a-document.txt").mkdir()  # a folder named like a document is not one
+    assert list(read_documents(folder, encoding="latin-1")) == docs
 
 
 @pytest.mark.parametrize("packing", [True, False])
