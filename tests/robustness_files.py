@@ -8,6 +8,7 @@ The files are made once, on first use, in a scratch folder; a damaged file is al
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
 import shutil
@@ -56,6 +57,12 @@ def file_groups(model, attempt: Callable, settings, names) -> tuple[dict[str, Ca
     """{group name: hypothesis test} and ``unchanged`` for the worker's ``model`` and ``attempt``."""
     made: dict = {}
     scratch = Path(tempfile.mkdtemp(prefix="mlxterp-robustness-out-"))
+
+    @atexit.register
+    def remove_the_files() -> None:
+        for folder in (scratch, made.get("root")):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def things() -> dict:
         """The dataset, SAE, lens and results, and their files (made on first use)."""
