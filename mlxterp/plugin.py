@@ -82,6 +82,7 @@ from mlxterp_core.views import (
     encode_ids,
     encode_unit,
     encode_values,
+    graph_html,
     heatmap_html,
     lens_html,
     percent,
@@ -120,7 +121,7 @@ __all__ = [
     "Serialisable", "LayerMapping", "index_of",
     # the view kit
     "Display", "short", "percent", "Rounded", "summary_html", "encode_unit", "encode_values", "encode_ids",
-    "token_heatmap_html", "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish",
+    "token_heatmap_html", "heatmap_html", "graph_html", "lens_html", "attention_html", "write_html", "pyplot", "finish",
     "token_label", "figure_text",
     "token_text", "ids_text", "token_ids",
 ]

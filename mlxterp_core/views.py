@@ -504,3 +504,47 @@ def heatmap_html(
         "quote_columns": bool(quote_columns),
     })
 
+
+def graph_html(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    node_row: Sequence[int],
+    node_column: Sequence[int],
+    node_kind: Sequence[str],
+    labels: Sequence[str],
+    edges: tuple[Any, Any, Any],
+    node_size: Any = None,
+    details: Sequence[str] | None = None,
+    title: str = "",
+    subtitle: str = "",
+    legend: str = "",
+) -> str:
+    """A layered node-link graph (a circuit): node ``i`` at row ``node_row[i]`` (0 at the
+    bottom) and column ``node_column[i]`` (a token position), drawn by ``node_kind[i]``
+    ("feature": circle, "error": square, "token": rounded square, "logit": diamond) with radius
+    by ``node_size[i]`` in [0, 1]; ``edges`` = (sources, targets, weights), drawn by |weight|,
+    blue positive, red negative. Hovering a node shows ``labels[i]``, ``details[i]`` (text,
+    several lines) and its strongest edges; clicking it lights its neighbours."""
+    n = len(labels)
+    if not (len(node_row) == len(node_column) == len(node_kind) == n):
+        raise InputError(f"graph_html: {len(node_row)} rows, {len(node_column)} columns, {len(node_kind)} kinds for {n} labels.")
+    sources, targets, weights = (np.asarray(a) for a in edges)
+    kinds = sorted(set(node_kind))
+    size = np.zeros(n, dtype=np.float32) if node_size is None else np.clip(np.asarray(node_size, dtype=np.float32), 0, 1)
+    return fragment("graph", {
+        "title": title,
+        "subtitle": subtitle,
+        "legend": legend,
+        "rows": [str(r) for r in rows],
+        "columns": [str(c) for c in columns],
+        "kinds": kinds,
+        "node_row": encode_ids(node_row),
+        "node_col": encode_ids(node_column),
+        "node_kind": encode_ids([kinds.index(k) for k in node_kind]),
+        "node_size": encode_values(size),
+        "labels": [str(x) for x in labels],
+        "details": [str(x) for x in (details or [""] * n)],
+        "edge_source": encode_ids(sources),
+        "edge_target": encode_ids(targets),
+        "edge_weight": encode_values(np.asarray(weights, dtype=np.float32)),
+    })

@@ -340,6 +340,12 @@ def test_bad_input_is_a_clear_error(tiny, ids, graphs):
     partial.layers, partial.W_enc, partial.b_enc = [0, 1], partial.W_enc[:2], partial.b_enc[:2]
     with pytest.raises(GraphError, match=r"cover layers \[0, 1\].*all 3 layers"):
         tiny.attribution_graph(ids, partial)
+    from mlxterp_transcoders import TranscoderError, Transcoders
+
+    W = [np.array(w) for w in tc.W_enc]
+    with pytest.raises(TranscoderError, match=r"W_enc of layer 1 has shape \(64, 32\); expected \(128, 32\)"):
+        Transcoders("plt", [0, 1, 2], [mx.array(W[0]), mx.array(W[1][:64]), mx.array(W[2])], tc.b_enc, tc.W_dec, tc.b_dec,
+                    activation="jumprelu", threshold=tc.threshold)  # widths that differ
     wide = InterpretableModel(tiny_family("llama"))  # 64 wide, 3 layers
     with pytest.raises(GraphError, match="width 32; this model's d_model is 64"):
         wide.attribution_graph([1, 2, 3], tc)
@@ -383,3 +389,16 @@ def test_thresholds_of_one_keep_every_node_with_influence(graphs):
     assert pruned.node_mask[influential].all() and pruned.node_mask[g.token_start:].all()
     assert not pruned.node_mask[g.error_start:g.error_start + g.n_pos * g.n_layers:g.n_pos].any()  # position 0: no error
     assert pruned.n_edges > g.prune(0.8, 0.98).n_edges
+
+
+def test_decoder_rows_gathered_per_batch_give_the_same_rows(tiny, ids):
+    """Under a tight memory budget the active features' decoder rows are not kept but gathered
+    again in every batch, one source layer at a time: the same computation, the same rows."""
+    from mlxterp_circuits.attribution import _encoder_rows, _Sources
+
+    rep = Replacement(tiny, transcoders("clt_jumprelu", tiny), ids)
+    kept, gathered = _Sources(rep), _Sources(rep, room=0)
+    assert kept.kept and not gathered.kept and gathered.nbytes < kept.nbytes
+    encoders = _encoder_rows(rep)
+    batch = [(int(rep.active[k, 0]), int(rep.active[k, 1]), encoders[k]) for k in range(150, 200)]
+    assert np.array_equal(kept.rows(batch), gathered.rows(batch))

@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from helpers import CORPUS, tiny_llama
+from helpers import CORPUS, random_transcoders, tiny_llama
 
 import mlxterp
 import mlxterp.plugin
@@ -99,6 +99,13 @@ def instances(model, tmp_path_factory):
     made["dataset"] = model.cache_activations(CORPUS, ["layers.1.output", "layers.2.mlp"],
                                               tmp_path_factory.mktemp("reprs") / "ds", context_size=16, progress=False)
     made["trace"] = model.run(TEXT, capture=["layers.1.output", "layers.2.attn.q"])
+    tc = random_transcoders(model, "clt", d_features=16)
+    made["transcoders"] = tc
+    graph = model.attribution_graph(TEXT, tc, max_feature_nodes=20, progress=False)
+    made["graph"] = graph
+    made["graph_scores"] = graph.scores()
+    made["pruned_graph"] = graph.prune()
+    made["feature_intervention"] = model.feature_intervention(TEXT, [(1, 2, 3, 1.5)], tc)
     return made
 
 

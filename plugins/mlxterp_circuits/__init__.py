@@ -12,6 +12,7 @@ from __future__ import annotations
 from mlxterp.plugin import hookimpl
 
 from .attribution import attribution_graph
+from .features import describe_features
 from .graph import AttributionGraph, GraphScores, PrunedGraph
 from .interventions import FeatureIntervention, feature_intervention
 from .replacement import GraphError
@@ -30,4 +31,4 @@ def mlxterp_exports():
 
 
 __all__ = ["AttributionGraph", "FeatureIntervention", "GraphError", "GraphScores", "PrunedGraph", "attribution_graph",
-           "feature_intervention", "load_graph"]
+           "describe_features", "feature_intervention", "load_graph"]

@@ -1,6 +1,7 @@
 """Attribution graphs: every direct linear effect between the nodes of a prompt's local
 replacement model (:mod:`.replacement`), computed as circuit-tracer computes them
-(``../shared/research/circuit-tracing.md`` §1.4-1.8).
+(its ``attribution/attribute.py``; Ameisen et al. 2025,
+https://transformer-circuits.pub/2025/attribution-graphs/methods.html).
 
 Nodes, in adjacency order: the selected active features ``(layer, position, feature)``, one
 error node per (layer, position) layer-major, one token node per position, the logit targets.
@@ -75,9 +76,9 @@ def attribution_graph(
     token_ids, probabilities, logit_vectors = _logit_targets(rep, max_n_logits, desired_logit_prob)
     n_logits = len(token_ids)
     logit_offset = n_active + (L + 1) * T
-    _check_budget(budget, n_sel + n_logits, logit_offset + n_logits, batch_size, L, T, d, tc)
-
-    sources = _Sources(rep)
+    fixed = (n_sel + n_logits) * (logit_offset + n_logits) * 4 + working_bytes(batch_size, L, T, d)
+    sources = _Sources(rep, None if budget is None else budget - fixed)
+    _check_budget(budget, fixed + sources.nbytes, n_sel + n_logits, logit_offset + n_logits, batch_size, T)
     edges = np.zeros((n_sel + n_logits, logit_offset + n_logits), dtype=np.float32)
     row_node = np.zeros(n_sel + n_logits, dtype=np.int64)
     with progress_bar(n_sel + n_logits, "attribution graph", enabled=progress, unit="row") as bar:
@@ -100,6 +101,9 @@ def attribution_graph(
                 rank = np.argsort(-influence[:n_active], kind="stable")
                 queue = min(update_interval * batch_size, n_sel - (row - n_logits))
                 pending = rank[~visited[rank]][:queue]
+                # visit the queue layer by layer: a pass stops at its deepest target, so a batch
+                # of shallow targets is cheap (the rows, and which features are visited, are the same)
+                pending = pending[np.argsort(rep.active[pending, 0], kind="stable")]
             for start in range(0, len(pending), batch_size):
                 batch = pending[start:start + batch_size]
                 targets = [(int(rep.active[k, 0]), int(rep.active[k, 1]), encoder_rows[k]) for k in batch]
@@ -135,45 +139,60 @@ def attribution_graph(
 
 
 class _Sources:
-    """What every source writes where, and the rows of a batch of targets from one VJP."""
+    """What every source writes where, and the rows of a batch of targets from one VJP.
 
-    def __init__(self, rep: Replacement):
+    A feature's writes are its activation times its decoder rows (a CLT: one per layer it
+    writes), laid out per source layer as (T, K, S, d): K features per position (padded),
+    S written layers. They are made once when they fit ``room`` bytes, else gathered from the
+    decoder again in every batch, one source layer at a time (slower, less memory).
+    """
+
+    def __init__(self, rep: Replacement, room: int | None = None):
         self.rep = rep
         tc = rep.tc
-        L, T = rep.n_layers, rep.n_pos
+        T = rep.n_pos
         active = rep.active
         n_active = len(active)
-        # per source layer: decoder rows times activation, padded by position: (T, K, S, d),
-        # and which active feature each (position, slot k) is (n_active for padding)
-        self.decoders, self.columns = {}, {}
+        self.layout = {}  # source layer -> (gather (T*K,) feature ids, values (T, K), K)
         flat_index = np.full(n_active, -1, dtype=np.int64)
         offset = 0
+        self.nbytes = 0
         for q, layer in enumerate(tc.layers):
             mine = np.flatnonzero(active[:, 0] == layer)
             if len(mine) == 0:
                 continue
-            positions, features = active[mine, 1], active[mine, 2]
+            positions = active[mine, 1]
             counts = np.bincount(positions, minlength=T)
             width = int(counts.max())
-            slot = np.zeros(len(mine), dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
             slot = np.arange(len(mine)) - starts[positions]
             gather = np.zeros((T, width), dtype=np.int64)
-            valid = np.zeros((T, width), dtype=bool)
-            gather[positions, slot] = features
-            valid[positions, slot] = True
             values = np.zeros((T, width), dtype=np.float32)
+            gather[positions, slot] = active[mine, 2]
             values[positions, slot] = rep.values[mine]
-            W = tc.W_dec[q]  # (F, S, d)
-            rows = W[mx.array(gather.reshape(-1))].reshape(T, width, W.shape[1], W.shape[2]).astype(mx.float32)
-            rows = rows * mx.array(values)[:, :, None, None]
-            mx.eval(rows)
-            self.decoders[layer] = rows
+            self.layout[layer] = (q, mx.array(gather.reshape(-1)), mx.array(values), width, offset)
             flat_index[mine] = offset + positions * width + slot
-            self.columns[layer] = (offset, width)
             offset += T * width
+            self.nbytes += T * width * int(tc.W_dec[q].shape[1]) * rep.d_model * 4
         self.flat_index = mx.array(flat_index)
         self.n_flat = offset
+        self.kept = room is None or self.nbytes <= room
+        self.decoders = {layer: self._decoder(layer) for layer in self.layout} if self.kept else {}
+        if self.kept:
+            mx.eval(self.decoders)
+        else:  # only the largest source layer's at a time
+            self.nbytes = max(self._bytes(layer) for layer in self.layout) if self.layout else 0
+
+    def _bytes(self, layer: int) -> int:
+        q, _, _, width, _ = self.layout[layer]
+        return self.rep.n_pos * width * int(self.rep.tc.W_dec[q].shape[1]) * self.rep.d_model * 4
+
+    def _decoder(self, layer: int) -> mx.array:
+        """(T, K, S, d): the writes of layer ``layer``'s active features, by position."""
+        q, gather, values, width, _ = self.layout[layer]
+        W = self.rep.tc.W_dec[q]  # (F, S, d)
+        rows = W[gather].reshape(self.rep.n_pos, width, W.shape[1], W.shape[2]).astype(mx.float32)
+        return rows * values[:, :, None, None]
 
     def rows(self, targets: list[tuple[int, int, mx.array]]) -> np.ndarray:
         """Rows (n, n_active + L*T + T) for targets (layer, position, read vector); layer
@@ -187,13 +206,11 @@ class _Sources:
         for b, (layer, pos, vector) in enumerate(targets):
             cotangents.setdefault(layer, []).append((b, pos, vector))
         seeds = {}
+        zero = mx.zeros((d,), dtype=mx.float32)
         for layer, items in cotangents.items():
-            rows_b = np.array([b for b, _, _ in items])
-            pos_b = np.array([p for _, p, _ in items])
             mask = np.zeros((n, T), dtype=np.float32)
-            mask[rows_b, pos_b] = 1.0
+            mask[[b for b, _, _ in items], [p for _, p, _ in items]] = 1.0
             by_row = {b: v for b, _, v in items}
-            zero = mx.zeros((d,), dtype=mx.float32)
             vectors = mx.stack([by_row.get(b, zero).astype(mx.float32) for b in range(n)])
             seeds[names[layer]] = mx.array(mask)[:, :, None] * vectors[:, None, :]
         stop = "ln_final" if top == L else rep.read_names[top]
@@ -205,22 +222,23 @@ class _Sources:
             return sum(mx.sum(values[name] * seed) for name, seed in seeds.items())
 
         g_writes, g_embed = mx.grad(objective, argnums=(0, 1))(writes, embed)
-        parts = []
-        if self.n_flat:
-            flat = []
-            for layer, rows in self.decoders.items():
-                S = rows.shape[2]
-                slots = min(S, top - layer) if layer < top else 0
-                _, width = self.columns[layer]
-                if slots <= 0:
-                    flat.append(mx.zeros((n, T * width), dtype=mx.float32))
-                    continue
-                G = mx.stack([g_writes[layer + s] for s in range(slots)], axis=2)  # (n, T, slots, d)
-                G = G.transpose(1, 0, 2, 3).reshape(T, n, slots * d)
-                D = rows[:, :, :slots].reshape(T, width, slots * d)
-                out = G @ D.transpose(0, 2, 1)  # (T, n, width)
-                flat.append(out.transpose(1, 0, 2).reshape(n, T * width))
-            parts.append(mx.take(mx.concatenate(flat, axis=1), self.flat_index, axis=1))
+        if not self.kept:
+            mx.eval(g_writes, g_embed)
+        flat = []
+        for layer, (_, _, _, width, _) in self.layout.items():
+            slots = min(rep.tc.W_dec[self.layout[layer][0]].shape[1], top - layer)
+            if slots <= 0:
+                flat.append(mx.zeros((n, T * width), dtype=mx.float32))
+                continue
+            D = self.decoders[layer] if self.kept else self._decoder(layer)
+            G = mx.stack([g_writes[layer + s] for s in range(slots)], axis=2)  # (n, T, slots, d)
+            G = G.transpose(1, 0, 2, 3).reshape(T, n, slots * d)
+            D = D[:, :, :slots].reshape(T, width, slots * d)
+            out = (G @ D.transpose(0, 2, 1)).transpose(1, 0, 2).reshape(n, T * width)  # (n, T*K)
+            if not self.kept:
+                mx.eval(out)  # one source layer's decoder rows alive at a time
+            flat.append(out)
+        parts = [mx.take(mx.concatenate(flat, axis=1), self.flat_index, axis=1)] if flat else []
         errors = [mx.sum(g_writes[m] * rep.errors[m], axis=-1) if m < top else mx.zeros((n, T)) for m in range(L)]
         parts.append(mx.concatenate(errors, axis=1))
         parts.append(mx.sum(g_embed * rep.embed.astype(mx.float32), axis=-1))
@@ -277,9 +295,6 @@ def _check_transcoders(tc, model):
         )
     if tc.d_model != arch.d_model:
         raise GraphError(f"these transcoders read width {tc.d_model}; this model's d_model is {arch.d_model}.")
-    widths = {int(w.shape[0]) for w in tc.W_enc}
-    if len(widths) != 1:
-        raise GraphError(f"the transcoders' widths differ between layers ({sorted(widths)}); a graph needs one width.")
     return tc
 
 
@@ -311,24 +326,18 @@ def _bytes(value) -> int | None:
     raise options.OptionError(f"memory_budget={value!r}: give a positive number of bytes or a size like '8GiB'.")
 
 
-def graph_bytes(rows: int, columns: int, batch_size: int, L: int, T: int, d: int, tc) -> int:
-    """What a graph's computation holds at once: its edge rows (float32) and a pass's working
-    set (every layer's gradient and residual for ``batch_size`` copies of the prompt, a few
-    copies each), plus the decoder rows of the active features."""
-    edges = rows * columns * 4
-    working = batch_size * T * d * 4 * (3 * L + 4)
-    return edges + working
+def working_bytes(batch_size: int, L: int, T: int, d: int) -> int:
+    """A pass's working set: every layer's residual, gradient and written vectors for
+    ``batch_size`` copies of the prompt, a few copies each (float32)."""
+    return batch_size * T * d * 4 * (3 * L + 4)
 
 
-def _check_budget(budget, rows, columns, batch_size, L, T, d, tc) -> None:
-    if budget is None:
-        return
-    need = graph_bytes(rows, columns, batch_size, L, T, d, tc)
-    if need > budget:
+def _check_budget(budget, need: int, rows: int, columns: int, batch_size: int, T: int) -> None:
+    if budget is not None and need > budget:
         raise GraphError(
             f"this graph needs about {need / MiB:,.0f} MiB ({rows:,} edge rows x {columns:,} columns, batches of "
-            f"{batch_size} x {T} tokens) and memory_budget is {budget / MiB:,.0f} MiB: lower max_feature_nodes or "
-            f"batch_size, shorten the prompt, or raise memory_budget."
+            f"{batch_size} x {T} tokens, the active features' decoder rows) and memory_budget is {budget / MiB:,.0f} MiB: "
+            f"lower max_feature_nodes or batch_size, shorten the prompt, or raise memory_budget."
         )
 
 
@@ -338,4 +347,4 @@ def _token_text(model, token: int) -> str:
     return token_text(model, int(token))
 
 
-__all__ = ["attribution_graph", "graph_bytes"]
+__all__ = ["attribution_graph", "working_bytes"]

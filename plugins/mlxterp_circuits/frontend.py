@@ -1,8 +1,8 @@
-"""Graph files for circuit-tracer's local frontend and Neuronpedia
-(``../shared/research/circuit-tracing.md`` §3.5): ``<slug>.json`` with ``metadata``,
-``qParams``, ``nodes`` and ``links`` of the pruned graph, and the index ``graph-metadata.json``
-(``{"graphs": [metadata, ...]}``, one entry per slug), as circuit-tracer's
-``create_graph_files`` writes them.
+"""Graph files for circuit-tracer's local frontend and Neuronpedia: ``<slug>.json`` with
+``metadata``, ``qParams``, ``nodes`` and ``links`` of the pruned graph, and the index
+``graph-metadata.json`` (``{"graphs": [metadata, ...]}``, one entry per slug), as
+circuit-tracer's ``create_graph_files`` writes them (its ``utils/create_graph_files.py`` and
+``frontend/graph_models.py``).
 
 Node ids: a feature ``"{layer}_{feature}_{pos}"`` (``feature`` = Cantor pairing of layer and
 feature index), a token ``"E_{token_id}_{pos}"``, a logit ``"{n_layers + 1}_{token_id}_{pos}"``.

@@ -1,5 +1,5 @@
 """The attribution graph result: its nodes and edges, influence, pruning and scores, saved and
-loaded, as circuit-tracer defines them (``../shared/research/circuit-tracing.md`` §1.4, §2).
+loaded, as circuit-tracer defines them (its ``graph.py``).
 
 Only feature and logit nodes have inputs, so the graph keeps just their rows (``rows``:
 selected features in active-feature order, then the logits): lossless, and a fraction of the
@@ -18,7 +18,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import Display, FileFormatError, Rounded, read_safetensors, write_atomic
+from mlxterp.plugin import Display, FileFormatError, Rounded, graph_html, read_safetensors, short, write_atomic
 
 from .replacement import GraphError
 
@@ -40,6 +40,8 @@ class AttributionGraph(Display):
         rows: (n_selected + n_logits, n_nodes) float32, the inputs of the feature nodes then of
             the logit nodes, columns in node order.
         settings: the arguments the graph was computed with; info: model and transcoders.
+        feature_details: what is known of features, by ``"{layer}_{feature}"``: their logit
+            effects and top activating contexts (:meth:`describe_features`), shown in the view.
     """
 
     tokens: list[int]
@@ -55,6 +57,7 @@ class AttributionGraph(Display):
     rows: np.ndarray
     settings: dict[str, Any] = attrs.field(factory=dict)
     info: dict[str, Any] = attrs.field(factory=dict)
+    feature_details: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     # -- sizes and node order ----------------------------------------------------------------
 
@@ -223,13 +226,20 @@ class AttributionGraph(Display):
         cumulative[order] = np.cumsum(influence[order], dtype=np.float32) / influence.sum(dtype=np.float32)
         return PrunedGraph(self, node_mask, edge_rows, cumulative, node_threshold, edge_threshold, other_rows)
 
+    def describe_features(self, model, transcoders, **options) -> AttributionGraph:
+        """Find what the graph's features do (their logit effects and top activating contexts
+        in a corpus) for its view and saved file; see :func:`mlxterp_circuits.describe_features`."""
+        from .features import describe_features
+
+        return describe_features(self, model, transcoders, **options)
+
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         """Write the graph to one safetensors file (atomically); :meth:`load` reads it."""
         meta = {"format": FORMAT, "version": VERSION, "tokens": list(map(int, self.tokens)), "prompt": self.prompt,
                 "token_strings": self.token_strings, "n_layers": self.n_layers, "logit_strings": self.logit_strings,
-                "settings": self.settings, "info": self.info}
+                "settings": self.settings, "info": self.info, "feature_details": self.feature_details}
         arrays = {
             "active_features": mx.array(self.active_features.astype(np.int32)),
             "activation_values": mx.array(self.activation_values.astype(np.float32)),
@@ -262,6 +272,7 @@ class AttributionGraph(Display):
                 tokens=meta["tokens"], prompt=meta["prompt"], token_strings=meta["token_strings"],
                 n_layers=int(meta["n_layers"]), logit_strings=meta["logit_strings"],
                 settings=meta.get("settings", {}), info=meta.get("info", {}),
+                feature_details=meta.get("feature_details", {}),
                 **{name: np.array(tensors[name]) for name in ("active_features", "activation_values", "selected_features",
                                                               "logit_tokens", "logit_probabilities", "rows")},
             )
@@ -282,6 +293,9 @@ class AttributionGraph(Display):
                                  scan=scan, error_ids=error_ids)
 
     # -- display -------------------------------------------------------------------------------
+
+    def _view(self) -> str | None:
+        return self.prune()._view()
 
     def _summary(self) -> str:
         top = self.logit_strings[0] if self.logit_strings else "?"
@@ -346,6 +360,40 @@ class PrunedGraph(Display):
         return attrs.evolve(g, selected_features=g.selected_features[keep], rows=np.ascontiguousarray(rows),
                             settings={**g.settings, "pruned": [self.node_threshold, self.edge_threshold]})
 
+    def _view(self) -> str:
+        """The kept nodes by layer and position, the kept edges (see ``graph_html``)."""
+        g = self.source
+        kept = np.flatnonzero(self.node_mask)
+        where = {int(k): i for i, k in enumerate(kept)}
+        rows, columns, kinds, labels, details, sizes = [], [], [], [], [], []
+        influence = 1 - self.cumulative_scores  # 1 for the most influential
+        for k in kept:
+            node = g.node(int(k))
+            kind = node["kind"]
+            kinds.append(kind)
+            columns.append(node["position"])
+            rows.append({"token": 0, "logit": g.n_layers + 1}.get(kind, node.get("layer", 0) + 1))
+            labels.append(g.label(int(k)))
+            sizes.append(float(node["probability"]) if kind == "logit" else float(influence[k]))
+            lines = []
+            if kind == "feature":
+                lines.append(f"activation {node['activation']:.3g}, cumulative influence {self.cumulative_scores[k]:.3f}")
+                lines += _detail_lines(g.feature_details.get(f"{node['layer']}_{node['feature']}"))
+            elif kind == "error":
+                lines.append(f"MLP reconstruction error, cumulative influence {self.cumulative_scores[k]:.3f}")
+            details.append("\n".join(lines))
+        targets, sources, weights = self.edges()
+        inside = np.array([t in where and s in where for t, s in zip(targets.tolist(), sources.tolist())], dtype=bool)
+        edges = (np.array([where[s] for s in sources[inside].tolist()], dtype=np.int64),
+                 np.array([where[t] for t in targets[inside].tolist()], dtype=np.int64), weights[inside])
+        layers = ["emb", *(f"L{layer}" for layer in range(g.n_layers)), "logit"]
+        return graph_html(layers, g.token_strings, rows, columns, kinds, labels, edges, node_size=sizes, details=details,
+                          title=f"Attribution graph: {short(g.prompt, 70)}",
+                          subtitle=f"{self._summary()}; top logit {g.logit_strings[0]!r} p={float(g.logit_probabilities[0]):.3f}")
+
+    def to_html(self, path, title: str | None = None):
+        return super().to_html(path, title or "Attribution graph")
+
     def _summary(self) -> str:
         g = self.source
         features = int(self.node_mask[: g.n_selected].sum())
@@ -353,6 +401,18 @@ class PrunedGraph(Display):
         return (f"pruned graph (nodes {self.node_threshold:g}, edges {self.edge_threshold:g}): {self.n_nodes} of "
                 f"{g.n_nodes:,} nodes ({features} features, {errors} errors, {g.n_pos} tokens, {g.n_logits} logits), "
                 f"{self.n_edges:,} edges")
+
+
+def _detail_lines(details: dict[str, Any] | None) -> list[str]:
+    if not details:
+        return []
+    lines = []
+    for key, title in (("top_logits", "promotes"), ("bottom_logits", "suppresses")):
+        if details.get(key):
+            lines.append(f"{title}: " + ", ".join(repr(t) for t, _ in details[key]))
+    for value, text in details.get("examples", [])[:5]:
+        lines.append(f"  {value:.3g}  {text}")
+    return lines
 
 
 def _influence(normed: np.ndarray, row_nodes: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> np.ndarray:

@@ -3,7 +3,7 @@ features, either in the frozen replacement model (``constrained=True``: attentio
 normalisation scales and every MLP output frozen, so a change is exactly what the attribution
 graph's edges predict) or in the real model (``constrained=False``: the feature is clamped
 where it is read and everything downstream responds), as circuit-tracer's
-``feature_intervention`` (``../shared/research/circuit-tracing.md`` §4).
+``feature_intervention``.
 
 A feature set to ``value`` writes ``(value - its activation) * W_dec`` at its layer's MLP output
 (a cross-layer transcoder's at every later layer's too): the clean activation when

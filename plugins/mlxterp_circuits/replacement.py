@@ -1,7 +1,7 @@
 """The local replacement model of one prompt: the model with its attention patterns and
 normalisation scales frozen at their values on the prompt, and every MLP output replaced by
 transcoder features plus an error node (circuit-tracer's construction,
-``../shared/research/circuit-tracing.md`` §1).
+Ameisen et al. 2025).
 
 One clean forward pass (:class:`Replacement`) records what the replacement model freezes: each
 layer's attention probabilities, each normalisation's input, output and scale, each MLP's input
@@ -108,11 +108,12 @@ class Replacement:
     """The replacement model of ``ids`` (one prompt, BOS first) with transcoders ``tc``: the
     clean pass's values and the frozen model (see the module doc).
 
-    Attributes (numpy unless said): ``ids``; ``logits`` (T, V) float32; ``reads`` and
-    ``mlp_out``, {layer: (T, d) mx float32}; ``embed`` (T, d); ``pre`` {layer: (T, F)} the
-    transcoder pre-activations and ``post`` the features (position 0 zeroed), mx float32;
-    ``errors`` (L, T, d) mx float32 (position 0 zeroed); ``active`` (n, 3) int32 (layer, pos,
-    feature), lexicographic, and ``values`` (n,) float32.
+    Attributes: ``ids``; ``logits`` (T, V) numpy float32; ``reads`` (float32) and ``mlp_out``,
+    {layer: (T, d)}; ``embed`` and ``final`` (the final norm's output) (T, d); ``patterns``
+    {attention site: (1, H, T, T)}; ``norms`` {norm site: :class:`FrozenNorm`}; ``pre``
+    {layer: (T, F)} the transcoder pre-activations and ``post`` the features (position 0
+    zeroed); ``errors`` (L, T, d) float32 (position 0 zeroed); these are mx arrays. ``active``
+    (n, 3) numpy int32 (layer, pos, feature), lexicographic, and ``values`` (n,) float32.
     """
 
     zero_positions = 1  # circuit-tracer zeroes features and errors at position 0 (the BOS)
@@ -222,7 +223,7 @@ class Replacement:
 
             def fn(y):
                 out = mx.broadcast_to(clean.astype(mx.float32), y.shape)
-                if tc.skip and layer in tc.layers:
+                if tc.skip:
                     x = read.read(hooks_box["hooks"].recorded[read.site]).astype(mx.float32)
                     out = out + tc.skip_term(x - self.reads[layer], layer)
                 if layer in writes:

@@ -52,6 +52,7 @@ from mlxterp.plugin import bench_rows
 from .analysis_rows import attribution_rows, probe_rows, w3_logit_lens, w4_patching, w5_steering
 from .cache_rows import cache_rows
 from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
+from .graph_rows import graph_rows
 from .harness import Row, run_rows, write_json
 from .sae_rows import sae_rows
 
@@ -67,6 +68,7 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "probe": probe_rows,
     "cache": cache_rows,
     "saes": sae_rows,
+    "graphs": graph_rows,
 }
 """The rows of ``mlxterp bench``, in the order it prints them (other plugins add theirs: the
 ``mlxterp_bench_rows`` hook; :func:`all_rows` has both)."""
