@@ -37,8 +37,8 @@ from mlxterp_core.figures import figure_text, finish, pyplot, token_label
 from mlxterp_core.files import read_json, read_safetensors, read_text, write_atomic, write_json
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.interventions import Intervention
-from mlxterp_core.load import DEFAULT_MODEL, LoadError, load
-from mlxterp_core.model import InterpretableModel
+from mlxterp_core.load import DEFAULT_MODEL, LoadError
+from mlxterp_core.model import InterpretableModel, load
 from mlxterp_core.names import StandardName, is_raw, parse, transformerlens_name
 from mlxterp_core.plugins import bench_rows
 from mlxterp_core.module_probes import probes_installed

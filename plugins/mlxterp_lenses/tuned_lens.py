@@ -137,6 +137,12 @@ class TunedLens(Display, nn.Module):
         """Read a lens folder (ours, or the reference's ``params.pt`` where torch is installed).
         With ``model``, warn when the lens was trained on another unembedding."""
         path = Path(path)
+        if not (path / CONFIG).is_file() and path.with_suffix(".npz").is_file() and path.with_suffix(".json").is_file():
+            raise InputError(
+                f"{str(path)!r} holds upstream mlxterp's tuned-lens files (.npz + .json), which mlxterp does not "
+                "read: train a lens with model.train_tuned_lens(...) and save it in the tuned-lens layout "
+                "(docs/guide/migrating.md)."
+            )
         if not (path / CONFIG).is_file():
             raise InputError(f"no tuned lens at {str(path)!r}: expected a folder with {CONFIG} and {WEIGHTS}.")
         expected = "a tuned lens (saved by TunedLens.save or the tuned-lens package)"

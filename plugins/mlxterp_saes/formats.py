@@ -76,6 +76,12 @@ def load_sae(
     elif any(name in files for name in GEMMA_SCOPE):
         name = next(name for name in GEMMA_SCOPE if name in files)
         sae = _gemma_scope(folder / name, site)
+    elif {"config.json", "weights.safetensors"} <= set(files):
+        raise SAEError(
+            f"{path} is upstream mlxterp's SAE folder (config.json + weights.safetensors), which mlxterp does not "
+            "read: train one with mlxterp.train_sae(...), which writes SAELens's format, or load an SAELens or "
+            "Gemma Scope SAE (docs/guide/migrating.md)."
+        )
     else:
         raise SAEError(
             f"{path}: no SAE files found (looked for {CFG} + {WEIGHTS}, or {' / '.join(GEMMA_SCOPE)}); "

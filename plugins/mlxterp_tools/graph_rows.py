@@ -39,7 +39,7 @@ def bench_transcoders(model):
 def random_clt(model, width: int = RANDOM_WIDTH, l0: int = RANDOM_L0, seed: int = 0):
     """A random cross-layer transcoder for ``model`` with about ``l0`` active features per
     layer and token on the default corpus (see the module doc)."""
-    from mlxterp_circuits.replacement import prompt_ids
+    from mlxterp_circuits import prompt_ids
     from mlxterp_transcoders import Transcoders
 
     arch = model.architecture
@@ -68,7 +68,7 @@ def graph_rows(repeats: int = 3) -> list[Row]:
     model = default_model()
     tc, which = bench_transcoders(model)
     text = " ".join(default_corpus()[20:40])
-    from mlxterp_circuits.replacement import prompt_ids
+    from mlxterp_circuits import prompt_ids
 
     ids = prompt_ids(model, text)
     rows = []
