@@ -262,10 +262,12 @@ class TextRows(RowSource):
     windows of ``context_size`` tokens, ``batch_size`` windows per forward pass (stopped
     after the last block needed), the :func:`trainable` rows of each pass one chunk
     (``skip_first=False``: window starts too). ``outputs``: the model runs to the end and each
-    chunk also holds its output's rows under ``"output"`` (a language model's logits)."""
+    chunk also holds its output's rows under ``"output"`` (a language model's logits).
+    ``encoding`` and ``errors`` decode corpus files (see :func:`~mlxterp_core.corpus.read_documents`)."""
 
     def __init__(self, model, corpus: Any, names: Sequence[str], *, context_size: int, batch_size: int,
-                 repeat: bool = True, skip_first: bool = True, outputs: bool = False):
+                 repeat: bool = True, skip_first: bool = True, outputs: bool = False,
+                 encoding: str = "utf-8", errors: str = "strict"):
         from .corpus import tokenize
 
         super().__init__(repeat)
@@ -273,7 +275,7 @@ class TextRows(RowSource):
             raise InputError("reading activations from texts needs a model with a tokenizer.")
         self.model, self.names, self.outputs = model, list(names), outputs
         self.context_size, self.batch_size, self.skip_first = context_size, batch_size, skip_first
-        self.tokens = tokenize(model, corpus)
+        self.tokens = tokenize(model, corpus, encoding=encoding, errors=errors)
         self.batches_read = 0
 
     @property

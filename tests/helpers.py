@@ -63,7 +63,21 @@ def tiny_llama(**overrides):
 
 
 def bitwise_equal(a: mx.array, b: mx.array) -> bool:
+    """For the same computation only (same ops on the same shapes): BLAS reduction order depends
+    on the shapes and the threads available, so other shapes agree to rounding, not bitwise."""
     return a.shape == b.shape and a.dtype == b.dtype and bool(mx.array_equal(a, b).item())
+
+
+def is_top_k(ids, logits, rtol: float = 1e-5) -> bool:
+    """Whether ``ids`` are the ``len(ids)`` largest of ``logits`` (V,), best first, up to float32
+    rounding (``rtol`` of the largest magnitude): logits computed by another computation (a
+    batch of layers, another kernel) differ in the last bits, so a near-tie may be ordered
+    either way."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.sort(x)[::-1][: len(ids)]
+    return len(set(ids)) == len(ids) and bool(np.all(np.abs(x[list(ids)] - top) <= rtol * np.abs(x).max()))
 
 
 FAMILY_DIR = Path(__file__).parent / "families"
