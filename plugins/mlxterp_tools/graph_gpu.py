@@ -311,8 +311,14 @@ def _lengths(text: str, prompt: list[int]) -> list[int]:
     return lengths
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return int(text)
+
+
 def _max_nodes(text: str) -> int | None:
-    return None if text in ("all", "none", "None") else int(text)
+    return None if text == "all" else _positive(text)
 
 
 def _version(name: str) -> str | None:
@@ -332,14 +338,18 @@ def _save_graph(path: Path, tokens, n_layers, adjacency, active, selected, value
              logit_probabilities=np.asarray(logit_probabilities, dtype=np.float32))
 
 
-def _time_graphs(args, label: str, make_graph, save, peak) -> list[dict]:
-    """Per prompt length: a warm-up graph, then ``repeats`` timed ones; ``make_graph(ids)``
-    returns a graph, ``save(graph, path)`` writes its npz and returns the counts, ``peak`` is
-    (reset, read) of the allocator's peak."""
+def _time_graphs(args, document: dict, make_graph, save, peak) -> None:
+    """Per prompt length: a warm-up graph, then ``repeats`` timed ones, appended to
+    ``document["runs"]`` and written out after each length (a run cut short keeps what it
+    measured). ``make_graph(ids)`` returns a graph, ``save(graph, path)`` writes its npz and
+    returns its counts, ``peak`` is (reset, read) of the allocator's peak."""
     prompt = json.loads((Path(args.dir) / "build.json").read_text())["prompt"]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs = []
+    graphs = Path(args.graphs) if args.graphs else out.parent
+    for folder in (out.parent, graphs):
+        folder.mkdir(parents=True, exist_ok=True)
+    label = f"{document['implementation']} {document['backend']} ({document['device']})"
+    document["runs"] = []
     for T in _lengths(args.tokens, prompt):
         ids = prompt[:T]
         start = time.perf_counter()
@@ -352,25 +362,21 @@ def _time_graphs(args, label: str, make_graph, save, peak) -> list[dict]:
             graph = make_graph(ids)
             seconds.append(time.perf_counter() - start)
             peaks.append(peak[1]())
-        path = out.with_name(f"{out.stem}-T{T}.npz")
+        path = graphs / f"{out.stem}-T{T}.npz"
         counts = save(graph, path)
         run = {"tokens": T, "warmup_seconds": warmup, "seconds": seconds, "median_seconds": statistics.median(seconds),
                "peak_bytes": max(peaks), **counts, "adjacency": str(path)}
-        runs.append(run)
+        document["runs"].append(run)
+        out.write_text(json.dumps(document, indent=1) + "\n")
         print(f"{label}: T={T:4d}  {run['median_seconds']:8.3f} s (median of {args.repeats}; warm-up {warmup:.3f} s)  "
               f"peak {run['peak_bytes'] / 2**30:6.2f} GiB  active {counts['n_active']}  selected {counts['n_selected']}  "
               f"logits {counts['n_logits']}", flush=True)
-    return runs
 
 
 def _settings(args) -> dict:
     return {"set": args.set, "batch_size": args.batch_size, "max_feature_nodes": _max_nodes(args.max_feature_nodes),
             "update_interval": args.update_interval, "max_n_logits": args.max_n_logits,
             "desired_logit_prob": args.desired_logit_prob, "repeats": args.repeats, "dtype": "float32"}
-
-
-def _write(args, document: dict) -> None:
-    Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
 
 
 # -- mlxterp -----------------------------------------------------------------------------------------
@@ -403,15 +409,15 @@ def run_mlx(args) -> int:
         return {"n_active": len(graph.active_features), "n_selected": graph.n_selected, "n_logits": graph.n_logits,
                 "n_nodes": graph.n_nodes}
 
-    device = str(mx.default_device())
-    runs = _time_graphs(args, f"mlxterp ({device})", make_graph, save, (mx.reset_peak_memory, mx.get_peak_memory))
-    _write(args, {
-        "implementation": "mlxterp", "backend": "mlx", "device": device, "device_info": _mlx_device_info(mx),
+    document = {
+        "implementation": "mlxterp", "backend": "mlx", "device": str(mx.default_device()),
+        "device_info": _mlx_device_info(mx),
         "versions": {n: _version(n) for n in ("mlxterp", "mlx", "mlx-cuda-13", "mlx-metal", "mlx-lm", "numpy")},
         "environment": {k: os.environ.get(k) for k in ("MLX_ENABLE_TF32",)}, "python": platform.python_version(),
         "dir": str(folder), "settings": {**_settings(args), "memory_budget": args.memory_budget},
-        "load_seconds": load_seconds, "resident_bytes": resident, "runs": runs,
-    })
+        "load_seconds": load_seconds, "resident_bytes": resident,
+    }
+    _time_graphs(args, document, make_graph, save, (mx.reset_peak_memory, mx.get_peak_memory))
     return 0
 
 
@@ -467,16 +473,16 @@ def run_ct(args) -> int:
 
     peak = ((torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated) if cuda
             else (lambda: None, lambda: 0))
-    card = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    runs = _time_graphs(args, f"circuit-tracer {args.backend} ({device.type})", make_graph, save, peak)
-    _write(args, {
-        "implementation": "circuit-tracer", "backend": args.backend, "device": str(device), "card": card,
+    document = {
+        "implementation": "circuit-tracer", "backend": args.backend, "device": str(device),
+        "card": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
         "versions": {n: _version(n) for n in ("circuit-tracer", "torch", "transformers", "nnsight", "transformer-lens",
                                               "tokenizers", "huggingface-hub", "numpy")},
         "environment": {"allow_tf32": torch.backends.cuda.matmul.allow_tf32, "threads": torch.get_num_threads()},
         "python": platform.python_version(), "dir": str(folder), "settings": _settings(args),
-        "load_seconds": load_seconds, "resident_bytes": resident, "runs": runs,
-    })
+        "load_seconds": load_seconds, "resident_bytes": resident,
+    }
+    _time_graphs(args, document, make_graph, save, peak)
     return 0
 
 
@@ -590,12 +596,12 @@ def parser() -> argparse.ArgumentParser:
 
     b = commands.add_parser("build", help="write the random model, tokenizer, prompt and transcoders")
     b.add_argument("--out", required=True, help="folder to write (created)")
-    b.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
-    b.add_argument("--d-features", type=int, default=4096, help="transcoder features per layer (default 4096)")
+    b.add_argument("--layers", type=_positive, default=SMOLLM2_135M["num_hidden_layers"])
+    b.add_argument("--d-features", type=_positive, default=4096, help="transcoder features per layer (default 4096)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--target-l0", type=float, default=32.0,
                    help="active features per (layer, position) on the prompt, on average (default 32)")
-    b.add_argument("--prompt-tokens", type=int, default=128, help="length of the prompt (BOS first; default 128)")
+    b.add_argument("--prompt-tokens", type=_positive, default=128, help="length of the prompt (BOS first; default 128)")
     b.add_argument("--sets", default="clt,plt", help="transcoders to write: clt, plt or both (default clt,plt)")
     b.add_argument("--untied", action="store_true", help="a separate unembedding (SmolLM2's is tied)")
     b.set_defaults(handler=build)
@@ -603,15 +609,17 @@ def parser() -> argparse.ArgumentParser:
     for name, handler, what in (("mlx", run_mlx, "mlxterp"), ("ct", run_ct, "circuit-tracer")):
         p = commands.add_parser(name, help=f"time {what}'s attribution graphs on the built folder")
         p.add_argument("--dir", required=True, help="the folder build wrote")
-        p.add_argument("--out", required=True, help="JSON to write; the graphs go beside it (OUT-T{n}.npz)")
+        p.add_argument("--out", required=True, help="JSON to write (after each prompt length)")
+        p.add_argument("--graphs", help="folder for the graphs, OUT's name-T{n}.npz (default: beside OUT)")
         p.add_argument("--set", default="clt", choices=SETS, help="which transcoders (default clt)")
         p.add_argument("--tokens", default="10,64", help="prompt lengths, comma-separated (default 10,64)")
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--max-feature-nodes", default="2048", help="a number, or 'all' (default 2048)")
-        p.add_argument("--update-interval", type=int, default=4)
-        p.add_argument("--max-n-logits", type=int, default=10)
+        p.add_argument("--batch-size", type=_positive, default=64)
+        p.add_argument("--max-feature-nodes", default="2048", type=lambda t: t if t == "all" else str(_positive(t)),
+                       help="a number, or 'all' (default 2048)")
+        p.add_argument("--update-interval", type=_positive, default=4)
+        p.add_argument("--max-n-logits", type=_positive, default=10)
         p.add_argument("--desired-logit-prob", type=float, default=0.95)
-        p.add_argument("--repeats", type=int, default=3, help="timed graphs per length, after one warm-up (default 3)")
+        p.add_argument("--repeats", type=_positive, default=3, help="timed graphs per length, after one warm-up (default 3)")
         if name == "mlx":
             p.add_argument("--memory-budget", default=None, help="mlxterp's memory_budget (default: its own)")
         else:
