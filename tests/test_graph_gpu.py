@@ -90,3 +90,16 @@ def test_compare_finds_a_graph_equal_to_itself_and_tells_other_graphs_apart(time
     assert other["same_active_features"] and other["max_abs_diff"] > 0  # the decoders differ, the encoders do not
     done = subprocess.run([sys.executable, "-c", NO_MLX, str(SCRIPT), "compare", clt, clt], capture_output=True, text=True)
     assert done.returncode == 0 and "same nodes" in done.stdout and "max |dA| = 0" in done.stdout
+
+
+def test_runs_are_compared_length_by_length_and_reported_in_one_table(timed, built, capsys):
+    results = built.parent
+    assert graph_gpu.main(["compare", str(results / "mlx-clt.json"), str(results / "mlx-plt.json"),
+                           "--json", str(results / "compare.json")]) == 0
+    pairs = json.loads((results / "compare.json").read_text())["pairs"]
+    assert [p["tokens"] for p in pairs] == [6, 9] and all(p["same_active_features"] for p in pairs)
+    capsys.readouterr()
+    assert graph_gpu.main(["report", str(results), "--json", str(results.parent / "all.json")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| mlx-") == 4 and "compare T=9: active same" in table
+    assert set(json.loads((results.parent / "all.json").read_text())) == {"mlx-clt", "mlx-plt", "compare"}

@@ -7,7 +7,8 @@ weights and transcoders, equal ``batch_size`` and ``max_feature_nodes`` (issue 2
                                           [--batch-size 64] [--max-feature-nodes 2048] [--repeats 3]
     python plugins/mlxterp_tools/graph_gpu.py ct --dir DIR --out ct.json [the same options]
                                           [--backend nnsight|transformerlens]
-    python plugins/mlxterp_tools/graph_gpu.py compare A.npz B.npz [--json out.json]
+    python plugins/mlxterp_tools/graph_gpu.py compare A.npz B.npz [--json out.json]   (or A.json B.json)
+    python plugins/mlxterp_tools/graph_gpu.py report FOLDER [--json all.json]
 
 ``build`` writes, with NumPy's random generator alone (so the files depend only on the seed and
 the shape), a random HF ``LlamaForCausalLM`` folder of SmolLM2-135M's shape (30 layers, d=576,
@@ -32,9 +33,10 @@ transcoders included) and the resident memory before it, and save each graph's s
 adjacency and node lists as ``.npz`` beside the JSON. ``compare`` aligns two such files node by
 node (features by (layer, position, feature), errors by (layer, position), tokens by position,
 logits by token) and prints the largest edge difference and whether the active and selected
-features agree.
+features agree; given two runs' JSON documents, it compares their graphs length by length.
+``report`` tabulates the runs and comparisons of a folder.
 
-``build``, ``ct`` and ``compare`` need no MLX (run this file itself where mlx is not installed);
+``build``, ``ct``, ``compare`` and ``report`` need no MLX (run this file itself where mlx is not installed);
 ``mlx`` needs no torch. Set ``MLX_ENABLE_TF32=0`` for the MLX run on CUDA (float32 matmuls as
 torch does them), or the graphs agree only to TF32 precision.
 """
@@ -365,12 +367,16 @@ def _time_graphs(args, document: dict, make_graph, save, peak) -> None:
         path = graphs / f"{out.stem}-T{T}.npz"
         counts = save(graph, path)
         run = {"tokens": T, "warmup_seconds": warmup, "seconds": seconds, "median_seconds": statistics.median(seconds),
-               "peak_bytes": max(peaks), **counts, "adjacency": str(path)}
+               "peak_bytes": None if None in peaks else max(peaks), **counts, "adjacency": str(path)}
         document["runs"].append(run)
         out.write_text(json.dumps(document, indent=1) + "\n")
         print(f"{label}: T={T:4d}  {run['median_seconds']:8.3f} s (median of {args.repeats}; warm-up {warmup:.3f} s)  "
-              f"peak {run['peak_bytes'] / 2**30:6.2f} GiB  active {counts['n_active']}  selected {counts['n_selected']}  "
+              f"peak {_gib(run['peak_bytes'])} GiB  active {counts['n_active']}  selected {counts['n_selected']}  "
               f"logits {counts['n_logits']}", flush=True)
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
 
 
 def _settings(args) -> dict:
@@ -472,7 +478,7 @@ def run_ct(args) -> int:
                 "n_nodes": int(graph.adjacency_matrix.shape[0])}
 
     peak = ((torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated) if cuda
-            else (lambda: None, lambda: 0))
+            else (lambda: None, lambda: None))  # torch keeps no peak on the CPU
     document = {
         "implementation": "circuit-tracer", "backend": args.backend, "device": str(device),
         "card": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
@@ -571,17 +577,64 @@ def compare_graphs(a, b) -> dict:
     }
 
 
+def _graph_pairs(a: str, b: str) -> list[tuple[str, str, str]]:
+    """(label, npz, npz) to compare: two graphs, or two runs' JSON documents paired by length."""
+    if not (a.endswith(".json") and b.endswith(".json")):
+        return [(f"{Path(a).name} vs {Path(b).name}", a, b)]
+    runs = [{run["tokens"]: run["adjacency"] for run in json.loads(Path(p).read_text())["runs"]} for p in (a, b)]
+    return [(f"{Path(a).stem} vs {Path(b).stem}, T={T}", runs[0][T], runs[1][T]) for T in runs[0] if T in runs[1]]
+
+
 def compare(args) -> int:
-    with np.load(args.a) as a, np.load(args.b) as b:
-        result = compare_graphs(a, b)
-    agree = result["same_active_features"] and result["same_selected_features"] and result["same_logit_tokens"]
-    print(f"{Path(args.a).name} vs {Path(args.b).name}: {'same' if agree else 'DIFFERENT'} nodes "
-          f"(active {result['n_active']}, selected {result['n_selected']}, shared {result['n_selected_shared']}, "
-          f"logits {'same' if result['same_logit_tokens'] else 'different'}); over {result['n_nodes_compared']} shared "
-          f"nodes max |dA| = {result['max_abs_diff']:.3g} (max |A| {result['max_abs_edge']:.3g}, relative "
-          f"{result['relative_diff']:.2g})")
+    pairs = []
+    for label, path_a, path_b in _graph_pairs(args.a, args.b):
+        with np.load(path_a) as a, np.load(path_b) as b:
+            result = {"tokens": len(a["input_ids"]), "a": path_a, "b": path_b, **compare_graphs(a, b)}
+        pairs.append(result)
+        agree = result["same_active_features"] and result["same_selected_features"] and result["same_logit_tokens"]
+        print(f"{label}: {'same' if agree else 'DIFFERENT'} nodes (active {result['n_active']}, selected "
+              f"{result['n_selected']}, shared {result['n_selected_shared']}, logits "
+              f"{'same' if result['same_logit_tokens'] else 'different'}); over {result['n_nodes_compared']} shared nodes "
+              f"max |dA| = {result['max_abs_diff']:.3g} (max |A| {result['max_abs_edge']:.3g}, relative "
+              f"{result['relative_diff']:.2g})", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"a": args.a, "b": args.b, **result}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"a": args.a, "b": args.b, "pairs": pairs}, indent=1) + "\n")
+    return 0
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def report(args) -> int:
+    """One table of every run and comparison in a folder, and one JSON holding them all."""
+    documents = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.folder).glob("*.json"))}
+    runs = {name: d for name, d in documents.items() if "implementation" in d}
+    comparisons = {name: d for name, d in documents.items() if "pairs" in d}
+    print("| run | card | T | median s (of repeats) | warm-up s | peak GiB | active | selected |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, d in runs.items():
+        card = d.get("card") or d.get("device_info", {}).get("device_name") or d["device"]
+        for run in d.get("runs", []):
+            print(f"| {name} ({d['implementation']}, {d['backend']}, {d['settings']['set']}) | {card} | {run['tokens']} | "
+                  f"{run['median_seconds']:.3f} ({', '.join(f'{s:.3f}' for s in run['seconds'])}) | "
+                  f"{run['warmup_seconds']:.2f} | {_gib(run['peak_bytes'])} | {run['n_active']} | {run['n_selected']} |")
+    mlx = {(d["settings"]["set"], run["tokens"]): run["median_seconds"]
+           for d in runs.values() if d["implementation"] == "mlxterp" for run in d.get("runs", [])}
+    for d in runs.values():
+        if d["implementation"] != "mlxterp":
+            for run in d.get("runs", []):
+                key = (d["settings"]["set"], run["tokens"])
+                if key in mlx:
+                    print(f"{key[0]} T={key[1]}: circuit-tracer ({d['backend']}) {run['median_seconds']:.3f} s / mlxterp "
+                          f"{mlx[key]:.3f} s = {run['median_seconds'] / mlx[key]:.2f}x")
+    for name, d in comparisons.items():
+        for pair in d["pairs"]:
+            print(f"{name} T={pair['tokens']}: active {'same' if pair['same_active_features'] else 'DIFFERENT'}, "
+                  f"selected {'same' if pair['same_selected_features'] else 'DIFFERENT'} "
+                  f"({pair['n_selected_shared']} of {pair['n_selected']} shared), max |dA| {pair['max_abs_diff']:.3g} "
+                  f"(relative {pair['relative_diff']:.2g})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(documents, indent=1) + "\n")
     return 0
 
 
@@ -626,11 +679,16 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--backend", default="nnsight", choices=["nnsight", "transformerlens"])
         p.set_defaults(handler=handler)
 
-    c = commands.add_parser("compare", help="compare two saved graphs node by node")
+    c = commands.add_parser("compare", help="compare two saved graphs (npz), or two runs (their JSON), node by node")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--json", help="also write the comparison here")
     c.set_defaults(handler=compare)
+
+    r = commands.add_parser("report", help="tabulate the runs and comparisons of a folder of JSON results")
+    r.add_argument("folder")
+    r.add_argument("--json", help="also write every result of the folder into this one file")
+    r.set_defaults(handler=report)
     return top
 
 
