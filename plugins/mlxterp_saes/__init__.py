@@ -10,7 +10,7 @@ from __future__ import annotations
 from mlxterp.plugin import hookimpl
 
 from .architectures import Architecture, get_architecture, register_architecture
-from .architectures.topk import topk_relu
+from .architectures.topk import topk_index, topk_relu
 from .evaluate import SAEEvaluation, explained_variance, mse, normalized_mse
 from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
@@ -26,6 +26,6 @@ def mlxterp_exports():
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SAEEvaluation", "TrainingLog", "Example", "FeatureExamples",
     "FeatureAttribution", "load_sae", "save_sae", "train_sae", "top_activations", "feature_attribution",
-    "explained_variance", "mse", "normalized_mse", "topk_relu", "register_architecture", "get_architecture",
+    "explained_variance", "mse", "normalized_mse", "topk_index", "topk_relu", "register_architecture", "get_architecture",
     "Architecture",
 ]
