@@ -315,6 +315,7 @@ class _Trainer:
         self._updates: dict[Any, Any] = {}  # the compiled step of each AuxK plan
         self._features_needed = self.arch.after_step is not base_after_step
         self._waiting: list | None = None
+        self._n_dead: mx.array | None = None  # dead latents after the last step (auxk architectures)
 
     # the loss, in the scaled space
     def _loss(self, params, x, dead):
@@ -367,7 +368,9 @@ class _Trainer:
             self.counted_tokens += n
         self.seen += n
         self._last = (counts.sum() / n, fvu)  # L0, FVU
-        # the dead counts first: the next step's plan waits for them, not for the whole step
+        if self.arch.auxk:  # queued first: the next step's plan waits for it, not for this whole step
+            self._n_dead = (self.since_fired > self.settings["dead_tokens"]).sum()
+            mx.async_eval(self._n_dead)
         outputs = [self.since_fired, self.params, self.optimizer.state, self.buffers, self.fired_count, *self._last]
         mx.async_eval(outputs)
         if self._waiting is not None:
@@ -383,7 +386,8 @@ class _Trainer:
         threshold = self.settings["dead_tokens"]
         if self.seen <= threshold:
             return None
-        n_dead = int((self.since_fired > threshold).sum().item())
+        counted = self._n_dead if self._n_dead is not None else (self.since_fired > threshold).sum()
+        n_dead = int(counted.item())
         if n_dead == 0:
             return None
         k_aux = self.settings["k_aux"] or max(1, self.d_in // 2)
@@ -442,6 +446,7 @@ class _Trainer:
         order = [k for k, _ in tree_flatten(self.optimizer.state)]
         self.optimizer.state = tree_unflatten([(k, tensors[f"optimizer.{k}"]) for k in order])
         self.since_fired, self.fired_count = tensors["since_fired"], tensors["fired_count"]
+        self._n_dead = None
         self.buffers = {k: tensors[k] for k in self.buffers}
         self.scale, self.seen, self.counted_tokens = info["scale"], info["seen"], info["counted_tokens"]
         self.history = info["history"]

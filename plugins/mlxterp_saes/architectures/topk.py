@@ -71,7 +71,7 @@ def topk_relu(h: mx.array, k: int) -> mx.array:
         return nn.relu(h)
     index = mx.stop_gradient(topk_index(h, k))
     values = nn.relu(mx.take_along_axis(h, index, axis=-1))
-    return mx.put_along_axis(mx.zeros_like(h), index, values, axis=-1)
+    return mx.put_along_axis(mx.zeros(h.shape, h.dtype), index, values, axis=-1)
 
 
 def check_config(cfg) -> None:
