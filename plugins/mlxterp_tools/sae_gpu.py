@@ -164,8 +164,9 @@ def saelens_job(args, kind: str, tf32: bool) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if tf32 and device != "cuda":
         return {"skipped": "TF32 is a CUDA setting"}
-    previous = torch.backends.cuda.matmul.allow_tf32
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     try:
         torch.manual_seed(0)
         acts = torch_activations(kind, 16 * args.batch, args.d_in, device)
@@ -204,7 +205,8 @@ def saelens_job(args, kind: str, tf32: bool) -> dict[str, Any]:
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return result
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.backends.cuda.matmul.allow_tf32 = previous[0]
+        torch.set_float32_matmul_precision(previous[1])
 
 
 def _stub_wandb() -> bool:
