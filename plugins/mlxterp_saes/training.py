@@ -352,11 +352,21 @@ class _Trainer:
         variance = ((x - x.mean(axis=0)) ** 2).sum(axis=-1).mean()
         return (params, self.optimizer.state, counts, mse / variance) + ((f,) if self._features_needed else ())
 
+    def _compiled(self, plan):
+        """The step compiled for one AuxK plan: a function of its own (mx.compile keeps one
+        cache per function object), which sets the plan its trace reads."""
+
+        def update(params, state, buffers, x, since_fired):
+            self.aux_plan = plan
+            return self._update(params, state, buffers, x, since_fired)
+
+        return mx.compile(update)
+
     def step(self, x: mx.array) -> None:
         self.aux_plan = self._plan_aux() if self.arch.auxk else None
         update = self._updates.get(self.aux_plan)
         if update is None:
-            update = self._updates[self.aux_plan] = mx.compile(self._update)
+            update = self._updates[self.aux_plan] = self._compiled(self.aux_plan)
         buffers = self.buffers
         params, state, counts, fvu, *f = update(self.params, self.optimizer.state, buffers, x, self.since_fired)
         self.params, self.optimizer.state, self.buffers = params, state, buffers
