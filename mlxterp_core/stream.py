@@ -430,7 +430,9 @@ class MixingBuffer:
             served = served // self.batch_size * self.batch_size
         self.ready, self.served = {k: v[:served] for k, v in rows.items()}, 0
         if isinstance(next(iter(rows.values())), mx.array):
-            mx.eval(self.ready)
+            # computed once (the batches are slices of it), without waiting: the consumer's
+            # steps are built while the device fills the buffer
+            mx.async_eval(self.ready)
         rest = {k: v[served:] for k, v in rows.items()} if not last else {}
         self.count = self.count - served if not last else 0
         self.pending = [rest] if self.count else []

@@ -126,6 +126,7 @@ def train_steps(
                 break
         if not started_trainer:
             raise error(f"{what}: the training data gave no batches (padding, BOS and window starts are never trained on).")
+        mx.synchronize()  # a trainer may leave its last step running (mx.async_eval): the time includes it
     finally:
         bar.close()
     return Run(first, step, time.perf_counter() - started)

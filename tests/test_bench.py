@@ -84,3 +84,29 @@ def test_the_graph_rows_random_transcoder_fires_about_l0_features(wrapped_tokeni
     ids = prompt_ids(model, " ".join(default_corpus()[50:60]))[:40]
     active = len(Replacement(model, tc, ids).active) / (3 * (len(ids) - 1))
     assert tc.kind == "clt" and 4 <= active <= 16, active
+
+
+def test_the_gpu_bench_measures_past_the_warm_up_and_reports_every_target(tmp_path):
+    """``sae_gpu.throughput`` takes tokens/s from the difference of a short and a long run (no
+    figure when noise makes the long one no slower); ``gpu_bench``'s summary puts each figure
+    beside its target and reports a failed section; ``--smoke`` shrinks every size."""
+    from mlxterp_tools import gpu_bench, sae_gpu
+
+    seconds = {3: 1.0, 13: 3.0}
+    found = sae_gpu.throughput(lambda n: seconds[n], warmup=3, steps=10, batch=100, rounds=2)
+    assert found["tokens_per_s"] == pytest.approx(10 * 100 / 2.0) and found["step_ms"] == pytest.approx(200.0)
+    seconds[13] = 0.9
+    assert "tokens_per_s" not in sae_gpu.throughput(lambda n: seconds[n], 3, 10, 100, 1)
+    args = gpu_bench.parse(["--smoke", "--out", str(tmp_path)])
+    assert args.d_sae <= 512 and args.steps <= 3 and args.trace_batches == [1, 2]
+    report = {"sections": {
+        "sae": {"job": {"gaussian": {"mlxterp": {"tokens_per_s": 2.0}, "vs_best_saelens": 1.5, "met": True}},
+                "live": {"one_sae_vs_plain": 0.4, "met": False}},
+        "cache": {"all_layers": {"ratio": 0.9, "target": 0.85, "met": True, "speedup over nnsight": 3.0}},
+        "trace": {"error": "RuntimeError: no GPU"},
+    }}
+    lines = gpu_bench.summary(report)
+    assert any("1.50x the faster SAELens | >= 1.0x | met" in line for line in lines)
+    assert any("0.40x the plain forward | >= 0.5x | NOT met" in line for line in lines)
+    assert any("speedup over nnsight: 3.00x | >= 1x | met" in line for line in lines)
+    assert "trace: FAILED (RuntimeError: no GPU)" in lines

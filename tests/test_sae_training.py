@@ -8,6 +8,7 @@ import itertools
 import json
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from helpers import CORPUS
@@ -305,3 +306,142 @@ def test_a_short_run_logs_a_curve_and_plots_its_points(llama):
     for ax in figure.axes:
         (line,) = ax.get_lines()
         assert line.get_marker() == "o" and len(line.get_xdata()) == 2
+
+
+# -- the optimised step computes the recipe's step --------------------------------------------
+
+
+def step_settings(architecture, **overrides):
+    return dict(dict(architecture=architecture, d_sae=256, k=4, expansion=8, lr=1e-2, l1=0.5, l0=0.05, aux=1 / 32,
+                     k_aux=None, dead_tokens=128, steps=20, bandwidth=0.05, init_threshold=0.01, seed=0,
+                     batch_size=64, context_size=8), **overrides)
+
+
+def skewed_rows(steps, rows=64, d_in=32):
+    """Batches whose variance sits in a few directions: many TopK latents never fire (die)."""
+    x = mx.random.normal((steps, rows, d_in), key=mx.random.key(0))
+    return x * mx.linspace(0.2, 3.0, d_in) + 0.5
+
+
+def reference_steps(settings, batches):
+    """The recipe step by step, written plainly (no compile, autodiff everywhere, the AuxK pass
+    over all latents): the parameters and dead counts after ``batches``."""
+    t = _Trainer("s", batches[0], settings)  # the same start: parameters, input scale, Adam
+    params, optimizer, arch = t.params, t.optimizer, t.arch
+    since = mx.zeros((t.d_sae,), dtype=mx.int32)
+
+    def loss(p, x, dead):
+        h = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        f = arch.train_activation(t, p, h)
+        error = x - (f @ p["W_dec"] + p["b_dec"])
+        extra = arch.loss(t, p, h, f, error, dead)  # t.aux_plan is the plain pass: (d_sae, True)
+        return (error**2).sum(axis=-1).mean() + (0 if extra is None else extra), f
+
+    for x in batches:
+        x = x * t.scale
+        (_, f), grads = mx.value_and_grad(loss)(params, x, since > settings["dead_tokens"])
+        if arch.unit_norm_decoder:
+            g, W = grads["W_dec"], params["W_dec"]
+            grads["W_dec"] = g - (g * W).sum(axis=-1, keepdims=True) * W
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        params = optimizer.apply_gradients(grads, params)
+        if arch.unit_norm_decoder:
+            params["W_dec"] = params["W_dec"] / mx.maximum(mx.linalg.norm(params["W_dec"], axis=-1, keepdims=True), 1e-8)
+        since = mx.where((f > 0).any(axis=0), 0, since + x.shape[0])
+        mx.eval(params, optimizer.state, since)
+    return params, since
+
+
+@pytest.mark.parametrize("architecture,k_aux", [("topk", None), ("topk", 64), ("batchtopk", 64), ("jumprelu", None),
+                                                ("relu", None)])
+def test_the_fast_step_trains_the_same_sae_as_the_plain_recipe(monkeypatch, architecture, k_aux):
+    """The trainer's step (compiled, b_dec's gradient as a product with the summed dh, AuxK
+    planned from the dead latents, top-k in groups) gives the parameters of the plain recipe,
+    to float32 rounding, after 20 steps in which latents die (every AuxK plan is taken: none,
+    a few dead latents' columns with and without a second top-k)."""
+    from mlxterp_saes.architectures import topk
+
+    monkeypatch.setattr(topk, "on_cpu", lambda: False)  # the GPU's grouped top-k, here
+    monkeypatch.setattr(topk, "GROUP", 32)
+    settings = step_settings(architecture, k_aux=k_aux)
+    batches = skewed_rows(settings["steps"])
+    expected, expected_since = reference_steps(settings, batches)
+    trainer, plans = _Trainer("s", batches[0], settings), set()
+    for x in batches:
+        trainer.step(x)
+        plans.add(trainer.aux_plan)
+    mx.eval(trainer.params)
+    for name, value in expected.items():
+        gap = mx.abs(trainer.params[name] - value).max().item()
+        assert gap <= 1e-5 * max(mx.abs(value).max().item(), 1.0), (name, gap)
+    assert mx.array_equal(trainer.since_fired, expected_since).item()
+    if architecture in ("topk", "batchtopk"):
+        widths = {p[0] for p in plans if p is not None}
+        assert None in plans and min(widths) < settings["d_sae"]  # no pass, and a pass over a few columns
+        assert {p[1] for p in plans if p is not None} == ({True} if k_aux is None else {False})
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 40, 200])
+def test_every_auxk_plan_gives_the_plain_pass(n_dead):
+    """The AuxK term and its gradients under the plan the trainer makes for ``n_dead`` dead
+    latents equal the plain pass over all latents (d_sae, True), to float32 rounding."""
+    from mlxterp_saes.architectures import topk
+
+    settings = step_settings("topk", k_aux=16)
+    x = skewed_rows(1)[0]
+    trainer = _Trainer("s", x, settings)
+    dead = mx.argsort(mx.random.uniform(shape=(256,), key=mx.random.key(2))) < n_dead  # n_dead latents at random
+    trainer.since_fired = mx.where(dead, 10**6, 0).astype(mx.int32)
+    trainer.seen = 10**7
+    plan = trainer._plan_aux()
+    assert (plan is None) == (n_dead == 0)
+    p = trainer.params
+    h = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    error = mx.random.normal(x.shape, key=mx.random.key(3))
+
+    def term(params, aux_plan):
+        trainer.aux_plan = aux_plan
+        value = topk.loss(trainer, params, (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"], None, error, dead)
+        return mx.array(0.0) if value is None else value
+
+    planned, planned_grads = mx.value_and_grad(lambda q: term(q, plan))(p)
+    plain, plain_grads = mx.value_and_grad(lambda q: term(q, (256, True)))(p)
+    assert abs(planned.item() - plain.item()) <= 1e-5 * max(abs(plain.item()), 1e-6)
+    for name in p:
+        scale = max(mx.abs(plain_grads[name]).max().item(), 1e-6)
+        assert mx.abs(planned_grads[name] - plain_grads[name]).max().item() <= 1e-5 * scale, name
+    if plan is not None:
+        assert plan[0] >= n_dead and plan[1] == (n_dead > 16)
+
+
+def test_the_encoder_sends_b_dec_the_gradient_autodiff_would():
+    from mlxterp_saes.training import _pre_acts
+
+    keys = mx.random.split(mx.random.key(4), 4)
+    x = mx.random.normal((16, 8), key=keys[0]) + 2.0
+    args = [mx.random.normal((8, 32), key=keys[1]), mx.random.normal((32,), key=keys[2]), mx.random.normal((8,), key=keys[3])]
+    probe = mx.random.normal((16, 32), key=mx.random.key(5))
+
+    def plain(W, b, c):
+        return (((x - c) @ W + b) * probe).sum()
+
+    def fast(W, b, c):
+        return (_pre_acts(x, W, b, c) * probe).sum()
+
+    assert mx.array_equal(fast(*args), plain(*args)).item()  # the same forward, bit for bit
+    ours = mx.grad(fast, argnums=(0, 1, 2))(*args)
+    theirs = mx.grad(plain, argnums=(0, 1, 2))(*args)
+    for a, b in zip(ours, theirs):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+
+
+def test_topk_in_groups_finds_the_k_largest():
+    from mlxterp_saes import topk_index
+    from mlxterp_saes.architectures.topk import _groups
+
+    h = mx.random.normal((5, 3, 960), key=mx.random.key(6))
+    for group in (0, 100, 200, 320):
+        found = mx.sort(mx.take_along_axis(h, topk_index(h, 7, group=group), axis=-1), axis=-1)
+        assert mx.array_equal(found, mx.sort(h, axis=-1)[..., -7:]).item(), group
+    assert _groups(960, 7, 200) == 5 and _groups(960, 7, 320) == 3  # equal groups that divide the row
+    assert _groups(97, 4, 10) == 0  # a prime width: one argpartition

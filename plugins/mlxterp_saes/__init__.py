@@ -13,7 +13,7 @@ from .architectures import Architecture, get_architecture, register_architecture
 from .architectures.batchtopk import train_activation as batchtopk_relu
 from .architectures.jumprelu import _jump as jumprelu_ste
 from .architectures.jumprelu import _step as heaviside_ste
-from .architectures.topk import topk_relu
+from .architectures.topk import topk_index, topk_relu
 from .evaluate import Accumulator, SAEEvaluation, explained_variance, mse, normalized_mse
 from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
@@ -29,7 +29,7 @@ def mlxterp_exports():
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SAEEvaluation", "TrainingLog", "Example", "FeatureExamples",
     "FeatureAttribution", "load_sae", "save_sae", "train_sae", "top_activations", "feature_attribution",
-    "explained_variance", "mse", "normalized_mse", "topk_relu", "batchtopk_relu", "jumprelu_ste", "heaviside_ste",
+    "explained_variance", "mse", "normalized_mse", "topk_index", "topk_relu", "batchtopk_relu", "jumprelu_ste", "heaviside_ste",
     "register_architecture", "get_architecture",
     "Architecture", "Accumulator", "site_width",
 ]

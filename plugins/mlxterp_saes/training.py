@@ -46,6 +46,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxterp.plugin import ActivationDataset, ArrayRows, Batches, DatasetRows, Display, RowSource, TextRows, is_raw, train_steps
 
 from .architectures import get_architecture
+from .architectures.base import after_step as base_after_step
 from .architectures.base import check_option
 from .sae import SAE, SAEConfig, SAEError, hook_name_of, site_width
 
@@ -263,9 +264,31 @@ class _Group:
 # -- the trainer of one SAE --------------------------------------------------------------------
 
 
+@mx.custom_function
+def _pre_acts(x, W_enc, b_enc, b_dec):
+    """(B, d_in) -> (B, d_sae): ``h = (x - b_dec) @ W_enc + b_enc``."""
+    return (x - b_dec) @ W_enc + b_enc
+
+
+@_pre_acts.vjp
+def _pre_acts_vjp(primals, cotangent, output):
+    # b_dec's gradient is -W_enc @ (the batch's sum of dh), a (d_in, d_sae) x (d_sae,) product;
+    # autodiff would reach it through the (B, d_in) gradient of x - b_dec, a product as large as
+    # the encoder. x is data: its cotangent is never used.
+    x, W_enc, b_enc, b_dec = primals
+    total = cotangent.sum(axis=0)
+    return mx.zeros_like(x), (x - b_dec).T @ cotangent, total, -(W_enc @ total)
+
+
+
 class _Trainer:
     """One SAE in training: the shared loop's state (parameters, Adam, dead-latent counts,
-    densities, history); its architecture's rules in ``self.arch``."""
+    densities, history); its architecture's rules in ``self.arch``.
+
+    A step is one compiled function (``mx.compile``: loss, gradients, clipping, Adam and the
+    decoder's unit norm, traced once per batch shape and AuxK plan) and a few (d_sae,) updates
+    after it; it is evaluated asynchronously, with at most one step waiting behind the one the
+    device runs, so that building a step overlaps computing the one before."""
 
     def __init__(self, site: str, first: mx.array, settings: dict[str, Any]):
         self.site = site
@@ -293,11 +316,15 @@ class _Trainer:
         self.seen = 0
         self.history: dict[str, list] = {"steps": [], "tokens": [], "l0": [], "fvu": [], "dead": []}
         self._last: tuple[mx.array, ...] | None = None
-        self._grad = mx.value_and_grad(self._loss)
+        self.aux_plan: tuple[int, bool] | None = (self.d_sae, True)  # the plain AuxK pass (see topk.loss)
+        self._updates: dict[Any, Any] = {}  # the compiled step of each AuxK plan
+        self._features_needed = self.arch.after_step is not base_after_step
+        self._waiting: list | None = None
+        self._n_dead: mx.array | None = None  # dead latents after the last step (auxk architectures)
 
     # the loss, in the scaled space
     def _loss(self, params, x, dead):
-        h = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+        h = _pre_acts(x, params["W_enc"], params["b_enc"], params["b_dec"])
         f = self.arch.train_activation(self, params, h)
         recons = f @ params["W_dec"] + params["b_dec"]
         error = x - recons
@@ -308,30 +335,78 @@ class _Trainer:
             loss = loss + extra
         return loss, (f, mse, x)
 
-    def step(self, x: mx.array) -> None:
+    def _update(self, params, state, buffers, x, since_fired):
+        """One optimiser step, traced by ``mx.compile``: the new parameters and Adam state, the
+        number of tokens each latent fired on (d_sae,), the FVU, and the features (B, d_sae)
+        when the architecture's ``after_step`` reads them."""
         x = x.astype(mx.float32) * self.scale
-        dead = self.since_fired > self.settings["dead_tokens"]
-        (loss, (f, mse, _)), grads = self._grad(self.params, x, dead)
-        if self.arch.unit_norm_decoder:
-            W = self.params["W_dec"]
+        dead = since_fired > self.settings["dead_tokens"]
+        self.buffers = buffers  # what the architecture's rules read while this is traced
+        (_, (f, mse, _)), grads = mx.value_and_grad(self._loss)(params, x, dead)
+        if self.arch.unit_norm_decoder:  # no step along a row: it would only change its norm
+            W = params["W_dec"]
             g = grads["W_dec"]
             grads["W_dec"] = g - (g * W).sum(axis=-1, keepdims=True) * W
         grads, _ = optim.clip_grad_norm(grads, 1.0)
-        self.params = self.optimizer.apply_gradients(grads, self.params)
+        self.optimizer.state = state
+        params = self.optimizer.apply_gradients(grads, params)
         if self.arch.unit_norm_decoder:
-            W = self.params["W_dec"]
-            self.params["W_dec"] = W / mx.maximum(mx.linalg.norm(W, axis=-1, keepdims=True), 1e-8)
-        fired = (f > 0).any(axis=0)
+            W = params["W_dec"]
+            params["W_dec"] = W / mx.maximum(mx.linalg.norm(W, axis=-1, keepdims=True), 1e-8)
+        counts = (f > 0).sum(axis=0)
+        variance = ((x - x.mean(axis=0)) ** 2).sum(axis=-1).mean()
+        return (params, self.optimizer.state, counts, mse / variance) + ((f,) if self._features_needed else ())
+
+    def _compiled(self, plan):
+        """The step compiled for one AuxK plan: a function of its own (mx.compile keeps one
+        cache per function object), which sets the plan its trace reads."""
+
+        def update(params, state, buffers, x, since_fired):
+            self.aux_plan = plan
+            return self._update(params, state, buffers, x, since_fired)
+
+        return mx.compile(update)
+
+    def step(self, x: mx.array) -> None:
+        self.aux_plan = self._plan_aux() if self.arch.auxk else None
+        update = self._updates.get(self.aux_plan)
+        if update is None:
+            update = self._updates[self.aux_plan] = self._compiled(self.aux_plan)
+        buffers = self.buffers
+        params, state, counts, fvu, *f = update(self.params, self.optimizer.state, buffers, x, self.since_fired)
+        self.params, self.optimizer.state, self.buffers = params, state, buffers
         n = x.shape[0]
-        self.since_fired = mx.where(fired, 0, self.since_fired + n)
-        self.buffers = self.arch.after_step(self, f)
+        self.since_fired = mx.where(counts > 0, 0, self.since_fired + n)
+        self.buffers = self.arch.after_step(self, f[0] if f else None)
         if self.seen >= self.settings["steps"] * n * 3 // 4:  # densities over the last quarter
-            self.fired_count = self.fired_count + (f > 0).sum(axis=0)
+            self.fired_count = self.fired_count + counts
             self.counted_tokens += n
         self.seen += n
-        variance = ((x - x.mean(axis=0)) ** 2).sum(axis=-1).mean()
-        self._last = ((f > 0).sum(axis=-1).mean(), mse / variance)
-        mx.eval(self.params, self.optimizer.state, self.since_fired, self.buffers, self.fired_count, *self._last)
+        self._last = (counts.sum() / n, fvu)  # L0, FVU
+        if self.arch.auxk:  # queued first: the next step's plan waits for it, not for this whole step
+            self._n_dead = (self.since_fired > self.settings["dead_tokens"]).sum()
+            mx.async_eval(self._n_dead)
+        outputs = [self.since_fired, self.params, self.optimizer.state, self.buffers, self.fired_count, *self._last]
+        mx.async_eval(outputs)
+        if self._waiting is not None:
+            mx.eval(self._waiting)
+        self._waiting = outputs
+
+    def _plan_aux(self) -> tuple[int, bool] | None:
+        """This step's AuxK plan (``topk.loss``): None when no latent is dead, else the columns
+        the dead ones fit in (a power of two, at least 32, at most d_sae) and whether more of
+        them than ``k_aux`` compete. No latent can be dead while fewer tokens than
+        ``dead_tokens`` have been seen; after that, counting them waits for the last step's
+        counts (as SAELens's count does)."""
+        threshold = self.settings["dead_tokens"]
+        if self.seen <= threshold:
+            return None
+        counted = self._n_dead if self._n_dead is not None else (self.since_fired > threshold).sum()
+        n_dead = int(counted.item())
+        if n_dead == 0:
+            return None
+        k_aux = self.settings["k_aux"] or max(1, self.d_in // 2)
+        return min(self.d_sae, max(32, 1 << (n_dead - 1).bit_length())), n_dead > k_aux
 
     def log(self, step: int) -> tuple[float, float, float]:
         l0, fvu = (v.item() for v in self._last)
@@ -386,6 +461,7 @@ class _Trainer:
         order = [k for k, _ in tree_flatten(self.optimizer.state)]
         self.optimizer.state = tree_unflatten([(k, tensors[f"optimizer.{k}"]) for k in order])
         self.since_fired, self.fired_count = tensors["since_fired"], tensors["fired_count"]
+        self._n_dead = None
         self.buffers = {k: tensors[k] for k in self.buffers}
         self.scale, self.seen, self.counted_tokens = info["scale"], info["seen"], info["counted_tokens"]
         self.history = info["history"]

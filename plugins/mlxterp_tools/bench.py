@@ -38,7 +38,10 @@ Rows:
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 
 Workloads that need several processes or a GPU with its peers are scripts of this package:
-``python -m mlxterp_tools.gpu_trace`` (traces against plain MLX, torch and nnsight on one GPU),
+``python -m mlxterp_tools.gpu_bench --out DIR`` (all of the GPU comparison of issue 26 in one
+command: SAE training against SAELens, traces, caching, patching and the logit lens against
+nnsight), ``python -m mlxterp_tools.gpu_trace`` (traces against plain MLX, torch and nnsight on one GPU),
+``mlxterp_tools.sae_gpu`` (SAE training against SAELens and from a live model),
 ``mlxterp_tools.cache_gpu`` (caching on one GPU), ``mlxterp_tools.sae_training`` (the longer SAE
 run), ``mlxterp_tools.transcoder_training`` (PLTs against a CLT on every layer) and ``mlxterp_tools.distributed_gpu`` (the cache and the patching sweep on 1 and N ranks,
 e.g. two GPUs over NCCL: ``python -m mlxterp_tools.distributed_gpu --ranks 2 --backend nccl

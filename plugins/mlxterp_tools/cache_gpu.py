@@ -59,6 +59,42 @@ def model_for_bench():
         return InterpretableModel(module, tokenizer=ByteTokenizer()), "random Llama, SmolLM2-135M shape, float16"
 
 
+def measure(model, described: str, batch_size: int = 32, context_size: int = 128, batches: int = 16,
+            repeats: int = 5, dtype: str = "bfloat16", peers=None, out=print) -> dict:
+    """The two rows of the module doc (printed with ``out``), as a JSON-ready dict. ``peers``:
+    cases of other libraries for the all-layers row, as :func:`~mlxterp_tools.cache_rows.cache_speed`
+    takes them (timed in the same rounds; each gets its tokens/s and mlxterp's speed-up over it)."""
+    args = model.model.args if hasattr(model.model, "args") else None
+    d_model = getattr(args, "hidden_size", SMOLLM2_135M_SHAPE["hidden_size"])
+    n_layers = len(model.model.layers)
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    out(f"device {mx.default_device()}, mlx {mx.__version__}, python {platform.python_version()}; {described}")
+    out(f"{batches} batches of {batch_size} x {context_size} tokens, stored {dtype}, median of {repeats}")
+    results = {"device": str(mx.default_device()), "mlx": mx.__version__, "model": described, "batch_size": batch_size,
+               "context_size": context_size, "batches": batches, "repeats": repeats, "dtype": dtype}
+    middle = n_layers // 2
+    for key, sites, cut, n_sites, target, with_peers in (
+        ("all_layers", ("layers[*]",), None, n_layers, 0.85, peers),
+        ("one_site", (f"layers[{middle - 1}]",), middle, 1, 1 / 1.05, None),
+    ):
+        speed = cache_speed(model, sites=sites, cut=cut, batch_size=batch_size, context_size=context_size,
+                            batches=batches, repeats=repeats, dtype=dtype, peers=with_peers)
+        ratio = speed["cache"] / speed["plain"]
+        written = speed["cache"] * n_sites * d_model * itemsize / 1e6
+        row = {"cache_tokens_per_s": speed["cache"], "plain_tokens_per_s": speed["plain"], "ratio": ratio,
+               "target": target, "met": ratio >= target, "written_MB_per_s": written}
+        line = (f"  {key:10s} cache {speed['cache']:10.0f} tok/s  plain {speed['plain']:10.0f} tok/s  {ratio:5.2f}x "
+                f"(target >= {target:.2f}x: {'met' if ratio >= target else 'NOT met'})  writes {written:7.1f} MB/s")
+        for name, tps in speed.items():
+            if name not in ("cache", "plain"):
+                row[f"{name} tokens_per_s"] = tps
+                row[f"speedup over {name}"] = speed["cache"] / tps
+                line += f" | {name} {tps:10.0f} tok/s: mlxterp {speed['cache'] / tps:4.2f}x"
+        results[key] = row
+        out(line)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -69,24 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     model, described = model_for_bench()
-    d_model = SMOLLM2_135M_SHAPE["hidden_size"]
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[args.dtype]
-    print(f"device {mx.default_device()}, mlx {mx.__version__}, python {platform.python_version()}; {described}")
-    print(f"{args.batches} batches of {args.batch_size} x {args.context_size} tokens, stored {args.dtype}, "
-          f"median of {args.repeats}")
-    results = {"device": str(mx.default_device()), "mlx": mx.__version__, "model": described, **vars(args)}
-    for key, sites, cut, n_sites, target in (
-        ("all_layers", ("layers[*]",), None, 30, 0.85),
-        ("one_site", ("layers[14]",), 15, 1, 1 / 1.05),
-    ):
-        speed = cache_speed(model, sites=sites, cut=cut, batch_size=args.batch_size, context_size=args.context_size,
-                            batches=args.batches, repeats=args.repeats, dtype=args.dtype)
-        ratio = speed["cache"] / speed["plain"]
-        written = speed["cache"] * n_sites * d_model * itemsize / 1e6
-        results[key] = {"cache_tokens_per_s": speed["cache"], "plain_tokens_per_s": speed["plain"],
-                        "ratio": ratio, "target": target, "written_MB_per_s": written}
-        print(f"  {key:10s} cache {speed['cache']:10.0f} tok/s  plain {speed['plain']:10.0f} tok/s  {ratio:5.2f}x "
-              f"(target >= {target:.2f}x)  writes {written:7.1f} MB/s")
+    results = measure(model, described, args.batch_size, args.context_size, args.batches, args.repeats, args.dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

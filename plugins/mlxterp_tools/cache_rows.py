@@ -27,10 +27,13 @@ def _plain_forward_cut(module, ids, layers: int | None):
 
 
 def cache_speed(model=None, *, sites=("layers[*]",), cut: int | None = None, batch_size: int = 8,
-                context_size: int = 128, batches: int = 4, repeats: int = 3, dtype=None) -> dict[str, float]:
+                context_size: int = 128, batches: int = 4, repeats: int = 3, dtype=None,
+                peers=None) -> dict[str, float]:
     """Tokens/s of ``model.cache_activations`` (all of it: planning, the forward passes, the
     background writer, checksums, the manifest) against the plain forward of the same windows
-    (cut after ``cut`` blocks, or whole), interleaved rounds, medians. ``model``: default model."""
+    (cut after ``cut`` blocks, or whole), interleaved rounds, medians. ``model``: default model.
+    ``peers``: a function ``(windows, folder) -> {name: case}`` of other cases that do the same
+    work on the same windows (token ids (B, T) each), timed in the same rounds."""
     import tempfile
 
     model = model or default_model()
@@ -40,10 +43,12 @@ def cache_speed(model=None, *, sites=("layers[*]",), cut: int | None = None, bat
     with tempfile.TemporaryDirectory(prefix="mlxterp-bench-cache-") as folder:
         cases = {
             "plain": lambda: [_plain_forward_cut(model.model, ids, cut) for ids in windows],
-            "cache": lambda: model.cache_activations(corpus, list(sites), folder, context_size=context_size,
+            "cache": lambda: model.cache_activations(corpus, list(sites), f"{folder}/mlxterp", context_size=context_size,
                                                      batch_size=batch_size, max_tokens=max_tokens, dtype=dtype,
                                                      overwrite=True, progress=False),
         }
+        if peers is not None:
+            cases.update(peers(windows, folder))
         medians = median_times(cases, repeats)
     return {name: max_tokens / seconds for name, seconds in medians.items()}
 

@@ -16,10 +16,17 @@ training (an architecture without ``train_activation`` is loaded only)
     ``train_activation(t, params, h)`` with the gradients training needs; ``check_options
     (settings, d_sae)``; ``init_params(t, x)``; ``init_buffers(t)``; ``loss(t, params, h, f,
     error, dead)`` (added to the shared reconstruction MSE); ``after_step(t, f)``; ``export(t)``;
-    ``unit_norm_decoder``; ``fold_on_export``; ``saved_as`` (the architecture it is saved as);
+    ``unit_norm_decoder``; ``fold_on_export``; ``auxk``: True when ``loss`` decodes dead latents
+    and reads ``t.aux_plan``, the trainer's plan of that pass (see ``topk.loss``);
+    ``saved_as`` (the architecture it is saved as);
     ``training_name`` (what the training log records); ``from_checkpoint(cfg, tensors)``: a
     SAELens training checkpoint's ``cfg.json`` fields and tensors as the ``saved_as``
     architecture's (what SAELens's ``save_inference_model`` writes), so that ``load_sae`` reads it.
+
+``train_activation`` and ``loss`` run inside the trainer's compiled step (``mx.compile``), traced
+once for each shape of batch: they compute from their arguments, ``t.settings``, ``t.d_in``,
+``t.d_sae``, ``t.buffers`` and ``t.aux_plan``, never from other state of the trainer that changes
+from step to step (``t.seen``), which the trace would freeze. ``after_step`` runs outside it.
 
 A third party adds one with ``register_architecture(module)`` (``mlxterp_saes.register_architecture``),
 touching no file here; docs/guide/saes.md shows one.
@@ -62,6 +69,7 @@ class Architecture:
     export: Callable = base.export
     unit_norm_decoder: bool = base.unit_norm_decoder
     fold_on_export: bool = base.fold_on_export
+    auxk: bool = False
     saved_as: str = ""  # default: name
     from_checkpoint: Callable | None = None
     training_name: str = ""  # default: name

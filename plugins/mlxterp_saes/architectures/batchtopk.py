@@ -20,6 +20,7 @@ from .topk import check_auxk, check_k, loss  # noqa: F401  TopK's AuxK term is B
 name = "batchtopk"
 saved_as = "jumprelu"
 unit_norm_decoder = True
+auxk = True
 
 
 def check_options(settings: dict, d_sae: int) -> None:
