@@ -73,7 +73,7 @@ def smollm2_model(smoke: bool):
 
 
 def run_sae(args, shared) -> dict:
-    return sae_gpu.run(args, out=say)
+    return sae_gpu.run(args, out=say, progress=shared.get("progress"))
 
 
 def run_trace(args, shared) -> dict:
@@ -266,6 +266,12 @@ def main(argv=None) -> int:
     for name in args.sections:
         say(f"== {name} ({time.perf_counter() - started:.0f} s) ==")
         begun = time.perf_counter()
+
+        def progress(partial, name=name):  # a section's document so far, written out (sae: after each part)
+            report["sections"][name] = {**partial, "partial": True}
+            write(report, folder)
+
+        shared["progress"] = progress
         if name in ("cache", "analyses") and "model" not in shared:
             shared["model"] = smollm2_model(args.smoke)
         result = sae_gpu.guarded(name, lambda: RUNNERS[name](args, shared), say)

@@ -336,9 +336,11 @@ def smoke_sizes(args) -> None:
     args.live_d_sae, args.live_k = 256, 8
 
 
-def run(args, out=print) -> dict[str, Any]:
+def run(args, out=print, progress=None) -> dict[str, Any]:
     """Every part of this benchmark (see the module doc), printed as it goes; the document the
-    JSON holds."""
+    JSON holds. ``progress(report)``, when given, is called with the document so far after each
+    part (a caller writes it out, so that a run cut short keeps what it measured)."""
+    progress = progress or (lambda report: None)
     report: dict[str, Any] = {"backend": describe_backend(), "device": str(mx.default_device()),
                               "machine": platform.machine(), "versions": versions(),
                               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "out")}}
@@ -362,6 +364,8 @@ def run(args, out=print) -> dict[str, Any]:
             row["met"] = row["vs_best_saelens"] >= 1.0
             out(f"  mlxterp / faster SAELens: {row['vs_best_saelens']:.2f}x (target >= 1.0x): {_met(row['met'])}")
         jobs[kind] = row
+        report["job"] = jobs
+        progress(report)
     report["job"] = jobs
     if args.live:
         out(f"live model: plain forward vs training from text (d_sae {args.live_d_sae}, k {args.live_k}, "
@@ -373,6 +377,7 @@ def run(args, out=print) -> dict[str, Any]:
             out(f"  plain forward {live['plain_tokens_per_s']:,.0f} tok/s; one SAE {_tps(live['one_sae'])} = {ratio}; "
                 f"four from one forward {_tps(live['four_saes'])} each{four}")
         report["live"] = live
+        progress(report)
     if args.parts:
         out("the step's parts alone (median ms):")
         found = guarded("parts", lambda: parts(args), out)
@@ -420,10 +425,12 @@ def main(argv=None) -> int:
     if args.smoke:
         smoke_sizes(args)
     print(f"{describe_backend()}; {versions()}", flush=True)
-    report = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    def write(report):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+
+    write(run(args, progress=write))
     return 0
 
 
