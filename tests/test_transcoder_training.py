@@ -271,7 +271,8 @@ def test_the_bench_rows_and_the_comparison_run_at_a_tiny_size(llama, tmp_path):
 
     assert "transcoders" in bench.all_rows()
     speed = training_speed(llama, TEXTS, n_tokens=256, d_features=32, k=4, batch_size=128, context_size=32)
-    assert set(speed) == {"plain_tokens_per_s", "plt_tokens_per_s", "clt_tokens_per_s"}
+    assert set(speed) == {"plain_tokens_per_s", "plt_tokens_per_s", "clt_tokens_per_s", "plt_peak_memory_gib",
+                          "clt_peak_memory_gib"}
     assert all(v > 0 for v in speed.values())
     report = compare(llama, TEXTS, CORPUS * 2, features=32, k=4, tokens=512, batch_size=128, eval_tokens=256,
                      out=tmp_path, save=True, say=lambda *args, **kwargs: None)

@@ -23,13 +23,16 @@ from .harness import Row, default_model
 def training_speed(model, texts, n_tokens: int = 2048, d_features: int = 256, k: int = 16, batch_size: int = 512,
                    context_size: int = 128, forward_batch: int = 4, layers=None) -> dict[str, float]:
     """Tokens per second: the plain forward (the whole model), a TopK PLT set and a TopK CLT
-    on ``layers`` (default: all), ``d_features`` features per layer, ``k`` active."""
+    on ``layers`` (default: all), ``d_features`` features per layer, ``k`` active; and each
+    set's peak memory while it trained (MLX's allocator, the model included). Each set first
+    trains one batch untimed, so that compiling its step is not in its figure."""
     options = dict(activation="topk", layers=layers, d_features=d_features, k=k, n_tokens=n_tokens, batch_size=batch_size,
                    buffer_tokens=batch_size, context_size=context_size, forward_batch=forward_batch, progress=False,
                    memory_budget=2**40)  # timing only: the estimate is the trainer's to check, not the benchmark's
     windows = list(token_windows(model, texts, context_size, batch_size=forward_batch, max_tokens=n_tokens))
     mx.eval(model.model(windows[0].inputs))  # warm-up: kernels compiled, buffers allocated
-    train_transcoders(model, texts, kind="clt", **{**options, "n_tokens": batch_size})
+    for kind in ("plt", "clt"):
+        train_transcoders(model, texts, kind=kind, **{**options, "n_tokens": batch_size})
     start = time.perf_counter()
     for w in windows:
         mx.eval(model.model(w.inputs))
@@ -37,9 +40,12 @@ def training_speed(model, texts, n_tokens: int = 2048, d_features: int = 256, k:
     trained = max(1, n_tokens // batch_size) * batch_size
     speed = {"plain_tokens_per_s": plain}
     for kind in ("plt", "clt"):
+        mx.clear_cache()
+        mx.reset_peak_memory()
         start = time.perf_counter()
         train_transcoders(model, texts, kind=kind, **options)
         speed[f"{kind}_tokens_per_s"] = trained / (time.perf_counter() - start)
+        speed[f"{kind}_peak_memory_gib"] = mx.get_peak_memory() / 2**30
     return speed
 
 
