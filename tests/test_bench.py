@@ -110,3 +110,30 @@ def test_the_gpu_bench_measures_past_the_warm_up_and_reports_every_target(tmp_pa
     assert any("0.40x the plain forward | >= 0.5x | NOT met" in line for line in lines)
     assert any("speedup over nnsight: 3.00x | >= 1x | met" in line for line in lines)
     assert "trace: FAILED (RuntimeError: no GPU)" in lines
+
+
+def test_the_gpu_bench_writes_the_sae_section_after_each_part(tmp_path, monkeypatch):
+    """A device call may cut the SAE section short: its document is written out (marked partial)
+    after each job and after the live model, before the section ends."""
+    from mlxterp_tools import gpu_bench, sae_gpu
+
+    written = []
+
+    def fake(name):
+        def measure(*args, **kwargs):
+            on_disk = json.loads((tmp_path / "gpu_bench.json").read_text()) if (tmp_path / "gpu_bench.json").exists() else {}
+            written.append((name, on_disk.get("sections", {}).get("sae", {})))
+            return {"tokens_per_s": 1.0, "step_ms": 1.0}
+        return measure
+
+    monkeypatch.setattr(sae_gpu, "live_model", lambda smoke=False: None)
+    monkeypatch.setattr(sae_gpu, "mlxterp_job", fake("mlxterp"))
+    monkeypatch.setattr(sae_gpu, "saelens_job", lambda args, kind, tf32: {"skipped": "not here"})
+    monkeypatch.setattr(sae_gpu, "live_job", fake("live"))
+    monkeypatch.setattr(sae_gpu, "parts", fake("parts"))
+    gpu_bench.main(["--smoke", "--sections", "sae", "--out", str(tmp_path)])
+    seen = {name: sorted(section.get("job", {})) for name, section in written}
+    assert seen["live"] == ["gaussian", "lowrank"] and written[1][1]["partial"]  # both jobs were on disk first
+    assert "live" in written[-1][1] and written[-1][1]["partial"]  # and the live model before the parts ran
+    final = json.loads((tmp_path / "gpu_bench.json").read_text())["sections"]["sae"]
+    assert "partial" not in final and set(final["job"]) == {"gaussian", "lowrank"} and "parts_ms" in final
