@@ -72,9 +72,15 @@ class InterpretableModel:
         self.tokenizer = tokenizer
         self._load_report: dict[str, Any] | None = None  # set by mlxterp.load
         self._splices: list[Any] = []  # attached by `with model.saes(...)`
-        if schema is not None:
-            if not isinstance(schema, ArchitectureSchema):
-                schema = ArchitectureSchema.from_file(schema)
+        # a model sharded by mlx-lm across processes: its plan (mlxterp_core.sharding), else None
+        self.sharding: Any = None
+        if schema is not None and not isinstance(schema, ArchitectureSchema):
+            schema = ArchitectureSchema.from_file(schema)
+        from . import sharding
+
+        if sharding.sharded(model) is not None:
+            sharding.attach(self, schema)  # the global architecture, checked on a short run
+        elif schema is not None:
             self.architecture: Architecture | None = Architecture(schema, model, plugin="schema=")
         else:
             self.architecture = recognize(model)
@@ -297,8 +303,9 @@ class InterpretableModel:
                     f"weights {quantization_of(self.model)}{tokenizer})")
         name = f"{arch.model_name!r}, " if arch.model_name else ""
         heads = f"{arch.n_heads} heads" + (f" ({arch.n_kv_heads} kv)" if arch.n_kv_heads != arch.n_heads else "")
+        sharded = f"; {self.sharding.describe()}" if self.sharding is not None else ""
         return (f"InterpretableModel({name}{arch.family}, {arch.n_layers} layers, d_model {arch.d_model}, {heads}; "
-                f"weights {arch.quantization}, {arch.backend}{tokenizer})")
+                f"weights {arch.quantization}, {arch.backend}{tokenizer}{sharded})")
 
 
 __all__ = ["InterpretableModel", "MODEL_OUTPUT"]
