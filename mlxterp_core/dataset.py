@@ -9,6 +9,11 @@ A dataset is a folder::
     ...                         'offset' (in the window), int32, and 'bos' (bool)
     journal-rank0.jsonl         one line per finished shard (the resume's record)
 
+A model split across processes by pipeline parallelism writes each site on the rank that runs
+its layer: a shard is then several files, ``shard-000000-rank1.safetensors`` ..., each with the
+row fields and its rank's sites, listed as the shard's ``parts`` in the manifest; the reader
+finds every site in its part, so nothing else changes.
+
 Rows are the real tokens of the windows (:mod:`mlxterp_core.corpus`) in order; padding is
 never written. Shards are ordinary safetensors files (``mx.load``, ``safetensors`` and
 SAELens-style tools read them); they are written here with positioned writes so that a batch's
@@ -136,7 +141,7 @@ class SiteRows:
     def __init__(self, dataset: ActivationDataset, name: str):
         self._maps = [dataset._mmap(k, name) for k in range(len(dataset.shards))]
         self._starts = np.cumsum([0] + [len(m) for m in self._maps])
-        first = dataset._header(0)[0][name]
+        first = dataset._header(0, name)[0][name]
         self.dtype = _CODES[first["dtype"]][1]
         self.shape = (int(self._starts[-1]), *first["shape"][1:])
 
@@ -218,7 +223,7 @@ class ActivationDataset(Display):
         self.sites: list[str] = [s["name"] for s in self.manifest["sites"]]
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self.n_tokens: int = int(self.manifest["n_tokens"])
-        self._headers: dict[int, tuple[dict, int]] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def _summary(self) -> str:
         entries = self.manifest["sites"]
@@ -266,19 +271,32 @@ class ActivationDataset(Display):
         name = self.site_name(site)
         return next(s for s in self.manifest["sites"] if s["name"] == name)
 
-    def _header(self, k: int) -> tuple[dict, int]:
-        if k not in self._headers:
-            self._headers[k] = read_header(self.path / self.shards[k]["file"])
-        return self._headers[k]
+    def files(self, k: int) -> list[str]:
+        """The files of shard ``k``: one, or one per part (see the module doc)."""
+        parts = self.shards[k].get("parts")
+        return [p["file"] for p in parts] if parts else [self.shards[k]["file"]]
+
+    def _file(self, k: int, name: str) -> str:
+        """The file of shard ``k`` that holds tensor ``name`` (the row fields are in every part)."""
+        for part in self.shards[k].get("parts") or ():
+            if name in part["sites"]:
+                return part["file"]
+        return self.files(k)[0]
+
+    def _header(self, k: int, name: str | None = None) -> tuple[dict, int]:
+        file = self.files(k)[0] if name is None else self._file(k, name)
+        if file not in self._headers:
+            self._headers[file] = read_header(self.path / file)
+        return self._headers[file]
 
     def _mmap(self, k: int, name: str) -> np.ndarray:
-        header, data_start = self._header(k)
+        header, data_start = self._header(k, name)
         entry = header[name]
         shape = tuple(entry["shape"])
         dtype = _CODES[entry["dtype"]][0]
         if shape[0] == 0:
             return np.empty(shape, dtype)
-        return np.memmap(self.path / self.shards[k]["file"], dtype=dtype, mode="r",
+        return np.memmap(self.path / self._file(k, name), dtype=dtype, mode="r",
                          offset=data_start + entry["data_offsets"][0], shape=shape)
 
     def rows(self, site: str) -> SiteRows:
@@ -317,12 +335,16 @@ class ActivationDataset(Display):
 
     def load_shard(self, k: int) -> dict[str, mx.array]:
         """Every tensor of shard ``k`` (lazy, through ``mx.load``)."""
-        return mx.load(str(self.path / self.shards[k]["file"]))
+        tensors: dict[str, mx.array] = {}
+        for file in reversed(self.files(k)):  # the first part's row fields last: they are the same
+            tensors.update(mx.load(str(self.path / file)))
+        return tensors
 
     def verify(self) -> list[str]:
         """Files whose sha256 does not match the manifest (empty when all are intact)."""
-        return [s["file"] for s in self.shards
-                if not (self.path / s["file"]).is_file() or sha256_file(self.path / s["file"]) != s["sha256"]]
+        entries = [p for s in self.shards for p in (s.get("parts") or [s])]
+        return [e["file"] for e in entries
+                if not (self.path / e["file"]).is_file() or sha256_file(self.path / e["file"]) != e["sha256"]]
 
     def shard_field(self, k: int, name: str) -> np.ndarray:
         """Per-row field ``name`` ('bos', 'offset', ...) of shard ``k``, as numpy."""

@@ -111,6 +111,7 @@ def shard(module: nn.Module, mode: str, group: Any = None) -> None:
                 f"mlx-lm cannot shard this {kind} model by tensor parallelism (its Model has no shard()). "
                 f"Families mlxterp interprets sharded: {families_text()}."
             )
+        _check_divisible(module, group.size())
         module.shard(group)
     elif mode == "pipeline":
         inner = getattr(module, "model", None)
@@ -122,6 +123,20 @@ def shard(module: nn.Module, mode: str, group: Any = None) -> None:
         inner.pipeline(group)
     else:
         raise ShardingError(f"shard={mode!r}: choose 'tensor' or 'pipeline' (or None: not sharded).")
+
+
+def _check_divisible(module: nn.Module, size: int) -> None:
+    """Tensor parallelism gives every rank whole heads: mlx-lm divides the head counts by the
+    number of ranks without checking (a remainder breaks the model later, at a reshape)."""
+    args = getattr(module, "args", None)
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        count = getattr(args, field, None)
+        if isinstance(count, int) and count % size:
+            raise ShardingError(
+                f"{field}={count} does not divide by {size} ranks, so tensor parallelism cannot give every "
+                "rank whole heads: use a number of ranks that divides it, or shard='pipeline' where the family "
+                f"supports it ({families_text()})."
+            )
 
 
 def sharded(module: nn.Module) -> tuple[str, Any] | None:
@@ -157,6 +172,9 @@ class ShardedArchitecture(Architecture):
             attention = read_attribute(self._own, schema.attention.module)
             heads = int(read_attribute(attention, schema.attention.n_heads))
             kv = int(read_attribute(attention, schema.attention.n_kv_heads)) if schema.attention.n_kv_heads else heads
+            if heads < 1 or kv < 1:
+                raise ValueError(f"this rank holds {heads} query and {kv} key/value heads: the head counts do not "
+                                 f"divide by the {plan.size} ranks")
             self.n_heads = heads  # this rank's, to read the head width
             self.head_dim = self._read_head_dim(attention)
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
@@ -286,7 +304,13 @@ def exchange(data: dict[str, Any], group: Any, what: str) -> list[dict[str, Any]
     """Every rank's JSON-able ``data``, in rank order, on every rank (two small collectives)."""
     with watchdog(what, group.rank()):
         blobs = distributed.gather_bytes(json.dumps(data).encode(), group)
-    return [json.loads(blob) for blob in blobs]
+    try:
+        return [json.loads(blob) for blob in blobs]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ShardingError(
+            f"the ranks are out of step at {what}: what another rank sent is not what this one expected, so "
+            "an earlier collective ran on some ranks only (every rank must make the same calls: the SPMD rule)."
+        ) from None
 
 
 # -- the watchdog: a rank that stops taking part ends the others, with a message -----------------
@@ -463,7 +487,10 @@ class Sharding:
                 return _block_taker(layout.axis, self.rank, self.size, self.group)(original(whole, site, seen))
             whole = sum_partials([x], self.group)[0]
             edited = original(whole, site, seen)
-            return edited if self.rank == 0 else mx.zeros_like(edited)  # the ranks' sum is the edit
+            if self.rank == 0:
+                return edited  # the ranks' sum is the edit
+            # zeros that still depend on the edit: every rank must run the sum above
+            return mx.depends(mx.zeros_like(edited), edited)
 
         return apply
 
@@ -712,6 +739,9 @@ def _describe(value: Any) -> Any:
         data = np.array(value.astype(mx.float32) if value.dtype == mx.bfloat16 else value)
         return [list(value.shape), _dtype_name(value.dtype), hashlib.sha256(data.tobytes()).hexdigest()[:16]]
     if isinstance(value, (list, tuple)):
+        if value and all(hasattr(v, "offset") for v in value):  # a KV cache: a stage holds its layers'
+            offset = getattr(value[0], "offset", None)
+            return ["cache", offset if isinstance(offset, int) else None]
         return [_describe(v) for v in value]
     if value is None or isinstance(value, (int, float, str, bool)):
         return value

@@ -191,15 +191,19 @@ def logit_lens(
     layers = options.layers(layers, arch.n_layers)
     top_k = options.top_k(top_k, model.embedding_vocab_size)
     token_ids = prompt_ids(model, text)
-    resid = mx.stack([x[0] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
-    chunk = layers_per_chunk(model, resid)
-    ids_parts, probs_parts = [], []
-    for start in range(0, len(layers), chunk):
-        ids, probs = top_predictions(model, resid[start : start + chunk], top_k)
-        ids_parts.append(np.array(ids))
-        probs_parts.append(np.array(probs))
+    if model.sharding is not None and model.sharding.mode == "pipeline":
+        all_ids, all_probs = _staged_lens(model, token_ids, layers, top_k)
+    else:  # tensor parallelism: the residual stream and the unembedding are on every rank
+        resid = mx.stack([x[0] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
+        chunk = layers_per_chunk(model, resid)
+        ids_parts, probs_parts = [], []
+        for start in range(0, len(layers), chunk):
+            ids, probs = top_predictions(model, resid[start : start + chunk], top_k)
+            ids_parts.append(np.array(ids))
+            probs_parts.append(np.array(probs))
+        all_ids, all_probs = np.concatenate(ids_parts), np.concatenate(probs_parts)
     name = token_namer(model)
-    rows = prediction_rows(np.concatenate(ids_parts), np.concatenate(probs_parts), name)
+    rows = prediction_rows(all_ids, all_probs, name)
     predictions = dict(zip(layers, rows))
     result = LogitLensResult(**lens_fields(model, text, token_ids, layers, predictions, top_k, name))
     if plot:
@@ -250,6 +254,26 @@ def layer_outputs(model, token_ids: list[int], layers: list[int]) -> list[mx.arr
     outputs = [recorded[name] for name in names]
     mx.eval(outputs)
     return outputs
+
+
+def _staged_lens(model, token_ids: list[int], layers: list[int], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lens of a pipeline-parallel model: each stage projects the layers it runs (every
+    stage holds the final norm and the unembedding) and only the top-k ids and probabilities
+    travel; (L, T, k) each, on every rank."""
+    from mlxterp.plugin import Activations, Hooks
+
+    names = [f"layers.{i}.output" for i in layers]
+    with Hooks(model, capture=names, gather=False) as hooks:
+        _, recorded = hooks(mx.array([token_ids]))
+    found = Activations(recorded, model)
+    parts = {}
+    for name in names:
+        if model.architecture.resolve(name)[0].site in recorded:
+            ids, probs = top_predictions(model, found[name][0], top_k)
+            parts[name + ".ids"], parts[name + ".probs"] = ids, probs
+    shared = model.sharding.combine(parts)
+    return (np.stack([np.array(shared[n + ".ids"]) for n in names]),
+            np.stack([np.array(shared[n + ".probs"]) for n in names]))
 
 
 def _vocab_size(model, resid: mx.array) -> int:
