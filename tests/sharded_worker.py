@@ -98,7 +98,7 @@ def interventions_cases(model, mode, family):
         "head": {"layers.1.attn.z": iv.zero_out.at(heads=[3])},
         "head_view": {"layers.0.attn.z_heads": iv.scale(0.0).at(heads=[1, 2])},
         "columns": {"layers.0.attn.q": iv.scale(columns)},
-        "raw": {"model.model.layers.1.self_attn.q_proj": iv.scale(0.5).at(positions=2)},
+        "raw": {"model.model.layers.1.self_attn.q_proj": iv.scale(columns).at(positions=2)},
         "function": {"layers.1.attn.z_heads": mix_heads},
         "noise": {"layers.0.attn.v": iv.noise(0.3, seed=5)},
         "pattern": {"layers.1.attn.pattern": iv.scale(2.0).at(positions=3)},
@@ -133,6 +133,8 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
     ua, sa = U.architecture, S.architecture
     results: dict = {}
 
+    timings = results["timings"] = {}
+
     def check(name):
         def register(fn):
             started = time.perf_counter()
@@ -140,7 +142,7 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
                 results[name] = fn()
             except Exception as e:  # noqa: BLE001  reported to the test
                 results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            results[name] = {**results[name], "seconds": round(time.perf_counter() - started, 3)} if isinstance(results[name], dict) else results[name]
+            timings[name] = round(time.perf_counter() - started, 3)
             return fn
 
         return register
