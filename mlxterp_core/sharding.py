@@ -374,6 +374,7 @@ class Sharding:
         self.local: Architecture | None = None  # tensor: this rank's view (its own head counts)
         self._heads_total = 0  # the model's query heads, set with the architecture
         self._views: dict[tuple, int | None] = {}
+        self._listings: dict[bytes, list[dict]] = {}  # pipeline: the stages' records, by their digests
         self._layer_prefix = f"model.{schema.layers}."
         if mode == "pipeline":
             inner = module.model
@@ -583,19 +584,21 @@ class Sharding:
         text = json.dumps({**static, "edit": edit, "inputs": inputs, "options": extra}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).digest(), text
 
-    def _agree(self, digest: bytes, described: str, error: Exception | None) -> None:
+    def _agree(self, digest: bytes, described: str, error: Exception | None, own: bytes = b"") -> np.ndarray:
         """Raise on every rank unless every rank built the same pass without error (one small
-        collective; a second, only when they do not, to say why)."""
-        mine = np.zeros((1, 33), dtype=np.uint8)
+        collective; a second, only when they do not, to say why). ``own``: 32 bytes of this
+        rank's own to share in the same collective; the (size, 65) bytes every rank sent."""
+        mine = np.zeros((1, 65), dtype=np.uint8)
         mine[0, 0] = error is None
-        mine[0, 1:] = np.frombuffer(digest, dtype=np.uint8)
+        mine[0, 1:33] = np.frombuffer(digest, dtype=np.uint8)
+        mine[0, 33:33 + len(own)] = np.frombuffer(own, dtype=np.uint8)
         if self.size > 1:
             with watchdog("the agreement before a forward pass", self.rank):
                 every = np.array(mx.distributed.all_gather(mx.array(mine), group=self.group))
         else:
             every = mine
-        if every[:, 0].all() and (every[:, 1:] == every[0, 1:]).all():
-            return
+        if every[:, 0].all() and (every[:, 1:33] == every[0, 1:33]).all():
+            return every
         reports = exchange({"error": _error_text(error), "request": described}, self.group, "an error report")
         self._raise(reports, error)
 
@@ -646,28 +649,38 @@ class Sharding:
                 if isinstance(value, mx.array) and self.layer_of(name) is not None}
         reached = [entry for entry in hooks._capture or []
                    if (any(matches(site, entry) for site in recorded) if is_glob(entry) else canonical_site(entry) in recorded)]
-        report = {
-            "ok": error is None,
-            "error": _error_text(error),
-            "digest": digest.hex(),
-            "request": described,
-            "records": [[name, list(value.shape), _dtype_name(value.dtype)] for name, value in mine.items()],
-            "fired": sorted(recorder.fired),
-            "reached": reached,
-        }
-        reports = exchange(report, self.group, "the agreement before a forward pass") if self.size > 1 else [report]
-        if not all(r["ok"] for r in reports) or len({r["digest"] for r in reports}) != 1:
-            self._raise(reports, error)
-        for other in reports:
+        # what this stage holds after the pass: its records' names and shapes, the interventions
+        # that ran here, the capture entries reached here (the same for every pass of a request
+        # of the same shapes: the ranks send a digest of it with the agreement, and the whole of
+        # it only when some rank's differs from the last time)
+        listing = {"records": [[name, list(value.shape), _dtype_name(value.dtype)] for name, value in mine.items()],
+                   "fired": sorted(recorder.fired), "reached": reached}
+        own = hashlib.sha256(json.dumps(listing).encode()).digest()
+        every = self._agree(digest, described, error, own)
+        key = every[:, 33:].tobytes()
+        listings = self._listings.get(key)
+        if listings is None:
+            listings = exchange(listing, self.group, "the stages' records") if self.size > 1 else [listing]
+            if len(self._listings) >= 64:
+                self._listings.clear()
+            self._listings[key] = listings
+        for other in listings:
             recorder.fired.update(other["fired"])
             recorder.elsewhere.update(e for e in other["reached"] if e not in reached)
-        # The stages' graphs differ, so nothing may be left for later evaluations to order: the
-        # pass runs now (the stages' sends, receives and mlx-lm's all_gather), then the sharing.
+        share = hooks.gather and self.size > 1
+        if not share or not isinstance(output, mx.array):
+            # the stages' graphs differ, so nothing is left for later evaluations to order
+            with watchdog("a forward pass", self.rank):
+                mx.eval(output, list(recorded.values()))
+            if not share:
+                return recorded
+        # after the pass (the stages' sends, receives and mlx-lm's all_gather) on every rank
+        # alike, also on a rank that shares nothing: the sharing depends on the model's output
+        after = output if isinstance(output, mx.array) else None
+        shared, buffers = _share_owned(mine, [r["records"] for r in listings], self.rank, self.group, after=after)
         with watchdog("a forward pass", self.rank):
-            mx.eval(output, list(recorded.values()))
-        if not hooks.gather or self.size == 1:
-            return recorded
-        return {**recorded, **_share_owned(mine, [r["records"] for r in reports], self.rank, self.group)}
+            mx.eval(output, list(recorded.values()), buffers)
+        return {**recorded, **shared}
 
     # -- results computed where the data lives ----------------------------------------------
 
@@ -691,16 +704,20 @@ class Sharding:
             return dict(zip(names, wholes))
         meta = [[name, list(value.shape), _dtype_name(value.dtype)] for name, value in parts.items()]
         reports = exchange({"records": meta}, self.group, "sharing results")
-        return {**parts, **_share_owned(parts, [r["records"] for r in reports], self.rank, self.group)}
+        return {**parts, **_share_owned(parts, [r["records"] for r in reports], self.rank, self.group)[0]}
 
 
-def _share_owned(mine: dict[str, mx.array], listed: list[list], rank: int, group: Any) -> dict[str, mx.array]:
+def _share_owned(mine: dict[str, mx.array], listed: list[list], rank: int, group: Any,
+                 after: Any = None) -> tuple[dict[str, mx.array], list[mx.array]]:
     """Every rank's ``mine`` (listed by every rank as [name, shape, dtype]) on every rank: one
     ``all_gather`` per dtype, each rank's tensors flattened one after the other and padded to
-    the longest rank's (exact: no arithmetic), evaluated here on every rank (a rank that
-    receives nothing must still take part)."""
+    the longest rank's (exact: no arithmetic). A rank that receives nothing must still take
+    part: without ``after`` the gathers are evaluated here; with it (an array) they run after
+    it, and the gathered buffers are returned too: evaluate them with the records, at once.
+    Returns (name -> tensor received, the gathered buffers)."""
     dtypes = sorted({d for records in listed for _, _, d in records})
     shared: dict[str, mx.array] = {}
+    buffers: list[mx.array] = []
     for dtype_name in dtypes:
         dtype = getattr(mx, dtype_name)
         lengths = [sum(int(np.prod(s, dtype=np.int64)) for _, s, d in records if d == dtype_name) for records in listed]
@@ -711,9 +728,14 @@ def _share_owned(mine: dict[str, mx.array], listed: list[list], rank: int, group
         flat = mx.concatenate(parts) if parts else mx.zeros((0,), dtype=mx.uint8 if dtype == mx.bool_ else dtype)
         if flat.size < longest:
             flat = mx.concatenate([flat, mx.zeros((longest - flat.size,), dtype=flat.dtype)])
+        if isinstance(after, mx.array):
+            flat = mx.depends(flat, after)
         every = mx.distributed.all_gather(flat[None], group=group)  # (size, longest)
-        with watchdog("sharing records", rank):
-            mx.eval(every)  # on every rank, whether or not it receives anything
+        if after is None:
+            with watchdog("sharing records", rank):
+                mx.eval(every)  # on every rank, whether or not it receives anything
+        else:
+            buffers.append(every)  # evaluated with the records, on every rank
         for other, records in enumerate(listed):
             if other == rank:
                 continue
@@ -725,7 +747,7 @@ def _share_owned(mine: dict[str, mx.array], listed: list[list], rank: int, group
                 value = every[other, offset : offset + n].reshape(shape)
                 shared[name] = value.astype(mx.bool_) if dtype == mx.bool_ else value
                 offset += n
-    return shared
+    return shared, buffers
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:

@@ -32,6 +32,10 @@ Rows:
   one site, against the forward cut at the last layer it needs (target: cost <= 1.05x).
 - ``saes``: training TopK SAEs from text (:mod:`mlxterp_tools.sae_rows`), one and four from one
   forward, in tokens/s beside the plain forward.
+- ``sharded``: a model sharded over 2 ring ranks of this machine (:mod:`mlxterp_tools.sharded_rows`),
+  tensor and pipeline parallel: the forward against the unsharded model run by both ranks at once,
+  a residual-stream trace (target <= 1.1x the sharded forward) and many gathered sites (one
+  collective a pass for all of them).
 
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 
@@ -54,6 +58,7 @@ from .cache_rows import cache_rows
 from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
 from .harness import Row, run_rows, write_json
 from .sae_rows import sae_rows
+from .sharded_rows import sharded_rows
 
 ROWS: dict[str, Callable[[int], list[Row]]] = {
     "W1": w1_forward,
@@ -67,6 +72,7 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "probe": probe_rows,
     "cache": cache_rows,
     "saes": sae_rows,
+    "sharded": sharded_rows,
 }
 """The rows of ``mlxterp bench``, in the order it prints them (other plugins add theirs: the
 ``mlxterp_bench_rows`` hook; :func:`all_rows` has both)."""
