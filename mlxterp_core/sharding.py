@@ -373,7 +373,7 @@ class Sharding:
         self.layouts: dict[str, Layout] = {}
         self.local: Architecture | None = None  # tensor: this rank's view (its own head counts)
         self._heads_total = 0  # the model's query heads, set with the architecture
-        self._views: dict[tuple, int | None] = {}
+        self._views: dict[tuple, int | None] = {}  # tensor: the standard axis a rank holds a block of
         self._listings: dict[bytes, list[dict]] = {}  # pipeline: the stages' records, by their digests
         self._layer_prefix = f"model.{schema.layers}."
         if mode == "pipeline":
@@ -478,6 +478,8 @@ class Sharding:
 
         def apply(x: mx.array, site: str, seen: Mapping) -> mx.array:
             layout = self.layouts.get(site, REPLICATED)
+            if edit.needs is not None:  # what it reads earlier in the pass, whole
+                seen = _WholeSeen(seen, self)
             if layout.kind == "replicated":
                 return original(x, site, seen)
             if layout.kind == "block":
@@ -507,10 +509,11 @@ class Sharding:
             return None if fn is None else (lambda raw, seen: checked(fn, site, edit.key)(raw))
         resolved = edit.resolved
         local = self._local_resolved(resolved.name)
-        where = self._standard_axis(resolved, local, x, axis)
-        if where is None:
+        std_axis = self._standard_axis(resolved, local, x, axis)
+        if std_axis is None:
             return None
-        std_axis, width, ndim = where
+        shape = local.read(x).shape  # lazy: only the shape is read
+        width, ndim = shape[std_axis], len(shape)
         fn = block_of(edit.fn, std_axis, self.rank * width, (self.rank + 1) * width, width * self.size, ndim)
         if fn is None:
             return None
@@ -521,24 +524,26 @@ class Sharding:
     def _local_resolved(self, name: str):
         return self.local.resolve(name)[0]
 
-    def _standard_axis(self, resolved, local, x: mx.array, axis: int) -> tuple[int, int, int] | None:
-        """(axis of the standard tensor that this rank holds a block of, the block's width, its
-        ndim), checked once per name and shape on a synthetic tensor: the local view of each
-        rank's block, side by side, must be the whole view of the whole tensor."""
-        key = (re.sub(r"^layers\.\d+\.", "", resolved.name), tuple(x.shape))
+    def _standard_axis(self, resolved, local, x: mx.array, axis: int) -> int | None:
+        """The axis of the standard tensor of which this rank holds a block, checked once per
+        name and layout on a small synthetic tensor: the local view of each rank's block, side
+        by side, must be the whole view of the whole tensor (views reshape, slice and swap the
+        axes they know; the others are 2 wide here)."""
+        at = axis % x.ndim
+        key = (re.sub(r"^layers\.\d+\.", "", resolved.name), x.ndim, at, x.shape[at], x.shape[-1])
         if key not in self._views:
-            shape = list(x.shape)
-            shape[axis] *= self.size
+            shape = [2] * x.ndim
+            shape[-1] = x.shape[-1]
+            shape[at] = x.shape[at] * self.size
             whole = mx.arange(int(np.prod(shape)), dtype=mx.int32).reshape(shape)
             view = resolved.read(whole)
-            blocks = [local.read(b) for b in mx.split(whole, self.size, axis=axis % len(shape))]
+            blocks = [local.read(b) for b in mx.split(whole, self.size, axis=at)]
             found = None
             if view.ndim == blocks[0].ndim:
                 differ = [a for a in range(view.ndim) if view.shape[a] != blocks[0].shape[a]]
                 if len(differ) == 1 and blocks[0].shape[differ[0]] * self.size == view.shape[differ[0]]:
-                    a = differ[0]
-                    if mx.array_equal(mx.concatenate(blocks, axis=a), view).item():
-                        found = (a, blocks[0].shape[a], view.ndim)
+                    if mx.array_equal(mx.concatenate(blocks, axis=differ[0]), view).item():
+                        found = differ[0]
             self._views[key] = found
         return self._views[key]
 
@@ -705,6 +710,28 @@ class Sharding:
         meta = [[name, list(value.shape), _dtype_name(value.dtype)] for name, value in parts.items()]
         reports = exchange({"records": meta}, self.group, "sharing results")
         return {**parts, **_share_owned(parts, [r["records"] for r in reports], self.rank, self.group)[0]}
+
+
+class _WholeSeen(Mapping):
+    """The values seen earlier in a tensor-parallel pass, each whole when read (a rank's block of
+    heads or columns gathered, a partial sum summed)."""
+
+    def __init__(self, seen: Mapping, plan: Sharding):
+        self._seen, self._plan = seen, plan
+
+    def __getitem__(self, site: str) -> mx.array:
+        value, layout = self._seen[site], self._plan.layouts.get(site, REPLICATED)
+        if layout.kind == "block":
+            return gather_blocks([(value, layout.axis)], self._plan.group)[0]
+        if layout.kind == "partial":
+            return sum_partials([value], self._plan.group)[0]
+        return value
+
+    def __iter__(self):
+        return iter(self._seen)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 def _share_owned(mine: dict[str, mx.array], listed: list[list], rank: int, group: Any,

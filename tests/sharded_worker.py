@@ -126,6 +126,18 @@ def make_sae(model, site: str, seed: int):
     return SAE(SAEConfig("standard", width, features, site=site), weights)
 
 
+class ReadingSplice:
+    """A splice (the protocol of mlxterp_core.splice) at ``layers.1.mlp`` that reads a sharded
+    site earlier in the pass, as a transcoder reads its input: the MLP output plus a function of
+    every head's z."""
+
+    site, reads, prefix, sub_sites = "layers.1.mlp", "layers.1.attn.z", "probe", ("heads",)
+
+    def splice(self, x, visit, source):
+        summary = visit("heads", source.mean(axis=-1, keepdims=True))  # (B, T, 1): all heads
+        return x + 0.5 * summary.astype(x.dtype)
+
+
 def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) -> dict:
     from mlxterp_core.invariants import check_all
 
@@ -207,10 +219,11 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
     @check("saes")
     def _():
         replicated, sharded_site = make_sae(U, "layers.1.output", 1), make_sae(U, "layers.1.attn.z", 2)
-        capture = ["logits", "layers.1.output.sae.features", "layers.1.attn.z.sae.features"]
+        capture = ["logits", "layers.1.output.sae.features", "layers.1.attn.z.sae.features", "layers.1.mlp.probe.heads"]
         edits = {"layers.1.output.sae.features": iv.scale(0.0).at(positions=[2, 3])}
-        a = U.run(IDS, capture=capture, saes=[replicated, sharded_site], interventions=edits).activations
-        b = S.run(IDS, capture=capture, saes=[replicated, sharded_site], interventions=edits).activations
+        splices = [replicated, sharded_site, ReadingSplice()]
+        a = U.run(IDS, capture=capture, saes=splices, interventions=edits).activations
+        b = S.run(IDS, capture=capture, saes=splices, interventions=edits).activations
         return worst((n, b[n], a[n]) for n in capture)
 
     @check("logit_lens")
