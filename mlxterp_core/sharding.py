@@ -361,8 +361,8 @@ class Sharding:
     Attributes:
         mode: ``"tensor"`` or ``"pipeline"``.
         group, rank, size: the ``mx.distributed`` group and this process's place in it.
-        n_layers: the model's layers (all of them).
-        layers: the layers this rank runs (all under tensor parallelism).
+        n_layers, n_heads: the model's layers and query heads (all of them).
+        layers: the layers this rank runs (all under tensor parallelism); ``heads()`` the heads.
         owners: the rank that runs each layer (pipeline; every rank runs every layer under tensor).
     """
 
@@ -372,7 +372,8 @@ class Sharding:
         self.schema = schema
         self.layouts: dict[str, Layout] = {}
         self.local: Architecture | None = None  # tensor: this rank's view (its own head counts)
-        self._heads_total = 0  # the model's query heads, set with the architecture
+        self.n_heads = 0  # the model's query heads (all ranks'), set with the architecture
+        self._local_names: dict[str, Any] = {}  # tensor: standard name -> its Resolved in this rank's terms
         self._views: dict[tuple, int | None] = {}  # tensor: the standard axis a rank holds a block of
         self._listings: dict[bytes, list[dict]] = {}  # pipeline: the stages' records, by their digests
         self._layer_prefix = f"model.{schema.layers}."
@@ -420,10 +421,9 @@ class Sharding:
 
     def heads(self) -> range:
         """The global query heads this rank holds (all of them under pipeline parallelism)."""
-        arch_heads = self._heads_total
         if self.mode == "pipeline":
-            return range(arch_heads)
-        per = arch_heads // self.size
+            return range(self.n_heads)
+        per = self.n_heads // self.size
         return range(self.rank * per, (self.rank + 1) * per)
 
     def layer_of(self, site: str) -> int | None:
@@ -520,9 +520,11 @@ class Sharding:
         _, raw_edit = local.edit(checked(fn, resolved.name, edit.key))
         return raw_edit
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one plan per model, alive as long as it)
     def _local_resolved(self, name: str):
-        return self.local.resolve(name)[0]
+        found = self._local_names.get(name)
+        if found is None:
+            found = self._local_names[name] = self.local.resolve(name)[0]
+        return found
 
     def _standard_axis(self, resolved, local, x: mx.array, axis: int) -> int | None:
         """The axis of the standard tensor of which this rank holds a block, checked once per
@@ -825,7 +827,7 @@ def attach(model, schema: ArchitectureSchema | None = None) -> None:
     plugin, schema = found
     plan = Sharding(mode, group, module, schema)
     model.architecture = ShardedArchitecture(schema, module, plugin, plan)
-    plan._heads_total = model.architecture.n_heads
+    plan.n_heads = model.architecture.n_heads
     if mode == "tensor":
         plan.local = Architecture(schema, module, plugin)
         plan.layouts = _tensor_layouts(model, plan)

@@ -167,12 +167,17 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
 
     @check("standard_names")
     def _():
-        names = ua.standard_names() + [f"layers.{i}.attn.{v}" for i in range(ua.n_layers)
-                                        for v in ("q_heads", "k_heads", "v_heads", "z_heads", "pattern")]
-        names += ["layers.1.attn.q_bthd"] if False else []
-        a, b = U.run(IDS, capture=names).activations, S.run(IDS, capture=names).activations
-        shapes = all(tuple(a[n].shape) == tuple(b[n].shape) for n in names)
-        return {**worst((n, b[n], a[n]) for n in names), "shapes": shapes}
+        # every standard name read from a capture-everything trace, and captured by name
+        # (attention patterns are opt-in: by name only)
+        heads = [f"layers.{i}.attn.{v}" for i in range(ua.n_layers) for v in ("q_heads", "k_heads", "v_heads", "z_heads")]
+        names = ua.standard_names() + heads
+        patterns = [f"layers.{i}.attn.pattern" for i in range(ua.n_layers)]
+        a, b = U.run(IDS).activations, S.run(IDS).activations
+        pairs = [(n, b[n], a[n]) for n in names]
+        a, b = U.run(IDS, capture=names + patterns).activations, S.run(IDS, capture=names + patterns).activations
+        pairs += [(f"{n} (captured)", b[n], a[n]) for n in names + patterns]
+        shapes = all(x.shape == y.shape for _, x, y in pairs)
+        return {**worst(pairs), "shapes": shapes}
 
     @check("raw_names")
     def _():

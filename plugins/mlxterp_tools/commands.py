@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     cache.add_argument("--max-tokens", type=int, help="cache at most this many tokens (default: the whole corpus)")
     cache.add_argument("--shard-tokens", type=int, help="about how many tokens per shard (default: ~256 MiB shards)")
     cache.add_argument("--no-packing", action="store_true", help="one document per window, right-padded (default: packed windows)")
+    cache.add_argument("--shard", choices=["tensor", "pipeline"], help="split the model across the mlx.launch ranks "
+                       "(every rank takes part in every batch; docs/guide/sharded.md) instead of splitting the corpus")
     cache.set_defaults(handler=cache_command)
 
 
@@ -94,7 +96,7 @@ def cache_command(args) -> int:
     group = mx.distributed.init()
     prefix = "mlxterp cache" + (f" (rank {group.rank()}/{group.size()})" if group.size() > 1 else "")
     try:
-        model = load(args.model)
+        model = load(args.model, shard=args.shard, group=group if args.shard else None)
         dataset = model.cache_activations(
             args.corpus if args.corpus is not None else default_corpus(),
             args.sites,
