@@ -170,8 +170,8 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
         # every standard name read from a capture-everything trace, and captured by name
         # (attention patterns are opt-in: by name only)
         heads = [f"layers.{i}.attn.{v}" for i in range(ua.n_layers) for v in ("q_heads", "k_heads", "v_heads", "z_heads")]
-        names = ua.standard_names() + heads
         patterns = [f"layers.{i}.attn.pattern" for i in range(ua.n_layers)]
+        names = [n for n in ua.standard_names() if n not in patterns] + heads
         a, b = U.run(IDS).activations, S.run(IDS).activations
         pairs = [(n, b[n], a[n]) for n in names]
         a, b = U.run(IDS, capture=names + patterns).activations, S.run(IDS, capture=names + patterns).activations
