@@ -833,8 +833,31 @@ def attach(model, schema: ArchitectureSchema | None = None) -> None:
         plan.layouts = _tensor_layouts(model, plan)
     else:
         _check_pipeline(model, plan)
+    _same_random_state(plan)
     model.sharding = plan
     distributed.model_parallel(model)
+
+
+def _same_random_state(plan: Sharding) -> None:
+    """Give every rank rank 0's MLX random state: unseeded random edits (``iv.noise``) and
+    sampling then draw the same numbers everywhere, as the SPMD rule needs (a rank that draws
+    more than the others still drifts: seed what only some ranks do)."""
+    if plan.size == 1:
+        return
+    mine = mx.array(np.array(_random_key(), dtype=np.uint32)[None])
+    with watchdog("sharing the random state", plan.rank):
+        every = np.array(mx.distributed.all_gather(mine, group=plan.group))
+    _set_random_key(*every[0])
+
+
+def _random_key() -> tuple[int, int]:
+    """MLX's global random key, as the two 32-bit words ``mx.random.seed`` rebuilds it from."""
+    high, low = mx.random.state[0].tolist()
+    return int(high), int(low)
+
+
+def _set_random_key(high: int, low: int) -> None:
+    mx.random.seed(int(high) << 32 | int(low))  # mx.random.key(seed) is [seed >> 32, seed & 0xffffffff]
 
 
 def _probe_names(model, layers) -> list[str]:
@@ -865,11 +888,11 @@ def _tensor_layouts(model, plan: Sharding) -> dict[str, Layout]:
     args = getattr(module, "args", None)
     if args is None:
         raise ShardingError(f"{type(module).__name__} has no mlx-lm args, from which the unsharded shapes are read.")
-    high, low = mx.random.state[0].tolist()  # the twin's random weights must not move the user's seed
+    key = _random_key()  # the twin's random weights must not move the user's seed
     try:
         twin = type(module)(args)
     finally:
-        mx.random.seed(int(high) << 32 | int(low))
+        _set_random_key(*key)
     names = _probe_names(model, range(plan.n_layers))
     probe = mx.array([PROBE_IDS])
     with Hooks(_Twin(twin), capture=names) as hooks:

@@ -79,6 +79,9 @@ def build(family: str, mode: str, tokenizer):
     unsharded = InterpretableModel(tiny_family(family, **shape), tokenizer=tokenizer)
     module = tiny_family(family, **shape)
     shard(module, mode)
+    # fresh processes start from different random states (MLX seeds from the clock): wrapping
+    # the sharded model must make them equal, which the unseeded sampling below checks
+    mx.random.seed(1000 + mx.distributed.init().rank())
     return unsharded, InterpretableModel(module, tokenizer=tokenizer)
 
 
@@ -286,7 +289,10 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
         plain = U.generate(IDS[0], max_tokens=6, stop_at_eos=False)
         pairs = [(f"{k}.{n}", b.activations[k][n], a.activations[k][n]) for k in range(len(a.activations)) for n in ("layers.2.attn.z", "logits")]
         pairs.append(("vector", np.array(vector_s.vector), np.array(vector_u.vector)))
-        return {**worst(pairs), "tokens_equal": a.tokens == b.tokens, "steering_changes_tokens": a.tokens != plain.tokens}
+        # sampled without a seed: every rank draws the same tokens (the test compares the ranks)
+        sampled = S.generate(IDS[0], max_tokens=6, temperature=1.0, stop_at_eos=False).tokens
+        return {**worst(pairs), "tokens_equal": a.tokens == b.tokens, "steering_changes_tokens": a.tokens != plain.tokens,
+                "sampled": sampled}
 
     @check("head_scores")
     def _():

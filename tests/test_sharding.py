@@ -122,6 +122,7 @@ def test_a_sharded_model_gives_the_unsharded_models_names_and_numbers(sharded_ru
             close_enough(result, 0.0 if exact else DIFFERENCE if magnified else TENSOR, f"{where} patching {case}")
         assert found["logit_lens"]["ids_equal"]
         assert found["generation"]["tokens_equal"] and found["generation"]["steering_changes_tokens"]
+        assert found["generation"]["sampled"] == sharded_runs[f"{family}-{mode}"][0]["generation"]["sampled"]
         assert found["cache"]["rows"] and found["cache"]["sites"]
         assert found["cache"]["writers"] == ([0, 1] if exact else [0])  # a stage writes its layers' sites
         assert found["invariants"]["failed"] == [], found["invariants"]
