@@ -211,9 +211,15 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
 
     @check("collectives")
     def _():
-        if S.sharding.mode != "tensor":
-            return {}
         residual = [f"layers.{i}.output" for i in range(sa.n_layers)]
+        if S.sharding.mode == "pipeline":  # every stage's records travel, in one gather a pass
+            everything = residual + [f"layers.{i}.{s}" for i in range(sa.n_layers) for s in ("mlp", "attn.z")]
+            plain = counter.around(lambda: mx.eval(S(IDS)))
+            found = {"plain_forward": plain}
+            for name, capture in (("residual_trace", residual), ("gathered_trace", everything)):
+                S.run(IDS, capture=capture)  # the first time, the stages also describe their records
+                found[name] = counter.around(lambda capture=capture: S.run(IDS, capture=capture)) - plain
+            return found
         sharded_sites = [f"layers.{i}.attn.{s}" for i in range(sa.n_layers) for s in ("q", "k", "v", "z")]
         plain = counter.around(lambda: mx.eval(S(IDS)))
         return {
