@@ -17,9 +17,12 @@ REFERENCE = Path(__file__).resolve().parent / "reference.md"
 BEGIN = "<!-- analyses: written by docs/make_reference.py -->"
 END = "<!-- end of what docs/make_reference.py writes -->"
 # the plugins whose public names are documented below their methods, in this order
-PLUGINS = ["mlxterp_analyses", "mlxterp_heads", "mlxterp_lenses", "mlxterp_probes", "mlxterp_saes"]
+PLUGINS = ["mlxterp_analyses", "mlxterp_heads", "mlxterp_lenses", "mlxterp_probes", "mlxterp_saes", "mlxterp_transcoders",
+           "mlxterp_circuits", "mlxterp_upstream", "mlxterp_upstream.visualization"]
 TITLES = {"mlxterp_analyses": "Analyses", "mlxterp_heads": "Attention heads", "mlxterp_lenses": "Tuned lens",
-          "mlxterp_probes": "Linear probes", "mlxterp_saes": "SAEs and transcoders"}
+          "mlxterp_probes": "Linear probes", "mlxterp_saes": "SAEs and transcoders",
+          "mlxterp_transcoders": "Transcoders and cross-layer transcoders", "mlxterp_circuits": "Attribution graphs",
+          "mlxterp_upstream": "Upstream mlxterp's names", "mlxterp_upstream.visualization": "mlxterp.visualization"}
 
 
 def signature(function) -> str:

@@ -23,8 +23,8 @@ from mlxterp_core.errors import (
     TraceError,
     UnknownNameError,
 )
-from mlxterp_core.load import default_model_path, load
-from mlxterp_core.model import InterpretableModel
+from mlxterp_core.load import default_model_path
+from mlxterp_core.model import InterpretableModel, load
 from mlxterp_core.results import load_result
 from mlxterp_core.distributed import launch_mode
 from mlxterp_core.sharding import ShardingError

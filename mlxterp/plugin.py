@@ -38,8 +38,8 @@ from mlxterp_core.figures import figure_text, finish, pyplot, token_label
 from mlxterp_core.files import read_json, read_safetensors, read_text, write_atomic, write_json
 from mlxterp_core.hookspecs import hookimpl
 from mlxterp_core.interventions import Intervention
-from mlxterp_core.load import DEFAULT_MODEL, LoadError, load
-from mlxterp_core.model import InterpretableModel
+from mlxterp_core.load import DEFAULT_MODEL, LoadError
+from mlxterp_core.model import InterpretableModel, load
 from mlxterp_core.names import StandardName, is_raw, parse, transformerlens_name
 from mlxterp_core.plugins import bench_rows
 from mlxterp_core.module_probes import probes_installed
@@ -83,6 +83,7 @@ from mlxterp_core.views import (
     encode_ids,
     encode_unit,
     encode_values,
+    graph_html,
     heatmap_html,
     lens_html,
     percent,
@@ -122,7 +123,7 @@ __all__ = [
     "Serialisable", "LayerMapping", "index_of",
     # the view kit
     "Display", "short", "percent", "Rounded", "summary_html", "encode_unit", "encode_values", "encode_ids",
-    "token_heatmap_html", "heatmap_html", "lens_html", "attention_html", "write_html", "pyplot", "finish",
+    "token_heatmap_html", "heatmap_html", "graph_html", "lens_html", "attention_html", "write_html", "pyplot", "finish",
     "token_label", "figure_text",
     "token_text", "ids_text", "token_ids",
 ]

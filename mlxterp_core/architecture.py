@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import UnknownNameError, closest
+from .errors import UnknownNameError, closest, did_you_mean
 from .names import FORWARD_ORDER, HEAD_VIEWS, StandardName, parse
-from .schema import ArchitectureSchema, Number, Port, SchemaError
+from .schema import ArchitectureSchema, Attention, Number, Port, SchemaError, Unembed
 
 
 def read_attribute(obj: Any, path: str) -> Any:
@@ -525,6 +525,98 @@ def find_schema(model: nn.Module) -> tuple[str, ArchitectureSchema] | None:
     return None
 
 
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
+HEAD_COUNTS = ("n_heads", "num_heads", "num_attention_heads", "n_head")
+KV_HEAD_COUNTS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
+
+
+def infer_schema(
+    root: nn.Module,
+    layer_attr: str | None = None,
+    embedding_path: str | None = None,
+    norm_path: str | None = None,
+    lm_head_path: str | None = None,
+) -> ArchitectureSchema:
+    """A schema for a model no plugin recognises, from where its parts are: the paths given
+    (upstream mlxterp's keywords, relative to the wrapped module; ``layer_attr`` is also tried
+    under ``model.``), else the one module of each name ``layers`` (a list of blocks),
+    ``embed_tokens``, ``norm`` (outside the blocks) and ``lm_head`` (none: tied to the
+    embedding). In the blocks: the attention module (``self_attn``, ``attn`` or ``attention``,
+    with a head count) and ``mlp``. SchemaError says what could not be found; the schema still
+    has to pass the wrap-time validation."""
+    paths = [path.removeprefix("model.") for path, _ in _walk(root)[1:]]
+    layers = _layers_path(root, layer_attr, paths)
+    inside = layers + "."
+    embed = embedding_path or _one(paths, "embed_tokens", "the token embedding", "embedding_path")
+    norm = norm_path or _one([p for p in paths if not p.startswith(inside)], "norm", "the final norm", "norm_path")
+    heads = [p for p in paths if p.rsplit(".", 1)[-1] == "lm_head"]
+    head = lm_head_path or (heads[0] if len(heads) == 1 else None)
+    for given, what in ((embedding_path, "embedding_path"), (norm_path, "norm_path"), (lm_head_path, "lm_head_path")):
+        if given is not None and given not in paths:
+            raise SchemaError(f"{what}={given!r}: no module at that path" + did_you_mean(given, paths))
+    if len(heads) > 1 and lm_head_path is None:
+        raise SchemaError(f"modules named 'lm_head': {', '.join(heads)}; say which with lm_head_path=")
+    block = read_attribute(root, layers)[0]
+    found = [name for name in ATTENTION_NAMES if isinstance(block.get(name) if isinstance(block, dict) else None, nn.Module)]
+    if len(found) != 1:
+        raise SchemaError(f"the blocks of {layers} have {'no' if not found else 'more than one'} attention module "
+                          f"named {' / '.join(ATTENTION_NAMES)}: pass schema= (docs: plugin authoring)")
+    attention = block[found[0]]
+    count = next((a for a in HEAD_COUNTS if isinstance(getattr(attention, a, None), int)), None)
+    if count is None:
+        raise SchemaError(f"{layers}.0.{found[0]} has no head count ({' / '.join(HEAD_COUNTS)}): pass schema=")
+    kv = next((a for a in KV_HEAD_COUNTS if isinstance(getattr(attention, a, None), int)), None)
+    ports = {"attn": Port(found[0])}
+    if isinstance(block.get("mlp"), nn.Module):
+        ports["mlp"] = Port("mlp")
+    return ArchitectureSchema(
+        family="inferred",
+        layers=layers,
+        embed=f"{layers}.0:input",  # the residual stream entering block 0, whatever came before
+        final_norm=norm,
+        unembed=Unembed(module=head or "lm_head", tied_to=None if head else embed),
+        attention=Attention(module=found[0], n_heads=count, n_kv_heads=kv,
+                            head_dim="head_dim" if isinstance(getattr(attention, "head_dim", None), int) else None,
+                            pattern=False),
+        block=ports,
+        description=f"inferred from the module names of a {type(root).__name__}",
+    )
+
+
+def _walk(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .module_probes import walk_modules
+
+    return walk_modules(root)
+
+
+def _layers_path(root: nn.Module, layer_attr: str | None, paths: list[str]) -> str:
+    """The path of the model's list of blocks: ``layer_attr`` or ``model.<layer_attr>``, else
+    the one list of modules named ``layers``."""
+    if layer_attr is None:
+        found = sorted({p.rsplit(".", 1)[0] for p in paths if re.search(r"(^|\.)layers\.0$", p)})
+        found = [p for p in found if not any(p.startswith(outer + ".") for outer in found)]  # not inside blocks
+        if len(found) != 1:
+            where = "none" if not found else ", ".join(found)
+            raise SchemaError(f"lists of blocks named 'layers': {where}; say which with layer_attr=")
+        return found[0]
+    for path in (layer_attr, f"model.{layer_attr}"):
+        try:
+            found = read_attribute(root, path)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(found, (list, tuple)) and found and all(isinstance(m, nn.Module) for m in found):
+            return path
+    raise SchemaError(f"layer_attr={layer_attr!r}: no list of modules at {layer_attr!r} or 'model.{layer_attr}'")
+
+
+def _one(paths: list[str], name: str, what: str, keyword: str) -> str:
+    found = [p for p in paths if p.rsplit(".", 1)[-1] == name]
+    if len(found) != 1:
+        where = "none" if not found else ", ".join(found)
+        raise SchemaError(f"{what}: modules named {name!r}: {where}; say which with {keyword}=")
+    return found[0]
+
+
 def _holds(model: nn.Module, path: str, value: Any) -> bool:
     try:
         return read_attribute(model, path) == value
@@ -536,4 +628,4 @@ def _then(outer: View | None, inner: View) -> View:
     return inner if outer is None else outer.then(inner)
 
 
-__all__ = ["Architecture", "Resolved", "View", "read_attribute"]
+__all__ = ["Architecture", "Resolved", "View", "infer_schema", "read_attribute"]

@@ -22,10 +22,14 @@ sharded site is gathered once per batch); under pipeline parallelism each rank w
 of the layers it runs (and rank 0 the others) into its own part of every shard, so no
 activation crosses the network.
 
+One writer per folder: every rank holds an advisory lock (``writer-rank{rank}.lock``, naming
+its holder) while it writes, so a second job writing the same folder is refused before it
+changes anything; the system releases a lock when its process dies.
+
 What is in this file: :func:`cache_activations` (settings, fingerprint, the ranks' agreement,
-then :func:`_run` for this rank's shards and :func:`_write_manifest`); the plan
-(:func:`_plan`, :func:`_shards`); the folder (:func:`_prepare_folder`, journals,
-:func:`_verified`); the identity of model and tokenizer in the manifest
+the writer lock, then :func:`_write`: :func:`_run` for this rank's shards and
+:func:`_write_manifest`); the plan (:func:`_plan`, :func:`_shards`); the folder
+(:func:`_lock_folder`, :func:`_prepare_folder`, journals, :func:`_verified`); the identity of model and tokenizer in the manifest
 (:func:`model_identity`, :func:`tokenizer_identity`); the work (:func:`_run`, a background
 :class:`_Writer` thread, :func:`_batch_rows` from the stream, :func:`_finish` publishing a
 shard). The format and its reader are :mod:`~mlxterp_core.dataset`'s; the ``mlxterp cache``
@@ -40,6 +44,7 @@ import os
 import queue
 import re
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -50,7 +55,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import distributed
+from . import distributed, options
 from .corpus import DEFAULT_BATCH_SIZE, Windows, tokenize
 from .dataset import (
     FORMAT,
@@ -64,14 +69,15 @@ from .dataset import (
     dtype_code,
     sha256_file,
 )
-from .errors import MlxterpError
-from .files import write_json
+from .errors import MlxterpError, OptionError
+from .files import read_json, write_json
 from .inputs import pad_id
 from .stream import Site, SiteReader, resolve_sites, stop_for, take_rows
 
 SHARD_BYTES = 256 << 20  # default shard size: bounds the RAM per shard and the work lost per crash
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+(-rank\d+)?\.safetensors)(\.tmp)?$")
+_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+(-rank\d+)?\.safetensors|writer-rank\d+\.lock)(\.tmp)?$")
+_LOCK = re.compile(r"^writer-rank\d+\.lock$")
 
 
 def cache_activations(
@@ -90,6 +96,8 @@ def cache_activations(
     shard_tokens: int | None = None,
     progress: bool | None = None,
     group: Any = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> ActivationDataset | None:
     """Run ``corpus`` through the model and write the activations at ``sites`` to ``out``.
 
@@ -113,19 +121,26 @@ def cache_activations(
             when stderr is a terminal.
         group: an ``mx.distributed`` group (default: ``mx.distributed.init()``, a singleton
             unless started by ``mlx.launch``).
+        encoding: the text encoding of corpus files (see ``read_documents``).
+        errors: what to do with bytes that do not decode ("strict": a CorpusError).
 
     Returns:
         The :class:`ActivationDataset` (None on a rank that cannot see rank 0's folder).
     """
     started = time.perf_counter()
     group = distributed.world(group)
-    rank, size = group.rank(), group.size()
+    rank = group.rank()
     out = Path(out).expanduser()
-    names = [sites] if isinstance(sites, str) else list(sites)
+    names = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, (list, tuple)) else []
     if not names or not all(isinstance(n, str) for n in names):
-        raise DatasetError(f"sites must be a site name or a non-empty list of names, got {sites!r}.")
+        raise DatasetError(f"sites must be a site name or a non-empty list of names, got {sites!r:.80}.")
+    for option, value in (("packing", packing), ("prepend_bos", prepend_bos)):
+        if not isinstance(value, bool):
+            raise OptionError(f"{option}={value!r:.40}: expected True or False.")
+    shard_tokens = None if shard_tokens is None else options.integer(shard_tokens, "shard_tokens", 1)
     stored = _stored_dtype(dtype)
-    tokens = tokenize(model, corpus, prepend_bos=prepend_bos, max_tokens=max_tokens)  # once: the plan keeps the ids
+    # tokenized once: the plan keeps the ids
+    tokens = tokenize(model, corpus, prepend_bos=prepend_bos, max_tokens=max_tokens, encoding=encoding, errors=errors)
     windows = dict(context_size=context_size, batch_size=batch_size, packing=packing)
 
     plan_rows, corpus_id = _plan(tokens, windows)
@@ -165,6 +180,30 @@ def cache_activations(
             "between processes); give every rank the same command and files."
         )
 
+    lock = None
+    try:
+        # every rank takes its writer lock before rank 0 touches the folder: a second job
+        # writing here is refused before anything is changed
+        ok, error = True, None
+        try:
+            lock = _lock_folder(out, rank)
+        except MlxterpError as e:
+            ok, error = False, e
+        try:
+            distributed.all_ok(ok, group, f"locking {out}")
+        except distributed.DistributedError:
+            raise error or distributed.DistributedError(f"another rank could not lock {out}; see its error.") from None
+        return _write(model, tokens, windows, site_list, stop, shards, settings, fingerprint, out, overwrite,
+                      group, progress, started, writers)
+    finally:
+        _unlock_folder(lock)
+
+
+def _write(model, tokens, windows, site_list, stop, shards, settings, fingerprint, out, overwrite, group,
+           progress, started, writers) -> ActivationDataset | None:
+    """Prepare the folder, write this rank's shards (``writers``: the rank that writes each
+    site of a sharded model, None to split the shards by rank), then (rank 0) the manifest."""
+    rank, size = group.rank(), group.size()
     ok, error = True, None
     if rank == 0:
         try:
@@ -175,17 +214,15 @@ def cache_activations(
         distributed.all_ok(ok, group, f"preparing {out}")
     except distributed.DistributedError:
         raise error or distributed.DistributedError(f"rank 0 could not prepare {out}; see its error.") from None
-    if rank != 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / SETTINGS).is_file():
-            _check_settings(out, json.loads((out / SETTINGS).read_text()), settings)
+    if rank != 0 and (out / SETTINGS).is_file():
+        _check_settings(out, _read_settings(out / SETTINGS), settings)
 
     if writers is None:  # data parallel: shards split by rank
         mine, part, my_sites = [k for k in range(len(shards)) if k % size == rank], None, site_list
     else:  # model parallel: every rank in every batch, each writing its sites
         my_sites = [s for s in site_list if writers[s.name] == rank]
         mine = list(range(len(shards))) if my_sites else []
-        part = rank if len(written_by) > 1 else None
+        part = rank if "parts" in settings else None  # a shard in parts: this rank's file of each
     done = _verified(out, fingerprint, mine, part)
     todo = [k for k in mine if k not in done]
     compute = todo if writers is None else sorted({k for blob in distributed.gather_bytes(json.dumps(todo).encode(), group)
@@ -353,13 +390,90 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
 # -- the folder ------------------------------------------------------------------------------
 
 
-def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
-    """Rank 0: make sure ``out`` is empty, or holds this very cache (to resume), or is cleared."""
+def _lock_folder(out: Path, rank: int) -> tuple[Path, int] | None:
+    """Hold this rank's writer lock on ``out`` (creating the folder): an advisory ``flock`` on
+    ``writer-rank{rank}.lock``, whose content names the holder. Two jobs writing one folder both
+    have a rank 0, so the second is refused at once (the ranks of one job lock different files).
+    The system releases the lock when its process exits, killed or not, so a lock file left
+    behind never blocks a later run. Returns (path, descriptor), or None where the OS or the
+    filesystem has no flock."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out} is a file; cache_activations needs a folder (a new or empty one).")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per folder is then up to the user
+        fcntl = None
+    path, fd = out / f"writer-rank{rank}.lock", None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return None
+        while fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0)
+                os.close(fd)
+                raise DatasetError(_refusal(out, path, holder)) from None
+            except OSError as e:
+                os.close(fd)
+                warnings.warn(f"{path} cannot be locked ({e.strerror}): make sure no other process writes to {out}.", stacklevel=3)
+                return None
+            if not _same_file(path, fd):  # its holder released and removed it after we opened it
+                os.close(fd)
+                fd = None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError as e:
+        if fd is not None:
+            os.close(fd)
+        raise DatasetError(f"{out} cannot be written ({e.strerror or e}); choose a folder you can write to (nothing was written).") from None
+    return path, fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _unlock_folder(lock: tuple[Path, int] | None) -> None:
+    if lock is not None:
+        path, fd = lock
+        path.unlink(missing_ok=True)  # removed while still held: no one can lock the old file after us
+        os.close(fd)
+
+
+def _refusal(out: Path, path: Path, holder: bytes) -> str:
+    try:
+        info = json.loads(holder)
+        who = (f"process {info['pid']} on {info['host']}, started {info['started']}"
+               + (f" ({info['command']})" if info.get("command") else ""))
+    except (ValueError, KeyError, TypeError):
+        who = "a process that is just starting"
+    return (
+        f"{out} is being written by another process: {who}. Two writers in one folder would corrupt it, "
+        "so this one stopped before changing anything. Wait for that process to finish and rerun this "
+        "call (it resumes, or finds the dataset done), stop that process, or write to another folder. "
+        f"(The lock is {path.name}; the system releases it when that process exits, even if it is killed.)"
+    )
+
+
+def _read_settings(path: Path) -> dict:
+    return read_json(path, "the settings of an activation dataset", error=DatasetError,
+                     advice="Use another folder, or overwrite=True (--overwrite) to replace it.")
+
+
+def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool) -> None:
+    """Rank 0, holding the lock: make sure ``out`` is empty, or holds this very cache (to
+    resume), or is cleared. Lock files stay: each is held by a rank of this job."""
     out.mkdir(parents=True, exist_ok=True)
     entries = list(out.iterdir())
-    ours = [p for p in entries if _OURS.match(p.name)]
+    ours = [p for p in entries if _OURS.match(p.name) and not _LOCK.match(p.name)]
     foreign = [p for p in entries if not _OURS.match(p.name)]
     existing = next((p for p in (out / SETTINGS, out / MANIFEST) if p.is_file()), None)
     if foreign and existing is None:
@@ -371,7 +485,7 @@ def _prepare_folder(out: Path, settings: dict, fingerprint: str, overwrite: bool
         for p in ours:
             p.unlink()
     elif existing is not None:
-        _check_settings(out, json.loads(existing.read_text()), settings)
+        _check_settings(out, _read_settings(existing), settings)
     for p in out.glob("*.tmp"):  # a killed run's half-written file
         p.unlink()
     if overwrite or not (out / SETTINGS).is_file():
@@ -404,13 +518,16 @@ def _journal_entries(out: Path, fingerprint: str) -> dict[tuple[int, int | None]
     """(shard, part) -> the last journal entry of that file (part None: a whole shard)."""
     entries: dict[tuple[int, int | None], dict] = {}
     for path in sorted(out.glob("journal-rank*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue  # a line cut by a crash
-            if entry.get("fingerprint") == fingerprint:
-                entries[entry["shard"], entry.get("part")] = entry
+            if not isinstance(entry, dict) or entry.get("fingerprint") != fingerprint:
+                continue
+            shard, part = entry.get("shard"), entry.get("part")
+            if isinstance(shard, int) and (part is None or isinstance(part, int)):
+                entries[shard, part] = entry
     return entries
 
 
@@ -427,10 +544,11 @@ def _verified(out: Path, fingerprint: str, mine: list[int], part: int | None = N
         path = out / _shard_file(k, part)
         if entry is None or not path.is_file():
             continue
-        if path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
+        if path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
             done[k] = entry
         else:
-            warnings.warn(f"{path.name} does not match its recorded checksum: re-making it.", stacklevel=3)
+            # stacklevel: the caller of model.cache_activations (through cache_activations and _write)
+            warnings.warn(f"{path.name} does not match its recorded checksum: re-making it.", stacklevel=5)
     return done
 
 

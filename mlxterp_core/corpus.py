@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,29 @@ from .inputs import check_token_ids, encode, pad_id
 DEFAULT_BATCH_SIZE = 8
 
 
-def read_documents(corpus: str | Path | Iterable[str]) -> Iterator[str]:
+def read_documents(corpus: str | Path | Iterable[str], *, encoding: str = "utf-8", errors: str = "strict") -> Iterator[str]:
     """The documents of ``corpus`` (see the module doc), blank ones skipped.
 
-    Raises CorpusError for a path that does not exist, a corpus with no documents, a JSONL line
-    that is not an object with a string ``"text"``, or an iterable that yields a non-string.
+    Files are decoded with ``encoding`` (UTF-8 by default); ``errors`` is what to do with bytes
+    that do not decode, as for ``open()``: "strict" (an error naming the file and the line),
+    "replace" (U+FFFD), "ignore", "backslashreplace", "surrogateescape".
+
+    Raises CorpusError for a path that does not exist, a file that does not decode, a corpus
+    with no documents, a JSONL line that is not an object with a string ``"text"``, or an
+    iterable that yields a non-string.
     """
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+        codecs.lookup_error(errors)
+    except (LookupError, TypeError):
+        raise CorpusError(
+            f"encoding={encoding!r}, errors={errors!r}: not an encoding and an error handler Python knows "
+            "(e.g. encoding='utf-8' or 'latin-1'; errors='strict', 'replace' or 'ignore')."
+        ) from None
     count = 0
-    for document in _documents(corpus):
+    for document in _documents(corpus, encoding, errors):
         if document.strip():
             count += 1
             yield document
@@ -59,17 +75,19 @@ def read_documents(corpus: str | Path | Iterable[str]) -> Iterator[str]:
         raise CorpusError(f"the corpus {_describe(corpus)} has no documents (every one is empty); pass some text.")
 
 
-def _documents(corpus: Any) -> Iterator[str]:
+def _documents(corpus: Any, encoding: str, errors: str) -> Iterator[str]:
     if isinstance(corpus, (str, Path)):
         path = Path(corpus).expanduser()
         if path.is_dir():
-            files = sorted(path.glob("*.txt"))
+            files = sorted(p for p in path.glob("*.txt") if p.is_file())
             if not files:
                 raise CorpusError(f"the corpus folder {path} holds no .txt files; put one document per .txt file there.")
             for file in files:
-                yield file.read_text(encoding="utf-8")
+                with _reading(file, encoding):
+                    text = file.read_text(encoding=encoding, errors=errors)
+                yield text
         elif path.is_file():
-            yield from (_jsonl(path) if path.suffix == ".jsonl" else _lines(path))
+            yield from (_jsonl(path, encoding, errors) if path.suffix == ".jsonl" else _lines(path, encoding, errors))
         else:
             raise CorpusError(
                 f"no corpus file or folder at {str(corpus)!r}: pass a text file (one document per "
@@ -87,14 +105,25 @@ def _documents(corpus: Any) -> Iterator[str]:
         yield document
 
 
-def _lines(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+@contextmanager
+def _reading(path: Path, encoding: str) -> Iterator[None]:
+    """Bytes that do not decode, or a file that cannot be read, as a CorpusError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise _undecodable(path, encoding, e) from None
+    except OSError as e:
+        raise CorpusError(f"{path} could not be read ({e.strerror or e}).") from None
+
+
+def _lines(path: Path, encoding: str, errors: str) -> Iterator[str]:
+    with _reading(path, encoding), path.open(encoding=encoding, errors=errors) as f:
         for line in f:
             yield line.rstrip("\n")
 
 
-def _jsonl(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+def _jsonl(path: Path, encoding: str, errors: str) -> Iterator[str]:
+    with _reading(path, encoding), path.open(encoding=encoding, errors=errors) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -106,6 +135,25 @@ def _jsonl(path: Path) -> Iterator[str]:
             if not isinstance(text, str):
                 raise CorpusError(f"{path}:{number} has no string \"text\" field; each line must be {{\"text\": \"...\"}}.")
             yield text
+
+
+def _undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> CorpusError:
+    """A CorpusError saying where in ``path`` the first byte ``encoding`` cannot decode is (the
+    decoder reads in chunks, so find the line again: exact for ASCII-compatible encodings)."""
+    where, offset = "", 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                where = f" at line {number}, byte {offset + e.start} ({raw[e.start : e.start + 4]!r}...)"
+                break
+            offset += len(raw)
+    return CorpusError(
+        f"{path} is not {encoding} text{where}: {error.reason}. Pass the file's encoding (encoding='latin-1', "
+        "'cp1252', ...; `mlxterp cache --encoding`), or errors='replace' to read it with U+FFFD for the bad "
+        "bytes, or convert the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 in.txt > out.txt)."
+    )
 
 
 def _describe(corpus: Any) -> str:
@@ -180,6 +228,8 @@ def token_windows(
     packing: bool = True,
     prepend_bos: bool = True,
     max_tokens: int | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> Iterator[Windows]:
     """Batches of ``batch_size`` token windows of ``corpus`` (see the module doc).
 
@@ -194,14 +244,16 @@ def token_windows(
         packing: pack documents into full windows (True) or one document per window (False).
         prepend_bos: start every document with the tokenizer's BOS token (if it has one).
         max_tokens: stop after this many tokens (BOS tokens included); None reads everything.
+        encoding: the text encoding of corpus files (see :func:`read_documents`).
+        errors: what to do with bytes that do not decode ("strict": a CorpusError).
 
     Yields:
         :class:`Windows`, in corpus order.
     """
     if isinstance(corpus, TokenizedCorpus):
         return corpus.windows(context_size, batch_size=batch_size, packing=packing)
-    return tokenize(tokenizer, corpus, prepend_bos=prepend_bos, max_tokens=max_tokens, keep=False).windows(
-        context_size, batch_size=batch_size, packing=packing)
+    return tokenize(tokenizer, corpus, prepend_bos=prepend_bos, max_tokens=max_tokens, keep=False,
+                    encoding=encoding, errors=errors).windows(context_size, batch_size=batch_size, packing=packing)
 
 
 def tokenize(
@@ -211,19 +263,21 @@ def tokenize(
     prepend_bos: bool = True,
     max_tokens: int | None = None,
     keep: bool = True,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> TokenizedCorpus:
     """``corpus`` tokenized once (each document encoded once, BOS prepended as
     :func:`token_windows` does), so that it can be windowed any number of times without
     reading or encoding it again; ``keep=False`` reads and encodes lazily instead, for one
-    pass. ``tokenizer`` as in :func:`token_windows`."""
+    pass. ``tokenizer`` as in :func:`token_windows`; corpus files are decoded with
+    ``encoding`` and ``errors`` (see :func:`read_documents`)."""
     tokenizer, vocab = _tokenizer(tokenizer)
-    if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1):
+    if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool)
+                                   or max_tokens < 1):
         raise CorpusError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
     bos_id = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
     bos_id = bos_id if isinstance(bos_id, int) else None
-    if keep and not isinstance(corpus, (str, Path)):
-        corpus = list(read_documents(corpus))  # an iterator can be read once
-    pieces = _tokenized(tokenizer, corpus, bos_id, max_tokens)
+    pieces = _tokenized(tokenizer, read_documents(corpus, encoding=encoding, errors=errors), bos_id, max_tokens)
     return TokenizedCorpus(tokenizer, list(pieces) if keep else pieces, vocab)
 
 
@@ -288,10 +342,10 @@ def _tokenizer(source: Any) -> tuple[Any, int | None]:
     return source.tokenizer, source.embedding_vocab_size
 
 
-def _tokenized(tokenizer, corpus, bos_id, max_tokens) -> Iterator[tuple[int, np.ndarray]]:
+def _tokenized(tokenizer, documents, bos_id, max_tokens) -> Iterator[tuple[int, np.ndarray]]:
     """(document index, int32 token ids) per document, BOS prepended, cut at ``max_tokens``."""
     seen = 0
-    for doc, text in enumerate(read_documents(corpus)):
+    for doc, text in enumerate(documents):
         ids = encode(tokenizer, text)
         if bos_id is not None and (not ids or ids[0] != bos_id):
             ids = [bos_id, *ids]

@@ -32,8 +32,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .errors import DatasetError, FileFormatError, MlxterpError
-from .files import fsync_dir, safetensors_header, sha256_file
+from . import options
+from .errors import DatasetError, MlxterpError
+from .files import fsync_dir, read_json, read_safetensors, safetensors_header, sha256_file
 from .views import Display, short
 
 MANIFEST = "manifest.json"
@@ -53,6 +54,10 @@ _CODES = {
     "BOOL": (np.bool_, mx.bool_),
 }
 _MX_CODES = {mx_dtype: code for code, (_, mx_dtype) in _CODES.items()}
+
+
+class RowIndexError(DatasetError, IndexError):
+    """A row index past the rows of a dataset (an IndexError too, so iteration stops there)."""
 
 
 def dtype_code(dtype: mx.Dtype) -> str:
@@ -123,67 +128,157 @@ class ShardFile:
         self.tmp.unlink(missing_ok=True)
 
 
+REMAKE = ("Rerun the cache_activations call (or `mlxterp cache` command) that made the dataset: it "
+          "re-makes damaged and missing shards. ds.verify() lists every damaged shard.")
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (name -> dtype/shape/offsets) and where its data starts."""
+    """A shard's safetensors header (name -> dtype/shape/offsets) and where its data starts,
+    checked against the file (:func:`~mlxterp_core.files.safetensors_header`): a shard cut
+    short is an error here, not a short read or a SIGBUS later."""
+    if not path.exists():
+        raise DatasetError(f"{path} is missing. {REMAKE}")
+    header, start = safetensors_header(path, "a shard of an activation dataset", error=DatasetError, advice=REMAKE)
+    unknown = sorted({e["dtype"] for name, e in header.items() if name != "__metadata__"} - set(_CODES))
+    if unknown:
+        raise DatasetError(f"{path} is damaged: dtype {unknown[0]} is not one a shard holds. {REMAKE}")
+    return header, start
+
+
+def _open(path: Path) -> int:
     try:
-        return safetensors_header(path, "a shard of an activation dataset")
-    except FileFormatError as e:
-        raise DatasetError(f"{e} Delete it and rerun the cache to re-make it.") from None
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise DatasetError(f"{path} could not be opened ({e.strerror or e}). {REMAKE}") from None
+
+
+def _read_into(fd: int, path: Path, buffer: np.ndarray, offset: int) -> None:
+    """Fill ``buffer`` with the file's bytes from ``offset``. Positioned reads, not a memory
+    map: a file that shrank is a DatasetError here, where a map of it would die of SIGBUS."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        read = os.preadv(fd, [view], offset)
+        if read == 0:
+            raise DatasetError(f"{path} is truncated: it ends at byte {offset}. {REMAKE}")
+        view, offset = view[read:], offset + read
+
+
+class _Tensor:
+    """One tensor of one shard on disk: (rows, *row_shape) values of a numpy dtype at ``start``."""
+
+    def __init__(self, path: Path, entry: dict[str, Any], data_start: int):
+        self.path = path
+        self.dtype = np.dtype(_CODES[entry["dtype"]][0])
+        self.rows, *row_shape = entry["shape"]
+        self.row_shape = tuple(row_shape)
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self.start = data_start + entry["data_offsets"][0]
+        if entry["data_offsets"][1] - entry["data_offsets"][0] != self.rows * self.row_bytes:
+            raise ValueError("its size is not its shape's")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def read(self, first: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``first`` .. ``stop`` (one positioned read), into ``out`` when given."""
+        stop = self.rows if stop is None else stop
+        out = np.empty((stop - first, *self.row_shape), self.dtype) if out is None else out
+        if out.size:
+            fd = _open(self.path)
+            try:
+                _read_into(fd, self.path, out, self.start + first * self.row_bytes)
+            finally:
+                os.close(fd)
+        return out
+
+    def take(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """The rows at the sorted indices ``rows``, into ``out``: the span they cover in one
+        read when they are dense enough, else one read per row."""
+        span = int(rows[-1] - rows[0]) + 1
+        if span * self.row_bytes <= max(1 << 20, 8 * len(rows) * self.row_bytes):
+            out[:] = self.read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
+            return
+        fd = _open(self.path)
+        try:
+            for i, row in enumerate(rows.tolist()):
+                _read_into(fd, self.path, out[i], self.start + row * self.row_bytes)
+        finally:
+            os.close(fd)
 
 
 class SiteRows:
-    """The rows of one tensor of a dataset, memory-mapped shard by shard, indexed as one array.
+    """The rows of one tensor of a dataset, shard by shard, indexed as one array.
 
     ``rows[i]``, ``rows[a:b]`` and ``rows[index_array]`` return mx.arrays (reading only the
-    rows asked for); ``len(rows)`` is the number of rows; ``rows.shape``/``rows.dtype``.
+    rows asked for, with positioned reads); ``len(rows)`` is the number of rows;
+    ``rows.shape``/``rows.dtype``.
     """
 
     def __init__(self, dataset: ActivationDataset, name: str):
-        self._maps = [dataset._mmap(k, name) for k in range(len(dataset.shards))]
-        self._starts = np.cumsum([0] + [len(m) for m in self._maps])
+        self._parts = [dataset._tensor(k, name) for k in range(len(dataset.shards))]
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
         first = dataset._header(0, name)[0][name]
         self.dtype = _CODES[first["dtype"]][1]
         self.shape = (int(self._starts[-1]), *first["shape"][1:])
+        self._np_dtype = np.dtype(_CODES[first["dtype"]][0])
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def numpy(self, index: Any) -> np.ndarray:
-        """The rows at ``index`` as numpy (bfloat16 as its uint16 bits)."""
+        """The rows at ``index`` (an int, a slice, or a 1-D array of ints or of n bools) as
+        numpy (bfloat16 as its uint16 bits)."""
         n = len(self)
         if isinstance(index, (int, np.integer)):
             i = int(index) + (n if index < 0 else 0)
             if not 0 <= i < n:
-                raise IndexError(f"row {index} out of range for {n} rows")
+                raise RowIndexError(f"row {index} does not exist: there are {n} rows (0 .. {n - 1}, or -{n} .. -1 from the end).")
             k = int(np.searchsorted(self._starts, i, side="right") - 1)
-            return np.array(self._maps[k][i - self._starts[k]])
+            return self._parts[k].read(i - self._starts[k], i - self._starts[k] + 1)[0]
         if isinstance(index, slice):
-            start, stop, step = index.indices(n)
+            try:
+                start, stop, step = index.indices(n)
+            except (TypeError, ValueError) as e:
+                raise DatasetError(f"rows[{index!r:.60}]: {e}.") from None
             if step == 1:
-                parts = []
-                for k, m in enumerate(self._maps):
+                out = np.empty((max(stop - start, 0), *self.shape[1:]), self._np_dtype)
+                for k, part in enumerate(self._parts):
                     a, b = max(start, self._starts[k]), min(stop, self._starts[k + 1])
                     if a < b:
-                        parts.append(m[a - self._starts[k] : b - self._starts[k]])
-                return np.concatenate(parts) if parts else np.empty((0, *self.shape[1:]), self._maps[0].dtype)
+                        part.read(int(a - self._starts[k]), int(b - self._starts[k]), out[a - start : b - start])
+                return out
             index = np.arange(start, stop, step)
-        index = np.asarray(index)
-        if index.dtype == np.bool_:
-            index = np.flatnonzero(index)
-        index = np.where(index < 0, index + n, index)
-        if index.size and (index.min() < 0 or index.max() >= n):
-            raise IndexError(f"row index out of range for {n} rows")
-        out = np.empty((len(index), *self.shape[1:]), self._maps[0].dtype)
+        index = _row_indices(index, n)
+        out = np.empty((len(index), *self.shape[1:]), self._np_dtype)
         shard = np.searchsorted(self._starts, index, side="right") - 1
         for k in np.unique(shard):
-            where = shard == k
+            where = np.flatnonzero(shard == k)
             local = index[where] - self._starts[k]
             order = np.argsort(local, kind="stable")  # sequential reads within a shard
-            out[np.flatnonzero(where)[order]] = self._maps[k][local[order]]
+            rows = np.empty((len(where), *self.shape[1:]), self._np_dtype)
+            self._parts[k].take(local[order], rows)
+            out[where[order]] = rows
         return out
 
     def __getitem__(self, index: Any) -> mx.array:
         return _to_mx(self.numpy(index), self.dtype)
+
+
+def _row_indices(index: Any, n: int) -> np.ndarray:
+    """An index array (1-D ints, negatives from the end, or n bools) as int64 rows in [0, n)."""
+    try:
+        array = np.asarray(np.array(index) if isinstance(index, mx.array) else index)
+    except (ValueError, TypeError):
+        array = np.asarray(None)
+    if array.dtype == np.bool_ and array.shape == (n,):
+        return np.flatnonzero(array)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise DatasetError(f"rows[{index!r:.60}]: index rows with an int, a slice, a 1-D array of ints, or {n} bools.")
+    rows = array.astype(np.int64)
+    bad = (rows < -n) | (rows >= n)
+    if bad.any():
+        raise RowIndexError(f"row {rows[bad][0]} does not exist: there are {n} rows (0 .. {n - 1}, or -{n} .. -1 from the end).")
+    return np.where(rows < 0, rows + n, rows)
 
 
 def _to_mx(rows: np.ndarray, dtype: mx.Dtype) -> mx.array:
@@ -201,9 +296,11 @@ class ActivationDataset(Display):
         n_tokens: rows per site (real tokens; padding is never stored).
         shards: the manifest's shard entries.
 
-    ``ds[site]`` (or ``ds.rows(site)``) is a :class:`SiteRows` over all shards (memory-mapped);
+    ``ds[site]`` (or ``ds.rows(site)``) is a :class:`SiteRows` over all shards;
     ``ds.tokens``, ``ds.document``, ``ds.position``, ``ds.offset``, ``ds.bos`` are the per-row fields.
     ``ds.batches(site, batch_size)`` streams shuffled (rows, d) batches with bounded memory.
+    A damaged shard (missing, cut short, overwritten) is a DatasetError naming it when it is
+    read; ``ds.verify()`` checks them all.
     """
 
     def __init__(self, path: str | Path):
@@ -217,12 +314,21 @@ class ActivationDataset(Display):
                 else ""
             )
             raise DatasetError(f"no activation dataset at {self.path}: {MANIFEST} is missing.{hint}")
-        self.manifest = json.loads(manifest_path.read_text())
+        advice = "Rerun the cache_activations call (or `mlxterp cache` command) that made it to rewrite it."
+        self.manifest = read_json(manifest_path, f"the manifest of an {FORMAT} dataset", error=DatasetError, advice=advice)
         if self.manifest.get("format") != FORMAT or not self.manifest.get("complete"):
-            raise DatasetError(f"{manifest_path} is not a complete {FORMAT} manifest.")
-        self.sites: list[str] = [s["name"] for s in self.manifest["sites"]]
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
-        self.n_tokens: int = int(self.manifest["n_tokens"])
+            raise DatasetError(f"{manifest_path} is not a complete {FORMAT} manifest. {advice}")
+        try:
+            self.sites: list[str] = [str(s["name"]) for s in self.manifest["sites"]]
+            self.shards: list[dict[str, Any]] = self.manifest["shards"]
+            self.n_tokens: int = int(self.manifest["n_tokens"])
+            files = [part for s in self.shards for part in (s["parts"] if "parts" in s else [s])]
+            if not self.shards or not all(isinstance(f["file"], str) and "/" not in f["file"] for f in files):
+                raise ValueError("no shards")
+            if not all(isinstance(p["sites"], list) for s in self.shards if "parts" in s for p in s["parts"]):
+                raise ValueError("parts without sites")
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(f"{manifest_path} is damaged: it lacks the sites, shards or n_tokens of a manifest. {advice}") from None
         self._headers: dict[str, tuple[dict, int]] = {}
 
     def _summary(self) -> str:
@@ -289,15 +395,15 @@ class ActivationDataset(Display):
             self._headers[file] = read_header(self.path / file)
         return self._headers[file]
 
-    def _mmap(self, k: int, name: str) -> np.ndarray:
+    def _tensor(self, k: int, name: str) -> _Tensor:
         header, data_start = self._header(k, name)
-        entry = header[name]
-        shape = tuple(entry["shape"])
-        dtype = _CODES[entry["dtype"]][0]
-        if shape[0] == 0:
-            return np.empty(shape, dtype)
-        return np.memmap(self.path / self._file(k, name), dtype=dtype, mode="r",
-                         offset=data_start + entry["data_offsets"][0], shape=shape)
+        path = self.path / self._file(k, name)
+        if name not in header:
+            raise DatasetError(f"{path} has no tensor {name!r}: it is not a shard of this dataset. {REMAKE}")
+        try:
+            return _Tensor(path, header[name], data_start)
+        except (ValueError, TypeError, KeyError):
+            raise DatasetError(f"{path} is damaged: the header entry of {name!r} is not a (rows, ...) tensor. {REMAKE}") from None
 
     def rows(self, site: str) -> SiteRows:
         return SiteRows(self, self.site_name(site))
@@ -331,31 +437,43 @@ class ActivationDataset(Display):
         return self._field("bos")
 
     def _field(self, name: str) -> np.ndarray:
-        return np.concatenate([np.asarray(self._mmap(k, name)) for k in range(len(self.shards))])
+        return self.rows(name).numpy(slice(None))
 
     def load_shard(self, k: int) -> dict[str, mx.array]:
         """Every tensor of shard ``k`` (lazy, through ``mx.load``)."""
+        k = options.index(k, len(self.shards), "k", "shard")
         tensors: dict[str, mx.array] = {}
         for file in reversed(self.files(k)):  # the first part's row fields last: they are the same
-            tensors.update(mx.load(str(self.path / file)))
+            tensors.update(read_safetensors(self.path / file, f"shard {k} of the dataset at {self.path}",
+                                            error=DatasetError, advice=REMAKE))
         return tensors
 
-    def verify(self) -> list[str]:
-        """Files whose sha256 does not match the manifest (empty when all are intact)."""
-        entries = [p for s in self.shards for p in (s.get("parts") or [s])]
-        return [e["file"] for e in entries
-                if not (self.path / e["file"]).is_file() or sha256_file(self.path / e["file"]) != e["sha256"]]
+    def verify(self) -> dict[str, str]:
+        """The damaged shard files: file name -> what is wrong ("missing", "truncated: ...",
+        "checksum mismatch: ..."); empty when every file is as the manifest records it (a shard
+        in parts is checked part by part)."""
+        problems = {}
+        for entry in (part for shard in self.shards for part in (shard.get("parts") or [shard])):
+            path = self.path / entry["file"]
+            if not path.is_file():
+                problems[entry["file"]] = "missing"
+            elif path.stat().st_size != entry.get("bytes", path.stat().st_size):
+                size = path.stat().st_size
+                problems[entry["file"]] = f"{'truncated' if size < entry['bytes'] else 'too long'}: {size} bytes, the manifest records {entry['bytes']}"
+            elif sha256_file(path) != entry.get("sha256"):
+                problems[entry["file"]] = "checksum mismatch: its sha256 is not the manifest's (the file was changed)"
+        return problems
 
     def shard_field(self, k: int, name: str) -> np.ndarray:
         """Per-row field ``name`` ('bos', 'offset', ...) of shard ``k``, as numpy."""
-        return np.asarray(self._mmap(k, name))
+        return self._tensor(k, name).read()
 
     def shard_rows(self, k: int, site: str, keep: np.ndarray | None = None, as_mx: bool = False):
         """The rows of ``site`` in shard ``k`` (where ``keep`` is True), read into memory: numpy
         (bfloat16 as its uint16 bits), or with ``as_mx`` an mx.array in the stored dtype."""
         name = self.site_name(site)
-        rows = self._mmap(k, name)
-        rows = np.array(rows) if keep is None or keep.all() else np.asarray(rows)[keep]
+        rows = self._tensor(k, name).read()
+        rows = rows if keep is None or keep.all() else rows[keep]
         return _to_mx(rows, getattr(mx, self.site_info(name)["dtype"])) if as_mx else rows
 
     def batches(
@@ -391,6 +509,8 @@ class ActivationDataset(Display):
 
         sites = [site] if isinstance(site, str) else list(site)
         names = [self.site_name(s) for s in sites]
+        seed = None if seed is None else options.integer(seed, "seed", 0)
+        buffer_rows = options.integer(buffer_rows, "buffer_rows", 1)
         rng = np.random.default_rng(seed)
         source = DatasetRows(self, names, rng=rng if shuffle else None, repeat=repeat,
                              skip_bos=skip_bos, skip_first=skip_first, with_index=with_index)

@@ -36,6 +36,7 @@ __all__ = [
     "clamp",
     "noise",
     "compose",
+    "InterventionComposer",
     "restrict",
     "replace_where",
     "Elementwise",
@@ -275,14 +276,36 @@ def _added(x: mx.array, vector: mx.array) -> mx.array:
     return x + vector.astype(x.dtype)
 
 
-def replace_with(value) -> Intervention:
-    """Replace the activation with ``value`` (an array of its shape, or broadcastable to it)."""
+def replace_with(value, align: str | None = None) -> Intervention:
+    """Replace the activation with ``value`` (an array of its shape, or broadcastable to it).
+
+    ``align="end"`` or ``"start"``: a value of another number of positions (a run of another
+    prompt) replaces the positions the two share counted from that end, the rest kept; without
+    it (or ``"strict"``) that is an error. The time axis is axis 1 of (B, T, D), 2 of a
+    per-head (B, H, T, D) and 0 of (T, D)."""
     value = mx.array(value)
-    return Intervention(Elementwise(_replaced, (value,)), f"replace_with(shape={tuple(value.shape)})")
+    if align not in (None, "strict", "start", "end"):
+        raise InterventionError(f"align={align!r}: use 'end', 'start' or 'strict'.")
+    description = f"replace_with(shape={tuple(value.shape)}" + (f", align={align!r})" if align else ")")
+    if align in ("start", "end"):  # positions counted from one end: not elementwise along time
+
+        def replace(x: mx.array) -> mx.array:
+            axis = _time_axis(x)
+            if value.ndim == x.ndim >= 2 and value.shape[axis] != x.shape[axis]:
+                return _aligned(value.astype(x.dtype), x, axis, align)
+            return _replaced(x, value)
+
+        return Intervention(replace, description)
+    return Intervention(Elementwise(_replaced, (value,)), description)
+
+
+def _time_axis(x: mx.array) -> int:
+    """The positions' axis: 1 of (B, T, D), 2 of a per-head (B, H, T, D), 0 of (T, D)."""
+    return 2 if x.ndim == 4 else x.ndim - 2
 
 
 def _replaced(x: mx.array, value: mx.array) -> mx.array:
-    _fits(value, x, "replace_with")
+    _fits(value, x, "replace_with", _time_axis(x) if value.ndim == x.ndim >= 2 else None)
     return mx.broadcast_to(value.astype(x.dtype), x.shape)
 
 
@@ -297,12 +320,37 @@ def _where(x: mx.array, mask: mx.array, value: mx.array) -> mx.array:
     return mx.where(mask, value.astype(x.dtype), x)
 
 
-def _fits(value: mx.array, x: mx.array, what: str) -> None:
+def _aligned(value: mx.array, x: mx.array, axis: int, align: str) -> mx.array:
+    """``x`` with the positions it shares with ``value`` (counted from ``align``'s end) replaced."""
+    n = min(value.shape[axis], x.shape[axis])
+
+    def part(a: mx.array, start: int, stop: int) -> mx.array:
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, stop)
+        return a[tuple(index)]
+
+    if align == "end":
+        kept, new = part(x, 0, x.shape[axis] - n), part(value, value.shape[axis] - n, value.shape[axis])
+        new = mx.broadcast_to(new, part(x, x.shape[axis] - n, x.shape[axis]).shape)
+        return mx.concatenate([kept, new], axis=axis)
+    kept, new = part(x, n, x.shape[axis]), part(value, 0, n)
+    new = mx.broadcast_to(new, part(x, 0, n).shape)
+    return mx.concatenate([new, kept], axis=axis)
+
+
+def _fits(value: mx.array, x: mx.array, what: str, time_axis: int | None = None) -> None:
     """An InterventionError in the user's terms when ``value`` does not broadcast to the
     activation ``x``'s shape (the result must keep that shape)."""
     shape = tuple(value.shape)
     if len(shape) <= x.ndim and all(a in (1, b) for a, b in zip(reversed(shape), reversed(x.shape))):
         return
+    others = [(a, b) for k, (a, b) in enumerate(zip(shape, x.shape)) if k != time_axis]
+    if time_axis is not None and all(a in (1, b) for a, b in others):  # only the number of positions differs
+        raise InterventionError(
+            f"{what} has {shape[time_axis]} positions (shape {shape}); the activation has {x.shape[time_axis]} "
+            f"(shape {tuple(x.shape)}). Pass align='end' (or 'start') to replace the positions they share, "
+            "counted from that end."
+        )
     if value.ndim == 1:
         raise InterventionError(f"{what} has {shape[0]} values; the activation has width {x.shape[-1]} "
                                 f"(shape {tuple(x.shape)}). Give a vector of {x.shape[-1]} values.")
@@ -310,8 +358,12 @@ def _fits(value: mx.array, x: mx.array, what: str) -> None:
                             f"shape {tuple(x.shape)}.")
 
 
-def clamp(min=None, max=None) -> Intervention:  # noqa: A002 - the original API's names
-    """Clip the activation to ``[min, max]`` (either bound may be None)."""
+def clamp(min=None, max=None, *, min_val=None, max_val=None) -> Intervention:  # noqa: A002 - the original API's names
+    """Clip the activation to ``[min, max]`` (either bound may be None); ``min_val`` and
+    ``max_val`` are upstream mlxterp's names for the same bounds."""
+    if (min is not None and min_val is not None) or (max is not None and max_val is not None):
+        raise InterventionError("clamp: give each bound once (min= or min_val=, max= or max_val=).")
+    min, max = min if min_val is None else min_val, max if max_val is None else max_val  # noqa: A001
     if min is None and max is None:
         raise InterventionError("clamp needs at least one of min= and max=.")
     return Intervention(Elementwise(mx.clip, (min, max)), f"clamp({min!r}, {max!r})")
@@ -332,10 +384,13 @@ def noise(std: float = 0.1, seed: int | None = None) -> Intervention:
 
 
 @attrs.define
-class _Composer:
+class InterventionComposer:
+    """Interventions applied in turn: ``InterventionComposer().add(f).add(g).build()`` (what
+    :func:`compose` starts)."""
+
     steps: list[ActivationFn] = attrs.Factory(list)
 
-    def add(self, fn: ActivationFn) -> _Composer:
+    def add(self, fn: ActivationFn) -> InterventionComposer:
         self.steps.append(fn)
         return self
 
@@ -362,9 +417,9 @@ class _Steps:
         return None if any(step is None for step in steps) else _Steps(tuple(steps))
 
 
-def compose() -> _Composer:
+def compose() -> InterventionComposer:
     """Chain interventions: ``compose().add(scale(0.5)).add(noise(0.1)).build()``."""
-    return _Composer()
+    return InterventionComposer()
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ runs the cheap ones on 3 tokens when it wraps a model):
 - ``shapes``: every standard name resolves, is reached, and has the shape it promises;
 - ``embed``: ``embed == layers[0].input``; ``chain``: ``layers[i].output == layers[i+1].input``;
 - ``residual``: ``resid_mid == input + attn`` and ``output == resid_mid + mlp`` (or
-  ``output == input + attn + mlp`` for parallel blocks);
+  ``output == input + attn + mlp`` for parallel blocks and where no ``resid_mid`` is mapped);
 - ``qk``: the per-head queries and keys (after q/k norms) are what the model rotates; without a
   rotation module, softmax(q k^T) reproduces the pattern;
 - ``unembed``: the final norm's output, unembedded, reproduces ``logits``;
@@ -182,6 +182,10 @@ def _residual(model, acts, layers) -> Check:
             pairs.append((acts[f"layers.{i}.input"] + acts[f"layers.{i}.attn"], mid))
             pairs.append((mid + acts[f"layers.{i}.mlp"], acts[f"layers.{i}.output"]))
         field = "block.resid_mid / block.attn / block.mlp"
+    elif arch.has("attn") and arch.has("mlp"):  # no resid_mid mapped: the block's two writes still add up
+        for i in layers:
+            pairs.append((acts[f"layers.{i}.input"] + acts[f"layers.{i}.attn"] + acts[f"layers.{i}.mlp"], acts[f"layers.{i}.output"]))
+        field = "block.attn / block.mlp"
     else:
         return Check("residual", None)
     return _all_equal("residual", pairs, field)

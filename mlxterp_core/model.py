@@ -1,7 +1,9 @@
-"""InterpretableModel: wrap any ``mlx.nn.Module`` (and optionally its tokenizer) for tracing."""
+"""InterpretableModel: wrap any ``mlx.nn.Module`` (and optionally its tokenizer) for tracing; and
+``load``, the one way in for real models."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,26 +15,17 @@ import mlx.nn as nn
 
 from . import inputs as _inputs
 from . import plugins
-from .architecture import Architecture, model_type, quantization_of, recognize
+from .architecture import Architecture, infer_schema, model_type, quantization_of, read_attribute, recognize
 from .errors import InputError, TraceError, UnknownNameError, did_you_mean
+from .load import open_source
 from .module_probes import walk_modules
-from .schema import ArchitectureSchema
+from .names import parse
+from .proxies import LayerList, Output
+from .schema import ArchitectureSchema, SchemaError
 from .sites import MODEL_OUTPUT, static_site_names
-from .trace import Trace, active_traces
+from .trace import Trace
 
-
-class _OutputProxy:
-    """``model.output`` inside a trace block; ``.save()`` returns the model's output."""
-
-    def __init__(self, model: InterpretableModel):
-        self._model = model
-
-    def save(self) -> Any:
-        return self._model._current_trace().output
-
-    @property
-    def value(self) -> Any:
-        return self.save()
+INFERRED = "inferred from module names"  # the plugin of a schema no plugin gave (infer_schema)
 
 
 class InterpretableModel:
@@ -40,38 +33,60 @@ class InterpretableModel:
 
     ``model`` is any ``mlx.nn.Module``; it is called as ``model(inputs)``. ``tokenizer`` is
     optional (mlx-lm's TokenizerWrapper, a Hugging Face tokenizer or a ``tokenizers``
-    Tokenizer); without one, pass token ids or arrays instead of text.
+    Tokenizer); without one, pass token ids or arrays instead of text. A string (a repo id, a
+    ``.gguf`` file, an mlx-lm folder) is loaded as :func:`load` loads it.
 
     The wrapped module stays exactly as it was: probes exist only while a trace runs. Every
     attribute this class does not define is looked up on the wrapped module, so
-    ``parameters()``, ``load_weights`` and ``layers`` work here as they do there.
+    ``parameters()`` and ``load_weights`` work here as they do there; ``layers`` is the
+    model's blocks as views (``model.layers[3].self_attn.output.save()`` in a trace block,
+    :mod:`mlxterp_core.proxies`).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | str | os.PathLike,
         tokenizer: Any = None,
         *,
         schema: ArchitectureSchema | str | Path | None = None,
         validate: bool = True,
+        layer_attr: str | None = None,
+        embedding_path: str | None = None,
+        norm_path: str | None = None,
+        lm_head_path: str | None = None,
     ):
         """
         Args:
-            model: any ``mlx.nn.Module``.
+            model: any ``mlx.nn.Module``; or a source ``mlxterp.load`` takes (a Hugging Face
+                repo id, a ``.gguf`` file, an mlx-lm model folder), loaded with its defaults.
             tokenizer: optional; needed for text inputs and the tokenizer helpers.
             schema: the model's architecture schema (an ArchitectureSchema or a .toml/.json
                 file). By default the plugins recognise the family from mlx-lm's
                 ``model_type``; a model no plugin knows still gets raw names.
             validate: check the schema against a 3-token forward pass now (recommended).
+            layer_attr, embedding_path, norm_path, lm_head_path: for a model no plugin
+                recognises, where its list of blocks, token embedding, final norm and output
+                projection are (paths from the wrapped module; upstream mlxterp's keywords).
+                Those not given are found by their names (``layers``, ``embed_tokens``,
+                ``norm``, ``lm_head``) where only one module has the name. The schema they
+                make is validated like any other (an error here when it came from keywords).
         """
+        report = None
+        if isinstance(model, (str, os.PathLike)):
+            model, found, report = open_source(model)
+            tokenizer = tokenizer or found
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"InterpretableModel wraps an mlx.nn.Module, got {type(model).__name__}."
+                f"InterpretableModel wraps an mlx.nn.Module (or loads a repo id or path), got {type(model).__name__}."
             )
         self.model = model
         self.tokenizer = tokenizer
         self._load_report: dict[str, Any] | None = None  # set by mlxterp.load
         self._splices: list[Any] = []  # attached by `with model.saes(...)`
+        self._no_schema: str | None = None  # why an unrecognised model has no schema
+        keywords = {k: v for k, v in dict(layer_attr=layer_attr, embedding_path=embedding_path,
+                                            norm_path=norm_path, lm_head_path=lm_head_path).items() if v is not None}
+        self._layer_attr = layer_attr
         # a model sharded by mlx-lm across processes: its plan (mlxterp_core.sharding), else None
         self.sharding: Any = None
         if schema is not None and not isinstance(schema, ArchitectureSchema):
@@ -83,11 +98,31 @@ class InterpretableModel:
         elif schema is not None:
             self.architecture: Architecture | None = Architecture(schema, model, plugin="schema=")
         else:
-            self.architecture = recognize(model)
+            self.architecture = recognize(model) or self._inferred(keywords)
         if self.architecture is not None and validate:
             from .validation import validate_architecture
 
-            validate_architecture(self)
+            try:
+                validate_architecture(self)
+            except SchemaError as e:
+                if self.architecture.plugin != INFERRED:
+                    raise
+                self.architecture, self._no_schema = None, f"the schema its module names suggest fails validation: {e}"
+        if layer_attr is not None:
+            self._layers_path()  # fail now on a layer_attr that names no list of blocks
+        if report is not None:
+            self.load_report = report
+
+    def _inferred(self, keywords: dict[str, str]) -> Architecture | None:
+        """The architecture of a model no plugin recognises, from ``keywords`` and its module
+        names (:func:`~mlxterp_core.architecture.infer_schema`); None, with the reason kept,
+        where they do not make one."""
+        try:
+            return Architecture(infer_schema(self.model, **keywords), self.model,
+                                plugin=", ".join(f"{k}=" for k in keywords) or INFERRED)
+        except SchemaError as e:
+            self._no_schema = f"no schema from {'those keywords and ' if keywords else ''}its module names: {e}"
+            return None
 
     @property
     def load_report(self) -> dict[str, Any] | None:
@@ -101,17 +136,27 @@ class InterpretableModel:
         if self.architecture is not None:
             self.architecture.load_report = report
 
-    def architecture_or_raise(self, name: str) -> Architecture:
-        """The architecture, or an error saying standard names need one."""
-        if self.architecture is None:
+    def architecture_or_raise(self, what: str) -> Architecture:
+        """The architecture, or an error saying that ``what`` (a standard name, or an analysis
+        such as ``"the logit lens"``) needs one."""
+        if self.architecture is not None:
+            return self.architecture
+        unknown = f"no plugin recognises this {type(self.model).__name__} (model_type={model_type(self.model)!r})"
+        unknown += f" ({self._no_schema})" if self._no_schema else ""
+        fix = ("pass schema=ArchitectureSchema(...) or a schema file; or say where its parts are with layer_attr=, "
+               "embedding_path=, norm_path= and lm_head_path= (upstream mlxterp's keywords); or install a plugin "
+               "that provides a schema (docs: plugin authoring).")
+        try:
+            parse(what)
+        except UnknownNameError:  # an analysis
             raise UnknownNameError(
-                f"{name!r} is a standard name, but no plugin recognises this "
-                f"{type(self.model).__name__} (model_type={model_type(self.model)!r}), so only raw "
-                "names work (see model.module_names()). To use standard names, pass "
-                "schema=ArchitectureSchema(...) or a schema file, or install a plugin that "
-                "provides one (docs: plugin authoring)."
-            )
-        return self.architecture
+                f"{what} needs the model's architecture (its blocks, final norm and unembedding), but {unknown}. "
+                f"To run it, {fix}"
+            ) from None
+        raise UnknownNameError(
+            f"{what!r} is a standard name, but {unknown}, so only raw names work (see model.module_names()). "
+            f"To use standard names, {fix}"
+        )
 
     # -- running -------------------------------------------------------------------------
 
@@ -121,6 +166,7 @@ class InterpretableModel:
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
         saes: Any = None,
+        transcoders: Any = None,
     ) -> Trace:
         """A trace of one forward pass; use as ``with model.trace(...) as tr:``.
 
@@ -132,8 +178,10 @@ class InterpretableModel:
             saes: splices (sparse autoencoders, transcoders; see :mod:`mlxterp_core.splice`)
                 that replace their sites in this pass; their sub-sites
                 (``layers.8.output.sae.features``) can be captured and intervened on.
+            transcoders: the same as ``saes`` (a set of transcoders splices every layer it
+                covers); both may be given.
         """
-        return Trace(self, inputs, interventions=interventions, capture=capture, saes=saes)
+        return Trace(self, inputs, interventions=interventions, capture=capture, saes=[saes, transcoders])
 
     def run(
         self,
@@ -141,14 +189,16 @@ class InterpretableModel:
         interventions: Mapping[str, Callable] | None = None,
         capture: str | list[str] | None = None,
         saes: Any = None,
+        transcoders: Any = None,
     ) -> Trace:
         """Like :meth:`trace` without the ``with`` block: returns the finished trace."""
-        return self.trace(inputs, interventions=interventions, capture=capture, saes=saes).run()
+        return self.trace(inputs, interventions=interventions, capture=capture, saes=saes, transcoders=transcoders).run()
 
     @contextmanager
     def saes(self, *saes: Any) -> Iterator[InterpretableModel]:
         """Attach splices (SAEs, transcoders) for a block: every trace, generation and
-        analysis inside ``with model.saes(sae, ...):`` runs with them."""
+        analysis inside ``with model.saes(sae, ...):`` runs with them
+        (``with model.transcoders(tc):`` is the same)."""
         from .splice import Splices, splice_list
 
         added = [s for group in saes for s in splice_list(group)]
@@ -159,6 +209,8 @@ class InterpretableModel:
             yield self
         finally:
             self._splices[:] = before
+
+    transcoders = saes
 
     @property
     def attached_saes(self) -> tuple[Any, ...]:
@@ -194,17 +246,39 @@ class InterpretableModel:
         return cache_activations(self, corpus, sites, out, **options)
 
     @property
-    def output(self) -> _OutputProxy:
+    def output(self) -> Output:
         """Inside a trace block, ``model.output.save()`` returns the model's output."""
-        return _OutputProxy(self)
+        return Output(self, MODEL_OUTPUT, lambda trace: trace.output, "model.output")
 
-    def _current_trace(self) -> Trace:
-        active = active_traces(self)
-        if not active:
-            raise TraceError(
-                "model.output is only available inside a `with model.trace(...)` block."
-            )
-        return active[-1]
+    @property
+    def layers(self) -> LayerList:
+        """The model's blocks as views: ``model.layers[3].self_attn.output.save()`` inside a
+        trace block; attributes and calls reach the modules (:mod:`mlxterp_core.proxies`)."""
+        return LayerList(self, self._layers_path())
+
+    def _layers_path(self) -> str:
+        """The path of the list of blocks from the wrapped module: the schema's, else
+        ``layer_attr``'s (or under ``model.``), else where the module's ``layers`` lives."""
+        if self.architecture is not None:
+            return self.architecture.schema.layers
+        if self._layer_attr is not None:
+            for path in (self._layer_attr, f"model.{self._layer_attr}"):
+                try:
+                    if isinstance(read_attribute(self.model, path), (list, tuple)):
+                        return path
+                except (AttributeError, KeyError, IndexError, TypeError):
+                    continue
+            raise AttributeError(f"layer_attr={self._layer_attr!r}: no list of blocks at {self._layer_attr!r} "
+                                 f"or 'model.{self._layer_attr}' in this {type(self.model).__name__}.")
+        blocks = getattr(self.model, "layers", None)
+        if isinstance(blocks, (list, tuple)) and blocks:
+            for path, module in walk_modules(self.model):
+                if module is blocks[0] and path.endswith(".0"):
+                    return path.removeprefix("model.")[: -len(".0")]
+        raise AttributeError(
+            f"this {type(self.model).__name__} has no list of blocks named 'layers' for model.layers: pass "
+            "layer_attr= (the path of its blocks) to InterpretableModel."
+        )
 
     # -- names ---------------------------------------------------------------------------
 
@@ -218,7 +292,7 @@ class InterpretableModel:
 
     def standard_names(self) -> list[str]:
         """Every standard name this model has (needs a recognised family)."""
-        return self.architecture_or_raise("standard names").standard_names()
+        return self.architecture_or_raise("the list of standard names").standard_names()
 
     # -- tokenizer helpers ---------------------------------------------------------------
 
@@ -236,6 +310,10 @@ class InterpretableModel:
     def decode(self, ids) -> str:
         """Text of a list (or array) of token ids."""
         return _inputs.decode(self._require_tokenizer(), ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (not padded; a trace pads a list of prompts itself)."""
+        return [self.encode(text) for text in texts]
 
     def token_to_str(self, token_id: int) -> str:
         """The text of one token, with its leading space if it has one (``' Paris'``)."""
@@ -287,9 +365,11 @@ class InterpretableModel:
         try:
             return getattr(module, name)
         except AttributeError:
+            exported = f" mlxterp.{name}(model, ...) is the function of that name." if callable(plugins.exports().get(name)) else ""
             raise AttributeError(
                 f"'InterpretableModel' object has no attribute {name!r} (nor has the wrapped "
-                f"{type(module).__name__})." + did_you_mean(name, [n for n in self.__dir__() if not n.startswith("_")])
+                f"{type(module).__name__})." + exported
+                + did_you_mean(name, [n for n in self.__dir__() if not n.startswith("_")])
             ) from None
 
     def __dir__(self) -> list[str]:
@@ -308,4 +388,44 @@ class InterpretableModel:
                 f"weights {arch.quantization}, {arch.backend}{tokenizer}{sharded})")
 
 
-__all__ = ["InterpretableModel", "MODEL_OUTPUT"]
+def load(
+    source: str | Path | None = None,
+    *,
+    quantized: bool | None = None,
+    dtype: mx.Dtype | None = None,
+    tokenizer: Any = None,
+    validate: bool = True,
+    kernels: bool | None = None,
+    shard: str | None = None,
+    group: Any = None,
+) -> InterpretableModel:
+    """Load a model and wrap it.
+
+    Args:
+        source: None for the default model, a ``.gguf`` file, an mlx-lm model directory, or a
+            Hugging Face repo id.
+        quantized: keep quantized weights quantized (True), dequantize them (False), or decide
+            by backend (None: dequantize on the CPU where an optimized BLAS serves MLX, keep
+            them on Metal / CUDA and on MLX's reference BLAS, where the quantized matmul is
+            the faster one).
+        dtype: the float type of dequantized weights (default: float32 on the CPU, float16
+            elsewhere).
+        tokenizer: use this tokenizer instead of the one the source provides.
+        validate: check the family's schema on a 3-token forward pass.
+        kernels: use mlxterp's vectorised SiLU in the MLPs and softmax in the attention
+            modules (see ``cpu_kernels``; None: on the
+            CPU backend with float32 weights, where it is faster; False: mlx-lm's own).
+        shard: split the model across the processes of an ``mlx.launch`` job the way mlx-lm
+            does: ``"tensor"`` (every block's heads and MLP columns across the ranks) or
+            ``"pipeline"`` (consecutive blocks per rank). Every rank must call ``load`` the same
+            way; the weights are read lazily, so each rank reads only what it holds (pipeline:
+            its blocks). See docs/guide/sharded.md.
+        group: the ``mx.distributed`` group to shard over (default: every rank of the job).
+    """
+    module, found, report = open_source(source, quantized=quantized, dtype=dtype, kernels=kernels, shard=shard, group=group)
+    model = InterpretableModel(module, tokenizer=tokenizer or found, validate=validate)
+    model.load_report = report
+    return model
+
+
+__all__ = ["InterpretableModel", "MODEL_OUTPUT", "load"]

@@ -32,15 +32,21 @@ def integer(value: Any, option: str, low: int | None = None, high: int | None = 
     return value
 
 
-def number(value: Any, option: str, low: float | None = None, high: float | None = None, *, open_low: bool = False) -> float:
-    """``value`` as a finite float in [low, high] ((low, high] with ``open_low``)."""
+def number(value: Any, option: str, low: float | None = None, high: float | None = None, *,
+           open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a finite float in [low, high] (``open_low``/``open_high``: the bound itself
+    excluded)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(f"{option}={value!r:.60}: expected a number.")
     value = float(value)
     too_low = low is not None and (value <= low if open_low else value < low)
-    if value != value or too_low or (high is not None and value > high):
-        bounds = f"{'(' if open_low else '['}{low}, {high}]" if high is not None else f"{'>' if open_low else '>='} {low}"
-        raise OptionError(f"{option}={value} is out of range: it must be in {bounds}.")
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if value != value or abs(value) == float("inf") or too_low or too_high:
+        if high is None:
+            bounds = f"{'>' if open_low else '>='} {low}" if low is not None else "finite"
+        else:
+            bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise OptionError(f"{option}={value} is out of range: it must be {'in ' if high is not None else ''}{bounds}.")
     return value
 
 

@@ -17,6 +17,7 @@ import re
 
 import mlx.nn as nn
 
+from .module_probes import walk_modules
 from .names import is_raw, parse
 
 MODEL_OUTPUT = "__model_output__"
@@ -101,6 +102,21 @@ def locate_module(root: nn.Module, path: str) -> nn.Module | None:
         else:
             return None
     return node if isinstance(node, nn.Module) else None
+
+
+def short_sites(root: nn.Module, name: str) -> list[str]:
+    """The raw sites a name without the leading ``model.`` can stand for (upstream mlxterp's
+    keys, ``layers.5.self_attn``): ``model.`` + name, or ``model.<child>.`` + name for a child
+    module of the root (mlx-lm's ``model.model.``), where a module has that path (for a glob,
+    where it matches one). Empty when none does; more than one when the name could mean either."""
+    if is_raw(name):
+        return []
+    prefixes = ["model."] + [f"model.{key}." for key, child in root.items() if isinstance(child, nn.Module)]
+    candidates = [prefix + name for prefix in prefixes]
+    if is_glob(name):
+        paths = [path for path, _ in walk_modules(root)[1:]]
+        return [c for c in candidates if any(fnmatch.fnmatchcase(p, module_part(c)) for p in paths)]
+    return [c for c in candidates if SITE_GRAMMAR.match(c) and locate_module(root, module_part(c)) is not None]
 
 
 def static_site_names(paths: list[str]) -> list[str]:

@@ -17,9 +17,10 @@ is recorded and intervened on under its sub-site name exactly as a module's outp
 ``layers.8.output.sae.features`` can be captured, edited with ``iv.*``, patched and
 differentiated. ``visit`` returns the value unchanged (the same object) when nothing edits it.
 
-Give splices to ``model.trace(..., saes=[...])`` / ``model.run``, or attach them for a block
-with ``with model.saes(sae, ...):`` (every trace, generation and analysis in the block runs
-with them).
+Give splices to ``model.trace(..., saes=[...])`` / ``model.run`` (``transcoders=`` is the same
+argument), or attach them for a block with ``with model.saes(sae, ...):`` (every trace,
+generation and analysis in the block runs with them). An object with a ``splices`` list stands
+for its splices (a set of transcoders splices one per layer).
 """
 
 from __future__ import annotations
@@ -132,11 +133,15 @@ class Splices:
 
 
 def splice_list(saes: Any) -> list[Any]:
-    """``saes=`` as given (one splice, or a list) -> a list."""
+    """``saes=`` as given -> a list of splices: one splice, a list of them, or an object that
+    stands for several (a set of transcoders: anything with a ``splices`` list), in any mix."""
     if saes is None:
         return []
     if isinstance(saes, (list, tuple)):
-        return list(saes)
+        return [s for item in saes for s in splice_list(item)]
+    group = getattr(saes, "splices", None)
+    if group is not None and not hasattr(saes, "splice"):
+        return list(group)
     return [saes]
 
 

@@ -94,18 +94,18 @@ def resolve_sites(model, names: Sequence[str], probe: mx.array, dtype: mx.Dtype 
     checked on a short ``probe`` (1, T) forward pass to be one row per token; ``dtype``
     overrides their dtype; the raw records of the probe pass go into ``seen`` when given, and
     each name given -> the names of the sites it means into ``meant``."""
-    from .names import is_raw, parse
+    from .names import parse
     from .sites import canonical_site, is_glob, layer_of, matches
-    from .trace import Hooks
+    from .trace import Hooks, resolve_name
 
     asked: list[tuple[str, Any]] = []
     capture: list[str] = []
     for name in names:
-        if is_raw(name):
-            asked.append((name, None))
-            capture.append(name)
-            continue
-        for resolved in model.architecture_or_raise(name).resolve(name):
+        for resolved in resolve_name(model, name):
+            if isinstance(resolved, str):  # a raw site (or glob): given so, or a module path without 'model.'
+                asked.append((name, resolved))
+                capture.append(resolved)
+                continue
             if parse(resolved.name).sub in NOT_ROWS:
                 raise DatasetError(
                     f"{name!r} ({resolved.name}) is not one row per token, so it cannot be read as "
@@ -120,10 +120,10 @@ def resolve_sites(model, names: Sequence[str], probe: mx.array, dtype: mx.Dtype 
     length = probe.shape[1]
     found: dict[str, Site] = {}
     for name, resolved in asked:
-        if resolved is not None:
+        if not isinstance(resolved, str):
             candidates = [(resolved.name, resolved.site, resolved.read if resolved.view else None, layer_of(resolved.name))]
         else:
-            keys = [k for k in recorded if matches(k, name)] if is_glob(name) else [canonical_site(name)]
+            keys = [k for k in recorded if matches(k, resolved)] if is_glob(resolved) else [canonical_site(resolved)]
             candidates = [(k, k, None, layer_of(k)) for k in keys]
         for stored, raw, read, layer in candidates:
             value = read(recorded[raw]) if read else recorded[raw]
@@ -263,10 +263,12 @@ class TextRows(RowSource):
     windows of ``context_size`` tokens, ``batch_size`` windows per forward pass (stopped
     after the last block needed), the :func:`trainable` rows of each pass one chunk
     (``skip_first=False``: window starts too). ``outputs``: the model runs to the end and each
-    chunk also holds its output's rows under ``"output"`` (a language model's logits)."""
+    chunk also holds its output's rows under ``"output"`` (a language model's logits).
+    ``encoding`` and ``errors`` decode corpus files (see :func:`~mlxterp_core.corpus.read_documents`)."""
 
     def __init__(self, model, corpus: Any, names: Sequence[str], *, context_size: int, batch_size: int,
-                 repeat: bool = True, skip_first: bool = True, outputs: bool = False):
+                 repeat: bool = True, skip_first: bool = True, outputs: bool = False,
+                 encoding: str = "utf-8", errors: str = "strict"):
         from .corpus import tokenize
 
         super().__init__(repeat)
@@ -274,7 +276,7 @@ class TextRows(RowSource):
             raise InputError("reading activations from texts needs a model with a tokenizer.")
         self.model, self.names, self.outputs = model, list(names), outputs
         self.context_size, self.batch_size, self.skip_first = context_size, batch_size, skip_first
-        self.tokens = tokenize(model, corpus)
+        self.tokens = tokenize(model, corpus, encoding=encoding, errors=errors)
         self.batches_read = 0
 
     @property

@@ -14,7 +14,9 @@ Raw site names are the module path with ``model.`` in front (the wrapped module 
 ``__model_output__`` is what the wrapped module returned. Module outputs that are tuples are
 recorded (and intervened on) through their first element. Where the model's family is known,
 standard names (``layers[5].attn.q``, see :mod:`mlxterp_core.names`) work wherever raw names
-do: in ``capture=``, in ``interventions=`` and in ``trace.activations[...]``.
+do: in ``capture=``, in ``interventions=`` and in ``trace.activations[...]``. So does a module path
+without the leading ``model.`` (``layers.5.self_attn``) that is not a standard name
+(:func:`resolve_name`).
 
 Activations are recorded after the intervention at that site has run, i.e. they are what
 flowed on through the model, as they were at that moment: model code that later updates the
@@ -55,7 +57,7 @@ from .attention import patterns_observed
 from .errors import InterventionError, MlxterpError, TraceError, UnknownNameError, did_you_mean
 from .inputs import ModelInputs
 from .interventions import Intervention
-from .names import is_raw, transformerlens_key
+from .names import is_raw, parse, transformerlens_key
 from .module_probes import PROBE_ATTR, probes_installed, walk_modules
 from .sites import (
     INPUT_PORT,
@@ -69,6 +71,7 @@ from .sites import (
     locate_module,
     matches,
     module_part,
+    short_sites,
     static_site_names,
     stop_name,
 )
@@ -147,7 +150,12 @@ class Activations(Mapping):
 
     def _standard(self, name: str):
         values = []
-        for resolved in self._model.architecture_or_raise(name).resolve(name):
+        for resolved in resolve_name(self._model, name):
+            if isinstance(resolved, str):  # a module path without the leading 'model.'
+                if canonical_site(resolved) not in self._recorded:
+                    raise UnknownNameError(f"{name!r} ({resolved}) was not recorded in this trace: add it to capture=.")
+                values.append(self._recorded[canonical_site(resolved)])
+                continue
             if resolved.site not in self._recorded:
                 raise UnknownNameError(
                     f"{resolved.name} ({resolved.site}) was not recorded in this trace: add "
@@ -344,6 +352,8 @@ class Trace(Display):
     Attributes:
         activations: site name -> array (raw names; standard names are looked up too).
         output: what the model returned (also ``activations['__model_output__']``).
+        saved_values: what ``.save()`` returned inside the block, by name
+            (``model.layers[3].output.save()`` -> ``"layers.3.output"``).
         inputs: the (B, T) token ids the model ran on (or the array given).
         lengths: real tokens per row; positions at and after ``lengths[b]`` are padding.
     """
@@ -363,7 +373,30 @@ class Trace(Display):
         self._saes = splice_list(saes)
         self.activations = Activations({}, ran=False)
         self.output: Any = None
+        self.saved_values: dict[str, Any] = {}
         self._ran = False
+
+    @property
+    def model(self) -> InterpretableModel:
+        """The model this trace runs."""
+        return self._model
+
+    @property
+    def interventions(self) -> dict[str, Callable]:
+        """The interventions given to this trace, by name."""
+        return dict(self._interventions)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """What ``.save()`` kept under ``name`` (``"layers.3.output"``), else the activation of
+        that name, else ``default``."""
+        if name in self.saved_values:
+            return self.saved_values[name]
+        return self.activations.get(name, default)
+
+    def get_activation(self, name: str, default: Any = None) -> Any:
+        """The activation of ``name`` (raw, standard, or a module path without ``model.``), or
+        ``default`` where this trace recorded none."""
+        return self.activations.get(name, default)
 
     @property
     def inputs(self) -> mx.array:
@@ -563,7 +596,7 @@ class Hooks:
         if stop_after is None or (self.sharding is not None and not self.sharding.can_stop):
             return None
         if stop_after != "auto":
-            sites = self._splice_sites(stop_after) or ([stop_after] if is_raw(stop_after) else [r.site for r in self._resolve(stop_after)])
+            sites = self._splice_sites(stop_after) or [_site(r) for r in self._resolve(stop_after)]
             if len(sites) != 1 or is_glob(sites[0]):
                 raise TraceError(f"stop_after={stop_after!r} names {len(sites)} sites; name one exact site.")
             return sites[0]
@@ -571,10 +604,10 @@ class Hooks:
             return None  # everything captured, or splices that may sit after any block
         layers = []
         for name in self._capture_given:
-            if is_raw(name) or is_glob(name):
-                layers.append(layer_of(name) if not is_glob(name) else None)
+            if is_glob(name):
+                layers.append(None)
             else:
-                layers += [layer_of(r.name) for r in self._resolve(name)]
+                layers += [layer_of(r if isinstance(r, str) else r.name) for r in self._resolve(name)]
         last = stop_name(layers)
         return None if last is None else self._resolve(last)[0].site
 
@@ -650,23 +683,18 @@ class Hooks:
             for name in self._capture_given:
                 sites = self._splice_sites(name)
                 if sites is None:
-                    sites = [name] if is_raw(name) else [r.site for r in self._resolve(name)]
+                    sites = [_site(r) for r in self._resolve(name)]
                 for site in sites:
                     asked.setdefault(site, name)
                 capture += sites
         targets: dict[str, list] = {}
         for key in self._interventions:
             spliced = self._splice_sites(key)
-            if spliced is not None:
-                targets[key] = spliced
-            elif is_raw(key):
-                targets[key] = [key]
-            else:
-                targets[key] = self._resolve(key)
+            targets[key] = spliced if spliced is not None else self._resolve(key)
         return capture, asked, targets, None if capture is None else NameSet(capture)
 
-    def _resolve(self, name: str):
-        return self._model.architecture_or_raise(name).resolve(name)
+    def _resolve(self, name: str) -> list:
+        return resolve_name(self._model, name)
 
     def check_reached(self) -> None:
         """Fail on interventions that never ran in any pass."""
@@ -708,6 +736,48 @@ _NAMES_CACHE_SIZE = 256  # requests remembered per model; then the cache starts 
 _NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> the traces inside a `with model.trace(...)` block, innermost last
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def resolve_name(model: InterpretableModel, name: str) -> list:
+    """What a name given to a trace means: raw sites (str) and resolved standard names
+    (``Resolved``). A raw name is itself; a name in the standard grammar (``layers.5.mlp``,
+    ``layers[5]``, the aliases) is the standard name; a module path without the leading
+    ``model.`` (``layers.5.self_attn``, upstream mlxterp's keys) is that module's raw site. A
+    name that could mean two things is an error naming both (docs/guide/names.md)."""
+    if is_raw(name):
+        return [name]
+    arch = model.architecture
+    try:
+        parsed = parse(name)
+    except UnknownNameError:
+        parsed = None
+    if parsed is not None and arch is not None:
+        try:
+            return arch.resolve(parsed)
+        except UnknownNameError as missing:
+            modules = short_sites(model.model, name)
+            if not modules:
+                raise
+            raise UnknownNameError(
+                f"{name!r} could mean the standard name {parsed}, which this {arch.family} model lacks ({missing}), "
+                f"or the module {modules[0]}: write {modules[0]!r} for the module."
+            ) from None
+    modules = short_sites(model.model, name)
+    if len(modules) == 1:
+        return modules
+    if modules:
+        raise UnknownNameError(f"{name!r} could mean {' or '.join(modules)}: write the one you mean in full.")
+    if parsed is not None or arch is not None:
+        return model.architecture_or_raise(name).resolve(name)  # the errors of standard names
+    raise UnknownNameError(
+        f"{name!r} is neither a standard name nor a module of this {type(model.model).__name__}; raw names are "
+        "'model.' + a module path (model.module_names())." + did_you_mean(name, model.site_names())
+    )
+
+
+def _site(resolved) -> str:
+    """The raw site of what :func:`resolve_name` returns."""
+    return resolved if isinstance(resolved, str) else resolved.site
 
 
 def active_traces(model: InterpretableModel) -> list[Trace]:

@@ -14,11 +14,14 @@ resume. A trainer writes its loss and its state, nothing else::
 :class:`~mlxterp_core.stream.Batches` stream, or anything with those two methods), so that a
 checkpoint holds where the data was too.
 
-A checkpoint is two files in ``checkpoint_dir``: ``checkpoint.safetensors`` (the trainer's
-tensors and the stream's buffered rows) and ``checkpoint.json`` (the step, the
-settings, the trainer's and the stream's JSON state, the checksum of the tensors file), each
-written atomically, the JSON last, so a crash at any moment leaves the previous checkpoint
-whole. Resuming checks the settings and the checksum, then restores everything: a resumed run
+A checkpoint is two files in ``checkpoint_dir``: ``checkpoint-{step}.safetensors`` (the
+trainer's tensors and the stream's buffered rows) and ``checkpoint.json`` (the step, the
+settings, the trainer's and the stream's JSON state, the name and checksum of the tensors
+file). The tensors of a new checkpoint go to a file of their own, then ``checkpoint.json`` is
+replaced in one rename: that rename makes the new checkpoint current, and only then is the
+previous one's tensors file removed. So a crash or a failed write (a full disk) at any moment
+leaves the previous checkpoint whole and current. Resuming checks the settings and the
+checksum, then restores everything: a resumed run
 equals an uninterrupted one bitwise (same shapes, same operations, same order). So a trainer
 draws its randomness from generators it owns and saves (an ``mx.random.key`` it splits, a
 numpy Generator), never from MLX's global state, which cannot be restored; and it restores
@@ -36,10 +39,11 @@ import attrs
 import mlx.core as mx
 
 from .errors import FileFormatError, InputError, MlxterpError
-from .files import read_json, sha256_file, write_atomic, write_json
+from .files import read_json, read_safetensors, sha256_file, write_atomic, write_json
 from .progress import progress_bar
 
-TENSORS = "checkpoint.safetensors"
+TENSORS = "checkpoint-{step:08d}.safetensors"
+TENSORS_GLOB = "checkpoint-*.safetensors"
 STATE = "checkpoint.json"
 FORMAT = "mlxterp-checkpoint"
 
@@ -135,9 +139,18 @@ def save_checkpoint(folder: Path, step: int, settings: dict[str, Any], trainer: 
     tensors = {**{f"trainer/{k}": v for k, v in trainer_tensors.items()},
                **{f"stream/{k}": v for k, v in stream_tensors.items()}}
     mx.eval(tensors)
-    write_atomic(folder / TENSORS, lambda tmp: mx.save_safetensors(str(tmp), tensors))
-    write_json(folder / STATE, {"format": FORMAT, "step": step, "settings": settings, "trainer": trainer_info,
-                                "stream": stream_info, "tensors_sha256": sha256_file(folder / TENSORS)})
+    tensors_path = folder / TENSORS.format(step=step)
+    write_atomic(tensors_path, lambda tmp: mx.save_safetensors(str(tmp), tensors))
+    try:
+        write_json(folder / STATE, {"format": FORMAT, "step": step, "settings": settings, "trainer": trainer_info,
+                                    "stream": stream_info, "tensors": tensors_path.name,
+                                    "tensors_sha256": sha256_file(tensors_path)})
+    except BaseException:
+        tensors_path.unlink(missing_ok=True)  # the previous checkpoint stays current
+        raise
+    for old in folder.glob(TENSORS_GLOB):
+        if old != tensors_path:  # the previous checkpoint's, or a crashed write's
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path, settings: dict[str, Any], what: str = "training",
@@ -148,8 +161,8 @@ def load_checkpoint(folder: Path, settings: dict[str, Any], what: str = "trainin
     state_path = folder / STATE
     if not state_path.is_file():
         return None
-    info = read_json(state_path, f"a checkpoint of {what}")
-    if info.get("format") != FORMAT or "step" not in info:
+    info = read_json(state_path, f"a checkpoint of {what}", advice=f"Delete {folder} to start over.")
+    if info.get("format") != FORMAT or not isinstance(info.get("step"), int) or not isinstance(info.get("settings", {}), dict):
         raise FileFormatError(f"{state_path} is not an mlxterp checkpoint; delete {folder} to start over.")
     saved = info.get("settings", {})
     differ = sorted(k for k in {*saved, *settings} if saved.get(k) != settings.get(k))
@@ -159,16 +172,17 @@ def load_checkpoint(folder: Path, settings: dict[str, Any], what: str = "trainin
             f"the checkpoint in {folder} was made with other settings ({shown}): use another "
             f"checkpoint_dir, or the same settings to resume {what}."
         )
-    tensors_path = folder / TENSORS
+    name = info.get("tensors", "checkpoint.safetensors")  # the name before checkpoints had one per step
+    if not isinstance(name, str) or Path(name).name != name:
+        raise FileFormatError(f"{state_path} names no tensors file of the checkpoint; delete {folder} to start over.")
+    tensors_path = folder / name
     if not tensors_path.is_file() or sha256_file(tensors_path) != info.get("tensors_sha256"):
         raise FileFormatError(
             f"{tensors_path} is missing or does not match {STATE} (damaged?); delete {folder} to "
             "start over, or restore the folder from a copy."
         )
-    try:
-        tensors = mx.load(str(tensors_path))
-    except Exception as e:
-        raise FileFormatError(f"{tensors_path} could not be read ({e}); delete {folder} to start over.") from None
+    tensors = read_safetensors(tensors_path, f"the tensors of a checkpoint of {what}",
+                               advice=f"Delete {folder} to start over.")
     return int(info["step"]), tensors, info
 
 

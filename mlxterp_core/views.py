@@ -30,9 +30,10 @@ import base64
 import hashlib
 import html
 import json
+import os
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError, WriteError
 from .files import write_atomic
 
 
@@ -107,8 +109,6 @@ class Display:
         """Write this result's view to ``path`` as one self-contained HTML file."""
         views = self._view()
         if views is None:
-            from .errors import InputError
-
             raise InputError(f"{type(self).__name__} has no HTML view; use .plot() or .save().")
         return write_html(path, result_html(repr(self), views), title or type(self).__name__)
 
@@ -246,9 +246,55 @@ def document(fragment_html: str, title: str = "mlxterp") -> str:
 
 def write_html(path: str | Path, fragment_html: str, title: str = "mlxterp") -> Path:
     """Write ``fragment_html`` as a self-contained page (atomically: temporary file, rename)."""
+    if not isinstance(path, (str, os.PathLike)) or Path(path).name in ("", ".", ".."):
+        raise InputError(f"write_html: path={path!r:.60} is not a file path (e.g. 'view.html').")
+    _text(fragment_html, "the fragment", "write_html")
+    _text(title, "title", "write_html")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{path} could not be written: its folder cannot be made ({e.strerror or e}).") from None
     return write_atomic(path, document(fragment_html, title))
+
+
+# ---------------------------------------------------------------- checking what a view is given
+
+
+def _text(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {what} must be a string, got {type(value).__name__}.")
+    return value
+
+
+def _items(value: Any, what: str, where: str) -> list:
+    """A list, tuple or array as a list (a string, a mapping or a number is not one)."""
+    import mlx.core as mx
+
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray, mx.array)) or getattr(value, "ndim", 1) == 0:
+        raise InputError(f"{where}: {what} must be a list, got {type(value).__name__} {value!r:.40}.")
+    return list(value)
+
+
+def _ints(value: Any, what: str, where: str) -> list[int]:
+    items = _items(value, what, where)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items):
+        raise InputError(f"{where}: {what} must be a list of integers, got {value!r:.60}.")
+    return [int(i) for i in items]
+
+
+def _floats(value: Any, what: str, where: str) -> np.ndarray:
+    """Numbers of one shape (an mx or NumPy array, nested lists) as float32."""
+    try:
+        import mlx.core as mx
+
+        if isinstance(value, mx.array):
+            value = np.array(value.astype(mx.float32))
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {what} must be numbers (an array, or nested lists of one shape), got {value!r:.60}.") from None
 
 
 # ---------------------------------------------------------------- the views
@@ -275,26 +321,26 @@ def token_heatmap_html(
     all the others; tokens past the scale show at full colour, dashed, and the legend names
     them. Returns an HTML fragment (``write_html(path, fragment)`` writes a page).
     """
-    from .errors import InputError
-
+    where = "token_heatmap_html"
+    tokens, title = _items(tokens, "tokens", where), _text(title, "title", where)
     several = len(tokens) > 0 and not isinstance(tokens[0], str)
-    texts = [list(map(str, t)) for t in tokens] if several else [list(map(str, tokens))]
-    rows = list(values) if several else [values]
+    texts = [[str(t) for t in _items(text, "each text's tokens", where)] for text in tokens] if several else [list(map(str, tokens))]
+    rows = _items(values, "values (one array per text)", where) if several else [values]
     if len(rows) != len(texts):
         raise InputError(f"token_heatmap_html: {len(texts)} texts but {len(rows)} value arrays.")
-    arrays = [np.asarray(r, dtype=np.float32) for r in rows]
+    arrays = [_floats(r, "values", where) for r in rows]
     arrays = [a[None] if a.ndim == 1 else a for a in arrays]
-    n_rows = {a.shape[0] for a in arrays}
     for text, a in zip(texts, arrays):
         if a.ndim != 2 or a.shape[1] != len(text):
             raise InputError(
                 f"token_heatmap_html: values of shape {a.shape} for {len(text)} tokens; give (T,) "
                 "or (F, T) per text, T its number of tokens."
             )
+    n_rows = {a.shape[0] for a in arrays}
     if len(n_rows) != 1:
         raise InputError(f"token_heatmap_html: every text needs the same number of value rows, got {sorted(n_rows)}.")
     (n_features,) = n_rows
-    labels = [str(label) for label in labels] if labels is not None else [f"row {i}" for i in range(n_features)]
+    labels = [str(label) for label in _items(labels, "labels", where)] if labels is not None else [f"row {i}" for i in range(n_features)]
     if len(labels) != n_features:
         raise InputError(f"token_heatmap_html: {n_features} value rows but {len(labels)} labels.")
     joined = np.concatenate(arrays, axis=1) if arrays else np.zeros((n_features, 0), np.float32)
@@ -342,10 +388,11 @@ def attention_html(
     """Attention patterns (L, H, T, T), rows attending to columns: pick a layer and a head
     (or their mean); hover a token to see where it attends (or, switched, what attends to it);
     click to keep it. Weights are stored as uint8."""
-    array = np.asarray(patterns, dtype=np.float32)
+    where = "attention_html"
+    tokens, title = _items(tokens, "tokens", where), _text(title, "title", where)
+    layers, heads = _ints(layers, "layers", where), _ints(heads, "heads", where)
+    array = _floats(patterns, "patterns", where)
     if array.ndim != 4 or array.shape[:2] != (len(layers), len(heads)) or array.shape[2:] != (len(tokens),) * 2:
-        from .errors import InputError
-
         raise InputError(
             f"attention_html: patterns of shape {array.shape} for {len(layers)} layers, {len(heads)} "
             f"heads and {len(tokens)} tokens; expected (layers, heads, T, T)."
@@ -373,9 +420,21 @@ def lens_html(
     ``metrics``: more numbers per cell, each ``{"name": ..., "values": (layers, positions),
     "unit": " nats", "log": False, "integer": False}``, listed with a cell's top-k and selectable
     as the cells' colour (``log``: coloured on a log scale, e.g. a rank)."""
+    where = "lens_html"
+    tokens, title = _items(tokens, "tokens", where), _text(title, "title", where)
+    layers = _ints(layers, "layers", where)
     vocab: dict[str, int] = {}
-    ids = [[[vocab.setdefault(str(text), len(vocab)) for _, _, text in cell] for cell in row] for row in predictions]
-    probs = [[[p for _, p, _ in cell] for cell in row] for row in predictions]
+    try:
+        rows = _items(predictions, "predictions", where)
+        if len(rows) != len(layers) or any(len(_items(row, "a layer's predictions", where)) != len(tokens) for row in rows):
+            raise ValueError
+        ids = [[[vocab.setdefault(str(text), len(vocab)) for _, _, text in cell] for cell in row] for row in rows]
+        probs = [[[float(p) for _, p, _ in cell] for cell in row] for row in rows]
+    except (TypeError, ValueError):
+        raise InputError(
+            f"lens_html: predictions must be, for each of the {len(layers)} layers and each of the {len(tokens)} "
+            "positions, a list of (token_id, probability, text)."
+        ) from None
     k = max((len(cell) for row in ids for cell in row), default=0)
     ids_array = np.full((len(layers), len(tokens), k), -1, dtype=np.int32)
     probs_array = np.zeros((len(layers), len(tokens), k), dtype=np.float32)
@@ -383,12 +442,12 @@ def lens_html(
         for t, cell in enumerate(row):
             ids_array[li, t, : len(cell)] = cell
             probs_array[li, t, : len(cell)] = probs[li][t]
+    if not np.isfinite(probs_array).all():
+        raise InputError("lens_html: probabilities must be finite.")
     extra = []
     for metric in metrics:
         values = np.asarray(metric["values"], dtype=np.float32)
         if values.shape != (len(layers), len(tokens)):
-            from .errors import InputError
-
             raise InputError(f"lens_html: metric {metric['name']!r} has shape {values.shape}; "
                              f"expected (layers, positions) = {(len(layers), len(tokens))}.")
         extra.append({"name": str(metric["name"]), "unit": str(metric.get("unit", "")), "log": bool(metric.get("log")),
@@ -421,10 +480,14 @@ def heatmap_html(
     recovery, head scores, per-layer metrics. ``flip`` draws the first row at the bottom (layer
     0 below, as the residual stream flows upwards); ``scale`` is the |value| of full colour
     (default: the largest |value|); ``quote_columns`` shows column labels quoted (tokens)."""
-    array = np.asarray(values, dtype=np.float32)
+    where = "heatmap_html"
+    rows, columns = _items(rows, "rows", where), _items(columns, "columns", where)
+    for what, value in (("title", title), ("subtitle", subtitle), ("unit", unit), ("row_name", row_name), ("column_name", column_name)):
+        _text(value, what, where)
+    if scale is not None and not (isinstance(scale, (int, float, np.floating)) and not isinstance(scale, bool) and np.isfinite(scale)):
+        raise InputError(f"heatmap_html: scale={scale!r:.40} must be a finite number, or None.")
+    array = _floats(values, "values", where)
     if array.shape != (len(rows), len(columns)):
-        from .errors import InputError
-
         raise InputError(f"heatmap_html: values of shape {array.shape} for {len(rows)} rows x {len(columns)} columns.")
     finite = array[np.isfinite(array)]
     return fragment("heatmap", {
@@ -439,4 +502,49 @@ def heatmap_html(
         "scale": float(scale) if scale is not None else float(np.abs(finite).max()) if finite.size else 0.0,
         "flip": bool(flip),
         "quote_columns": bool(quote_columns),
+    })
+
+
+def graph_html(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    node_row: Sequence[int],
+    node_column: Sequence[int],
+    node_kind: Sequence[str],
+    labels: Sequence[str],
+    edges: tuple[Any, Any, Any],
+    node_size: Any = None,
+    details: Sequence[str] | None = None,
+    title: str = "",
+    subtitle: str = "",
+    legend: str = "",
+) -> str:
+    """A layered node-link graph (a circuit): node ``i`` at row ``node_row[i]`` (0 at the
+    bottom) and column ``node_column[i]`` (a token position), drawn by ``node_kind[i]``
+    ("feature": circle, "error": square, "token": rounded square, "logit": diamond) with radius
+    by ``node_size[i]`` in [0, 1]; ``edges`` = (sources, targets, weights), drawn by |weight|,
+    blue positive, red negative. Hovering a node shows ``labels[i]``, ``details[i]`` (text,
+    several lines) and its strongest edges; clicking it lights its neighbours."""
+    n = len(labels)
+    if not (len(node_row) == len(node_column) == len(node_kind) == n):
+        raise InputError(f"graph_html: {len(node_row)} rows, {len(node_column)} columns, {len(node_kind)} kinds for {n} labels.")
+    sources, targets, weights = (np.asarray(a) for a in edges)
+    kinds = sorted(set(node_kind))
+    size = np.zeros(n, dtype=np.float32) if node_size is None else np.clip(np.asarray(node_size, dtype=np.float32), 0, 1)
+    return fragment("graph", {
+        "title": title,
+        "subtitle": subtitle,
+        "legend": legend,
+        "rows": [str(r) for r in rows],
+        "columns": [str(c) for c in columns],
+        "kinds": kinds,
+        "node_row": encode_ids(node_row),
+        "node_col": encode_ids(node_column),
+        "node_kind": encode_ids([kinds.index(k) for k in node_kind]),
+        "node_size": encode_values(size),
+        "labels": [str(x) for x in labels],
+        "details": [str(x) for x in (details or [""] * n)],
+        "edge_source": encode_ids(sources),
+        "edge_target": encode_ids(targets),
+        "edge_weight": encode_values(np.asarray(weights, dtype=np.float32)),
     })

@@ -63,7 +63,21 @@ def tiny_llama(**overrides):
 
 
 def bitwise_equal(a: mx.array, b: mx.array) -> bool:
+    """For the same computation only (same ops on the same shapes): BLAS reduction order depends
+    on the shapes and the threads available, so other shapes agree to rounding, not bitwise."""
     return a.shape == b.shape and a.dtype == b.dtype and bool(mx.array_equal(a, b).item())
+
+
+def is_top_k(ids, logits, rtol: float = 1e-5) -> bool:
+    """Whether ``ids`` are the ``len(ids)`` largest of ``logits`` (V,), best first, up to float32
+    rounding (``rtol`` of the largest magnitude): logits computed by another computation (a
+    batch of layers, another kernel) differ in the last bits, so a near-tie may be ordered
+    either way."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.sort(x)[::-1][: len(ids)]
+    return len(set(ids)) == len(ids) and bool(np.all(np.abs(x[list(ids)] - top) <= rtol * np.abs(x).max()))
 
 
 FAMILY_DIR = Path(__file__).parent / "families"
@@ -141,3 +155,29 @@ def write_gguf(path, module, tokenizer, architecture: str) -> None:
     if getattr(args, "head_dim", None):
         metadata[f"{architecture}.attention.key_length"] = scalar(args.head_dim)
     mx.save_gguf(str(path), tensors, metadata)
+
+
+def random_transcoders(model, kind: str = "plt", d_features: int = 32, skip: bool = False, seed: int = 0,
+                       reads: str | None = None, bias: float = -0.8):
+    """Random transcoders over every layer of ``model`` (ReLU, encoder rows of norm ~1, so
+    a few features fire per token), in circuit-tracer's conventions."""
+    import numpy as np
+    from mlxterp_transcoders import Transcoders
+
+    arch = model.architecture
+    n, d = arch.n_layers, arch.d_model
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    reads = reads or ("ln2" if arch.has("ln2") else "resid_mid")
+    return Transcoders(
+        kind, list(range(n)),
+        W_enc=[normal(d_features, d, scale=d ** -0.5) for _ in range(n)],
+        b_enc=[normal(d_features, scale=0.1) + bias for _ in range(n)],
+        W_dec=[normal(d_features, 1 if kind == "plt" else n - i, d, scale=0.3) for i in range(n)],
+        b_dec=[normal(d, scale=0.1) for _ in range(n)],
+        W_skip=[normal(d, d, scale=0.1) for _ in range(n)] if skip else None,
+        activation="relu", reads=reads,
+    )

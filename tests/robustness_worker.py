@@ -1,12 +1,15 @@
 """Run by tests/test_robustness.py in a subprocess (so a crash of the interpreter is caught as a
 failure, not lost with the test run): hypothesis-generated bad input through mlxterp.
 
-    python robustness_worker.py GROUPS EXAMPLES [real]      (GROUPS: ids,names,analyses)
+    python robustness_worker.py GROUPS EXAMPLES [real]
+    GROUPS: ids,names,analyses and files,dataset,saes,lens,probes,views
 
 Every call must either succeed or raise an MlxterpError; anything else is printed with its
 input and the worker exits 1. Each case is printed (flushed) before it runs, so when the process
 dies the last line names the input that killed it. At the end the model's output on a fixed
-prompt must be bitwise what it was before, and no probe may be left on any module.
+prompt must be bitwise what it was before, no probe may be left on any module, and the files
+made for the file groups (a dataset, an SAE, a tuned lens, saved results: damaged only in
+copies) must be byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -302,11 +305,20 @@ def analyses_group(case):
     attempt(label, call)
 
 
+from robustness_files import file_groups  # noqa: E402
+
+FILE_GROUPS, unchanged = file_groups(model, attempt, SETTINGS, names)
+
 try:
     for group in GROUP.split(","):
-        {"ids": ids_group, "names": names_group, "analyses": analyses_group}[group]()
+        {"ids": ids_group, "names": names_group, "analyses": analyses_group, **FILE_GROUPS}[group]()
 except Exception as e:
     print(f"FAILED: {type(e).__name__}: {e}"[:2000], flush=True)
+    sys.exit(1)
+
+changed = unchanged()
+if changed:
+    print(f"FAILED: files that existed before were changed: {changed[:5]}", flush=True)
     sys.exit(1)
 
 after = model.model(REFERENCE_IDS)

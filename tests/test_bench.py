@@ -68,3 +68,19 @@ def test_a_plugins_rows_join_the_table_after_the_tools_own(capsys):
         assert line.endswith("yes")
     finally:
         mlxterp.load_plugins([])
+
+
+def test_the_graph_rows_random_transcoder_fires_about_l0_features(wrapped_tokenizer):
+    """The stand-in CLT of ``mlxterp bench --rows graphs`` does the work of a trained one of its
+    width and L0: about ``l0`` features per layer and token fire on text."""
+    from helpers import tiny_llama
+    from mlxterp_circuits.replacement import Replacement, prompt_ids
+    from mlxterp_tools.graph_rows import random_clt
+
+    from mlxterp import InterpretableModel, default_corpus
+
+    model = InterpretableModel(tiny_llama(num_hidden_layers=3), tokenizer=wrapped_tokenizer)
+    tc = random_clt(model, width=256, l0=8)
+    ids = prompt_ids(model, " ".join(default_corpus()[50:60]))[:40]
+    active = len(Replacement(model, tc, ids).active) / (3 * (len(ids) - 1))
+    assert tc.kind == "clt" and 4 <= active <= 16, active

@@ -49,8 +49,9 @@ def test_import_order_does_not_matter():
     # the same numbers (MKL may round differently from run to run, never by more than this)
     gap = max(abs(a - b) for a, b in zip(mlx_first["logits"], mlxterp_first["logits"]))
     assert gap <= 1e-4, gap
-    # CPU seconds, so other processes do not count; the reference BLAS would be >10x slower
-    assert mlx_first["seconds"] <= 1.5 * mlxterp_first["seconds"], (mlx_first, mlxterp_first)
+    # CPU seconds, so other processes count less (not nothing: on 2 busy cores 1.5x was crossed);
+    # the reference BLAS would be >10x slower
+    assert mlx_first["seconds"] <= 4 * mlxterp_first["seconds"], (mlx_first, mlxterp_first)
 
 
 def test_without_an_optimized_blas_the_weights_stay_quantized(monkeypatch):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -60,7 +62,7 @@ def test_cached_rows_are_the_traced_activations(model, tmp_path, packing):
         row += batch.n_tokens
     assert row == ds.n_tokens == len(ds["layers[1]"])
     assert ds.bos.sum() == len(DOCS) and (ds.position[ds.bos] == 0).all()
-    assert ds.verify() == []
+    assert ds.verify() == {}
     # shards are ordinary safetensors files
     shard = mx.load(str(ds.path / ds.shards[1]["file"]))
     start, stop = ds.shards[1]["tokens"]
@@ -221,6 +223,75 @@ def test_write_error_keeps_the_folder_consistent_and_resume_recovers(model, tmp_
     monkeypatch.setattr(dataset, "_pwrite", real)
     resumed = cache(model, out)
     assert shard_digests(resumed) == shard_digests(reference)
+
+
+def test_damaged_shards_are_named_by_readers_and_verify_and_remade_by_a_rerun(model, tmp_path):
+    reference = cache(model, tmp_path / "reference")
+    ds = cache(model, tmp_path / "ds")
+    files = [s["file"] for s in ds.shards]
+    truncated, emptied, missing, flipped = (ds.path / files[k] for k in (1, 2, 3, 4))
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    emptied.write_bytes(b"")
+    missing.unlink()
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 0xFF
+    flipped.write_bytes(data)
+    problems = ActivationDataset(ds.path).verify()
+    assert list(problems) == files[1:5]
+    assert problems[files[1]].startswith("truncated") and problems[files[2]].startswith("truncated")
+    assert problems[files[3]] == "missing" and problems[files[4]].startswith("checksum mismatch")
+    for read in (lambda d: d["layers[1]"][:], lambda d: d.tokens, lambda d: list(d.batches("layers[1]", 4)),
+                 lambda d: d["layers[1]"][np.arange(0, d.n_tokens, 7)], lambda d: d.load_shard(1)):
+        with pytest.raises(DatasetError, match=r"shard-00000[123].safetensors is (corrupt or truncated|truncated|missing).*Rerun the cache_activations call"):
+            read(ActivationDataset(ds.path))
+    with pytest.warns(UserWarning, match="re-making it"):
+        remade = cache(model, tmp_path / "ds")
+    assert shard_digests(remade) == shard_digests(reference) and remade.verify() == {}
+
+
+def test_a_shard_cut_short_while_open_is_an_error_not_a_crash(model, tmp_path):
+    """Rows are read with positioned reads: a memory map of a file that shrinks under it dies of
+    SIGBUS (in a subprocess here, so a crash fails the test and not the test run)."""
+    ds = cache(model, tmp_path / "ds")
+    script = (
+        "import os, sys\n"
+        "from mlxterp_core.dataset import ActivationDataset, DatasetError\n"
+        "ds = ActivationDataset(sys.argv[1])\n"
+        "rows = ds['layers[1]']\n"
+        "os.truncate(ds.path / ds.shards[1]['file'], 100)\n"
+        "try:\n"
+        "    rows[:]\n"
+        "except DatasetError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(ds.path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert f"{ds.shards[1]['file']} is truncated" in done.stdout
+
+
+def test_a_held_writer_lock_refuses_a_second_writer_and_a_stale_one_blocks_nothing(model, tmp_path):
+    import socket
+
+    out = tmp_path / "ds"
+    reference = cache(model, out)
+    assert not list(out.glob("*.lock"))  # released and removed when the run ends
+    other = caching._lock_folder(out, 0)  # another writer (flock conflicts within a process too)
+    try:
+        before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".lock")}
+        for overwrite in (False, True):
+            with pytest.raises(DatasetError, match=rf"{out} is being written by another process: process {os.getpid()} "
+                                                   rf"on {socket.gethostname()}, started .*stopped before changing anything"):
+                cache(model, out, overwrite=overwrite)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".lock")} == before
+        rank1 = caching._lock_folder(out, 1)  # another rank of the same job: another lock file
+        caching._unlock_folder(rank1)
+    finally:
+        caching._unlock_folder(other)
+    # a killed writer's lock file (no one holds it) is no foreign file and blocks nothing
+    for folder, options in ((out, {}), (out, {"overwrite": True}), (tmp_path / "new", {})):
+        folder.mkdir(exist_ok=True)
+        (folder / "writer-rank0.lock").write_text('{"pid": 1, "host": "gone"}')
+        assert shard_digests(cache(model, folder, **options)) == shard_digests(reference)
 
 
 def test_one_shot_iterators_and_files(model, tmp_path):

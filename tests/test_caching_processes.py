@@ -34,11 +34,13 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(files):
-    """The one-process dataset, made in this process."""
+    """The one-process dataset, made by a process with the BLAS threads of the others (the
+    reduction order of a matmul, and so its last bits, can depend on the thread count)."""
     root, gguf, corpus = files
-    model = mlxterp.load(gguf)
-    return model.cache_activations(corpus, SITES, root / "reference", context_size=16, batch_size=2,
-                                   shard_tokens=32, max_tokens=1200)
+    done = subprocess.run(command(gguf, corpus, root / "reference"), env=environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return mlxterp.ActivationDataset(root / "reference")
 
 
 def command(gguf, corpus, out, *extra):
@@ -70,6 +72,8 @@ def test_sigkill_mid_run_loses_at_most_one_shard(files, reference):
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-500:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
+    lock = out / "writer-rank0.lock"
+    assert json.loads(lock.read_text())["pid"] == proc.pid  # the killed writer's lock file stays behind
     done = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
     assert not (out / "manifest.json").exists() and len(done) < len(reference.shards)
     kept = {f"shard-{k:06d}.safetensors": (out / f"shard-{k:06d}.safetensors").stat().st_mtime_ns for k in done}
@@ -80,7 +84,48 @@ def test_sigkill_mid_run_loses_at_most_one_shard(files, reference):
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # finished shards untouched
     lines = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
     assert sorted(lines) == list(range(len(manifest["shards"])))  # every shard made exactly once
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not lock.exists()
+
+
+def test_two_writers_started_together_one_is_refused(files, reference, tmp_path):
+    """Two jobs caching into one folder at once: the second to lock it stops at once, naming
+    the first; the first writes the one-process dataset."""
+    root, gguf, corpus = files
+    out, go = tmp_path / "ds", tmp_path / "go"
+    writer = [sys.executable, os.path.join(os.path.dirname(__file__), "cache_writer.py"), str(go)]
+    procs = [subprocess.Popen(writer + command(gguf, corpus, out)[4:], env=environment(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs) and len(list(tmp_path.glob("holding-*"))) < 2:
+            time.sleep(0.02)
+        go.touch()  # one writer is out (refused), or both hold the folder at once (no lock)
+        outcome = [(p.pid, *p.communicate(timeout=180)[1:], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = sorted(code for _, _, code in outcome)
+    assert codes == [0, 2], [(code, err[-1000:]) for _, err, code in outcome]
+    (winner, _, _), (_, refused, _) = sorted(outcome, key=lambda o: o[2])
+    assert f"is being written by another process: process {winner} on {socket.gethostname()}, started" in refused
+    assert "Wait for that process to finish" in refused
+    assert mlxterp.ActivationDataset(out).verify() == {}
+    assert digests(out)[0] == digests(reference.path)[0]
+
+
+def test_the_cache_command_reads_a_corpus_in_another_encoding(files, tmp_path, capsys):
+    from mlxterp_core.cli import main
+
+    root, gguf, _ = files
+    docs = [f"{d.replace(chr(10), ' ')} caf\u00e9" for d in default_corpus()[:40] if d.isascii()]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("\n".join(docs).encode("latin-1"))
+    assert main(command(gguf, latin, tmp_path / "strict")[3:]) == 2
+    assert f"{latin} is not utf-8 text at line 1" in capsys.readouterr().err
+    assert main(command(gguf, latin, tmp_path / "latin", "--encoding", "latin-1")[3:]) == 0
+    expected = mlxterp.load(gguf).cache_activations(docs, SITES, tmp_path / "list", context_size=16, batch_size=2,
+                                                    shard_tokens=32, max_tokens=1200)
+    assert digests(tmp_path / "latin")[0] == digests(expected.path)[0]
 
 
 def free_ports(n):

@@ -61,6 +61,32 @@ def _expected(tokenizer, docs):
     return [[tokenizer.bos_token_id, *tokenizer.encode(d)] for d in docs]
 
 
+def test_a_corpus_that_is_not_utf8_is_named_with_its_line_and_can_be_decoded(tokenizer, tmp_path):
+    docs = ["first document", "caf\u00e9 cr\u00e8me", "third"]
+    text = tmp_path / "latin.txt"
+    text.write_bytes("\n".join(docs).encode("latin-1"))
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes("\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs).encode("latin-1"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"{i}.txt").write_bytes(d.encode("latin-1"))
+    for path, where in ((text, "line 2, byte 18"), (jsonl, "line 2, byte 40"), (folder, "line 1, byte 3")):
+        named = str(folder / "1.txt") if path == folder else str(path)
+        with pytest.raises(CorpusError, match=rf"{named} is not utf-8 text at {where} .*encoding='latin-1'.*errors='replace'"):
+            list(read_documents(path))
+        assert list(read_documents(path, encoding="latin-1")) == docs
+        assert list(read_documents(path, errors="replace"))[1] == "caf\ufffd cr\ufffdme"
+    with pytest.raises(CorpusError, match=r"line 2, byte 18"):
+        next(token_windows(tokenizer, text, 8))
+    assert [b.tokens.tolist() for b in token_windows(tokenizer, text, 8, encoding="latin-1")] == \
+        [b.tokens.tolist() for b in token_windows(tokenizer, docs, 8)]
+    with pytest.raises(CorpusError, match="encoding='nope'"):
+        list(read_documents(text, encoding="nope"))
+    (folder / "not-a-document.txt").mkdir()  # a folder named like a document is not one
+    assert list(read_documents(folder, encoding="latin-1")) == docs
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_windows_cover_the_corpus_in_order(tokenizer, packing):
     docs = CORPUS * 3

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import family_names, tiny_family, tiny_llama
+from helpers import family_names, is_top_k, tiny_family, tiny_llama
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from mlxterp import InterpretableModel
@@ -162,7 +162,8 @@ def test_load_reports_the_kernels_and_matches_mlx_lm_on_the_real_model(smollm):
     finally:
         cpu_kernels.install(module)
     assert float(mx.abs(fast - reference).max()) <= 1e-5 * float(mx.abs(reference).max())
-    assert mx.array_equal(fast.argmax(-1), reference.argmax(-1)).item()
+    for position, token in enumerate(fast[0].argmax(-1).tolist()):  # the same prediction, up to a near-tie
+        assert is_top_k([token], reference[0, position])
 
 
 @pytest.mark.parametrize("dims, head_dim, offset, scale", [(16, 16, 0, 1.0), (16, 16, 37, 1.0), (8, 16, 5, 0.5)])

@@ -239,6 +239,8 @@ def test_progress_bar_only_on_a_terminal(family_model, monkeypatch, capsys):
     import mlxterp_core.progress as progress
 
     monkeypatch.setattr(progress, "DELAY", 0)
+    monkeypatch.delenv("CI", raising=False)  # CI turns every bar off
+    monkeypatch.delenv("MLXTERP_PROGRESS", raising=False)
     patch = dict(clean_text=CLEAN, corrupted_text=CORRUPTED, component="resid", positions="all", answers=ANSWERS)
     family_model.activation_patching(**patch)
     assert capsys.readouterr().err == ""  # stderr is not a terminal here

@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from helpers import CORPUS, tiny_llama
+from helpers import CORPUS, random_transcoders, tiny_llama
 
 import mlxterp
 import mlxterp.plugin
@@ -96,9 +96,21 @@ def instances(model, tmp_path_factory):
     made["feature_examples"] = examples
     made["example"] = next(example for top in examples.top for example in top)
     made["feature_attribution"] = sae.attribution(model, "the cat sat on the mat")
+    transcoders = mlxterp.train_transcoders(model, CORPUS * 4, kind="clt", d_features=16, n_tokens=256, batch_size=64,
+                                            buffer_tokens=128, log_every=1, progress=False)
+    made["transcoders"] = transcoders
+    made["transcoder_training_log"] = transcoders.training_log
+    made["transcoder_evaluation"] = transcoders.evaluate(model, CORPUS, n_tokens=128, context_size=16, progress=False)
     made["dataset"] = model.cache_activations(CORPUS, ["layers.1.output", "layers.2.mlp"],
                                               tmp_path_factory.mktemp("reprs") / "ds", context_size=16, progress=False)
     made["trace"] = model.run(TEXT, capture=["layers.1.output", "layers.2.attn.q"])
+    tc = random_transcoders(model, "clt", d_features=16)
+    made["transcoders"] = tc
+    graph = model.attribution_graph(TEXT, tc, max_feature_nodes=20, progress=False)
+    made["graph"] = graph
+    made["graph_scores"] = graph.scores()
+    made["pruned_graph"] = graph.prune()
+    made["feature_intervention"] = model.feature_intervention(TEXT, [(1, 2, 3, 1.5)], tc)
     return made
 
 

@@ -1,10 +1,13 @@
 """The interpreter survives bad input: hypothesis-generated ids, names, intervention replies and
-option values go through trace, generate and the analyses in subprocesses (tests/
-robustness_worker.py), so that a segmentation fault is a failed test, not a lost test run.
+option values go through trace, generate and the analyses, and arguments and damaged files
+through the activation datasets, SAEs, tuned lenses, probes and HTML views, in subprocesses
+(tests/robustness_worker.py, tests/robustness_files.py), so that a segmentation fault is a
+failed test, not a lost test run.
 
 Each call must succeed or raise an MlxterpError; afterwards the model's output must be bitwise
-what it was and no probe may be left. Most examples run on a tiny random Llama, a few on the
-default real model.
+what it was, no probe may be left, and the files that existed before (a dataset, an SAE, a
+lens, saved results; damaged only in copies) must be unchanged. Most examples run on a tiny
+random Llama, a few on the default real model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ CASES = [
     ("names", 150, False),
     ("analyses", 150, False),
     ("ids,names,analyses", 15, True),
+    ("files,dataset,saes,lens,probes,views", 100, False),
 ]
 
 

@@ -13,12 +13,24 @@ from mlxterp_core.trace import Hooks
 from mlxterp_saes import SAEError
 
 
+def ranked_alike(a, b, tol: float = 1e-5) -> bool:
+    """Two rankings of examples (largest first) name the same examples at every rank, except
+    where near-ties (within ``tol``) swap: batches of another shape round the activations'
+    last bits differently. (At the last rank the next example, not listed, may be the tie.)"""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if (x.document, x.position) != (y.document, y.position):
+            neighbours = [a[j].activation for j in (i - 1, i + 1) if 0 <= j < len(a)]
+            if i < len(a) - 1 and not any(abs(v - x.activation) <= tol for v in neighbours):
+                return False
+    return len(a) == len(b)
+
+
 def test_top_examples_do_not_depend_on_batching_and_are_what_the_sae_computes(llama):
     sae = make("jumprelu")
     one = sae.top_activations(llama, CORPUS, [3, 5, 7], batch_size=1, context_size=16, progress=False)
     four = sae.top_activations(llama, CORPUS, [3, 5, 7], batch_size=4, context_size=16, progress=False)
     for a, b in zip(one.top, four.top):
-        assert [(e.document, e.position) for e in a] == [(e.document, e.position) for e in b]
+        assert ranked_alike(a, b)
         assert [e.activation for e in a] == pytest.approx([e.activation for e in b], abs=1e-5)
     assert one.density == pytest.approx(four.density)
     examples = one[5]

@@ -208,6 +208,9 @@ def test_bad_training_input_fails_clearly(llama):
         train_sae(llama, ["layers.2.output", "layers[2]"], TEXTS)
     with pytest.raises(SAEError, match="not a file or folder"):
         train_sae(llama, "layers.2.output", "The capital of France")
+    for empty in (mx.zeros((0, 64)), mx.zeros((0,)), mx.array(1.0), {"layers.2.output": np.zeros((0, 64))}):
+        with pytest.raises(SAEError, match=r"activations given for layers.2.output have shape .*: give an array of \(N, d\) rows"):
+            train_sae(llama, "layers.2.output", empty)
     from mlxterp import UnknownNameError
 
     with pytest.raises(UnknownNameError, match="layer 9"):

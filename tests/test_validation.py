@@ -57,7 +57,8 @@ def test_ids_are_checked_before_the_model_runs(llama_module, wrapped_tokenizer):
             return self.inner(x, *args, **kwargs)
 
     model = InterpretableModel(Spy(llama_module), tokenizer=wrapped_tokenizer)
-    assert model.embedding_vocab_size == VOCAB  # found in the module tree, no schema
+    calls.clear()  # the schema inferred from its module names was validated on a forward pass
+    assert model.embedding_vocab_size == VOCAB
     with pytest.raises(InputError):
         model.run([[1, VOCAB]])
     assert calls == []
@@ -190,7 +191,9 @@ def test_negative_layers_and_positions_count_from_the_end(llama):
     assert bitwise_equal(tr.activations["blocks.-2.attn.hook_q"], tr.activations["layers.2.attn.q"].reshape(1, 6, 4, -1))
     lens = llama.logit_lens(PROMPT, layers=[-1, 0])
     assert lens.layers == [3, 0]
-    assert lens[3] == llama.logit_lens(PROMPT, layers=[3])[3]
+    # the same computation as layers=[3, 0], so bit for bit (layers=[3] alone projects a batch of
+    # another shape, whose BLAS reduction order, and so last bits, can differ)
+    assert lens.predictions == llama.logit_lens(PROMPT, layers=[3, 0]).predictions
     by_end = llama.activation_patching(PROMPT, OTHER, component="resid", layers=[-1], positions=[-1], answers=(1, 2))
     by_start = llama.activation_patching(PROMPT, OTHER, component="resid", layers=[3], positions=[5], answers=(1, 2))
     assert by_end.layers == [3] and by_end.recovery == by_start.recovery
@@ -283,7 +286,7 @@ def test_broken_model_directories(tmp_path):
     from mlxterp_core.load import LoadError
 
     (tmp_path / "config.json").write_text('{"model_type": "llama", ')
-    with pytest.raises(LoadError, match="config.json is not readable JSON"):
+    with pytest.raises(LoadError, match="config.json is not valid JSON"):
         mlxterp.load(tmp_path)
     (tmp_path / "config.json").write_text(
         '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, '

@@ -476,3 +476,36 @@ def test_one_renderer_per_session_and_views_render_in_any_order(open_page):
     reopened.evaluate("html => { const out = document.createElement('div'); out.innerHTML = html; document.body.appendChild(out); }",
                       later[2])
     reopened.wait_for_function("document.querySelectorAll('.mlxterp-view[data-rendered]').length === 7")
+
+
+def test_the_attribution_graph_view_shows_nodes_edges_and_neighbours(open_view):
+    """The pruned graph by layer and position: every kept node and edge drawn, hovering a node
+    says what it is and its strongest edges, clicking lights its neighbours only."""
+    import mlxterp
+
+    fixtures = Path(__file__).parent / "fixtures" / "circuit_tracer"
+    tiny = mlxterp.load(fixtures / "model")
+    tc = mlxterp.load_transcoders(fixtures / "transcoders" / "clt_jumprelu")
+    ids = np.load(fixtures / "reference" / "model_io.npz")["input_ids"].tolist()
+    graph = tiny.attribution_graph(ids, tc, progress=False)
+    graph.token_strings[3] = HOSTILE
+    pruned = graph.prune()
+    page = open_view(graph._repr_html_(), "attribution_graph")
+    assert len(page.query_selector_all(".mv-graph-node")) == pruned.n_nodes == 53
+    assert len(page.query_selector_all(".mv-graph-edge")) == pruned.n_edges == 715
+    columns = page.eval_on_selector_all(".mv-graph-col", "ns => ns.map(n => [n.firstChild.textContent, n.lastChild.textContent])")
+    assert columns[3] == [shown(HOSTILE)[:8] + "\u2026", HOSTILE + " (position 3)"]  # text, cut short; whole on hover
+    kept = np.flatnonzero(pruned.node_mask)
+    first = int(np.argmax(kept >= graph.error_start)) - 1  # the last feature node shown
+    node = page.query_selector_all(".mv-graph-node")[first]
+    node.hover()
+    info = page.inner_text(".mv-graph-info")
+    assert info.startswith(graph.label(int(kept[first]))) and "strongest inputs:" in info and "strongest outputs:" in info
+    node.click()
+    lit = page.eval_on_selector_all(".mv-graph-node", "ns => ns.filter(n => !n.classList.contains('mv-dim')).length")
+    targets, sources, _ = pruned.edges()
+    k = int(kept[first])
+    neighbours = {k} | set(sources[targets == k].tolist()) | set(targets[sources == k].tolist())
+    assert lit == len(neighbours & set(kept.tolist()))
+    node.click()  # released
+    assert page.eval_on_selector_all(".mv-graph-node.mv-dim", "ns => ns.length") == 0

@@ -452,7 +452,127 @@
     });
   }
 
-  var renderers = { tokens: tokens, attention: attention, lens: lens, heatmap: heatmap };
+
+  // ------------------------------------------------------------ layered node-link graph (circuits)
+  // Nodes sit at (row, column): rows bottom to top (inputs below, outputs above), columns the
+  // token positions; several nodes of one cell side by side. Edges are lines from source to
+  // target, width by |weight|, blue positive and red negative. Hover a node for its text and
+  // its strongest inputs and outputs; click it to keep only its neighbours lit (click again, or
+  // on the background, to release).
+  var SVG = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs) {
+    var node = document.createElementNS(SVG, tag);
+    for (var k in attrs) node.setAttribute(k, attrs[k]);
+    return node;
+  }
+
+  function graph(root, data) {
+    header(root, data);
+    var R = data.rows.length, C = data.columns.length;
+    var rowOf = decode(data.node_row), colOf = decode(data.node_col), kindOf = decode(data.node_kind), sizeOf = decode(data.node_size);
+    var src = decode(data.edge_source), dst = decode(data.edge_target), w = decode(data.edge_weight);
+    var N = rowOf.length, E = src.length;
+    // cell widths: as many slots as the fullest cell of the column needs
+    var perCell = {}, slot = new Int32Array(N), need = [];
+    for (var c = 0; c < C; c++) need.push(1);
+    for (var i = 0; i < N; i++) {
+      var key = rowOf[i] + ":" + colOf[i];
+      slot[i] = perCell[key] = (perCell[key] === undefined ? 0 : perCell[key] + 1);
+      need[colOf[i]] = Math.max(need[colOf[i]], slot[i] + 1);
+    }
+    var step = 16, rowH = 34, left = 56, bottom = 46, top = 14, xs = [left];
+    for (var c2 = 0; c2 < C; c2++) xs.push(xs[c2] + Math.max(44, need[c2] * step + 12));
+    var width = xs[C] + 10, height = top + R * rowH + bottom;
+    function x(i) {
+      var c = colOf[i], n = perCell[rowOf[i] + ":" + c] + 1, cellW = xs[c + 1] - xs[c];
+      return xs[c] + cellW / 2 + (slot[i] - (n - 1) / 2) * Math.min(step, (cellW - 8) / Math.max(n, 1));
+    }
+    function y(i) { return top + (R - 1 - rowOf[i]) * rowH + rowH / 2; }
+    var scale = 0;
+    for (var e = 0; e < E; e++) scale = Math.max(scale, Math.abs(w[e]));
+    var box = el("div", "mv-graph-box"), info = el("div", "mv-info mv-graph-info");
+    var canvas = svg("svg", { width: width, height: height, viewBox: "0 0 " + width + " " + height, role: "img" });
+    canvas.setAttribute("class", "mv-graph");
+    var grid = svg("g", {}), lines = svg("g", {}), dots = svg("g", {});
+    for (var r = 0; r < R; r++) {
+      var ty = top + (R - 1 - r) * rowH + rowH / 2;
+      grid.appendChild(svg("line", { x1: left - 4, x2: width - 6, y1: ty, y2: ty, "class": "mv-graph-rule" }));
+      var label = svg("text", { x: left - 8, y: ty + 4, "text-anchor": "end", "class": "mv-graph-label" });
+      label.textContent = data.rows[r];
+      grid.appendChild(label);
+    }
+    for (var c3 = 0; c3 < C; c3++) {
+      var tx = (xs[c3] + xs[c3 + 1]) / 2, tl = svg("text", { x: tx, y: height - bottom + 16, "text-anchor": "middle", "class": "mv-graph-col" });
+      var t = shown(data.columns[c3]);
+      tl.textContent = t.length > 9 ? t.slice(0, 8) + "\u2026" : t;
+      var tip = svg("title", {}); tip.textContent = data.columns[c3] + " (position " + c3 + ")"; tl.appendChild(tip);
+      grid.appendChild(tl);
+    }
+    var colours = palette(root), edgeNodes = [], nodeNodes = [], ins = [], outs = [];
+    for (var n0 = 0; n0 < N; n0++) { ins.push([]); outs.push([]); }
+    for (var e2 = 0; e2 < E; e2++) {
+      var a = src[e2], b = dst[e2];
+      var line = svg("line", { x1: x(a), y1: y(a), x2: x(b), y2: y(b), "stroke-width": (0.4 + 3.2 * Math.abs(w[e2]) / (scale || 1)).toFixed(2) });
+      line.setAttribute("class", "mv-graph-edge " + (w[e2] >= 0 ? "mv-pos" : "mv-neg"));
+      line.style.stroke = css3(w[e2] >= 0 ? colours.pos : colours.neg);
+      lines.appendChild(line);
+      edgeNodes.push(line);
+      ins[b].push(e2); outs[a].push(e2);
+    }
+    var shapes = ["circle", "rect", "rect", "path"];
+    for (var k = 0; k < N; k++) {
+      var kind = data.kinds[kindOf[k]], radius = 3 + 4 * Math.sqrt(Math.max(0, sizeOf[k])), shape;
+      if (kind === "feature") shape = svg("circle", { cx: x(k), cy: y(k), r: radius });
+      else if (kind === "logit") shape = svg("path", { d: "M" + x(k) + " " + (y(k) - radius - 2) + " l" + (radius + 2) + " " + (radius + 2) + " l" + (-radius - 2) + " " + (radius + 2) + " l" + (-radius - 2) + " " + (-radius - 2) + "z" });
+      else shape = svg("rect", { x: x(k) - radius, y: y(k) - radius, width: 2 * radius, height: 2 * radius, rx: kind === "token" ? 2 : 0 });
+      shape.setAttribute("class", "mv-graph-node mv-graph-" + kind);
+      shape.dataset.node = String(k);
+      dots.appendChild(shape);
+      nodeNodes.push(shape);
+    }
+    canvas.appendChild(grid); canvas.appendChild(lines); canvas.appendChild(dots);
+    box.appendChild(canvas);
+    root.appendChild(box);
+    root.appendChild(info);
+    root.appendChild(el("div", "mv-legend", data.legend || "circles: features, squares: errors, rounded: tokens, diamonds: logits; blue edges excite, red inhibit"));
+    var locked = -1;
+    function strongest(list, other) {
+      return list.slice().sort(function (p, q) { return Math.abs(w[q]) - Math.abs(w[p]); }).slice(0, 5).map(function (e) {
+        return "  " + (w[e] >= 0 ? "+" : "") + fmt(w[e]) + "  " + data.labels[other(e)];
+      });
+    }
+    function describe(k) {
+      var text = [data.labels[k]];
+      if (data.details[k]) text.push(data.details[k]);
+      if (ins[k].length) text = text.concat(["strongest inputs:"], strongest(ins[k], function (e) { return src[e]; }));
+      if (outs[k].length) text = text.concat(["strongest outputs:"], strongest(outs[k], function (e) { return dst[e]; }));
+      info.textContent = text.join("\n");
+    }
+    function light(k) {
+      var on = {};
+      if (k >= 0) {
+        on[k] = true;
+        ins[k].forEach(function (e) { on[src[e]] = true; });
+        outs[k].forEach(function (e) { on[dst[e]] = true; });
+      }
+      nodeNodes.forEach(function (node, i) { node.classList.toggle("mv-dim", k >= 0 && !on[i]); node.classList.toggle("mv-picked", i === k); });
+      edgeNodes.forEach(function (line, e) { line.classList.toggle("mv-dim", k >= 0 && src[e] !== k && dst[e] !== k); });
+    }
+    info.textContent = "hover a node for what it is and its strongest edges; click it to light its neighbours";
+    dots.addEventListener("mouseover", function (ev) {
+      var node = ev.target.closest ? ev.target.closest(".mv-graph-node") : null;
+      if (node && locked < 0) describe(parseInt(node.dataset.node, 10));
+    });
+    canvas.addEventListener("click", function (ev) {
+      var node = ev.target.closest ? ev.target.closest(".mv-graph-node") : null;
+      var k = node ? parseInt(node.dataset.node, 10) : -1;
+      locked = k === locked ? -1 : k;
+      light(locked);
+      if (locked >= 0) describe(locked);
+    });
+  }
+
+  var renderers = { tokens: tokens, attention: attention, lens: lens, heatmap: heatmap, graph: graph };
 
   // ------------------------------------------------------------ the page
   function render(root) {

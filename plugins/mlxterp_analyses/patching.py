@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from mlxterp.plugin import interventions, options
 from mlxterp.plugin import map_rows
-from mlxterp.plugin import MlxterpError
+from mlxterp.plugin import Hooks, MlxterpError
 from mlxterp.plugin import progress_bar
 
 from .causal import CannotReuse, CorruptedRun, Row, check_control, rows_per_batch, run_rows, start_batches
@@ -42,6 +42,7 @@ COMPONENTS = {
     "resid_mid": "resid_mid",
 }
 MEMORY_BUDGET = 2**30  # bytes per batched forward pass (a rough per-row estimate decides rows)
+DISTANCES = ("l2", "cosine", "mse")  # upstream mlxterp's metrics: distance to the clean logits
 
 
 class PatchingError(MlxterpError):
@@ -63,6 +64,26 @@ def logit_difference(good: int, bad: int) -> Callable[[mx.array], mx.array]:
         return last[:, good] - last[:, bad]
 
     metric.__name__ = "logit_difference"
+    return reads_last(1)(metric)
+
+
+def closeness_to(clean_logits: mx.array, distance: str) -> Callable[[mx.array], mx.array]:
+    """logits (B, T, V) -> (B,): minus the ``distance`` ("l2", "cosine" or "mse") of the last
+    position's logits from ``clean_logits`` (V,), so that recovery is upstream mlxterp's
+    ``(d(corrupted) - d(patched)) / d(corrupted)``."""
+    clean = clean_logits.astype(mx.float32)
+
+    def metric(logits: mx.array) -> mx.array:
+        last = logits[:, -1].astype(mx.float32)
+        if distance == "l2":
+            far = mx.sqrt(((last - clean) ** 2).sum(axis=-1))
+        elif distance == "mse":
+            far = ((last - clean) ** 2).mean(axis=-1)
+        else:
+            far = 1 - (last * clean).sum(axis=-1) / (mx.linalg.norm(last, axis=-1) * mx.linalg.norm(clean))
+        return 0.0 - far  # not -far: the clean run scores 0, not -0
+
+    metric.__name__ = f"minus the {distance} distance to the clean logits"
     return reads_last(1)(metric)
 
 
@@ -91,7 +112,7 @@ def activation_patching(
     plot: bool = False,
     positions: str | Sequence[int] | None = None,
     heads: bool = False,
-    metric: Callable[[mx.array], mx.array] | None = None,
+    metric: Callable[[mx.array], mx.array] | str | None = None,
     answers: tuple[Any, Any] | None = None,
     align: str | None = None,
     memory_budget: int = MEMORY_BUDGET,
@@ -105,7 +126,8 @@ def activation_patching(
         clean_text: the clean prompt, a string or token ids.
         corrupted_text: the corrupted prompt, a string or token ids.
         component: "mlp", "attn" (or "self_attn"), "resid" (layer output), "resid_pre" (layer
-            input) or "resid_mid".
+            input) or "resid_mid"; or any block-level standard name ("attn.z", "mlp.act") or
+            module path in the block ("mlp.gate_proj"), patched where it stands.
         layers: which layers (default all).
         positions: None patches every position at once; "all" (or a list of positions) patches
             one position per cell.
@@ -113,6 +135,8 @@ def activation_patching(
         metric: ``logits (B, T, V) -> (B,)``; default: logit difference of the two answers at
             the last position. A metric that reads only the last k positions can say so with
             ``@reads_last(k)`` (it then gets logits (B, k, V)), which makes sweeps faster.
+            "l2", "cosine" or "mse" (upstream mlxterp's): how much closer the last position's
+            logits come to the clean run's, ``(d(corrupted) - d(patched)) / d(corrupted)``.
         answers: (clean answer, corrupted answer) as token ids or strings; default: each run's
             top prediction at the last position.
         align: prompts of different token counts are an error unless ``align`` is "start" or
@@ -126,10 +150,11 @@ def activation_patching(
     layers = options.layers(layers, arch.n_layers)
     if positions is not None and positions != "all":
         positions = options.positions(positions, len(token_ids(model, corrupted_text)))
-    metric, answers = options.metric(metric), options.pair(answers, "answers")
+    metric = options.choice(metric, DISTANCES, "metric") if isinstance(metric, str) else options.metric(metric)
+    answers = options.pair(answers, "answers")
     align = options.choice(align, (None, "start", "end"), "align")
     memory_budget = options.integer(memory_budget, "memory_budget", 1)
-    sub = _component(component, heads)
+    sub = _component(model, component, heads)
     names = [f"layers.{i}.{sub}" for i in layers]
     with model.saes(saes):
         runs = compare(model, clean_text, corrupted_text, names, answers, metric, align)
@@ -200,7 +225,9 @@ def compare(model, clean_text, corrupted_text, names: list[str], answers, metric
     offset = _alignment(model, clean_ids, corrupted_ids, align)
     clean = model.run([clean_ids], capture=names + ["logits"]).activations
     corrupted_logits = model.run([corrupted_ids], capture=["logits"]).activations["logits"]
-    clean_answer, corrupted_answer = _answers(model, answers, clean["logits"], corrupted_logits)
+    clean_answer, corrupted_answer = _answers(model, answers, clean["logits"], corrupted_logits, distinct=metric is None)
+    if isinstance(metric, str):
+        metric = closeness_to(clean["logits"][0, -1], metric)
     score = metric or logit_difference(clean_answer, corrupted_answer)
     clean_metric, corrupted_metric = score(clean["logits"]).item(), score(corrupted_logits).item()
     if abs(clean_metric - corrupted_metric) < 1e-6:
@@ -362,14 +389,22 @@ def _rows_per_pass(length: int, width: int, n_layers: int, budget: int, vocab: i
     return max(1, min(512, budget // per_row))
 
 
-def _component(component: str, heads: bool) -> str:
-    if component not in COMPONENTS:
-        raise PatchingError(f"component {component!r} unknown; choose one of {', '.join(COMPONENTS)}.")
-    sub = COMPONENTS[component]
+def _component(model, component: str, heads: bool) -> str:
+    """The block-level name ``component`` patches: ``layers.{i}.<it>`` is a standard name or a
+    module of the block (``mlp.gate_proj``, resolved as trace keys are)."""
+    sub = COMPONENTS.get(component, component)
     if heads:
         if sub != "attn":
             raise PatchingError("heads=True patches attention heads: use component='attn'.")
         return "attn.z_heads"
+    if component not in COMPONENTS:
+        try:
+            Hooks(model, capture=[f"layers.0.{sub}"])  # resolves the name, finds its module; runs nothing
+        except MlxterpError as e:
+            raise PatchingError(
+                f"component {component!r} unknown; choose one of {', '.join(COMPONENTS)}, a block-level standard "
+                f"name ('attn.z') or a module path in the block ('mlp.gate_proj'). {e}"
+            ) from None
     return sub
 
 
@@ -402,12 +437,14 @@ def _alignment(model, clean: list[int], corrupted: list[int], align: str | None)
     )
 
 
-def _answers(model, answers, clean_logits: mx.array, corrupted_logits: mx.array) -> tuple[int, int]:
+def _answers(model, answers, clean_logits: mx.array, corrupted_logits: mx.array, distinct: bool = True) -> tuple[int, int]:
+    """The two answers: given, else each run's top prediction; those must differ (``distinct``)
+    where the default metric compares them."""
     if answers is not None:
         return tuple(answer_token(model, a) for a in answers)
     clean_answer = mx.argmax(clean_logits[0, -1]).item()
     corrupted_answer = mx.argmax(corrupted_logits[0, -1]).item()
-    if clean_answer == corrupted_answer:
+    if clean_answer == corrupted_answer and distinct:
         raise PatchingError(
             f"both runs predict {token_text(model, clean_answer)!r}: pass answers=(clean, "
             "corrupted) tokens to compare, or a metric=."

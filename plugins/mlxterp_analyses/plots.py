@@ -92,7 +92,8 @@ def attention_plot(result: AttentionPatterns, path, columns: int, cell: float):
             ax.axis("off")
             continue
         ax.imshow(result.patterns[k], cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(f"layer {result.layer} head {result.heads[k]}", fontsize=9)
+        layer = "" if result.layer is None else f"layer {result.layer} "  # None: a pattern given without its layer
+        ax.set_title(f"{layer}head {result.heads[k]}", fontsize=9)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)))

@@ -92,6 +92,7 @@ def generate(
     stop_at_eos: bool = True,
     saes: Any = None,
     max_new_tokens: int | None = None,
+    transcoders: Any = None,
 ) -> GenerationResult | Iterator[GenerationStep]:
     """Generate with mlx-lm's KV cache, with ``interventions`` applied in every forward pass.
 
@@ -107,7 +108,8 @@ def generate(
         capture: names to record in every pass; ``result.activations[k]`` is the pass whose
             logits token k was sampled from.
         stream: return an iterator of GenerationStep instead of the finished result.
-        saes: splices (SAEs, transcoders) in every pass, as in ``with model.saes(...)``.
+        saes: splices (SAEs, transcoders) in every pass, as in ``with model.saes(...)``;
+            ``transcoders`` is the same argument.
         max_new_tokens: the same as ``max_tokens`` (Hugging Face's and TransformerLens's name).
     """
     if max_new_tokens is not None:
@@ -120,7 +122,8 @@ def generate(
     top_p = options.number(top_p, "top_p", 0.0, 1.0, open_low=True)
     seed = None if seed is None else options.integer(seed, "seed", 0)
     prompt_ids = token_ids(model, prompt)
-    steps = _steps(model, prompt_ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos, saes)
+    steps = _steps(model, prompt_ids, max_tokens, interventions, temperature, top_p, seed, intervene_on, capture, stop_at_eos,
+                   [saes, transcoders])
     if stream:
         return steps
     collected = list(steps)

@@ -128,13 +128,18 @@ def _pool():
     return ThreadPoolExecutor(_threads(), thread_name_prefix="mlxterp-lens")
 
 
-def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs: bool = False) -> list[Any]:
-    """The top-k tokens a hidden state (D,) predicts: token ids, best first, or with
-    ``return_probs=True`` tuples ``(token_id, probability, token_text)``."""
+def get_token_predictions(model, hidden: mx.array, top_k: int = 5, return_probs: bool = False,
+                          return_scores: bool = False) -> list[Any]:
+    """The top-k tokens a hidden state (D,) predicts: token ids, best first; with
+    ``return_probs=True`` tuples ``(token_id, probability, token_text)``; with
+    ``return_scores=True`` (upstream mlxterp's) pairs ``(token_id, logit)``."""
     top_k = options.top_k(top_k, model.embedding_vocab_size)
     hidden = options.vectors(hidden, _width(model), "hidden")
-    ids, probs = top_predictions(model, mx.array(hidden).reshape(-1, hidden.shape[-1])[-1], top_k)
+    logits = project(model, mx.array(hidden).reshape(-1, hidden.shape[-1])[-1]).astype(mx.float32)
+    ids, probs = top_of_logits(logits, top_k)
     mx.eval(ids, probs)
+    if return_scores:
+        return [(i, logits[i].item()) for i in ids.tolist()]
     if not return_probs:
         return ids.tolist()
     return [(i, p, token_text(model, i)) for i, p in zip(ids.tolist(), probs.tolist())]
@@ -174,27 +179,38 @@ def test_prompt(model, prompt, answer: str, top_k: int = 10, prepend_space: bool
 def logit_lens(
     model,
     text,
+    top_k: int = 5,
     layers: list[int] | None = None,
+    position: int | None = None,
     plot: bool = False,
     max_display_tokens: int = 15,
     figsize=(16, 10),
-    top_k: int = 5,
     save_path=None,
 ) -> LogitLensResult:
     """What each layer predicts at each position of ``text`` (a string or token ids).
 
     Returns a LogitLensResult: ``result[layer][position]`` is the top-k list of
-    ``(token_id, probability, token_text)``. ``plot=True`` draws the layers x positions heatmap
-    (shown inline in a notebook; written to ``save_path`` when given).
+    ``(token_id, probability, token_text)``. ``position`` (negative counts from the end) keeps
+    that position only: ``result[layer][0]``. ``plot=True`` draws the layers x positions heatmap
+    (shown inline in a notebook; written to ``save_path`` when given). Positional arguments
+    follow upstream mlxterp's order (text, top_k, layers, position, plot); a list in top_k's
+    place is taken as ``layers``.
     """
+    if isinstance(top_k, (list, tuple, range)) and layers is None:  # logit_lens(text, [0, 5])
+        top_k, layers = 5, top_k
     arch = model.architecture_or_raise("the logit lens")
     layers = options.layers(layers, arch.n_layers)
     top_k = options.top_k(top_k, model.embedding_vocab_size)
-    token_ids = prompt_ids(model, text)
+    token_ids = shown = prompt_ids(model, text)
+    if position is not None:  # the lens at a position depends on the tokens up to it only
+        end = options.index(position, len(token_ids), "position", "position") + 1
+        text = text if isinstance(text, str) else ids_text(model, token_ids)
+        token_ids, shown = token_ids[:end], token_ids[end - 1 : end]
+    first = len(token_ids) - len(shown)  # the first position shown
     if model.sharding is not None and model.sharding.mode == "pipeline":
-        all_ids, all_probs = _staged_lens(model, token_ids, layers, top_k)
+        all_ids, all_probs = _staged_lens(model, token_ids, layers, top_k, first)
     else:  # tensor parallelism: the residual stream and the unembedding are on every rank
-        resid = mx.stack([x[0] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
+        resid = mx.stack([x[0][first:] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
         chunk = layers_per_chunk(model, resid)
         ids_parts, probs_parts = [], []
         for start in range(0, len(layers), chunk):
@@ -205,7 +221,7 @@ def logit_lens(
     name = token_namer(model)
     rows = prediction_rows(all_ids, all_probs, name)
     predictions = dict(zip(layers, rows))
-    result = LogitLensResult(**lens_fields(model, text, token_ids, layers, predictions, top_k, name))
+    result = LogitLensResult(**lens_fields(model, text, shown, layers, predictions, top_k, name))
     if plot:
         result.plot(save_path, max_display_tokens=max_display_tokens, figsize=figsize)
     return result
@@ -256,10 +272,10 @@ def layer_outputs(model, token_ids: list[int], layers: list[int]) -> list[mx.arr
     return outputs
 
 
-def _staged_lens(model, token_ids: list[int], layers: list[int], top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The lens of a pipeline-parallel model: each stage projects the layers it runs (every
-    stage holds the final norm and the unembedding) and only the top-k ids and probabilities
-    travel; (L, T, k) each, on every rank."""
+def _staged_lens(model, token_ids: list[int], layers: list[int], top_k: int, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The lens of a pipeline-parallel model at positions ``first:``: each stage projects the
+    layers it runs (every stage holds the final norm and the unembedding) and only the top-k
+    ids and probabilities travel; (L, T - first, k) each, on every rank."""
     from mlxterp.plugin import Activations, Hooks
 
     names = [f"layers.{i}.output" for i in layers]
@@ -269,7 +285,7 @@ def _staged_lens(model, token_ids: list[int], layers: list[int], top_k: int) -> 
     parts = {}
     for name in names:
         if model.architecture.resolve(name)[0].site in recorded:
-            ids, probs = top_predictions(model, found[name][0], top_k)
+            ids, probs = top_predictions(model, found[name][0][first:], top_k)
             parts[name + ".ids"], parts[name + ".probs"] = ids, probs
     shared = model.sharding.combine(parts)
     return (np.stack([np.array(shared[n + ".ids"]) for n in names]),

@@ -1,4 +1,5 @@
-"""Attention-head detection: previous-token, duplicate-token, induction and first-token heads.
+"""Attention-head detection: previous-token, duplicate-token, induction, first-token and
+current-token heads.
 
 ``model.head_scores(kind, ...)`` scores every query head of every layer on the model's own
 attention probabilities (``layers[i].attn.pattern``) with TransformerLens's definitions

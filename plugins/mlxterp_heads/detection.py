@@ -7,7 +7,8 @@ that kind attends to:
 - ``previous_token``: j = i - 1;
 - ``duplicate_token``: j < i with tok[j] == tok[i];
 - ``induction``: 1 <= j <= i with tok[j - 1] == tok[i] (the token after an earlier copy);
-- ``first_token``: j = 0 (BOS when the sequence starts with one).
+- ``first_token``: j = 0 (BOS when the sequence starts with one);
+- ``current_token``: j = i.
 
 For a head's pattern A (T, T) over the real rows of a sequence of length T:
 
@@ -38,7 +39,7 @@ from mlxterp.plugin import Activations, Hooks, InputError
 
 from .results import HeadScores, InductionLoss
 
-KINDS = ("previous_token", "duplicate_token", "induction", "first_token")
+KINDS = ("previous_token", "duplicate_token", "induction", "first_token", "current_token")
 MEASURES = ("mul", "abs", "stripe")
 MEMORY_BUDGET = 512 * 2**20  # bytes of float32 attention probabilities per forward pass
 
@@ -53,6 +54,8 @@ def detection_pattern(kind: str, tokens: mx.array) -> mx.array:
         marked = mx.broadcast_to(j == i - 1, (tokens.shape[0], length, length))
     elif kind == "first_token":
         marked = mx.broadcast_to(j == 0, (tokens.shape[0], length, length))
+    elif kind == "current_token":
+        marked = mx.broadcast_to(j == i, (tokens.shape[0], length, length))
     elif kind == "duplicate_token":
         marked = (tokens[:, :, None] == tokens[:, None, :]) & (j < i)
     else:  # induction: column j marks tok[j - 1] == tok[i]
@@ -77,6 +80,8 @@ def score_patterns(
         raise InputError(f"error_measure={error_measure!r}: score_patterns takes 'mul' or 'abs'.")
     if kind == "first_token" and exclude_bos:
         raise InputError("first_token with exclude_bos=True removes everything it measures; drop exclude_bos.")
+    if kind == "current_token" and exclude_current_token:
+        raise InputError("current_token with exclude_current_token=True removes everything it measures; drop it.")
     if patterns.ndim == 3:
         patterns = patterns[None]
     if tokens.ndim == 1:
@@ -175,7 +180,7 @@ def head_scores(
     """How much each query head of each layer behaves as a ``kind`` head (see the module doc).
 
     Args:
-        kind: "previous_token", "duplicate_token", "induction" or "first_token".
+        kind: "previous_token", "duplicate_token", "induction", "first_token" or "current_token".
         text: a prompt, a list of prompts (right-padded; padding is never scored) or token id
             lists; None scores repeated random tokens (``n_sequences`` of ``n_tokens`` ids x
             ``repeats``, ``seed``, BOS only with ``bos=True``).

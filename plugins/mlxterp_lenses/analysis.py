@@ -10,7 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlxterp_analyses import layers_per_chunk, lens_fields, prediction_rows, project, token_namer, top_of_logits
-from mlxterp.plugin import InputError
+from mlxterp.plugin import InputError, options
+from mlxterp.plugin import token_ids as prompt_ids
 
 from .tuned_lens import TunedLens, log_softmax
 from .results import TunedLensResult
@@ -34,8 +35,9 @@ def tuned_lens(
         raise InputError(f"lens must be a TunedLens (model.train_tuned_lens or TunedLens.load), got {type(lens).__name__}.")
     if lens.num_hidden_layers != arch.n_layers:
         raise InputError(f"this lens has {lens.num_hidden_layers} translators; the model has {arch.n_layers} layers.")
-    layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
-    trace = model.run([text] if isinstance(text, str) else [list(text)], capture=[f"layers.{i}.output" for i in layers])
+    layers = options.layers(layers, arch.n_layers)
+    top_k = options.top_k(top_k, model.embedding_vocab_size)
+    trace = model.run([prompt_ids(model, text)], capture=[f"layers.{i}.output" for i in layers])
     token_ids = trace.inputs[0].tolist()
     final = log_softmax(trace.output[0].astype(mx.float32), axis=-1)  # (T, V)
     final_top = mx.argmax(final, axis=-1)

@@ -13,6 +13,7 @@ linearly to 0, weight decay 1e-3, gradient norm clipped at 1, 250 steps of 2^18 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,17 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxterp.plugin import InputError, TextRows, default_corpus, site_batches, token_windows, train_steps, trainable
+from mlxterp.plugin import (
+    InputError,
+    OptionError,
+    TextRows,
+    default_corpus,
+    options,
+    site_batches,
+    token_windows,
+    train_steps,
+    trainable,
+)
 from mlxterp_analyses import project
 
 from .results import LensEvaluation
@@ -46,6 +57,8 @@ def train_tuned_lens(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
     progress: bool = True,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> TunedLens:
     """Train a tuned lens for ``model`` on ``corpus`` (default: ``default_corpus()``, read again
     from its start whenever it runs out) and return it.
@@ -57,26 +70,36 @@ def train_tuned_lens(
             stream's one policy).
         context_size: tokens per window of a micro-batch (one forward pass).
         batch_size: windows per micro-batch.
-        lr: SGD-Nesterov's learning rate, decaying linearly to 0, as in the reference.
-        momentum: Nesterov momentum.
-        weight_decay: weight decay.
+        lr: SGD-Nesterov's learning rate (> 0), decaying linearly to 0, as in the reference.
+        momentum: Nesterov momentum, in (0, 1).
+        weight_decay: weight decay (>= 0).
         grad_clip: the gradient norm is clipped to this (0: no clipping).
         checkpoint_dir: save the lens, the optimiser state and the data position there every
             ``checkpoint_every`` steps; a later call with the same folder resumes from it.
         progress: a progress bar (silent when not on a terminal or in a notebook).
+        encoding: the text encoding of a corpus file (see ``mlxterp.read_documents``).
+        errors: what to do with bytes that do not decode ("strict": a CorpusError).
     """
-    if num_steps < 1 or tokens_per_step < 1:
-        raise InputError("num_steps and tokens_per_step must be positive.")
-    lens = lens or TunedLens.for_model(model)
     arch = model.architecture_or_raise("the tuned lens")
-    if lens.num_hidden_layers != arch.n_layers:
-        raise InputError(f"this lens has {lens.num_hidden_layers} translators; the model has {arch.n_layers} layers.")
+    num_steps, tokens_per_step, context_size, batch_size, checkpoint_every = (
+        options.integer(value, option, 1) for option, value in (
+            ("num_steps", num_steps), ("tokens_per_step", tokens_per_step), ("context_size", context_size),
+            ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)))
+    lr = options.number(lr, "lr", 0.0, open_low=True)
+    momentum = options.number(momentum, "momentum", 0.0, 1.0, open_low=True, open_high=True)  # Nesterov needs > 0
+    weight_decay = options.number(weight_decay, "weight_decay", 0.0)
+    grad_clip = options.number(grad_clip, "grad_clip", 0.0)  # 0: no clipping
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise OptionError(f"checkpoint_dir={checkpoint_dir!r:.60}: expected a folder path, or None.")
+    _check_lens(lens, arch, optional=True)
+    lens = lens or TunedLens.for_model(model)
     corpus = default_corpus() if corpus is None else corpus
     settings = {"num_steps": num_steps, "tokens_per_step": tokens_per_step, "context_size": context_size,
                 "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                 "grad_clip": grad_clip}
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
-    rows = TextRows(model, corpus, names, context_size=context_size, batch_size=batch_size, outputs=True)
+    rows = TextRows(model, corpus, names, context_size=context_size, batch_size=batch_size, outputs=True,
+                    encoding=encoding, errors=errors)
     trainer = _LensTrainer(model, lens, names, num_steps, lr, momentum, weight_decay, grad_clip)
     before = lens.steps_trained
     run = train_steps(trainer, _Steps(rows, tokens_per_step), num_steps, checkpoint_dir=checkpoint_dir,
@@ -175,16 +198,23 @@ def evaluate_tuned_lens(
     context_size: int = 512,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> LensEvaluation:
     """Mean KL(final || lens) in nats per translator (the stream entering each block), for the
     tuned lens and the logit lens, over the tokens of ``corpus`` that trainers use (no
-    padding, BOS or window start)."""
+    padding, BOS or window start). A corpus file is decoded with ``encoding`` and ``errors``
+    (see ``mlxterp.read_documents``)."""
     arch = model.architecture_or_raise("the tuned lens")
+    _check_lens(lens, arch)
+    context_size, batch_size = options.integer(context_size, "context_size", 1), options.integer(batch_size, "batch_size", 1)
+    max_tokens = None if max_tokens is None else options.integer(max_tokens, "max_tokens", 1)
     names = [f"layers.{i}.input" for i in range(arch.n_layers)]
     tuned = mx.zeros(arch.n_layers)
     logit = mx.zeros(arch.n_layers)
     counted = 0
-    windows = token_windows(model, corpus, context_size, batch_size=batch_size, max_tokens=max_tokens)
+    windows = token_windows(model, corpus, context_size, batch_size=batch_size, max_tokens=max_tokens,
+                            encoding=encoding, errors=errors)
     for batch, acts, output in site_batches(model, windows, names, outputs=True):
         keep = mx.array(trainable(batch).reshape(-1).nonzero()[0])
         if keep.size == 0:
@@ -205,6 +235,15 @@ def evaluate_tuned_lens(
 
 
 # -- pieces -------------------------------------------------------------------------------------
+
+
+def _check_lens(lens, arch, optional: bool = False) -> None:
+    if lens is None and optional:
+        return
+    if not isinstance(lens, TunedLens):
+        raise OptionError(f"lens={lens!r:.60}: expected a TunedLens (TunedLens.for_model(model) or TunedLens.load(path)).")
+    if lens.num_hidden_layers != arch.n_layers:
+        raise OptionError(f"lens: this lens has {lens.num_hidden_layers} translators; the model has {arch.n_layers} layers.")
 
 
 def _kl_sum(model, hidden: mx.array, target_logp: mx.array) -> mx.array:

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.plugin import Display, InputError, write_atomic
+from mlxterp.plugin import Display, InputError, options, read_json, read_safetensors, write_atomic
 
 WEIGHTS = "params.safetensors"
 REFERENCE_WEIGHTS = "params.pt"
@@ -42,6 +42,7 @@ class TunedLens(Display, nn.Module):
     def __init__(self, d_model: int, num_hidden_layers: int, bias: bool = True,
                  base_model_name_or_path: str = "", unembed_hash: str | None = None):
         super().__init__()
+        d_model, num_hidden_layers = options.integer(d_model, "d_model", 1), options.integer(num_hidden_layers, "num_hidden_layers", 1)
         self.layer_translators = [nn.Linear(d_model, d_model, bias=bias) for _ in range(num_hidden_layers)]
         for translator in self.layer_translators:
             translator.weight = mx.zeros_like(translator.weight)
@@ -91,6 +92,8 @@ class TunedLens(Display, nn.Module):
 
     def transform_hidden(self, hidden: mx.array, index: int) -> mx.array:
         """``h + A_index h + b_index`` for the stream entering block ``index``, (..., D)."""
+        index = options.index(index, self.num_hidden_layers, "index", "translator")
+        hidden = options.vectors(hidden, self._config["d_model"], "hidden")
         return hidden + self.layer_translators[index](hidden)
 
     def __call__(self, hidden: mx.array, index: int) -> mx.array:
@@ -134,16 +137,24 @@ class TunedLens(Display, nn.Module):
         """Read a lens folder (ours, or the reference's ``params.pt`` where torch is installed).
         With ``model``, warn when the lens was trained on another unembedding."""
         path = Path(path)
+        if not (path / CONFIG).is_file() and path.with_suffix(".npz").is_file() and path.with_suffix(".json").is_file():
+            raise InputError(
+                f"{str(path)!r} holds upstream mlxterp's tuned-lens files (.npz + .json), which mlxterp does not "
+                "read: train a lens with model.train_tuned_lens(...) and save it in the tuned-lens layout "
+                "(docs/guide/migrating.md)."
+            )
         if not (path / CONFIG).is_file():
             raise InputError(f"no tuned lens at {str(path)!r}: expected a folder with {CONFIG} and {WEIGHTS}.")
+        expected = "a tuned lens (saved by TunedLens.save or the tuned-lens package)"
+        config = read_json(path / CONFIG, f"the {CONFIG} of {expected}", error=InputError)
         try:
-            config = json.loads((path / CONFIG).read_text())
             lens = cls(int(config["d_model"]), int(config["num_hidden_layers"]), bool(config.get("bias", True)),
                        config.get("base_model_name_or_path") or "", config.get("unembed_hash"))
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path / CONFIG} is not a tuned-lens config ({type(e).__name__}: {e}).") from None
         if (path / WEIGHTS).is_file():
-            state = mx.load(str(path / WEIGHTS))
+            state = read_safetensors(path / WEIGHTS, f"the weights of {expected}", error=InputError,
+                                     advice="Save the lens again, or retrain it.")
         elif (path / REFERENCE_WEIGHTS).is_file():
             state = _torch_state(path / REFERENCE_WEIGHTS)
         else:
@@ -175,5 +186,8 @@ def _torch_state(path: Path) -> dict[str, mx.array]:
         import torch
     except ImportError:
         raise InputError(f"{path} is a torch file; install torch to read it, or convert it to {WEIGHTS}.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a short or foreign file
+        raise InputError(f"{path} is corrupt or truncated: torch cannot read it ({type(e).__name__}: {e}).") from None
     return {key: mx.array(value.float().numpy()) for key, value in state.items()}

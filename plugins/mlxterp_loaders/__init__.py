@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlxterp.plugin import hookimpl
-from mlxterp.plugin import LoadError
+from mlxterp.plugin import LoadError, hookimpl, read_json
 
 
 def load_gguf(source: Any, **options):
@@ -32,16 +31,11 @@ def load_mlx_lm_directory(source: Any, lazy: bool = False, **options):
             f"{', '.join(found) or 'nothing'}). Pass a model directory (config.json, *.safetensors, "
             "tokenizer files), a .gguf file, or a Hugging Face repo id."
         )
-    import json
-
     from mlx_lm import load as mlx_lm_load
 
     from .hf_config import check_required, legacy_keys
 
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path / 'config.json'} is not readable JSON ({e}).") from None
+    config = read_json(path / "config.json", "an mlx-lm model config", error=LoadError)
     added = legacy_keys(config)  # transformers 5's keys, in the names mlx-lm reads
     check_required({**config, **added})
     try:

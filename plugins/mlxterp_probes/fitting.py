@@ -19,7 +19,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import Display, InputError
+from mlxterp.plugin import Display, InputError, options
 
 NEWTON_STEPS = 30
 
@@ -143,7 +143,15 @@ def fit(x: mx.array, y, method: str = "logistic", l2: float = 1e-2) -> LinearPro
 
 def auroc(scores, labels) -> float:
     """Area under the ROC curve of ``scores`` for 0/1 ``labels`` (Mann-Whitney, ties halved)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    try:
+        scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    except (TypeError, ValueError):
+        scores = labels = None
+    if scores is None or scores.ndim != 1 or labels.shape != scores.shape or not np.isin(labels, (0, 1)).all():
+        raise InputError("auroc(scores, labels): one score per example and a 0/1 label for each, as two lists of one length.")
+    if np.isnan(scores).any():
+        raise InputError("auroc: the scores hold NaN.")
+    labels = labels.astype(bool)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -159,12 +167,14 @@ def auroc(scores, labels) -> float:
 def split_groups(groups, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Boolean (N,) train and test masks: whole groups go to one side, the test side gets about
     ``test_fraction`` of the groups (at least one), chosen with ``seed``."""
+    test_fraction = options.number(test_fraction, "test_fraction", 0.0, 1.0, open_low=True, open_high=True)
+    seed = options.integer(seed, "seed", 0)
     groups = np.asarray(groups)
+    if groups.ndim != 1 or groups.dtype.kind not in "biuUS":
+        raise InputError(f"groups={groups!r:.60}: give one group id (an int or a string) per example.")
     unique = np.unique(groups)
     if len(unique) < 2:
         raise InputError("a group split needs at least two groups (give groups=, or more examples).")
-    if not 0 < test_fraction < 1:
-        raise InputError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(unique)[: max(1, int(round(test_fraction * len(unique))))]
     test = np.isin(groups, chosen)
@@ -172,8 +182,11 @@ def split_groups(groups, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.
 
 
 def _checked(x, y) -> tuple[mx.array, mx.array]:
-    x = mx.array(x).astype(mx.float32)
-    y = mx.array(np.asarray(y, dtype=np.float32))
+    try:
+        x = mx.array(x).astype(mx.float32)
+        y = mx.array(np.asarray(y, dtype=np.float32))
+    except (TypeError, ValueError):
+        raise InputError("a probe fits (N, D) activations (numbers) to (N,) 0/1 labels.") from None
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise InputError(f"a probe fits (N, D) activations to (N,) labels; got {tuple(x.shape)} and {tuple(y.shape)}.")
     values = set(np.unique(np.array(y)).tolist())

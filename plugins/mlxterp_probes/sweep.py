@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import InputError, progress_over, site_batches
+from mlxterp.plugin import InputError, OptionError, options, progress_over, site_batches
 
 from .fitting import auroc, fit, fit_logistic_sites, split_groups
 from .results import ProbeSweep
@@ -24,7 +24,7 @@ MAX_STORED_PROJECTIONS = 2000
 
 def probe_sites(model, layers: list[int] | None = None, component: str = "output", include_embed: bool = True) -> list[str]:
     arch = model.architecture_or_raise("probes")
-    layers = list(range(arch.n_layers)) if layers is None else [int(i) for i in layers]
+    layers = options.layers(layers, arch.n_layers)
     return (["embed"] if include_embed else []) + [f"layers.{i}.{component}" for i in layers]
 
 
@@ -77,17 +77,9 @@ def sweep(
     texts: Sequence[str] = (),
 ) -> ProbeSweep:
     """Fit one probe per site on features (S, N, D) and score it on held-out groups."""
-    labels = np.asarray(labels)
+    fit_options(method, l2, test_fraction, seed)
+    labels, train, test = split(labels, groups, features.shape[1], test_fraction, seed)
     n = features.shape[1]
-    if labels.shape != (n,):
-        raise InputError(f"{len(labels)} labels for {n} examples.")
-    groups = np.arange(n) if groups is None else np.asarray(groups)
-    if groups.shape != (n,):
-        raise InputError(f"{len(groups)} groups for {n} examples.")
-    train, test = split_groups(groups, test_fraction, seed)
-    for side, mask in (("training", train), ("test", test)):
-        if len(set(labels[mask].tolist())) < 2:
-            raise InputError(f"the {side} split has only one class; give more groups or change seed/test_fraction.")
     train_index, test_index = mx.array(np.flatnonzero(train)), mx.array(np.flatnonzero(test))
     accuracy, train_accuracy, areas, directions, biases, projections = [], [], [], [], [], []
     if method == "logistic":  # every site's probe in one batched fit
@@ -112,6 +104,33 @@ def sweep(
         n_train=int(train.sum()), n_test=int(test.sum()), labels=labels.astype(int).tolist(),
         texts=[t if isinstance(t, str) else str(t) for t in texts], projections=projections,
     )
+
+
+def fit_options(method: str, l2: float, test_fraction: float, seed: int) -> None:
+    """Check the options of a probe sweep (OptionError naming the option, value and range)."""
+    options.choice(method, ("logistic", "mass_mean"), "method")
+    options.number(l2, "l2", 0.0, open_low=True)  # Newton's step needs the penalty when a class is separable
+    options.number(test_fraction, "test_fraction", 0.0, 1.0, open_low=True, open_high=True)
+    options.integer(seed, "seed", 0)
+
+
+def split(labels, groups, n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, train mask, test mask) for ``n`` examples: one 0/1 label per example, both
+    classes on both sides of the group split."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise OptionError(f"labels: {labels.shape[0] if labels.ndim else 'a scalar'} for {n} examples; give one 0/1 label per example.")
+    values = set(np.unique(labels).tolist()) if labels.dtype.kind in "biuf" else {None}
+    if not values <= {0, 1} or len(values) < 2:
+        raise OptionError(f"labels must be 0/1 with both classes present; got the values {sorted(map(str, values))[:6]}.")
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if groups.shape != (n,):
+        raise OptionError(f"groups: {groups.shape[0] if groups.ndim else 'a scalar'} for {n} examples; give one group id per example.")
+    train, test = split_groups(groups, test_fraction, seed)
+    for side, mask in (("training", train), ("test", test)):
+        if len(set(labels[mask].tolist())) < 2:
+            raise OptionError(f"the {side} split has only one class; give more groups or change seed/test_fraction.")
+    return labels.astype(np.int64), train, test
 
 
 def probe(
@@ -142,13 +161,33 @@ def probe(
         component: probe ``layers[i].<component>`` (default the layer's output), plus the
             embeddings as the baseline when ``include_embed``.
         position: "last" (each prompt's last real token), "mean" or an index.
-        method: "logistic" (L2 ``l2``, standardised features) or "mass_mean".
+        method: "logistic" (L2 ``l2`` > 0, standardised features) or "mass_mean".
+        test_fraction: about this fraction of the groups, in (0, 1), is held out.
+        seed: chooses the held-out groups (>= 0).
+
+    Every option is checked before the first forward pass (an OptionError naming it).
 
     Returns:
         ProbeSweep: per site the held-out accuracy and AUROC, ``best()``, ``plot()`` and
         ``steering_vector(layer)`` for the steering API.
     """
+    texts = options.prompts(texts, "texts")
+    fit_options(method, l2, test_fraction, seed)
+    split(labels, groups, len(texts), test_fraction, seed)
+    batch_size = options.integer(batch_size, "batch_size", 1)
     sites = probe_sites(model, layers, component, include_embed)
+    arch = model.architecture_or_raise("probes")
+    for site in sites:
+        arch.resolve(site)  # a component this family lacks is an error before anything runs
+    if isinstance(position, (int, np.integer)) and not isinstance(position, bool):
+        position = int(position)
+    elif not isinstance(position, str) or position not in ("last", "mean"):
+        raise OptionError(f"position={position!r:.60}: use 'last', 'mean' or an int.")
+    if isinstance(position, int):
+        shortest = min(model.prepare_inputs(texts).lengths)
+        if not -shortest <= position < shortest:
+            raise OptionError(f"position={position}: the shortest prompt has {shortest} tokens, so it must be in "
+                              f"[{-shortest}, {shortest - 1}] (negative counts from each prompt's last token).")
     features = collect(model, texts, sites, position, batch_size, progress)
     result = sweep(features, labels, sites, groups=groups, method=method, l2=l2, test_fraction=test_fraction,
                    seed=seed, position=position, texts=texts)
@@ -172,8 +211,12 @@ def probe_dataset(
     ``labels[d]`` is document d's 0/1 label; documents are the groups. ``position`` "last" uses
     each document's last cached token, "mean" its mean over cached non-BOS tokens, "all" every
     non-BOS token (labelled by its document)."""
-    sites = list(dataset.sites) if sites is None else [dataset.site_name(s) for s in sites]
+    options.choice(position, ("last", "mean", "all"), "position")
+    fit_options(method, l2, test_fraction, seed)
+    sites = list(dataset.sites) if sites is None else [dataset.site_name(s) for s in options.prompts(sites, "sites")]
     labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "biuf" or not set(np.unique(labels).tolist()) <= {0, 1}:
+        raise OptionError(f"labels must be one 0/1 label per document of the dataset; got {labels!r:.60}.")
     document, bos = np.asarray(dataset.document), np.asarray(dataset.bos)
     rows = np.flatnonzero(~bos)
     docs = document[rows]

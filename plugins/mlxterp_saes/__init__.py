@@ -10,12 +10,15 @@ from __future__ import annotations
 from mlxterp.plugin import hookimpl
 
 from .architectures import Architecture, get_architecture, register_architecture
+from .architectures.batchtopk import train_activation as batchtopk_relu
+from .architectures.jumprelu import _jump as jumprelu_ste
+from .architectures.jumprelu import _step as heaviside_ste
 from .architectures.topk import topk_relu
-from .evaluate import SAEEvaluation, explained_variance, mse, normalized_mse
+from .evaluate import Accumulator, SAEEvaluation, explained_variance, mse, normalized_mse
 from .features import Example, FeatureAttribution, FeatureExamples, feature_attribution, top_activations
 from .formats import load_sae, save_sae
 from .training import TrainingLog, train_sae
-from .sae import SAE, SAEConfig, SAEError
+from .sae import SAE, SAEConfig, SAEError, site_width
 
 
 @hookimpl
@@ -26,6 +29,7 @@ def mlxterp_exports():
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SAEEvaluation", "TrainingLog", "Example", "FeatureExamples",
     "FeatureAttribution", "load_sae", "save_sae", "train_sae", "top_activations", "feature_attribution",
-    "explained_variance", "mse", "normalized_mse", "topk_relu", "register_architecture", "get_architecture",
-    "Architecture",
+    "explained_variance", "mse", "normalized_mse", "topk_relu", "batchtopk_relu", "jumprelu_ste", "heaviside_ste",
+    "register_architecture", "get_architecture",
+    "Architecture", "Accumulator", "site_width",
 ]

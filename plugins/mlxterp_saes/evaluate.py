@@ -159,8 +159,11 @@ def evaluate(
     batch_size: int = 8,
     dense_threshold: float = DENSE,
     progress: bool | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> SAEEvaluation:
-    """Evaluate ``sae`` spliced into ``model`` on ``texts`` (a list of strings or a corpus path).
+    """Evaluate ``sae`` spliced into ``model`` on ``texts`` (a list of strings or a corpus path,
+    decoded with ``encoding`` and ``errors``: see ``mlxterp.read_documents``).
 
     ``n_tokens`` caps the tokens read (None: all), in windows of ``context_size`` tokens
     (default: the SAE's own context size, else 128).
@@ -175,7 +178,8 @@ def evaluate(
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl = {"sae": 0.0, "zero": 0.0}
     counted = 0
-    windows = token_windows(model, texts, context, batch_size=batch_size, max_tokens=n_tokens)
+    windows = token_windows(model, texts, context, batch_size=batch_size, max_tokens=n_tokens,
+                            encoding=encoding, errors=errors)
     windows = progress_over(windows, n_tokens, "evaluate", progress is not False, "tok", lambda b: b.n_tokens)
     for batch, clean, clean_logits in site_batches(model, windows, list(dict.fromkeys([reads, site])), outputs=True):
         keep = trainable(batch)  # (B, T) positions the SAE works at

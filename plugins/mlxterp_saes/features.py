@@ -16,8 +16,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import Serialisable
-from mlxterp.plugin import Display
+from mlxterp.plugin import Display, Serialisable, options
 
 from .sae import SAE, SAEError
 
@@ -107,18 +106,24 @@ def top_activations(
     prefix: int = 12,
     suffix: int = 4,
     progress: bool | None = None,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> FeatureExamples:
-    """The top-activating contexts of ``features`` over ``texts`` (see the module doc)."""
+    """The top-activating contexts of ``features`` over ``texts`` (see the module doc; a corpus
+    path is decoded with ``encoding`` and ``errors``, see ``mlxterp.read_documents``)."""
     from mlxterp.plugin import progress_over, site_batches, token_windows, trainable
 
-    chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
-    for f in chosen:
-        sae.direction(f)  # range check
+    chosen = _features(sae, features)
+    n_examples, n_quantiles = options.integer(n_examples, "n_examples", 1), options.integer(n_quantiles, "n_quantiles", 1)
+    per_quantile, prefix, suffix = (options.integer(v, name, 0) for name, v in
+                                    (("per_quantile", per_quantile), ("prefix", prefix), ("suffix", suffix)))
+    n_tokens = None if n_tokens is None else options.integer(n_tokens, "n_tokens", 1)
     if model.tokenizer is None:
         raise SAEError("top_activations reads texts: the model needs a tokenizer.")
     select = mx.array(chosen)
     token_rows, value_rows, keep_rows, doc_rows, pos_rows = [], [], [], [], []
-    windows = token_windows(model, texts, context_size, batch_size=batch_size, max_tokens=n_tokens)
+    windows = token_windows(model, texts, context_size, batch_size=batch_size, max_tokens=n_tokens,
+                            encoding=encoding, errors=errors)
     windows = progress_over(windows, n_tokens, "top_activations", progress is not False, "tok", lambda b: b.n_tokens)
     for batch, acts, _ in site_batches(model, windows, [sae.cfg.site]):
         values = mx.take(sae.encode(acts[sae.cfg.site]), select, axis=-1)  # (B, T, F)
@@ -181,7 +186,7 @@ def steer(sae: SAE, feature: int, scale: float, positions=None) -> dict[str, Cal
     ``run`` and ``generate`` (no splice needed): ``model.generate(p, interventions=sae.steer(3, 8.0))``."""
     from mlxterp.plugin import interventions as iv
 
-    add = iv.add_vector(scale * sae.direction(feature))
+    add = iv.add_vector(options.number(scale, "scale") * sae.direction(feature))
     return {sae.site: add if positions is None else add.at(positions=positions)}
 
 
@@ -191,13 +196,23 @@ def ablate(sae: SAE, features: int | Sequence[int], value: float = 0.0, position
     ``(value - f_i) * W_dec[i]``."""
     from mlxterp.plugin import interventions as iv
 
-    chosen = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
-    for f in chosen:
-        sae.direction(f)
+    chosen = _features(sae, features)
+    value = options.number(value, "value")
     mask = mx.array(np.isin(np.arange(sae.cfg.d_sae), chosen))
     edit = iv.Intervention(lambda f: mx.where(mask, mx.array(value, dtype=f.dtype), f),
                            f"set features {chosen} to {value}")
     return {sae.feature_name("features"): edit if positions is None else edit.at(positions=positions)}
+
+
+def _features(sae: SAE, features: int | Sequence[int]) -> list[int]:
+    """Feature indices (one or a non-empty list), each checked against the SAE's width."""
+    if isinstance(features, (int, np.integer)) and not isinstance(features, bool):
+        features = [features]
+    if isinstance(features, (str, bytes)) or not isinstance(features, (Sequence, np.ndarray)) or not len(features):
+        raise SAEError(f"features={features!r:.60}: give a feature index or a non-empty list of them.")
+    for f in features:
+        sae.direction(f)  # range check
+    return [int(f) for f in features]
 
 
 # -- attribution --------------------------------------------------------------------------------

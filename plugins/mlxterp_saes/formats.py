@@ -26,7 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxterp.plugin import FileFormatError, UnknownNameError, read_safetensors, write_atomic
+from mlxterp.plugin import UnknownNameError, read_json, read_safetensors, write_atomic
 from mlxterp.plugin import StandardName, parse
 
 from .architectures import architectures
@@ -76,6 +76,12 @@ def load_sae(
     elif any(name in files for name in GEMMA_SCOPE):
         name = next(name for name in GEMMA_SCOPE if name in files)
         sae = _gemma_scope(folder / name, site)
+    elif {"config.json", "weights.safetensors"} <= set(files):
+        raise SAEError(
+            f"{path} is upstream mlxterp's SAE folder (config.json + weights.safetensors), which mlxterp does not "
+            "read: train one with mlxterp.train_sae(...), which writes SAELens's format, or load an SAELens or "
+            "Gemma Scope SAE (docs/guide/migrating.md)."
+        )
     else:
         raise SAEError(
             f"{path}: no SAE files found (looked for {CFG} + {WEIGHTS}, or {' / '.join(GEMMA_SCOPE)}); "
@@ -115,12 +121,7 @@ def check_sites(sae: SAE, model, where: str = "the SAE") -> None:
 
 def _saelens(folder: Path, norm_scaling_factor: float | None) -> SAE:
     cfg_path = folder / CFG
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise SAEError(f"{cfg_path}: not a readable JSON config ({type(e).__name__}: {e}).") from e
-    if not isinstance(raw, dict):
-        raise SAEError(f"{cfg_path}: the config is a JSON {type(raw).__name__}, not an object.")
+    raw = read_json(cfg_path, "an SAE config (SAELens cfg.json)", error=SAEError)
     cfg_dict = _v6(raw)
     weights = _read_tensors(folder / WEIGHTS)
     trained = next((a for a in architectures() if a.name == cfg_dict.get("architecture") and a.from_checkpoint), None)
@@ -196,9 +197,10 @@ def _major(version: str) -> int:
 
 def _config(cfg: dict[str, Any], cfg_path: Path) -> SAEConfig:
     meta = dict(cfg.get("metadata") or {})
-    for field in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(field), int):
-            raise SAEError(f"{cfg_path}: cfg field {field!r} is missing or not an integer ({cfg.get(field)!r}).")
+    for field in ("d_in", "d_sae", "d_out", "k"):
+        value = cfg.get(field)
+        if (field in ("d_in", "d_sae") or value is not None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SAEError(f"{cfg_path}: cfg field {field!r} is missing or not a positive integer ({value!r}).")
     if meta.get("hook_head_index") is not None:
         raise SAEError(
             f"{cfg_path}: metadata.hook_head_index = {meta['hook_head_index']} (an SAE on one attention head) "
@@ -272,13 +274,10 @@ def _legacy_tensors(weights: dict[str, mx.array], where: Path) -> dict[str, mx.a
 
 
 def _read_tensors(path: Path) -> dict[str, mx.array]:
-    if not path.is_file():
-        raise SAEError(f"{path}: file not found.")
     if path.suffix == ".safetensors":  # float64 ones too, which MLX does not read, as float32
-        try:
-            return read_safetensors(path, "SAE tensors")
-        except FileFormatError as e:
-            raise SAEError(str(e)) from None
+        return read_safetensors(path, "SAE tensors", error=SAEError, advice="Download or save the SAE again.")
+    if not path.is_file():
+        raise SAEError(f"{path}: no such file (expected SAE tensors).")
     try:
         found = mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError / ValueError on truncated or foreign files

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlxterp.plugin import Display, UnknownNameError, transformerlens_name
 
@@ -190,11 +191,18 @@ class SAE(Display, nn.Module):
     def _heads(self, x: mx.array | None, width: int) -> int | None:
         """D when ``x`` is (..., H, D) with H * D = ``width``: any such input of a hook_z SAE
         (SAELens merges the last two axes), a (B, T, H, D) one of any SAE; else None."""
-        if x is None or x.ndim < 2 or x.shape[-1] == width or x.shape[-1] * x.shape[-2] != width:
+        if not isinstance(x, mx.array) or x.ndim < 2 or x.shape[-1] == width or x.shape[-1] * x.shape[-2] != width:
             return None
         return int(x.shape[-1]) if x.ndim == 4 or self.cfg.reshape == "hook_z" else None
 
     def _flat(self, x: mx.array, width: int, what: str) -> mx.array:
+        if not isinstance(x, mx.array):
+            try:
+                x = mx.array(x)
+            except (TypeError, ValueError):
+                x = None
+        if x is None or x.ndim == 0 or not (mx.issubdtype(x.dtype, mx.number) or x.dtype == mx.bool_):
+            raise SAEError(f"SAE {what}: expected an array of numbers (..., {width}), got {type(x).__name__}.")
         if self._heads(x, width):
             x = x.reshape(*x.shape[:-2], width)
         if x.shape[-1] != width:
@@ -216,7 +224,7 @@ class SAE(Display, nn.Module):
 
     def pre_acts(self, x: mx.array) -> mx.array:
         """(..., d_in) -> (..., d_sae): ``h`` (for Gated, the magnitude path's pre-activation)."""
-        return self.architecture.pre_acts(self, self.process_input(x))
+        return self.architecture.pre_acts(self, self.process_input(self._flat(x, self.cfg.d_in, "input")))
 
     def activation(self, h: mx.array, x: mx.array | None = None) -> mx.array:
         """Features from pre-activations (Gated needs the input ``x`` for its gate)."""
@@ -240,7 +248,7 @@ class SAE(Display, nn.Module):
         d_out = self.cfg.d_out or self.cfg.d_in
         heads = self._heads(x, self.cfg.d_in) if x is not None else self.d_head
         x = None if x is None else self._flat(x, self.cfg.d_in, "input")
-        out = self.architecture.decode(self, f, x)
+        out = self.architecture.decode(self, self._flat(f, self.cfg.d_sae, "features"), x)
         if not self.cfg.is_transcoder:
             out = self._denormalise(out, x)
         if heads and self.cfg.reshape == "hook_z":
@@ -357,6 +365,8 @@ class SAE(Display, nn.Module):
 
     def direction(self, feature: int) -> mx.array:
         """W_dec[feature], (d_out,): what one unit of the feature adds to the site."""
+        if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)):
+            raise SAEError(f"feature={feature!r:.40}: expected a feature index (an int).")
         if not 0 <= int(feature) < self.cfg.d_sae:
             raise SAEError(f"feature {feature} is out of range: this SAE has {self.cfg.d_sae} features (0..{self.cfg.d_sae - 1}).")
         return self.W_dec[int(feature)]

@@ -119,6 +119,8 @@ def train_sae(
     save_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
     log_every: int = 10,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> SAE | list[SAE]:
     """Train an SAE (or one per site, all from the same forward passes) and return it.
 
@@ -153,6 +155,8 @@ def train_sae(
         save_dir: save each trained SAE there in the SAELens v6 layout (one folder per site).
         progress: False hides the tqdm bar with live L0 / FVU / dead fraction (shown only
             when stderr is a terminal).
+        encoding: the text encoding of a corpus file (see ``mlxterp.read_documents``).
+        errors: what to do with bytes that do not decode ("strict": a CorpusError).
 
     Returns:
         the SAE, or a list of SAEs (one per site) when ``site`` is a list. Each has
@@ -177,6 +181,7 @@ def train_sae(
     names = [_standard(model, s) for s in sites]
     if len(set(names)) != len(names):
         raise SAEError(f"the same site is named twice in {sites}.")
+    _check_arrays(names, data)
     steps = max(1, n_tokens // batch_size)
     dead_tokens = dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_tokens // 10))
     settings = dict(architecture=arch.training_name, d_sae=d_sae, k=k, expansion=expansion, lr=lr, l1=l1_coefficient,
@@ -186,8 +191,8 @@ def train_sae(
     sizes = [d_sae] if d_sae is not None else sorted({expansion * _site_width(model, n, data) for n in names})
     for size in sizes:  # d_sae of each SAE
         arch.check_options(settings, size)
-    batches = _batches(_source(model, names, data, context_size, forward_batch, seed, skip_first), batch_size,
-                       buffer_tokens, seed)
+    source = _source(model, names, data, context_size, forward_batch, seed, skip_first, encoding, errors)
+    batches = _batches(source, batch_size, buffer_tokens, seed)
     group = _Group(names, settings, log_every)
     run = train_steps(group, batches, steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       settings=settings, progress=progress, desc="train_sae", what="train_sae", error=SAEError)
@@ -411,8 +416,17 @@ def _site_width(model, site: str, data) -> int:
     return site_width(model, site)
 
 
+def _check_arrays(sites: list[str], data: Any) -> None:
+    """Activations given as arrays (one, or a dict site -> array) must hold (N, d) rows."""
+    arrays = {sites[0]: data} if isinstance(data, (mx.array, np.ndarray)) else data if isinstance(data, dict) else {}
+    for site, value in arrays.items():
+        shape = getattr(value, "shape", None)
+        if not shape or not shape[-1] or not np.prod(shape):
+            raise SAEError(f"the activations given for {site} have shape {shape}: give an array of (N, d) rows, N >= 1.")
+
+
 def _source(model, sites: list[str], data: Any, context_size: int, forward_batch: int, seed: int,
-            skip_first: bool = True) -> RowSource:
+            skip_first: bool = True, encoding: str = "utf-8", errors: str = "strict") -> RowSource:
     """The training rows of ``data`` (see train_sae) as a source of the activation stream."""
     if isinstance(data, ActivationDataset):
         return DatasetRows(data, sites, rng=np.random.default_rng(seed), repeat=True, skip_first=skip_first)
@@ -431,7 +445,8 @@ def _source(model, sites: list[str], data: Any, context_size: int, forward_batch
         raise SAEError(f"data={data[:60]!r} is not a file or folder: pass texts as a list of strings.")
     if model.tokenizer is None:
         raise SAEError("training on texts needs a model with a tokenizer.")
-    return TextRows(model, data, sites, context_size=context_size, batch_size=forward_batch, skip_first=skip_first)
+    return TextRows(model, data, sites, context_size=context_size, batch_size=forward_batch, skip_first=skip_first,
+                    encoding=encoding, errors=errors)
 
 
 def _batches(source: RowSource, batch_size: int, buffer_tokens: int, seed: int) -> Batches:

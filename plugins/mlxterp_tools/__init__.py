@@ -1,7 +1,7 @@
 """mlxterp's tools: the ``mlxterp`` commands ``bench``, ``info``, ``demo`` and ``cache``, the
 benchmark harness and every row of ``mlxterp bench``, and the longer benchmarks, run as
 ``python -m mlxterp_tools.<script>`` (``gpu_trace``, ``cache_gpu``, ``distributed_gpu``,
-``sae_training``, ``snapshot_cost``, ``trace_before_after``).
+``sae_training``, ``transcoder_training``, ``snapshot_cost``, ``trace_before_after``).
 
 A plugin like any other: it adds its commands through the ``mlxterp_commands`` hook and uses
 only ``mlxterp.plugin`` and other plugins' public names. Another plugin adds rows to

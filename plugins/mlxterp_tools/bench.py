@@ -32,6 +32,8 @@ Rows:
   one site, against the forward cut at the last layer it needs (target: cost <= 1.05x).
 - ``saes``: training TopK SAEs from text (:mod:`mlxterp_tools.sae_rows`), one and four from one
   forward, in tokens/s beside the plain forward.
+- ``transcoders``: training a TopK PLT set and a TopK CLT on all 30 layers from text
+  (:mod:`mlxterp_tools.transcoder_rows`), in tokens/s beside the plain forward.
 - ``sharded``: a model sharded over 2 ring ranks of this machine (:mod:`mlxterp_tools.sharded_rows`),
   tensor and pipeline parallel: the forward against the unsharded model run by both ranks at once,
   a residual-stream trace (target <= 1.1x the sharded forward) and many gathered sites (one
@@ -42,7 +44,7 @@ Run it on an otherwise idle machine: on 2 cores another busy process changes tim
 Workloads that need several processes or a GPU with its peers are scripts of this package:
 ``python -m mlxterp_tools.gpu_trace`` (traces against plain MLX, torch and nnsight on one GPU),
 ``mlxterp_tools.cache_gpu`` (caching on one GPU), ``mlxterp_tools.sae_training`` (the longer SAE
-run) and ``mlxterp_tools.distributed_gpu`` (the cache and the patching sweep on 1 and N ranks,
+run), ``mlxterp_tools.transcoder_training`` (PLTs against a CLT on every layer) and ``mlxterp_tools.distributed_gpu`` (the cache and the patching sweep on 1 and N ranks,
 e.g. two GPUs over NCCL: ``python -m mlxterp_tools.distributed_gpu --ranks 2 --backend nccl
 --out DIR``); see docs/performance.md for their figures.
 """
@@ -56,9 +58,11 @@ from mlxterp.plugin import bench_rows
 from .analysis_rows import attribution_rows, probe_rows, w3_logit_lens, w4_patching, w5_steering
 from .cache_rows import cache_rows
 from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
+from .graph_rows import graph_rows
 from .harness import Row, run_rows, write_json
 from .sae_rows import sae_rows
 from .sharded_rows import sharded_rows
+from .transcoder_rows import transcoder_rows
 
 ROWS: dict[str, Callable[[int], list[Row]]] = {
     "W1": w1_forward,
@@ -72,6 +76,8 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "probe": probe_rows,
     "cache": cache_rows,
     "saes": sae_rows,
+    "transcoders": transcoder_rows,
+    "graphs": graph_rows,
     "sharded": sharded_rows,
 }
 """The rows of ``mlxterp bench``, in the order it prints them (other plugins add theirs: the

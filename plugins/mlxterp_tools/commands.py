@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     cache.add_argument("--max-tokens", type=int, help="cache at most this many tokens (default: the whole corpus)")
     cache.add_argument("--shard-tokens", type=int, help="about how many tokens per shard (default: ~256 MiB shards)")
     cache.add_argument("--no-packing", action="store_true", help="one document per window, right-padded (default: packed windows)")
+    cache.add_argument("--encoding", default="utf-8", help="the corpus files' text encoding (default: utf-8)")
+    cache.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore", "backslashreplace", "surrogateescape"],
+                       help="bytes that do not decode: an error naming the line (strict, the default), or replaced, ignored, ...")
     cache.add_argument("--shard", choices=["tensor", "pipeline"], help="split the model across the mlx.launch ranks "
                        "(every rank takes part in every batch; docs/guide/sharded.md) instead of splitting the corpus")
     cache.set_defaults(handler=cache_command)
@@ -109,6 +112,8 @@ def cache_command(args) -> int:
             max_tokens=args.max_tokens,
             shard_tokens=args.shard_tokens,
             group=group,
+            encoding=args.encoding,
+            errors=args.errors,
         )
     except MlxterpError as e:
         print(f"{prefix}: {e}", file=sys.stderr)
