@@ -70,7 +70,6 @@ import numpy as np
 from . import distributed
 from .architecture import Architecture, find_schema, model_type, read_attribute
 from .distributed import DistributedError
-from .errors import MlxterpError
 from .interventions import block_of
 from .schema import ArchitectureSchema
 from .module_probes import walk_modules
