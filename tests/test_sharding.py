@@ -247,3 +247,14 @@ def test_a_model_sharded_over_a_group_of_one_is_the_unsharded_model(mode):
     b = model.run([[3, 1, 4, 1, 5]], capture=names).activations
     assert all(mx.array_equal(a[n], b[n]).item() for n in names)
     assert mlxterp.launch_mode() == "model parallel"
+
+
+def test_attribution_graphs_refuse_a_sharded_model_clearly():
+    """The replacement model's frozen passes and gradients are untested across ranks: a clear
+    error, before any work, rather than numbers nobody checked."""
+    module = tiny_family("llama")
+    sharding.shard(module, "tensor")
+    model = InterpretableModel(module)
+    for call in (lambda: model.attribution_graph([1, 2, 3], None), lambda: model.feature_intervention([1, 2, 3], [], None)):
+        with pytest.raises(sharding.ShardingError, match="attribution graphs .* do not run on a model sharded"):
+            call()
