@@ -242,11 +242,14 @@ def checks(family: str, mode: str, tokenizer, out: str, counter: Collectives) ->
 
     @check("logit_lens")
     def _():
-        a, b = U.logit_lens(IDS[0], top_k=5), S.logit_lens(IDS[0], top_k=5)
-        ids_equal = all([t for t, _, _ in a[l][p]] == [t for t, _, _ in b[l][p]] for l in a.layers for p in range(len(IDS[0])))
-        probs = worst((f"{l}.{p}", np.array([q for _, q, _ in b[l][p]]), np.array([q for _, q, _ in a[l][p]]))
-                      for l in a.layers for p in range(len(IDS[0])))
-        return {**probs, "ids_equal": ids_equal}
+        pairs, ids_equal = [], True
+        for position in (None, 4):  # every position, and one (the tokens up to it only)
+            a, b = U.logit_lens(IDS[0], top_k=5, position=position), S.logit_lens(IDS[0], top_k=5, position=position)
+            shown = range(len(IDS[0]) if position is None else 1)
+            ids_equal &= all([t for t, _, _ in a[l][p]] == [t for t, _, _ in b[l][p]] for l in a.layers for p in shown)
+            pairs += [(f"{position}:{l}.{p}", np.array([q for _, q, _ in b[l][p]]), np.array([q for _, q, _ in a[l][p]]))
+                      for l in a.layers for p in shown]
+        return {**worst(pairs), "ids_equal": ids_equal}
 
     @check("patching")
     def _():
