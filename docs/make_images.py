@@ -2,6 +2,9 @@
 
     python docs/make_images.py          # the matplotlib figures and the HTML views' screenshots
     python docs/make_images.py views    # only the screenshots (headless Chromium, via playwright)
+    python docs/make_images.py graph FOLDER   # the attribution graph of docs/guide/attribution_graphs.md,
+                                              # with the transcoders in FOLDER (e.g. the CLT that
+                                              # python -m mlxterp_tools.transcoder_training --save writes)
 
 The PNGs are committed; rerun this after changing an analysis, its plot or its view.
 """
@@ -54,11 +57,39 @@ def view_screenshots(model) -> None:
         browser.close()
 
 
+def attribution_graph_image(model, folder: str) -> None:
+    """The pruned attribution graph of "The capital of France is" with the transcoders in
+    ``folder``, its features described, hovering the most influential feature."""
+    from playwright.sync_api import sync_playwright
+
+    tc = mlxterp.load_transcoders(folder, model=model)
+    graph = model.attribution_graph("The capital of France is", tc, max_feature_nodes=2048, progress=False)
+    graph.describe_features(model, tc, progress=False)
+    print(graph, graph.scores(), graph.prune(), sep="\n")
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
+        path = graph.to_html(Path(tmp) / "graph.html")
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900}, device_scale_factor=1)
+        page.goto(path.as_uri())
+        pruned = graph.prune()
+        features = [i for i, keep in enumerate(pruned.node_mask[: graph.n_selected]) if keep]
+        top = min(features, key=lambda i: pruned.cumulative_scores[i])
+        page.locator(".mv-graph-node").nth(features.index(top)).click()
+        page.locator(".mlxterp-view").first.screenshot(path=str(IMAGES / "attribution_graph.png"))
+        browser.close()
+    from PIL import Image
+
+    Image.open(IMAGES / "attribution_graph.png").quantize(colors=96).save(IMAGES / "attribution_graph.png", optimize=True)
+
+
 def main() -> None:
     IMAGES.mkdir(exist_ok=True)
     model = mlxterp.load()
     if sys.argv[1:] == ["views"]:
         view_screenshots(model)
+        return
+    if sys.argv[1:2] == ["graph"]:
+        attribution_graph_image(model, sys.argv[2])
         return
     model.logit_lens("The capital of France is").plot(IMAGES / "logit_lens.png")
     model.activation_patching(CLEAN, CORRUPTED, component="mlp").plot(IMAGES / "patching_mlp.png")

@@ -26,6 +26,8 @@ from mlxterp_core.errors import (
 from mlxterp_core.load import default_model_path
 from mlxterp_core.model import InterpretableModel, load
 from mlxterp_core.results import load_result
+from mlxterp_core.distributed import launch_mode
+from mlxterp_core.sharding import ShardingError
 from mlxterp_core.trace import MODEL_OUTPUT, Activations, Trace
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
     "ActivationDataset",
     "DatasetError",
     "load_result",
+    "launch_mode",
+    "ShardingError",
 ]
 
 

@@ -19,7 +19,8 @@ from mlxterp_core.backend import describe as describe_backend
 from mlxterp_core.backend import on_cpu
 from mlxterp_core.corpus import TokenizedCorpus, Windows, default_corpus, read_documents, token_windows, tokenize
 from mlxterp_core.dataset import ActivationDataset, DatasetError
-from mlxterp_core.distributed import map_rows
+from mlxterp_core.distributed import launch_mode, map_rows
+from mlxterp_core.sharding import Sharding, ShardingError
 from mlxterp_core.errors import (
     CorpusError,
     FileFormatError,
@@ -117,6 +118,7 @@ __all__ = [
     "train_steps", "Run", "save_checkpoint", "load_checkpoint",
     # files, progress, distributed
     "read_text", "read_json", "read_safetensors", "write_atomic", "write_json", "progress_bar", "progress_over", "map_rows",
+    "launch_mode", "Sharding", "ShardingError",
     # the result kit
     "Serialisable", "LayerMapping", "index_of",
     # the view kit

@@ -506,6 +506,12 @@ def model_type(model: nn.Module) -> str | None:
 def recognize(model: nn.Module) -> Architecture | None:
     """The architecture of ``model`` from the plugins: a schema whose ``model_types`` lists the
     model's type, else the first plugin that recognises it by code; None if none does."""
+    found = find_schema(model)
+    return None if found is None else Architecture(found[1], model, found[0])
+
+
+def find_schema(model: nn.Module) -> tuple[str, ArchitectureSchema] | None:
+    """(plugin, schema) that :func:`recognize` binds to ``model``, or None."""
     from .plugins import call_each, schemas
 
     kind = model_type(model)
@@ -513,9 +519,9 @@ def recognize(model: nn.Module) -> Architecture | None:
         claims = [(p, s) for p, s in schemas() if kind in s.model_types]
         for plugin, schema in sorted(claims, key=lambda claim: -len(claim[1].when)):
             if all(_holds(model, path, value) for path, value in schema.when.items()):
-                return Architecture(schema, model, plugin)
+                return plugin, schema
     for plugin, schema in call_each("mlxterp_recognize", model=model):
-        return Architecture(schema, model, plugin)
+        return plugin, schema
     return None
 
 

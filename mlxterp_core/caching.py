@@ -15,6 +15,13 @@ temporary file, synced, checksummed, renamed into place, then recorded in the ra
 rerun skips shards whose file matches its journal checksum and re-makes the rest. Rank 0 writes
 ``manifest.json`` last, after a collective check that every rank finished.
 
+A model sharded across the ranks (:mod:`mlxterp_core.sharding`) needs every rank in every
+forward pass, so there every rank runs every batch, and the rank that holds a site writes it:
+under tensor parallelism rank 0 writes every shard (the residual stream is on every rank; a
+sharded site is gathered once per batch); under pipeline parallelism each rank writes the sites
+of the layers it runs (and rank 0 the others) into its own part of every shard, so no
+activation crosses the network.
+
 One writer per folder: every rank holds an advisory lock (``writer-rank{rank}.lock``, naming
 its holder) while it writes, so a second job writing the same folder is refused before it
 changes anything; the system releases a lock when its process dies.
@@ -69,7 +76,7 @@ from .stream import Site, SiteReader, resolve_sites, stop_for, take_rows
 
 SHARD_BYTES = 256 << 20  # default shard size: bounds the RAM per shard and the work lost per crash
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+\.safetensors|writer-rank\d+\.lock)(\.tmp)?$")
+_OURS = re.compile(r"^(manifest\.json|cache\.json|journal-rank\d+\.jsonl|shard-\d+(-rank\d+)?\.safetensors|writer-rank\d+\.lock)(\.tmp)?$")
 _LOCK = re.compile(r"^writer-rank\d+\.lock$")
 
 
@@ -142,6 +149,8 @@ def cache_activations(
     whole: dict[str, mx.array] = {}
     site_list = resolve_sites(model, names, probe, stored, whole)
     stop = stop_for(model, site_list, probe, whole)
+    writers = _writers(model, site_list)  # site -> the rank that writes it (None: shards split by rank)
+    written_by = sorted(set(writers.values())) if writers else []
     bytes_per_token = sum(int(np.prod(s.shape)) * s.dtype.size for s in site_list) + 21
     if shard_tokens is None:
         shard_tokens = max(1, SHARD_BYTES // bytes_per_token)
@@ -162,6 +171,8 @@ def cache_activations(
         "shard_batches": shard_batches,
         "corpus": corpus_id,
     }
+    if len(written_by) > 1:  # a shard in parts, one per writing rank
+        settings["parts"] = {str(r): [s.name for s in site_list if writers[s.name] == r] for r in written_by}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     if not distributed.same_everywhere(bytes.fromhex(fingerprint), group):
         raise distributed.DistributedError(
@@ -183,14 +194,15 @@ def cache_activations(
         except distributed.DistributedError:
             raise error or distributed.DistributedError(f"another rank could not lock {out}; see its error.") from None
         return _write(model, tokens, windows, site_list, stop, shards, settings, fingerprint, out, overwrite,
-                      group, progress, started)
+                      group, progress, started, writers)
     finally:
         _unlock_folder(lock)
 
 
 def _write(model, tokens, windows, site_list, stop, shards, settings, fingerprint, out, overwrite, group,
-           progress, started) -> ActivationDataset | None:
-    """Prepare the folder, write this rank's shards, then (rank 0) the manifest."""
+           progress, started, writers) -> ActivationDataset | None:
+    """Prepare the folder, write this rank's shards (``writers``: the rank that writes each
+    site of a sharded model, None to split the shards by rank), then (rank 0) the manifest."""
     rank, size = group.rank(), group.size()
     ok, error = True, None
     if rank == 0:
@@ -205,13 +217,21 @@ def _write(model, tokens, windows, site_list, stop, shards, settings, fingerprin
     if rank != 0 and (out / SETTINGS).is_file():
         _check_settings(out, _read_settings(out / SETTINGS), settings)
 
-    mine = [k for k in range(len(shards)) if k % size == rank]
-    done = _verified(out, fingerprint, mine)
+    if writers is None:  # data parallel: shards split by rank
+        mine, part, my_sites = [k for k in range(len(shards)) if k % size == rank], None, site_list
+    else:  # model parallel: every rank in every batch, each writing its sites
+        my_sites = [s for s in site_list if writers[s.name] == rank]
+        mine = list(range(len(shards))) if my_sites else []
+        part = rank if "parts" in settings else None  # a shard in parts: this rank's file of each
+    done = _verified(out, fingerprint, mine, part)
+    todo = [k for k in mine if k not in done]
+    compute = todo if writers is None else sorted({k for blob in distributed.gather_bytes(json.dumps(todo).encode(), group)
+                                                   for k in json.loads(blob)})
     ok, error = True, None
     written: dict[int, dict] = {}
     try:
-        written = _run(model, tokens, windows, site_list, stop, shards, mine, done, out, fingerprint,
-                       rank, size, progress)
+        written = _run(model, tokens, windows, site_list, stop, shards, compute, set(todo), out, fingerprint,
+                       rank, size, progress, my_sites, part)
     except (MlxterpError, OSError) as e:
         ok, error = False, e
     except BaseException:
@@ -232,7 +252,7 @@ def _write(model, tokens, windows, site_list, stop, shards, settings, fingerprin
     ok, error = True, None
     if rank == 0:
         try:
-            merged = {e["shard"]: e for blob in everything for e in json.loads(blob)}
+            merged = [e for blob in everything for e in json.loads(blob)]
             _write_manifest(out, settings, fingerprint, shards, merged, time.perf_counter() - started)
         except (MlxterpError, OSError) as e:
             ok, error = False, e
@@ -281,13 +301,14 @@ def _shards(rows: list[int], shard_batches: int) -> list[dict]:
 
 
 def model_identity(model) -> dict[str, Any]:
-    """What identifies the model's activations: class, family, weights and their sha256."""
+    """What identifies the model's activations: class, family, weights and their sha256 (and,
+    for a model sharded across the ranks, how: every rank's part of the weights counts)."""
     from .architecture import model_type
 
     report = model.load_report or {}
     arch = model.architecture
     source = report.get("file") or report.get("directory") or report.get("repo")
-    return {
+    identity = {
         "class": type(model.model).__name__,
         "model_type": model_type(model.model),
         "family": arch.family if arch else None,
@@ -295,6 +316,24 @@ def model_identity(model) -> dict[str, Any]:
         "weights": report.get("weights", "as given"),
         "weights_sha256": _weights_sha256(model, source),
     }
+    sharding = getattr(model, "sharding", None)
+    if sharding is not None:
+        identity["sharding"] = f"{sharding.mode} parallel over {sharding.size} ranks"
+    return identity
+
+
+def _writers(model, site_list: list[Site]) -> dict[str, int] | None:
+    """For a sharded model, the rank that writes each site: rank 0 under tensor parallelism,
+    the rank that runs the site's layer under pipeline parallelism (rank 0 for sites outside
+    the blocks); None for a model that is not sharded."""
+    sharding = getattr(model, "sharding", None)
+    if sharding is None:
+        return None
+    writers = {}
+    for site in site_list:
+        layer = sharding.layer_of(site.raw)
+        writers[site.name] = sharding.owner(layer) if sharding.mode == "pipeline" and layer is not None else 0
+    return writers
 
 
 _HASHES: dict[tuple, str] = {}
@@ -304,12 +343,22 @@ def _weights_sha256(model, source: str | None) -> str:
     """sha256 of the weights file (or of a directory's .safetensors / .gguf files, in name
     order), else of the parameters as they are in memory."""
     path = Path(source) if source else None
+    sharding = getattr(model, "sharding", None)
+    if sharding is not None and not (path is not None and path.exists()):
+        from .distributed import gather_bytes
+
+        mine = _weights_sha256_in_memory(model)  # this rank's part: the parts in rank order
+        return hashlib.sha256(b"".join(gather_bytes(mine.encode(), sharding.group))).hexdigest()
     if path is not None and path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf")) if path.is_dir() else [path]
         key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         if key not in _HASHES:
             _HASHES[key] = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest() if len(files) > 1 else sha256_file(files[0])
         return _HASHES[key]
+    return _weights_sha256_in_memory(model)
+
+
+def _weights_sha256_in_memory(model) -> str:
     from mlx.utils import tree_flatten
 
     digest = hashlib.sha256()
@@ -465,26 +514,34 @@ def _short(value: Any) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _journal_entries(out: Path, fingerprint: str) -> dict[int, dict]:
-    entries: dict[int, dict] = {}
+def _journal_entries(out: Path, fingerprint: str) -> dict[tuple[int, int | None], dict]:
+    """(shard, part) -> the last journal entry of that file (part None: a whole shard)."""
+    entries: dict[tuple[int, int | None], dict] = {}
     for path in sorted(out.glob("journal-rank*.jsonl")):
         for line in path.read_bytes().splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint and isinstance(entry.get("shard"), int):
-                entries[entry["shard"]] = entry
+            if not isinstance(entry, dict) or entry.get("fingerprint") != fingerprint:
+                continue
+            shard, part = entry.get("shard"), entry.get("part")
+            if isinstance(shard, int) and (part is None or isinstance(part, int)):
+                entries[shard, part] = entry
     return entries
 
 
-def _verified(out: Path, fingerprint: str, mine: list[int]) -> dict[int, dict]:
-    """This rank's shards that are on disk and match their journal checksum."""
+def _shard_file(k: int, part: int | None) -> str:
+    return f"shard-{k:06d}.safetensors" if part is None else f"shard-{k:06d}-rank{part}.safetensors"
+
+
+def _verified(out: Path, fingerprint: str, mine: list[int], part: int | None = None) -> dict[int, dict]:
+    """This rank's shards (or its parts of them) that are on disk and match their journal checksum."""
     journal = _journal_entries(out, fingerprint)
     done = {}
     for k in mine:
-        entry = journal.get(k)
-        path = out / f"shard-{k:06d}.safetensors"
+        entry = journal.get((k, part))
+        path = out / _shard_file(k, part)
         if entry is None or not path.is_file():
             continue
         if path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
@@ -498,13 +555,26 @@ def _verified(out: Path, fingerprint: str, mine: list[int]) -> dict[int, dict]:
 def _write_manifest(out, settings, fingerprint, shards, entries, seconds) -> None:
     import mlxterp_core
 
-    missing = [s["shard"] for s in shards if s["shard"] not in entries]
+    parts = settings.get("parts")
+    by_file = {(e["shard"], e.get("part")): e for e in entries}
+    wanted = [(s["shard"], None if parts is None else int(r)) for s in shards for r in (parts or [None])]
+    missing = sorted({k for k, r in wanted if (k, r) not in by_file})
     if missing:
         raise DatasetError(f"shards {missing[:5]} of {out} were not written; rerun the same command to finish them.")
     listed = []
     for s in shards:
-        e = entries[s["shard"]]
-        listed.append({**s, "sha256": e["sha256"], "bytes": e["bytes"], "rank": e["rank"], "host": e["host"]})
+        if parts is None:
+            e = by_file[s["shard"], None]
+            listed.append({**s, "sha256": e["sha256"], "bytes": e["bytes"], "rank": e["rank"], "host": e["host"]})
+            continue
+        files = []
+        for r, names in parts.items():
+            e = by_file[s["shard"], int(r)]
+            files.append({"file": _shard_file(s["shard"], int(r)), "sites": names, "sha256": e["sha256"],
+                          "bytes": e["bytes"], "rank": e["rank"], "host": e["host"]})
+        first = files[0]
+        listed.append({**s, "file": first["file"], "sha256": first["sha256"], "bytes": sum(f["bytes"] for f in files),
+                       "rank": first["rank"], "host": first["host"], "parts": files})
     n_tokens = sum(s["rows"] for s in shards)
     manifest = {
         **settings,
@@ -555,19 +625,25 @@ class _Writer:
         self.check()
 
 
-def _run(model, tokens, windows, site_list, stop, shards, mine, done, out, fingerprint, rank, size, progress):
-    """Compute and write this rank's unfinished shards; their journal entries."""
+def _run(model, tokens, windows, site_list, stop, shards, compute, write, out, fingerprint, rank, size, progress,
+         my_sites=None, part=None):
+    """Compute the batches of the shards ``compute`` and write this rank's sites (``my_sites``,
+    default all) of the shards ``write`` (or its ``part`` of them); their journal entries."""
     from .progress import progress_bar
 
-    todo = [k for k in mine if k not in done]
+    todo = list(compute)
     if not todo:
         return {}
     todo_set = set(todo)
+    my_sites = site_list if my_sites is None else my_sites
+    sharding = getattr(model, "sharding", None)
+    staged = sharding is not None and sharding.mode == "pipeline"
+    read_sites = my_sites if staged else site_list  # a stage reads what it holds; the rest all of it
     batch_shard = {}
     for s in shards:
         for b in range(*s["batches"]):
             batch_shard[b] = s["shard"]
-    total = sum(shards[k]["rows"] for k in todo)
+    total = sum(shards[k]["rows"] for k in todo if k in write) if my_sites else 0
     label = "caching" + (f" rank {rank}/{size}" if size > 1 else "")
     bar = progress_bar(total, label, progress is not False, unit="tok")
     journal = out / f"journal-rank{rank}.jsonl"
@@ -584,30 +660,34 @@ def _run(model, tokens, windows, site_list, stop, shards, mine, done, out, finge
         k = batch_shard[batch.index]
         shard = shards[k]
         if batch.index == shard["batches"][0]:
-            file = ShardFile(out / shard["file"], _layout(site_list, shard["rows"]), {"format": FORMAT, "shard": str(k), "fingerprint": fingerprint})
+            file = ShardFile(out / _shard_file(k, part), _layout(my_sites, shard["rows"]), {"format": FORMAT, "shard": str(k), "fingerprint": fingerprint})
             current = {"file": file, "shard": k, "started": time.perf_counter()}
             opened.add(file)
             state["row"] = 0
         mx.eval(list(rows.values()))
-        rows = {**rows, **_batch_fields(batch)}
+        rows = {**{s.name: rows[s.name] for s in my_sites}, **_batch_fields(batch)}
         file, row = current["file"], state["row"]
         writer.put(lambda: _write_batch(file, row, rows))
         state["row"] += batch.n_tokens
         bar.update(batch.n_tokens)
         if batch.index == shard["batches"][1] - 1:
             entry = {"fingerprint": fingerprint, "shard": k, "rank": rank, "host": host}
+            if part is not None:
+                entry["part"] = part
             started = current["started"]
             writer.put(lambda: _finish(file, entry, journal, written, started, opened))
             current = {}
 
     try:
-        reader = SiteReader(model, site_list, stop=stop)
+        reader = SiteReader(model, site_list, stop=stop, gather=not staged)
         pending = None
         for batch in tokens.windows(**windows):
             if batch_shard[batch.index] not in todo_set:
                 continue
-            rows = _batch_rows(reader, batch, site_list)
+            rows = _batch_rows(reader, batch, read_sites)
             mx.async_eval(list(rows.values()))  # computes while the previous batch is handed on
+            if batch_shard[batch.index] not in write or not my_sites:
+                continue  # this rank takes part in the forward pass; another writes the shard
             if pending is not None:
                 dispatch(*pending)
             pending = (batch, rows)

@@ -9,6 +9,11 @@ A dataset is a folder::
     ...                         'offset' (in the window), int32, and 'bos' (bool)
     journal-rank0.jsonl         one line per finished shard (the resume's record)
 
+A model split across processes by pipeline parallelism writes each site on the rank that runs
+its layer: a shard is then several files, ``shard-000000-rank1.safetensors`` ..., each with the
+row fields and its rank's sites, listed as the shard's ``parts`` in the manifest; the reader
+finds every site in its part, so nothing else changes.
+
 Rows are the real tokens of the windows (:mod:`mlxterp_core.corpus`) in order; padding is
 never written. Shards are ordinary safetensors files (``mx.load``, ``safetensors`` and
 SAELens-style tools read them); they are written here with positioned writes so that a batch's
@@ -212,7 +217,7 @@ class SiteRows:
     def __init__(self, dataset: ActivationDataset, name: str):
         self._parts = [dataset._tensor(k, name) for k in range(len(dataset.shards))]
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
-        first = dataset._header(0)[0][name]
+        first = dataset._header(0, name)[0][name]
         self.dtype = _CODES[first["dtype"]][1]
         self.shape = (int(self._starts[-1]), *first["shape"][1:])
         self._np_dtype = np.dtype(_CODES[first["dtype"]][0])
@@ -317,11 +322,14 @@ class ActivationDataset(Display):
             self.sites: list[str] = [str(s["name"]) for s in self.manifest["sites"]]
             self.shards: list[dict[str, Any]] = self.manifest["shards"]
             self.n_tokens: int = int(self.manifest["n_tokens"])
-            if not self.shards or not all(isinstance(s["file"], str) and "/" not in s["file"] for s in self.shards):
+            files = [part for s in self.shards for part in (s["parts"] if "parts" in s else [s])]
+            if not self.shards or not all(isinstance(f["file"], str) and "/" not in f["file"] for f in files):
                 raise ValueError("no shards")
+            if not all(isinstance(p["sites"], list) for s in self.shards if "parts" in s for p in s["parts"]):
+                raise ValueError("parts without sites")
         except (KeyError, TypeError, ValueError):
             raise DatasetError(f"{manifest_path} is damaged: it lacks the sites, shards or n_tokens of a manifest. {advice}") from None
-        self._headers: dict[int, tuple[dict, int]] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
     def _summary(self) -> str:
         entries = self.manifest["sites"]
@@ -369,14 +377,27 @@ class ActivationDataset(Display):
         name = self.site_name(site)
         return next(s for s in self.manifest["sites"] if s["name"] == name)
 
-    def _header(self, k: int) -> tuple[dict, int]:
-        if k not in self._headers:
-            self._headers[k] = read_header(self.path / self.shards[k]["file"])
-        return self._headers[k]
+    def files(self, k: int) -> list[str]:
+        """The files of shard ``k``: one, or one per part (see the module doc)."""
+        parts = self.shards[k].get("parts")
+        return [p["file"] for p in parts] if parts else [self.shards[k]["file"]]
+
+    def _file(self, k: int, name: str) -> str:
+        """The file of shard ``k`` that holds tensor ``name`` (the row fields are in every part)."""
+        for part in self.shards[k].get("parts") or ():
+            if name in part["sites"]:
+                return part["file"]
+        return self.files(k)[0]
+
+    def _header(self, k: int, name: str | None = None) -> tuple[dict, int]:
+        file = self.files(k)[0] if name is None else self._file(k, name)
+        if file not in self._headers:
+            self._headers[file] = read_header(self.path / file)
+        return self._headers[file]
 
     def _tensor(self, k: int, name: str) -> _Tensor:
-        header, data_start = self._header(k)
-        path = self.path / self.shards[k]["file"]
+        header, data_start = self._header(k, name)
+        path = self.path / self._file(k, name)
         if name not in header:
             raise DatasetError(f"{path} has no tensor {name!r}: it is not a shard of this dataset. {REMAKE}")
         try:
@@ -421,22 +442,26 @@ class ActivationDataset(Display):
     def load_shard(self, k: int) -> dict[str, mx.array]:
         """Every tensor of shard ``k`` (lazy, through ``mx.load``)."""
         k = options.index(k, len(self.shards), "k", "shard")
-        return read_safetensors(self.path / self.shards[k]["file"], f"shard {k} of the dataset at {self.path}",
-                                error=DatasetError, advice=REMAKE)
+        tensors: dict[str, mx.array] = {}
+        for file in reversed(self.files(k)):  # the first part's row fields last: they are the same
+            tensors.update(read_safetensors(self.path / file, f"shard {k} of the dataset at {self.path}",
+                                            error=DatasetError, advice=REMAKE))
+        return tensors
 
     def verify(self) -> dict[str, str]:
-        """The damaged shards: file name -> what is wrong ("missing", "truncated: ...",
-        "checksum mismatch: ..."); empty when every shard is as the manifest records it."""
+        """The damaged shard files: file name -> what is wrong ("missing", "truncated: ...",
+        "checksum mismatch: ..."); empty when every file is as the manifest records it (a shard
+        in parts is checked part by part)."""
         problems = {}
-        for shard in self.shards:
-            path = self.path / shard["file"]
+        for entry in (part for shard in self.shards for part in (shard.get("parts") or [shard])):
+            path = self.path / entry["file"]
             if not path.is_file():
-                problems[shard["file"]] = "missing"
-            elif path.stat().st_size != shard.get("bytes", path.stat().st_size):
+                problems[entry["file"]] = "missing"
+            elif path.stat().st_size != entry.get("bytes", path.stat().st_size):
                 size = path.stat().st_size
-                problems[shard["file"]] = f"{'truncated' if size < shard['bytes'] else 'too long'}: {size} bytes, the manifest records {shard['bytes']}"
-            elif sha256_file(path) != shard.get("sha256"):
-                problems[shard["file"]] = "checksum mismatch: its sha256 is not the manifest's (the file was changed)"
+                problems[entry["file"]] = f"{'truncated' if size < entry['bytes'] else 'too long'}: {size} bytes, the manifest records {entry['bytes']}"
+            elif sha256_file(path) != entry.get("sha256"):
+                problems[entry["file"]] = "checksum mismatch: its sha256 is not the manifest's (the file was changed)"
         return problems
 
     def shard_field(self, k: int, name: str) -> np.ndarray:

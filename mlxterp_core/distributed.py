@@ -11,6 +11,7 @@ the same code runs in one process and in many.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,15 +101,36 @@ def gather_rows(local: mx.array, n: int, group: Any) -> mx.array:
     return rows.astype(mx.bool_) if as_bool else rows
 
 
+_SHARDED: weakref.WeakSet = weakref.WeakSet()  # models sharded across this launch's ranks
+
+
+def model_parallel(model: Any) -> None:
+    """Record that ``model`` is sharded across the ranks: while it lives, the launch is model
+    parallel and :func:`map_rows` splits nothing (every rank takes part in every forward)."""
+    _SHARDED.add(model)
+
+
+def launch_mode(group: Any = None) -> str:
+    """Which mode this process runs in: ``"single process"``; ``"data parallel"`` (``mlx.launch``
+    with unsharded models: :func:`map_rows` and the cache split work across the ranks);
+    ``"model parallel"`` (a model sharded across the ranks: every rank takes part in every
+    forward pass of it)."""
+    if len(_SHARDED):
+        return "model parallel"
+    return "single process" if world(group).size() == 1 else "data parallel"
+
+
 def map_rows(fn: Callable[[Sequence], Any], items: Sequence, group: Any = None) -> Any:
     """``fn(items)``, a (len(items), ...) array (or a dict / tuple of them), computed with the
     items split across the ranks of ``group`` and gathered: every rank returns what one process
     computes alone.
 
     ``fn`` must compute each row from its own item only (as a batched sweep does); fewer items
-    than ranks run everything on every rank. Outside ``mlx.launch`` this is ``fn(items)``."""
+    than ranks run everything on every rank. Outside ``mlx.launch`` this is ``fn(items)``, and
+    so it is in a model-parallel launch (:func:`launch_mode`), where every rank takes part in
+    every forward pass of a sharded model."""
     group = world(group)
-    if group.size() == 1 or len(items) < group.size():
+    if group.size() == 1 or len(items) < group.size() or len(_SHARDED):
         return fn(items)
     part = split(len(items), group)
     local = fn(items[part.start : part.stop])
@@ -144,4 +166,4 @@ def rank_of(group: Any) -> tuple[int, int]:
     return group.rank(), group.size()
 
 
-__all__: Sequence[str] = ["world", "all_ok", "barrier", "same_everywhere", "gather_bytes", "split", "gather_rows", "gather_tree", "map_rows", "DistributedError"]
+__all__: Sequence[str] = ["world", "all_ok", "barrier", "same_everywhere", "gather_bytes", "split", "gather_rows", "gather_tree", "map_rows", "DistributedError", "launch_mode", "model_parallel"]

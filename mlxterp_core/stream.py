@@ -176,17 +176,18 @@ class SiteReader:
     is the stop :func:`stop_for` worked out."""
 
     def __init__(self, model, sites: Sequence[Site], *, outputs: bool = False, stop: str | None = None,
-                 saes: Any = None):
+                 saes: Any = None, gather: bool = True):
         from .trace import Hooks
 
         self.sites = list(sites)
         capture = sorted({s.raw for s in self.sites})
-        self.hooks = Hooks(model, capture=capture, saes=saes, stop_after=None if outputs else stop)
+        self.hooks = Hooks(model, capture=capture, saes=saes, stop_after=None if outputs else stop, gather=gather)
 
     def read(self, inputs: mx.array) -> tuple[dict[str, mx.array], Any]:
+        """The sites (``gather=False`` on a sharded model: those this rank holds) and the output."""
         with self.hooks:
             output, recorded = self.hooks(inputs, evaluate=False)
-        return {s.name: s.value(recorded) for s in self.sites}, output
+        return {s.name: s.value(recorded) for s in self.sites if s.raw in recorded}, output
 
 
 def site_batches(model, batches: Iterable, names: Sequence[str] | Sequence[Site], *, outputs: bool = False,

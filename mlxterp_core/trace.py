@@ -100,6 +100,8 @@ class Edit:
     site: str
     apply: Callable[[mx.array, str, Mapping[str, mx.array]], mx.array]
     needs: str | None = None  # a raw site whose value ``apply`` reads from ``seen``
+    fn: Callable | None = None  # the user's function (None for a splice)
+    resolved: Any = None  # the Resolved of a standard name (None for a raw or splice site)
 
 
 class Activations(Mapping):
@@ -285,6 +287,7 @@ class Recorder:
         self.calls: dict[str, int] = {}
         self.stack: list[str] = []
         self.fired: set[str] = set()
+        self.elsewhere: set[str] = set()  # capture entries recorded by another rank (sharded models)
         self.editing = True
         self.stop = stop  # the raw site after which the pass stops (StopForward)
 
@@ -484,7 +487,12 @@ class Hooks:
     never built (the one way to stop early: the cache, the trainers and the logit lens use
     it); a pass that stops returns ``(None, recorded)``. A site name, or ``"auto"``: after the
     last block any capture entry is computed in (no stop when an entry is not in a block, such
-    as ``logits``, or when everything is captured).
+    as ``logits``, or when everything is captured). A pipeline-parallel model never stops.
+
+    On a model sharded across processes (:mod:`mlxterp_core.sharding`) every rank makes the
+    same calls; ``gather`` (default) gives every rank the whole of every recorded tensor, and
+    ``gather=False`` leaves each record where it was computed (a tensor-parallel rank's heads
+    and columns, a pipeline stage's layers) for analyses that reduce where the data lives.
     """
 
     def __init__(
@@ -494,18 +502,25 @@ class Hooks:
         capture: list[str] | None = None,
         saes: Any = None,
         stop_after: str | None = None,
+        gather: bool = True,
     ):
         self._model = model
         self._interventions = dict(interventions or {})
         self._capture_given = capture
+        self.sharding = getattr(model, "sharding", None)
+        self.gather = gather
         attached = model.attached_saes
         self.splices = Splices(model, [*attached, *splice_list(saes)]) if attached or saes else None
         self._capture, edits, self._asked, self._capture_set = self._translate()
+        if self.sharding is not None:
+            edits = self.sharding.edits(self, edits)
         self.stop_site = self._stop_site(stop_after)
         names = [e.site for e in edits] + [e.needs for e in edits if e.needs] + (self._capture or [])
         names += [self.stop_site] if self.stop_site is not None else []
         if self.splices is not None:
             names = [n for n in names if not self._is_spliced(n)]
+        if self.sharding is not None:  # a pipeline stage probes only the blocks it runs
+            names = self.sharding.probed(names, model.model)
         self._probed, self._pattern_modules = _modules_to_probe(
             model.model, names, capture_all=self._capture is None
         )
@@ -547,6 +562,16 @@ class Hooks:
     def __call__(self, *args, edit: bool = True, evaluate: bool = True, **kwargs) -> tuple[Any, dict[str, Any]]:
         if self._stack is None:
             raise TraceError("Hooks are used inside their `with` block.")
+        if self.sharding is not None:  # every rank takes part: see mlxterp_core.sharding
+            return self.sharding.forward(self, args, kwargs, edit, evaluate)
+        output = self._forward(args, kwargs, edit)
+        self._check_captured()
+        if evaluate:
+            mx.eval(output, list(self._recorder.recorded.values()))
+        return output, self._recorder.recorded
+
+    def _forward(self, args: tuple, kwargs: dict, edit: bool) -> Any:
+        """Build one forward pass (lazy): its output, with the records in the recorder."""
         recorder = self._recorder
         recorder.start_pass(edit)
         try:
@@ -564,14 +589,11 @@ class Hooks:
                 output = recorder.visit(MODEL_OUTPUT, output)
             elif recorder.capture is None or MODEL_OUTPUT in recorder.capture:
                 recorder.recorded[MODEL_OUTPUT] = output
-        self._check_captured()
-        if evaluate:
-            mx.eval(output, list(recorder.recorded.values()))
-        return output, recorder.recorded
+        return output
 
     def _stop_site(self, stop_after: str | None) -> str | None:
         """The raw site ``stop_after`` means (see the class doc), or None: no stop."""
-        if stop_after is None:
+        if stop_after is None or (self.sharding is not None and not self.sharding.can_stop):
             return None
         if stop_after != "auto":
             sites = self._splice_sites(stop_after) or [_site(r) for r in self._resolve(stop_after)]
@@ -630,13 +652,13 @@ class Hooks:
         for key, fn in self._interventions.items():
             for target in targets[key]:
                 if isinstance(target, str):  # a raw site or a splice's sub-site
-                    edits.append(Edit(key, target, lambda x, site, seen, fn=fn, key=key: checked(fn, site, key)(x)))
+                    edits.append(Edit(key, target, lambda x, site, seen, fn=fn, key=key: checked(fn, site, key)(x), fn=fn))
                     continue
                 resolved = target
                 if isinstance(fn, Intervention) and fn.heads is not None and fn.n_heads is None and resolved.n_heads:
                     fn = fn.at(n_heads=resolved.n_heads)
                 site, raw_edit = resolved.edit(checked(fn, resolved.name, key))
-                edits.append(Edit(key, site, lambda x, s, seen, e=raw_edit: e(x, seen), resolved.needs))
+                edits.append(Edit(key, site, lambda x, s, seen, e=raw_edit: e(x, seen), resolved.needs, fn=fn, resolved=resolved))
         return capture, edits, asked, capture_set
 
     def _names(self) -> tuple[list[str] | None, dict[str, str], dict[str, list], NameSet | None]:
@@ -694,6 +716,8 @@ class Hooks:
         """Fail on capture entries that matched sites statically but recorded nothing."""
         recorder = self._recorder
         for entry in self._capture or []:
+            if entry in recorder.elsewhere:
+                continue
             if is_glob(entry):
                 reached = any(matches(site, entry) for site in recorder.recorded)
             else:

@@ -49,6 +49,11 @@ def attribution_patching(
     ``with model.saes(...)``: the gradient flows through them.
     """
     arch = model.architecture_or_raise("attribution patching")
+    if model.sharding is not None and model.sharding.mode == "pipeline":
+        raise PatchingError(
+            "attribution patching needs gradients, which do not cross mlx-lm's pipeline stages (send and recv "
+            "have none): use activation_patching on this model, or shard it by tensor parallelism (shard='tensor')."
+        )
     layers = options.layers(layers, arch.n_layers)
     components = [components] if isinstance(components, str) else list(components)
     if not components:

@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
-from mlxterp.plugin import read_attribute
+from mlxterp.plugin import interventions, read_attribute
 from mlxterp.plugin import probes_installed
 from mlxterp.plugin import Activations, Hooks
 
@@ -66,6 +66,8 @@ class CorruptedRun:
     def __init__(self, model, ids: list[int]):
         from mlx_lm.models.cache import ConcatenateKVCache, KVCache, make_prompt_cache
 
+        if model.sharding is not None and model.sharding.mode == "pipeline":
+            raise CannotReuse("a pipeline-parallel model runs its blocks only through its own forward pass")
         arch = model.architecture
         try:
             kinds = {type(c) for c in make_prompt_cache(model.model)}
@@ -190,9 +192,7 @@ def run_rows(
             blank = mx.zeros_like(_from(inside[0].mask, start))
             mask = mx.stack([_from(r.mask, start) if r.layer == layer and r.inside else blank for r in active])
 
-            def patch(x, mask=mask, source=source):
-                return mx.where(mask, source.astype(x.dtype), x)
-
+            patch = interventions.replace_where(mask, source)  # elementwise: runs where a head lives
             with Hooks(model, {f"layers.{layer}.{sub}": patch}, capture=[]) as hooks:
                 out = hooks.call(arch.layers[layer], *args, **kwargs)
             hooks.check_reached()

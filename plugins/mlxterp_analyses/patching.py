@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
-from mlxterp.plugin import options
+from mlxterp.plugin import interventions, options
 from mlxterp.plugin import map_rows
 from mlxterp.plugin import Hooks, MlxterpError
 from mlxterp.plugin import progress_bar
@@ -349,10 +349,8 @@ def full_sweep(model, target_ids, sources, sub, cells, score, offset=0, memory_b
 
 
 def _replace_where(mask: mx.array, source: mx.array) -> Callable[[mx.array], mx.array]:
-    def patch(x: mx.array) -> mx.array:
-        return mx.where(mask, source.astype(x.dtype), x)
-
-    return patch
+    # elementwise: on a model sharded by tensor parallelism each rank patches its own heads
+    return interventions.replace_where(mask, source)
 
 
 def aligned_source(source: mx.array, length: int, offset: int, per_head: bool) -> tuple[mx.array, mx.array]:

@@ -206,15 +206,20 @@ def logit_lens(
         end = options.index(position, len(token_ids), "position", "position") + 1
         text = text if isinstance(text, str) else ids_text(model, token_ids)
         token_ids, shown = token_ids[:end], token_ids[end - 1 : end]
-    resid = mx.stack([x[0][len(token_ids) - len(shown):] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
-    chunk = layers_per_chunk(model, resid)
-    ids_parts, probs_parts = [], []
-    for start in range(0, len(layers), chunk):
-        ids, probs = top_predictions(model, resid[start : start + chunk], top_k)
-        ids_parts.append(np.array(ids))
-        probs_parts.append(np.array(probs))
+    first = len(token_ids) - len(shown)  # the first position shown
+    if model.sharding is not None and model.sharding.mode == "pipeline":
+        all_ids, all_probs = _staged_lens(model, token_ids, layers, top_k, first)
+    else:  # tensor parallelism: the residual stream and the unembedding are on every rank
+        resid = mx.stack([x[0][first:] for x in layer_outputs(model, token_ids, layers)])  # (L, T, D)
+        chunk = layers_per_chunk(model, resid)
+        ids_parts, probs_parts = [], []
+        for start in range(0, len(layers), chunk):
+            ids, probs = top_predictions(model, resid[start : start + chunk], top_k)
+            ids_parts.append(np.array(ids))
+            probs_parts.append(np.array(probs))
+        all_ids, all_probs = np.concatenate(ids_parts), np.concatenate(probs_parts)
     name = token_namer(model)
-    rows = prediction_rows(np.concatenate(ids_parts), np.concatenate(probs_parts), name)
+    rows = prediction_rows(all_ids, all_probs, name)
     predictions = dict(zip(layers, rows))
     result = LogitLensResult(**lens_fields(model, text, shown, layers, predictions, top_k, name))
     if plot:
@@ -265,6 +270,26 @@ def layer_outputs(model, token_ids: list[int], layers: list[int]) -> list[mx.arr
     outputs = [recorded[name] for name in names]
     mx.eval(outputs)
     return outputs
+
+
+def _staged_lens(model, token_ids: list[int], layers: list[int], top_k: int, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The lens of a pipeline-parallel model at positions ``first:``: each stage projects the
+    layers it runs (every stage holds the final norm and the unembedding) and only the top-k
+    ids and probabilities travel; (L, T - first, k) each, on every rank."""
+    from mlxterp.plugin import Activations, Hooks
+
+    names = [f"layers.{i}.output" for i in layers]
+    with Hooks(model, capture=names, gather=False) as hooks:
+        _, recorded = hooks(mx.array([token_ids]))
+    found = Activations(recorded, model)
+    parts = {}
+    for name in names:
+        if model.architecture.resolve(name)[0].site in recorded:
+            ids, probs = top_predictions(model, found[name][0][first:], top_k)
+            parts[name + ".ids"], parts[name + ".probs"] = ids, probs
+    shared = model.sharding.combine(parts)
+    return (np.stack([np.array(shared[n + ".ids"]) for n in names]),
+            np.stack([np.array(shared[n + ".probs"]) for n in names]))
 
 
 def _vocab_size(model, resid: mx.array) -> int:

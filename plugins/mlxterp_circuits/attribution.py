@@ -24,7 +24,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.plugin import options, progress_bar
+from mlxterp.plugin import ShardingError, options, progress_bar
 
 from .graph import AttributionGraph, partial_influences
 from .replacement import GraphError, Replacement, prompt_ids
@@ -283,6 +283,12 @@ def _one_hot_minus_mean(top: np.ndarray, V: int) -> mx.array:
 
 def _check_transcoders(tc, model):
     arch = model.architecture_or_raise("attribution graphs")
+    if model.sharding is not None:  # frozen passes and their gradients are untested across ranks
+        raise ShardingError(
+            f"attribution graphs and feature interventions do not run on a model sharded across processes "
+            f"({model.sharding.describe()}) yet: load the model unsharded (without shard=) on one machine to "
+            "build the graph."
+        )
     if not (hasattr(tc, "W_enc") and hasattr(tc, "splices") and hasattr(tc, "kind")):
         raise GraphError(
             f"transcoders: expected a transcoder set or a cross-layer transcoder (mlxterp.load_transcoders, "

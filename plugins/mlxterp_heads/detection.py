@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.plugin import InputError
+from mlxterp.plugin import Activations, Hooks, InputError
 
 from .results import HeadScores, InductionLoss
 
@@ -210,20 +210,29 @@ def head_scores(
     names = [f"layers.{i}.attn.pattern" for i in layers]
     length = tokens.shape[1]
     rows_per_pass = max(1, MEMORY_BUDGET // (len(layers) * arch.n_heads * length * length * 4))
-    total = mx.zeros((len(layers), arch.n_heads))
+    # On a sharded model each rank scores the heads (tensor) or the layers (pipeline) it holds,
+    # and only the (L, H) scores travel, never the patterns.
+    sharding = model.sharding
+    totals: dict[str, mx.array] = {}
     for start in range(0, tokens.shape[0], rows_per_pass):
         chunk, chunk_lengths = tokens[start : start + rows_per_pass], lengths[start : start + rows_per_pass]
-        found = model.run(chunk, interventions=interventions, capture=names).activations
-        per_layer = []
+        with Hooks(model, interventions, capture=names, gather=sharding is None) as hooks:
+            _, recorded = hooks(chunk)
+            hooks.check_reached()
+        found = Activations(recorded, model)
         for name in names:
+            if arch.resolve(name)[0].site not in recorded:  # a layer another pipeline stage runs
+                continue
             if error_measure == "stripe":
-                per_layer.append(stripe_scores(found[name], n_tokens, offset=int(bos)))
+                scores = stripe_scores(found[name], n_tokens, offset=int(bos))
             else:
-                per_layer.append(score_patterns(found[name], chunk, kind, error_measure, chunk_lengths,
-                                                exclude_bos, exclude_current_token))
-        total = total + mx.stack(per_layer).sum(axis=1)  # (L, H) summed over sequences
-        mx.eval(total)
-    scores = (total / tokens.shape[0]).tolist()
+                scores = score_patterns(found[name], chunk, kind, error_measure, chunk_lengths,
+                                        exclude_bos, exclude_current_token)
+            totals[name] = totals[name] + scores.sum(axis=0) if name in totals else scores.sum(axis=0)
+        mx.eval(list(totals.values()))
+    if sharding is not None:
+        totals = sharding.combine(totals, axis=-1 if sharding.mode == "tensor" else None)
+    scores = (mx.stack([totals[name] for name in names]) / tokens.shape[0]).tolist()
     result = HeadScores(kind=kind, error_measure=error_measure, layers=layers, n_heads=arch.n_heads,
                         scores=scores, source=source, n_sequences=int(tokens.shape[0]))
     if plot:

@@ -20,7 +20,7 @@ def load_gguf(source: Any, **options):
     return gguf.build(Path(source).expanduser())
 
 
-def load_mlx_lm_directory(source: Any, **options):
+def load_mlx_lm_directory(source: Any, lazy: bool = False, **options):
     path = Path(str(source)).expanduser()
     if not path.is_dir():
         return None
@@ -39,7 +39,7 @@ def load_mlx_lm_directory(source: Any, **options):
     added = legacy_keys(config)  # transformers 5's keys, in the names mlx-lm reads
     check_required({**config, **added})
     try:
-        module, tokenizer = mlx_lm_load(str(path), model_config=added)
+        module, tokenizer = mlx_lm_load(str(path), model_config=added, lazy=lazy)
     except Exception as e:  # missing or truncated weights, tokenizer files, ...
         raise LoadError(
             f"{path} could not be loaded as an mlx-lm model directory (config.json, "
@@ -51,7 +51,7 @@ def load_mlx_lm_directory(source: Any, **options):
     return module, tokenizer, report
 
 
-def load_hub_repo(source: Any, **options):
+def load_hub_repo(source: Any, lazy: bool = False, **options):
     text = str(source)
     looks_like_repo = text.count("/") == 1 and not Path(text).exists() and not text.startswith((".", "/", "~"))
     if not looks_like_repo:
@@ -59,7 +59,7 @@ def load_hub_repo(source: Any, **options):
     from mlx_lm import load as mlx_lm_load
 
     try:
-        module, tokenizer = mlx_lm_load(text)
+        module, tokenizer = mlx_lm_load(text, lazy=lazy)
     except Exception as e:  # huggingface_hub raises many kinds when offline or not found
         raise LoadError(
             f"could not load {text!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "

@@ -34,6 +34,10 @@ Rows:
   forward, in tokens/s beside the plain forward.
 - ``transcoders``: training a TopK PLT set and a TopK CLT on all 30 layers from text
   (:mod:`mlxterp_tools.transcoder_rows`), in tokens/s beside the plain forward.
+- ``sharded``: a model sharded over 2 ring ranks of this machine (:mod:`mlxterp_tools.sharded_rows`),
+  tensor and pipeline parallel: the forward against the unsharded model run by both ranks at once,
+  a residual-stream trace (target <= 1.1x the sharded forward) and many gathered sites (one
+  collective a pass for all of them).
 
 Run it on an otherwise idle machine: on 2 cores another busy process changes timings 10x.
 
@@ -60,6 +64,7 @@ from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
 from .graph_rows import graph_rows
 from .harness import Row, run_rows, write_json
 from .sae_rows import sae_rows
+from .sharded_rows import sharded_rows
 from .transcoder_rows import transcoder_rows
 
 ROWS: dict[str, Callable[[int], list[Row]]] = {
@@ -76,6 +81,7 @@ ROWS: dict[str, Callable[[int], list[Row]]] = {
     "saes": sae_rows,
     "transcoders": transcoder_rows,
     "graphs": graph_rows,
+    "sharded": sharded_rows,
 }
 """The rows of ``mlxterp bench``, in the order it prints them (other plugins add theirs: the
 ``mlxterp_bench_rows`` hook; :func:`all_rows` has both)."""

@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     cache.add_argument("--encoding", default="utf-8", help="the corpus files' text encoding (default: utf-8)")
     cache.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore", "backslashreplace", "surrogateescape"],
                        help="bytes that do not decode: an error naming the line (strict, the default), or replaced, ignored, ...")
+    cache.add_argument("--shard", choices=["tensor", "pipeline"], help="split the model across the mlx.launch ranks "
+                       "(every rank takes part in every batch; docs/guide/sharded.md) instead of splitting the corpus")
     cache.set_defaults(handler=cache_command)
 
 
@@ -97,7 +99,7 @@ def cache_command(args) -> int:
     group = mx.distributed.init()
     prefix = "mlxterp cache" + (f" (rank {group.rank()}/{group.size()})" if group.size() > 1 else "")
     try:
-        model = load(args.model)
+        model = load(args.model, shard=args.shard, group=group if args.shard else None)
         dataset = model.cache_activations(
             args.corpus if args.corpus is not None else default_corpus(),
             args.sites,
