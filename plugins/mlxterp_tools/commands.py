@@ -36,7 +36,10 @@ def register(subparsers) -> None:
     info.add_argument("--prompt", default="The capital of France is")
     info.set_defaults(handler=info_command)
 
-    demo = subparsers.add_parser("demo", help="logit lens, activation patching and steering on the default model")
+    demo = subparsers.add_parser(
+        "demo", help="logit lens, activation patching and steering on the default model",
+        description="The logit lens, activation patching, steering and induction heads on the default model, with "
+                    "plots. Takes about 20 s on a 2-core x86 CPU (17.6-18.5 s measured).")
     demo.add_argument("--out", default="mlxterp-demo", help="folder for the plots (default: ./mlxterp-demo)")
     demo.set_defaults(handler=demo_command)
 
