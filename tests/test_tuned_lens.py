@@ -59,6 +59,9 @@ def test_save_and_load_round_trip_gives_identical_logits(llama, tmp_path):
 def test_bad_lens_files_are_clear_errors(tmp_path, llama):
     with pytest.raises(InputError, match="no tuned lens"):
         TunedLens.load(tmp_path)
+    for empty in ("", " "):  # Path("") is "." (a ValueError from with_suffix before)
+        with pytest.raises(InputError, match="empty"):
+            TunedLens.load(empty)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(InputError, match="not a tuned-lens config"):
         TunedLens.load(tmp_path)

@@ -136,8 +136,10 @@ class TunedLens(Display, nn.Module):
     def load(cls, path: str | Path, model=None) -> TunedLens:
         """Read a lens folder (ours, or the reference's ``params.pt`` where torch is installed).
         With ``model``, warn when the lens was trained on another unembedding."""
+        if not str(path).strip():
+            raise InputError("TunedLens.load needs the path of a lens folder, got an empty one.")
         path = Path(path)
-        if not (path / CONFIG).is_file() and path.with_suffix(".npz").is_file() and path.with_suffix(".json").is_file():
+        if path.name and not (path / CONFIG).is_file() and path.with_suffix(".npz").is_file() and path.with_suffix(".json").is_file():
             raise InputError(
                 f"{str(path)!r} holds upstream mlxterp's tuned-lens files (.npz + .json), which mlxterp does not "
                 "read: train a lens with model.train_tuned_lens(...) and save it in the tuned-lens layout "
