@@ -391,12 +391,13 @@ def _settings(args) -> dict:
 def run_mlx(args) -> int:
     import mlx.core as mx
 
-    import mlxterp
+    from mlxterp.plugin import load
+    from mlxterp_transcoders import load_transcoders
 
     folder = Path(args.dir)
     start = time.perf_counter()
-    model = mlxterp.load(folder / "model")
-    transcoders = mlxterp.load_transcoders(folder / args.set, model=model)
+    model = load(folder / "model")
+    transcoders = load_transcoders(folder / args.set, model=model)
     tc = transcoders  # read from disk now (mx.load is lazy), so that the load and the resident memory include them
     mx.eval([a for a in [*tc.W_enc, *tc.b_enc, *tc.W_dec, *tc.b_dec, *(tc.threshold or []), *(tc.W_skip or [])] if a is not None])
     load_seconds = time.perf_counter() - start

@@ -296,7 +296,6 @@ def live_job(model, args) -> dict[str, Any]:
 def parts(args) -> dict[str, float]:
     """Median milliseconds of the step's pieces alone, at the job's size (see the module doc)."""
     from mlxterp_saes import topk_index, topk_relu
-    from mlxterp_saes.architectures import topk
 
     B, d_in, d_sae, k = args.batch, args.d_in, args.d_sae, args.k
     k_aux = d_in // 2
@@ -310,7 +309,7 @@ def parts(args) -> dict[str, float]:
     values = mx.maximum(mx.take_along_axis(h, index, axis=-1), 0)
     f = topk_relu(h, k)
     mx.eval(x, W_enc, W_dec, h, dead, index, values, f)
-    group = topk.GROUP or 2048
+    group = 2048  # topk_index's group size on a GPU (mlxterp_saes.architectures.topk.GROUP)
     cases = {
         "encoder product (B, d_in) x (d_in, d_sae)": lambda: mx.eval(x @ W_enc),
         "top-k: argpartition of the row": lambda: mx.eval(topk_index(h, k, group=0)),
