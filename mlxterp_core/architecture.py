@@ -188,8 +188,13 @@ class Architecture:
         port = self.schema.block.get("attn.q")
         if port is None or port.split or ":" in port.site or "#" in port.site:
             return None
-        weight = getattr(read_attribute(self.layers[0], port.site), "weight", None)
+        weight = getattr(read_attribute(self._block, port.site), "weight", None)
         return None if weight is None else weight.shape[0] // self.n_heads
+
+    @property
+    def _block(self) -> nn.Module:
+        """The block whose facts (head width, MLP width) are read: the first."""
+        return self.layers[0]
 
     @property
     def family(self) -> str:
@@ -223,7 +228,7 @@ class Architecture:
         if port is None:
             return None
         try:
-            down = read_attribute(self.layers[0], re.split(r"[#:]", port.site, maxsplit=1)[0])
+            down = read_attribute(self._block, re.split(r"[#:]", port.site, maxsplit=1)[0])
         except (AttributeError, KeyError, IndexError, TypeError):
             return None
         return linear_input_width(down)

@@ -184,15 +184,10 @@ class ShardedArchitecture(Architecture):
         self.n_heads, self.n_kv_heads = heads * plan.factor, kv * plan.factor
         self.n_layers = plan.n_layers
 
-    def _read_head_dim(self, attention: nn.Module) -> int | None:
-        path = self.schema.attention.head_dim
-        if path and hasattr(attention, path.split(".")[0]):
-            return int(read_attribute(attention, path))
-        port = self.schema.block.get("attn.q")
-        if port is None or port.split or ":" in port.site or "#" in port.site:
-            return None
-        weight = getattr(read_attribute(self._own, port.site), "weight", None)
-        return None if weight is None else weight.shape[0] // self.n_heads
+    @property
+    def _block(self) -> nn.Module:
+        """A block this rank runs (the base reads layers[0], which a pipeline rank may not hold)."""
+        return self._own
 
     @property
     def d_mlp(self) -> int | None:
