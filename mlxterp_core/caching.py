@@ -184,15 +184,8 @@ def cache_activations(
     try:
         # every rank takes its writer lock before rank 0 touches the folder: a second job
         # writing here is refused before anything is changed
-        ok, error = True, None
-        try:
-            lock = _lock_folder(out, rank)
-        except MlxterpError as e:
-            ok, error = False, e
-        try:
-            distributed.all_ok(ok, group, f"locking {out}")
-        except distributed.DistributedError:
-            raise error or distributed.DistributedError(f"another rank could not lock {out}; see its error.") from None
+        lock = _together(group, f"locking {out}", f"another rank could not lock {out}; see its error.",
+                         lambda: _lock_folder(out, rank))
         return _write(model, tokens, windows, site_list, stop, shards, settings, fingerprint, out, overwrite,
                       group, progress, started, writers)
     finally:
@@ -204,16 +197,8 @@ def _write(model, tokens, windows, site_list, stop, shards, settings, fingerprin
     """Prepare the folder, write this rank's shards (``writers``: the rank that writes each
     site of a sharded model, None to split the shards by rank), then (rank 0) the manifest."""
     rank, size = group.rank(), group.size()
-    ok, error = True, None
-    if rank == 0:
-        try:
-            _prepare_folder(out, settings, fingerprint, overwrite)
-        except MlxterpError as e:
-            ok, error = False, e
-    try:
-        distributed.all_ok(ok, group, f"preparing {out}")
-    except distributed.DistributedError:
-        raise error or distributed.DistributedError(f"rank 0 could not prepare {out}; see its error.") from None
+    _together(group, f"preparing {out}", f"rank 0 could not prepare {out}; see its error.",
+              (lambda: _prepare_folder(out, settings, fingerprint, overwrite)) if rank == 0 else None)
     if rank != 0 and (out / SETTINGS).is_file():
         _check_settings(out, _read_settings(out / SETTINGS), settings)
 
@@ -249,18 +234,31 @@ def _write(model, tokens, windows, site_list, stop, shards, settings, fingerprin
 
     # every rank's journal entries reach rank 0, shared filesystem or not
     everything = distributed.gather_bytes(json.dumps(list(entries.values())).encode(), group)
-    ok, error = True, None
-    if rank == 0:
-        try:
-            merged = [e for blob in everything for e in json.loads(blob)]
-            _write_manifest(out, settings, fingerprint, shards, merged, time.perf_counter() - started)
-        except (MlxterpError, OSError) as e:
-            ok, error = False, e
-    try:
-        distributed.all_ok(ok, group, "writing the manifest")
-    except distributed.DistributedError:
-        raise error or distributed.DistributedError("rank 0 could not write the manifest; rerun to resume.") from None
+
+    def manifest():
+        merged = [e for blob in everything for e in json.loads(blob)]
+        _write_manifest(out, settings, fingerprint, shards, merged, time.perf_counter() - started)
+
+    _together(group, "writing the manifest", "rank 0 could not write the manifest; rerun to resume.",
+              manifest if rank == 0 else None, errors=(MlxterpError, OSError))
     return ActivationDataset(out) if (out / MANIFEST).is_file() else None
+
+
+def _together(group, doing: str, others: str, action=None, errors=(MlxterpError,)):
+    """Run ``action`` on this rank (None: nothing to do here), then agree on every rank that it
+    went well: this rank's own error is raised where it failed, a DistributedError saying
+    ``others`` on the ranks where it did not. Returns what ``action`` returned."""
+    result, error = None, None
+    if action is not None:
+        try:
+            result = action()
+        except errors as e:
+            error = e
+    try:
+        distributed.all_ok(error is None, group, doing)
+    except distributed.DistributedError:
+        raise error or distributed.DistributedError(others) from None
+    return result
 
 
 def _stored_dtype(dtype: Any) -> mx.Dtype | None:
