@@ -36,8 +36,9 @@ class SimpleModel(nn.Module):
         return x
 
 
-def train_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE trained on CORPUS, as a Hugging Face fast tokenizer."""
+def train_tokenizer(vocab_size: int = 300, bos: bool = False):
+    """A byte-level BPE trained on CORPUS, as a Hugging Face fast tokenizer (``bos``: with
+    <|endoftext|> as its BOS token too, so that prepending and flagging BOS are exercised)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +51,8 @@ def train_tokenizer(vocab_size: int = 300):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>" if bos else None)
 
 
 def tiny_llama(**overrides):

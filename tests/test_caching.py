@@ -24,9 +24,7 @@ SITES = ["layers[1]", "layers[*].mlp", "model.model.layers.0.self_attn.*_proj"]
 
 @pytest.fixture(scope="module")
 def model():
-    tok = train_tokenizer()
-    tok.bos_token = "<|endoftext|>"
-    return InterpretableModel(tiny_llama(), tokenizer=tok)
+    return InterpretableModel(tiny_llama(), tokenizer=train_tokenizer(bos=True))
 
 
 def cache(model, out, sites=SITES, docs=DOCS, **options):
@@ -376,8 +374,7 @@ def test_real_model_rows_are_the_traced_activations(tmp_path):
 def test_caching_encodes_each_document_once(model, tmp_path):
     """The plan keeps the corpus's token ids: a document is encoded once per run (the plan
     and the forward passes read the same ids), one encode call per non-empty document."""
-    tok = train_tokenizer()
-    tok.bos_token = "<|endoftext|>"
+    tok = train_tokenizer(bos=True)
     encoded: list[str] = []
     real_encode = type(tok).encode
 

@@ -30,9 +30,7 @@ STATE = "checkpoint.json"
 
 @pytest.fixture(scope="module")
 def model():
-    tokenizer = train_tokenizer()
-    tokenizer.bos_token = "<|endoftext|>"
-    return InterpretableModel(tiny_llama(), tokenizer=tokenizer)
+    return InterpretableModel(tiny_llama(), tokenizer=train_tokenizer(bos=True))
 
 
 class FullDisk:

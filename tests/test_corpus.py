@@ -15,9 +15,7 @@ from mlxterp import CorpusError, default_corpus, read_documents, token_windows
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = train_tokenizer()
-    tok.bos_token = "<|endoftext|>"  # a BOS id, so prepending and flagging are exercised
-    return tok
+    return train_tokenizer(bos=True)  # a BOS id, so prepending and flagging are exercised
 
 
 def test_read_documents_every_source(tmp_path):

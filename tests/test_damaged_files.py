@@ -22,9 +22,7 @@ SITE = "layers.2.output"
 
 @pytest.fixture(scope="module")
 def model():
-    tokenizer = train_tokenizer()
-    tokenizer.bos_token = "<|endoftext|>"
-    return InterpretableModel(tiny_llama(), tokenizer=tokenizer)
+    return InterpretableModel(tiny_llama(), tokenizer=train_tokenizer(bos=True))
 
 
 @pytest.fixture(scope="module")

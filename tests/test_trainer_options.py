@@ -15,9 +15,7 @@ LABELS = [1, 0] * 4
 
 @pytest.fixture(scope="module")
 def model():
-    tokenizer = train_tokenizer()
-    tokenizer.bos_token = "<|endoftext|>"
-    return InterpretableModel(tiny_llama(), tokenizer=tokenizer)
+    return InterpretableModel(tiny_llama(), tokenizer=train_tokenizer(bos=True))
 
 
 @pytest.fixture(scope="module")
