@@ -411,7 +411,7 @@ def _lock_folder(out: Path, rank: int) -> tuple[Path, int] | None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0)
+                holder = _holder(fd)
                 os.close(fd)
                 raise DatasetError(_refusal(out, path, holder)) from None
             except OSError as e:
@@ -446,13 +446,42 @@ def _unlock_folder(lock: tuple[Path, int] | None) -> None:
         os.close(fd)
 
 
-def _refusal(out: Path, path: Path, holder: bytes) -> str:
+def _holder(fd: int, wait: float = 2.0) -> dict | None:
+    """Who holds the lock, as its file names them. The holder writes its name just after taking
+    the lock, so a writer refused in that instant reads an empty file, or the name a killed
+    writer left behind: read again, briefly, until the file names a living process."""
+    end = time.monotonic() + wait
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0))
+            pid, host = int(info["pid"]), info["host"]
+            info["started"]
+        except (ValueError, KeyError, TypeError, OSError):
+            info = None
+        else:
+            if host != socket.gethostname() or _alive(pid):
+                return info
+        if time.monotonic() > end:
+            return None
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
     try:
-        info = json.loads(holder)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        pass
+    return True
+
+
+def _refusal(out: Path, path: Path, info: dict | None) -> str:
+    if info is None:
+        who = "a process that is just starting"
+    else:
         who = (f"process {info['pid']} on {info['host']}, started {info['started']}"
                + (f" ({info['command']})" if info.get("command") else ""))
-    except (ValueError, KeyError, TypeError):
-        who = "a process that is just starting"
     return (
         f"{out} is being written by another process: {who}. Two writers in one folder would corrupt it, "
         "so this one stopped before changing anything. Wait for that process to finish and rerun this "

@@ -292,6 +292,41 @@ def test_a_held_writer_lock_refuses_a_second_writer_and_a_stale_one_blocks_nothi
         assert shard_digests(cache(model, folder, **options)) == shard_digests(reference)
 
 
+def test_a_writer_refused_while_the_holder_is_still_writing_its_name_names_it(tmp_path):
+    """The instant between a writer taking the lock and writing its name into the lock file: a
+    second writer refused then reads an empty file, or a killed writer's name left behind; it
+    waits briefly for the living holder's name instead of printing either."""
+    import fcntl
+    import socket
+    import threading
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "ds"
+    out.mkdir()
+    path = out / "writer-rank0.lock"
+    for left_behind in ("", json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "then"})):
+        path.write_text(left_behind)
+        fd = os.open(path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner holds the lock, its name not yet written
+        name = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"})
+        late = threading.Timer(0.3, lambda: (os.ftruncate(fd, 0), os.pwrite(fd, name.encode(), 0)))
+        late.start()
+        try:
+            with pytest.raises(DatasetError, match=rf"another process: process {os.getpid()} on {socket.gethostname()}, started now"):
+                caching._lock_folder(out, 0)
+        finally:
+            late.join()
+            os.close(fd)
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)  # a holder that never names itself: the refusal still comes, after a short wait
+    try:
+        with pytest.raises(DatasetError, match="another process: a process that is just starting"):
+            caching._lock_folder(out, 0)
+    finally:
+        os.close(fd)
+
+
 def test_one_shot_iterators_and_files(model, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
