@@ -6,7 +6,10 @@ import gc
 import resource
 
 import mlx.core as mx
+import pytest
+from helpers import CORPUS
 
+import mlxterp
 from mlxterp import interventions as iv
 from mlxterp_core.trace import active_traces
 
@@ -47,3 +50,35 @@ def test_thousand_traces_do_not_grow_memory(llama):
     assert mlx_growth <= MLX_BOUND
     assert rss_growth <= RSS_BOUND
     assert active_traces(llama) == []
+
+
+TRAINERS = {  # each trains a little on the tiny model and returns what it trained
+    "sae": lambda m: mlxterp.train_sae(m, "layers[1].output", CORPUS * 4, k=4, d_sae=64, n_tokens=256, batch_size=64, progress=False),
+    "plt": lambda m: mlxterp.train_transcoders(m, CORPUS * 4, kind="plt", d_features=32, k=4, n_tokens=256,
+                                               batch_size=64, progress=False),
+    "clt": lambda m: mlxterp.train_transcoders(m, CORPUS * 4, kind="clt", d_features=32, k=4, n_tokens=256,
+                                               batch_size=64, progress=False),
+    "tuned lens": lambda m: m.train_tuned_lens(CORPUS, num_steps=2, tokens_per_step=32, context_size=16, progress=False),
+    "probe": lambda m: m.probe(texts=CORPUS, labels=[0, 1] * 3, test_fraction=0.5),
+}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_trainer_holds_no_memory_once_its_result_is_dropped(llama, trainer):
+    """Training state (parameters, Adam moments, buffers) goes when the result goes, without
+    waiting for Python's cyclic GC: a reference cycle in a trainer kept all of a CLT's state
+    after training until the collector happened to run."""
+    TRAINERS[trainer](llama)  # warm-up: compiled kernels and class caches
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    gc.disable()
+    try:
+        result = TRAINERS[trainer](llama)
+        assert mx.get_peak_memory() > before  # training used MLX memory: the check below can fail
+        del result
+        held = mx.get_active_memory() - before
+    finally:
+        gc.enable()
+    assert held <= MLX_BOUND, f"{trainer}: {held} bytes of MLX memory still held after the result was dropped"

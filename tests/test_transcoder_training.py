@@ -274,6 +274,7 @@ def test_the_bench_rows_and_the_comparison_run_at_a_tiny_size(llama, tmp_path):
     assert set(speed) == {"plain_tokens_per_s", "plt_tokens_per_s", "clt_tokens_per_s", "plt_peak_memory_gib",
                           "clt_peak_memory_gib"}
     assert all(v > 0 for v in speed.values())
+    assert speed["clt_peak_memory_gib"] > speed["plt_peak_memory_gib"]  # its decoder blocks and their Adam moments
     report = compare(llama, TEXTS, CORPUS * 2, features=32, k=4, tokens=512, batch_size=128, eval_tokens=256,
                      out=tmp_path, save=True, say=lambda *args, **kwargs: None)
     comparison = report["comparison"]

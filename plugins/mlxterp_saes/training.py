@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -359,11 +360,15 @@ class _Trainer:
 
     def _compiled(self, plan):
         """The step compiled for one AuxK plan: a function of its own (mx.compile keeps one
-        cache per function object), which sets the plan its trace reads."""
+        cache per function object), which sets the plan its trace reads. It reaches the trainer
+        through a weak reference: kept in ``self._updates``, a strong one would be a reference
+        cycle holding the SAE and its Adam state after training until Python's cyclic GC ran."""
+        trainer = weakref.ref(self)
 
         def update(params, state, buffers, x, since_fired):
-            self.aux_plan = plan
-            return self._update(params, state, buffers, x, since_fired)
+            me = trainer()
+            me.aux_plan = plan
+            return me._update(params, state, buffers, x, since_fired)
 
         return mx.compile(update)
 

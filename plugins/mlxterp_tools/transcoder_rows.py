@@ -51,14 +51,15 @@ def training_speed(model, texts, n_tokens: int = 2048, d_features: int = 256, k:
 
 def transcoder_rows(repeats: int = 1) -> list[Row]:
     """Training a TopK PLT set and a TopK CLT (256 features per layer, k = 16) on all 30 layers of
-    the default model from text, in tokens/s beside the plain forward (``repeats`` unused: one
-    timed run of each)."""
+    the default model from text, in tokens/s beside the plain forward, with each set's peak
+    memory (the model included; ``repeats`` unused: one timed run of each)."""
     model = default_model()
     s = training_speed(model, default_corpus()[:300])
     plain = s["plain_tokens_per_s"]
     return [
         Row(f"transcoders: train a {kind.upper()} on 30 layers (256/layer, k=16) from text",
-            f"{s[f'{kind}_tokens_per_s']:.0f} tok/s; plain forward {plain:.0f} tok/s: {s[f'{kind}_tokens_per_s'] / plain:.2f}x",
+            f"{s[f'{kind}_tokens_per_s']:.0f} tok/s, peak {s[f'{kind}_peak_memory_gib']:.2f} GiB; plain forward "
+            f"{plain:.0f} tok/s: {s[f'{kind}_tokens_per_s'] / plain:.2f}x",
             "reported (vs plain forward)", None, s)
         for kind in ("plt", "clt")
     ]

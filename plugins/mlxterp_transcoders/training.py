@@ -390,7 +390,6 @@ class _Trainer:
         self.optimizer.init(self.params)
         self.since_fired = mx.zeros((n, F), dtype=mx.int32)
         self.thresholds = mx.zeros((n,))  # BatchTopK's running thresholds, one per layer
-        self._grad = mx.value_and_grad(self._loss)
 
     def _writes(self, p: int) -> list[int]:
         """The target indices covered layer p's features write to."""
@@ -479,7 +478,7 @@ class _Trainer:
         dead = self.since_fired > s["dead_tokens"]
         ramp = max(1, round(s["sparsity_warmup"] * s["steps"]))
         lam = s["sparsity_coefficient"] * min(1.0, (self.step_count + 1) / ramp)
-        (_, (features, mse)), grads = self._grad(self.params, x, y, dead, mx.array(lam, dtype=mx.float32))
+        (_, (features, mse)), grads = mx.value_and_grad(self._loss)(self.params, x, y, dead, mx.array(lam, dtype=mx.float32))
         if self.unit_norm:  # keep each feature's decoder (over the layers it writes) at unit norm
             for layer, grad in zip(self.params["layers"], grads["layers"]):
                 along = sum((g * W).sum(axis=-1) for g, W in zip(grad["W_dec"], layer["W_dec"]))
