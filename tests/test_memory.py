@@ -7,7 +7,7 @@ import resource
 
 import mlx.core as mx
 import pytest
-from helpers import CORPUS
+from helpers import CORPUS, random_transcoders
 
 import mlxterp
 from mlxterp import interventions as iv
@@ -52,7 +52,7 @@ def test_thousand_traces_do_not_grow_memory(llama):
     assert active_traces(llama) == []
 
 
-TRAINERS = {  # each trains a little on the tiny model and returns what it trained
+WORK = {  # each trains a little on the tiny model, or builds a graph, and returns what it made
     "sae": lambda m: mlxterp.train_sae(m, "layers[1].output", CORPUS * 4, k=4, d_sae=64, n_tokens=256, batch_size=64, progress=False),
     "plt": lambda m: mlxterp.train_transcoders(m, CORPUS * 4, kind="plt", d_features=32, k=4, n_tokens=256,
                                                batch_size=64, progress=False),
@@ -60,25 +60,27 @@ TRAINERS = {  # each trains a little on the tiny model and returns what it train
                                                batch_size=64, progress=False),
     "tuned lens": lambda m: m.train_tuned_lens(CORPUS, num_steps=2, tokens_per_step=32, context_size=16, progress=False),
     "probe": lambda m: m.probe(texts=CORPUS, labels=[0, 1] * 3, test_fraction=0.5),
+    "attribution graph": lambda m: m.attribution_graph([[1, 5, 9, 13, 22, 40]], random_transcoders(m, "clt"),
+                                                       progress=False),
 }
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
-def test_a_trainer_holds_no_memory_once_its_result_is_dropped(llama, trainer):
-    """Training state (parameters, Adam moments, buffers) goes when the result goes, without
-    waiting for Python's cyclic GC: a reference cycle in a trainer kept all of a CLT's state
-    after training until the collector happened to run."""
-    TRAINERS[trainer](llama)  # warm-up: compiled kernels and class caches
+@pytest.mark.parametrize("work", WORK)
+def test_training_and_graphs_hold_no_memory_once_their_result_is_dropped(llama, work):
+    """Training state (parameters, Adam moments, buffers) and a graph's forward passes go when
+    the result goes, without waiting for Python's cyclic GC: reference cycles kept all of a CLT's
+    state after training, and every frozen pass's records in a graph, until the collector ran."""
+    WORK[work](llama)  # warm-up: compiled kernels and class caches
     gc.collect()
     mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     gc.disable()
     try:
-        result = TRAINERS[trainer](llama)
+        result = WORK[work](llama)
         assert mx.get_peak_memory() > before  # training used MLX memory: the check below can fail
         del result
         held = mx.get_active_memory() - before
     finally:
         gc.enable()
-    assert held <= MLX_BOUND, f"{trainer}: {held} bytes of MLX memory still held after the result was dropped"
+    assert held <= MLX_BOUND, f"{work}: {held} bytes of MLX memory still held after the result was dropped"

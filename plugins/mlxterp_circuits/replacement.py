@@ -239,9 +239,12 @@ class Replacement:
         last = self.n_layers if stop_after is None else next(
             (i for i, name in enumerate(self.read_names) if name == stop_after), self.n_layers)
         capture = [*(r.name for r in self._read[:last] if tc.skip), *targets]
-        with Hooks(self.model, interventions, capture=list(dict.fromkeys(capture)), stop_after=stop_after) as hooks:
-            hooks_box["hooks"] = hooks
-            _, rec = hooks(mx.array([self.ids] * n_rows), evaluate=False)
+        try:
+            with Hooks(self.model, interventions, capture=list(dict.fromkeys(capture)), stop_after=stop_after) as hooks:
+                hooks_box["hooks"] = hooks
+                _, rec = hooks(mx.array([self.ids] * n_rows), evaluate=False)
+        finally:  # the hooks hold the edits, which hold the box: emptied, no cycle keeps this pass's records alive
+            hooks_box.clear()
         return {name: self.arch.resolve(name)[0].read(rec[self.arch.resolve(name)[0].site]).astype(mx.float32) for name in targets}
 
 
