@@ -454,8 +454,7 @@ def _holder(fd: int, wait: float = 2.0) -> dict | None:
     while True:
         try:
             info = json.loads(os.pread(fd, 4096, 0))
-            pid, host = int(info["pid"]), info["host"]
-            info["started"]
+            pid, host, _ = int(info["pid"]), info["host"], info["started"]
         except (ValueError, KeyError, TypeError, OSError):
             info = None
         else:

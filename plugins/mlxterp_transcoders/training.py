@@ -478,6 +478,8 @@ class _Trainer:
         dead = self.since_fired > s["dead_tokens"]
         ramp = max(1, round(s["sparsity_warmup"] * s["steps"]))
         lam = s["sparsity_coefficient"] * min(1.0, (self.step_count + 1) / ramp)
+        # the gradient function is made per step, not kept on self: a kept wrapper of a bound method is a
+        # reference cycle that held the parameters and Adam state after training until Python's collector ran
         (_, (features, mse)), grads = mx.value_and_grad(self._loss)(self.params, x, y, dead, mx.array(lam, dtype=mx.float32))
         if self.unit_norm:  # keep each feature's decoder (over the layers it writes) at unit norm
             for layer, grad in zip(self.params["layers"], grads["layers"]):
