@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -137,3 +139,25 @@ def test_the_gpu_bench_writes_the_sae_section_after_each_part(tmp_path, monkeypa
     assert "live" in written[-1][1] and written[-1][1]["partial"]  # and the live model before the parts ran
     final = json.loads((tmp_path / "gpu_bench.json").read_text())["sections"]["sae"]
     assert "partial" not in final and set(final["job"]) == {"gaussian", "lowrank"} and "parts_ms" in final
+
+
+def test_the_bench_prints_each_row_as_it_comes_into_a_pipe():
+    """A long benchmark redirected to a log shows each row when it is measured, not all at the end."""
+    script = """
+import sys
+import mlxterp
+from mlxterp import hookimpl
+from mlxterp_core.cli import main
+from mlxterp_tools.harness import Row
+
+class Rows:
+    @hookimpl
+    def mlxterp_bench_rows(self):
+        return {"W9": lambda repeats: [Row("W9 buffered by lines", str(sys.stdout.line_buffering), "-", None)]}
+
+mlxterp.register_plugin(Rows(), name="rows")
+sys.exit(main(["bench", "--rows", "W9", "--repeats", "1"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert next(line for line in done.stdout.splitlines() if line.startswith("W9 buffered by lines")).split()[4] == "True"

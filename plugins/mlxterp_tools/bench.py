@@ -62,7 +62,7 @@ from .analysis_rows import attribution_rows, probe_rows, w3_logit_lens, w4_patch
 from .cache_rows import cache_rows
 from .forward_rows import load_rows, trace_python_rows, w1_forward, w2_traces
 from .graph_rows import graph_rows
-from .harness import Row, run_rows, write_json
+from .harness import Row, line_by_line, run_rows, write_json
 from .sae_rows import sae_rows
 from .sharded_rows import sharded_rows
 from .transcoder_rows import transcoder_rows
@@ -94,6 +94,7 @@ def all_rows() -> dict[str, Callable[[int], list[Row]]]:
 
 def main(rows: list[str] | None = None, repeats: int = 5, json_path=None) -> list[Row]:
     """Run the chosen rows (all by default), print them, and write them to ``json_path``."""
+    line_by_line()
     results = run_rows(all_rows(), rows, repeats)
     if json_path is not None:
         write_json(results, json_path)

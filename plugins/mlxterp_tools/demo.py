@@ -16,11 +16,12 @@ predict noise.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from mlxterp.plugin import DEFAULT_MODEL, load
+
+from .harness import line_by_line
 
 LENS_PROMPT = "The capital of France is"
 CLEAN = "The Eiffel Tower is located in the city of"
@@ -42,8 +43,7 @@ STEER_SCALE = 1.5
 
 def main(out: str | Path = "mlxterp-demo") -> Path:
     started = time.perf_counter()
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, in a pipe or a log too
+    line_by_line()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"loading {DEFAULT_MODEL} ...")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -126,6 +127,13 @@ def torch_llama(module):
     }
     peer.load_state_dict(weights, strict=not args.tie_word_embeddings)
     return peer
+
+
+def line_by_line() -> None:
+    """Print each line as it comes, into a pipe or a log too (Python buffers those by blocks,
+    so a long benchmark's log stayed empty until it ended)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def run_rows(table: dict[str, Callable[[int], list[Row]]], keys: list[str] | None = None, repeats: int = 5,
