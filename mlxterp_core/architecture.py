@@ -231,7 +231,11 @@ class Architecture:
             down = read_attribute(self._block, re.split(r"[#:]", port.site, maxsplit=1)[0])
         except (AttributeError, KeyError, IndexError, TypeError):
             return None
-        return linear_input_width(down)
+        return self._input_width(down)
+
+    def _input_width(self, linear: nn.Module) -> int | None:
+        """The input width of a block's linear layer (a hook: a sharded model's holds a slice)."""
+        return linear_input_width(linear)
 
     @property
     def quantization(self) -> str:

@@ -68,7 +68,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import distributed
-from .architecture import Architecture, find_schema, model_type, read_attribute
+from .architecture import Architecture, find_schema, linear_input_width, model_type, read_attribute
 from .distributed import DistributedError
 from .interventions import block_of
 from .schema import ArchitectureSchema
@@ -189,20 +189,13 @@ class ShardedArchitecture(Architecture):
         """A block this rank runs (the base reads layers[0], which a pipeline rank may not hold)."""
         return self._own
 
-    @property
-    def d_mlp(self) -> int | None:
-        port = self.schema.block.get("mlp.down") or self.schema.block.get("mlp.act")
-        if port is None:
-            return None
-        try:
-            down = read_attribute(self._own, re.split(r"[#:]", port.site, maxsplit=1)[0])
-        except (AttributeError, KeyError, IndexError, TypeError):
-            return None
-        weight = getattr(down, "weight", None)
-        if weight is None or weight.ndim != 2:
-            return None
-        width = weight.shape[-1] * 32 // down.bits if hasattr(down, "bits") else weight.shape[-1]
-        return int(width) * (self.plan.factor if isinstance(down, _SHARDED_LINEARS) else 1)
+    def _input_width(self, linear: nn.Module) -> int | None:
+        """The whole input width: a sharded linear layer (not an ``nn.Linear``) holds this rank's
+        slice of it."""
+        if not isinstance(linear, _SHARDED_LINEARS):
+            return linear_input_width(linear)
+        width = linear.weight.shape[-1] * 32 // linear.bits if hasattr(linear, "bits") else linear.weight.shape[-1]
+        return int(width) * self.plan.factor
 
     def _exists(self, layer: int, site: str) -> bool:
         path = re.split(r"[#:]", site, maxsplit=1)[0]
