@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +22,15 @@ CORPUS = [
     "I love this movie. I hate this movie. This movie is great.",
     "Test input, input text, and more test text.",
 ]
+
+
+def environment(**extra) -> dict[str, str]:
+    """This process's environment for a worker process: the tests folder on PYTHONPATH (workers
+    import these helpers) and one BLAS thread (ranks and writers share the cores)."""
+    from mlxterp_tools.ring import ONE_THREAD
+
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, **ONE_THREAD, "PYTHONPATH": path, **extra}
 
 
 class SimpleModel(nn.Module):

@@ -13,10 +13,11 @@ import sys
 import time
 
 import pytest
-from helpers import tiny_llama, train_tokenizer, write_gguf
+from helpers import environment, tiny_llama, train_tokenizer, write_gguf
 
 import mlxterp
 from mlxterp import default_corpus
+from mlxterp_tools.ring import run_ring
 
 OPTIONS = ["--context-size", "16", "--batch-size", "2", "--shard-tokens", "32", "--max-tokens", "1200"]
 SITES = ["layers[*]", "layers[1].mlp.act"]
@@ -46,12 +47,6 @@ def reference(files):
 def command(gguf, corpus, out, *extra):
     return [sys.executable, "-m", "mlxterp", "cache", str(gguf), "--corpus", str(corpus), "--sites", *SITES,
             "--out", str(out), *OPTIONS, *extra]
-
-
-def environment(**extra):
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def digests(path):
@@ -128,39 +123,10 @@ def test_the_cache_command_reads_a_corpus_in_another_encoding(files, tmp_path, c
     assert digests(tmp_path / "latin")[0] == digests(expected.path)[0]
 
 
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def run_ranks(commands, folder, timeout=240):
-    """Start one process per command as ranks of a localhost ring; (returncode, stderr) each."""
-    hostfile = folder / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(len(commands))]))
-    procs = [subprocess.Popen(cmd, env=environment(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank, cmd in enumerate(commands)]
-    results = []
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        results.append((proc.returncode, err))
-    return results
-
-
 def test_two_ring_ranks_write_the_one_process_dataset(files, reference):
     root, gguf, corpus = files
     out = root / "two-ranks"
-    results = run_ranks([command(gguf, corpus, out)] * 2, root)
+    results = run_ring([command(gguf, corpus, out)] * 2, root, timeout=240, env=environment())
     for rank, (code, err) in enumerate(results):
         assert code == 0, f"rank {rank}: {err[-2000:]}"
     shards, manifest = digests(out)
@@ -174,14 +140,13 @@ def test_ranks_that_disagree_all_fail(files, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("A different first document.\n" + corpus.read_text())
     out = tmp_path / "disagree"
-    results = run_ranks([command(gguf, corpus, out), command(gguf, other, out)], tmp_path)
+    results = run_ring([command(gguf, corpus, out), command(gguf, other, out)], tmp_path, timeout=240, env=environment())
     for rank, (code, err) in enumerate(results):
         assert code == 2 and "disagree" in err, f"rank {rank}: {code} {err[-1000:]}"
     assert not (out / "manifest.json").exists()
 
 
 def test_patching_split_across_two_ranks_equals_one_process(tmp_path):
-    import numpy as np
 
     script = os.path.join(os.path.dirname(__file__), "distributed_patching.py")
     single = tmp_path / "single"
@@ -190,7 +155,7 @@ def test_patching_split_across_two_ranks_equals_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     alone = json.loads((single / "rank0.json").read_text())
     assert alone["size"] == 1
-    outcome = run_ranks([[sys.executable, script, str(tmp_path)]] * 2, tmp_path)
+    outcome = run_ring([[sys.executable, script, str(tmp_path)]] * 2, tmp_path, timeout=240, env=environment())
     for rank, (code, err) in enumerate(outcome):
         assert code == 0, f"rank {rank}: {err[-2000:]}"
     for rank in (0, 1):

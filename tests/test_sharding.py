@@ -17,63 +17,23 @@ metric without a difference is held to 1e-5.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from helpers import tiny_family
+from helpers import environment, tiny_family
 
 import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp_core import sharding
+from mlxterp_tools.ring import run_ring
 
 HERE = Path(__file__).parent
 FAMILIES = [("llama", "tensor"), ("mistral", "tensor"), ("qwen2", "tensor"), ("qwen3", "tensor"),
             ("qwen3_moe", "tensor"), ("qwen2", "pipeline"), ("qwen3_moe", "pipeline")]
 TENSOR, DIFFERENCE = 1e-5, 1e-4
-
-
-def environment(**extra) -> dict[str, str]:
-    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    threads = {k: "1" for k in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
-    return {**os.environ, **threads, "PYTHONPATH": path, **extra}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def run_ranks(command: list[str], folder: Path, ranks: int, timeout: float, **env) -> list[tuple[int, str]]:
-    """Start ``ranks`` processes of ``command`` as a localhost ring; (exit status, output) of
-    each. Past ``timeout`` seconds every rank is killed and the test fails (a hang)."""
-    hostfile = folder / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
-    procs = [subprocess.Popen(command, env=environment(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), **env),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(ranks)]
-    deadline = time.monotonic() + timeout
-    results = []
-    try:
-        for rank, proc in enumerate(procs):
-            output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((proc.returncode, output))
-    except subprocess.TimeoutExpired:
-        outputs = []
-        for proc in procs:
-            proc.kill()
-            outputs.append(proc.communicate()[0][-3000:])
-        pytest.fail(f"the ranks did not finish within {timeout:.0f} s (a hang):\n" + "\n---\n".join(outputs))
-    return results
 
 
 # -- two ranks, every family and mode: sharded against unsharded ---------------------------------
@@ -84,7 +44,7 @@ def sharded_runs(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("sharded")
     items = [f"{family}:{mode}" for family, mode in FAMILIES] + ["loading"]
     command = [sys.executable, str(HERE / "sharded_worker.py"), str(out), *items]
-    results = run_ranks(command, out, ranks=2, timeout=900, MLXTERP_SHARD_TIMEOUT="120")
+    results = run_ring([command] * 2, out, timeout=900, env=environment(MLXTERP_SHARD_TIMEOUT="120"))
     for rank, (code, output) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{output[-4000:]}"
     return {name: [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in (0, 1)]
@@ -160,7 +120,7 @@ def test_models_sharded_by_mlxterp_load_and_by_mlx_lms_sharded_load_are_wrapped(
 def test_ranks_that_break_the_spmd_rule_all_fail_clearly_and_in_time(tmp_path):
     started = time.monotonic()
     command = [sys.executable, str(HERE / "sharded_violation_worker.py"), "20"]
-    (code0, out0), (code1, out1) = run_ranks(command, tmp_path, ranks=2, timeout=150, MLXTERP_SHARD_TIMEOUT="8")
+    (code0, out0), (code1, out1) = run_ring([command] * 2, tmp_path, timeout=150, env=environment(MLXTERP_SHARD_TIMEOUT="8"))
     elapsed = time.monotonic() - started
 
     def said(output: str, case: str) -> str:
@@ -192,7 +152,7 @@ def test_the_default_model_sharded_by_tensor_parallelism_gives_the_readme_and_de
     """SmolLM2-135M has 9 query and 3 key/value heads: tensor parallelism needs a number of ranks
     that divides both, so 3 (2 cannot shard it). Bounded: about 5 minutes on 2 busy cores."""
     command = [sys.executable, str(HERE / "sharded_real_worker.py"), str(tmp_path)]
-    results = run_ranks(command, tmp_path, ranks=3, timeout=1500, MLXTERP_SHARD_TIMEOUT="300")
+    results = run_ring([command] * 3, tmp_path, timeout=1500, env=environment(MLXTERP_SHARD_TIMEOUT="300"))
     for rank, (code, output) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{output[-4000:]}"
     for rank in range(3):

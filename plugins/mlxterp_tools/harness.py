@@ -51,9 +51,12 @@ def default_model():
     return load(validate=False)
 
 
-def median_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each case; cases run interleaved, in a shuffled order each round
-    (so that no case always follows the same one), after ``warmup`` rounds."""
+def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      before: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """Wall times of each case in ``repeats`` rounds after ``warmup`` rounds; cases run
+    interleaved, in a shuffled order each round (so that no case always follows the same one),
+    the same order in every process; ``before()`` runs untimed before each case (a barrier
+    across ranks, say)."""
     import random
 
     order = random.Random(0)
@@ -62,13 +65,19 @@ def median_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: i
         names = list(cases)
         order.shuffle(names)
         for name in names:
-            case = cases[name]
+            if before is not None:
+                before()
             start = time.perf_counter()
-            case()
+            cases[name]()
             elapsed = time.perf_counter() - start
             if round_ >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def median_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each case, run as :func:`interleaved_times` runs them."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(cases, repeats, warmup).items()}
 
 
 @attrs.define

@@ -25,15 +25,12 @@ Loopback says what the library adds on one machine; Thunderbolt or Ethernet betw
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .harness import Row, at_most, milliseconds
+from .harness import Row, at_most, interleaved_times, milliseconds
+from .ring import run_ring
 
 SHAPE = dict(hidden_size=512, num_hidden_layers=12, intermediate_size=1408, num_attention_heads=8,
              num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=8192, rope_theta=10000.0, tie_word_embeddings=True)
@@ -70,29 +67,14 @@ def sharded_rows(repeats: int = 5) -> list[Row]:
 
 
 def _launch(folder: Path, repeats: int) -> dict:
-    ports = []
-    for _ in range(RANKS):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    hostfile = folder / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
-    threads = {k: "1" for k in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
     command = [sys.executable, "-m", "mlxterp_tools.sharded_rows", "--worker", str(folder), "--repeats", str(repeats)]
-    procs = [subprocess.Popen(command, env={**os.environ, **threads, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(RANKS)]
-    deadline = time.monotonic() + 1800
-    outputs = []
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        raise RuntimeError("the sharded benchmark's ranks did not finish in 30 minutes") from None
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        if proc.returncode != 0:
-            raise RuntimeError(f"rank {rank} of the sharded benchmark exited {proc.returncode}:\n{output[-3000:]}")
+        results = run_ring([command] * RANKS, folder, timeout=1800)
+    except TimeoutError as e:
+        raise RuntimeError(f"the sharded benchmark's ranks did not finish in 30 minutes: {e}") from None
+    for rank, (code, output) in enumerate(results):
+        if code != 0:
+            raise RuntimeError(f"rank {rank} of the sharded benchmark exited {code}:\n{output[-3000:]}")
     return json.loads((folder / "rank0.json").read_text())
 
 
@@ -157,22 +139,11 @@ def worker(out: str, repeats: int) -> None:
 def _interleaved(cases: dict, repeats: int, group, warmup: int = 2) -> tuple[dict, dict]:
     """Median and fastest seconds of each case; rounds of every case in one shuffled order
     (the same on every rank), each case started together (a barrier before it, not timed)."""
-    import random
     import statistics
 
     import mlx.core as mx
 
-    order = random.Random(0)
-    seen: dict[str, list[float]] = {name: [] for name in cases}
-    for round_ in range(warmup + repeats):
-        names = list(cases)
-        order.shuffle(names)
-        for name in names:
-            mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
-            start = time.perf_counter()
-            cases[name]()
-            if round_ >= warmup:
-                seen[name].append(time.perf_counter() - start)
+    seen = interleaved_times(cases, repeats, warmup, before=lambda: mx.eval(mx.distributed.all_sum(mx.array(1), group=group)))
     return ({name: statistics.median(t) for name, t in seen.items()}, {name: min(t) for name, t in seen.items()})
 
 
