@@ -26,7 +26,6 @@ stream <= 1.05x plain, everything <= 1.2x plain, and >= 2x faster than nnsight a
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 
@@ -34,20 +33,13 @@ import mlx.core as mx
 
 from mlxterp.plugin import InterpretableModel
 
-from .harness import median_times, random_llama
+from .harness import median_times, package_version, random_llama
 
 LLAMA_3_2_1B = dict(
     hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
     num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=True, max_position_embeddings=131072,
 )
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def forward_keeping_layers(module, ids):
@@ -144,8 +136,8 @@ def measure(rounds: int = 25, tokens: int = 128, batches: list[int] = (1, 8, 32)
 
     medians = median_times(cases, rounds, warmup=2)
 
-    out(f"device: {mx.default_device()}, card: {card}, mlx {_version('mlx')}, mlx-lm {_version('mlx-lm')}, "
-        f"torch {_version('torch')}, transformers {_version('transformers')}, nnsight {_version('nnsight')}")
+    out(f"device: {mx.default_device()}, card: {card}, "
+        + ", ".join(f"{name} {package_version(name)}" for name in ("mlx", "mlx-lm", "torch", "transformers", "nnsight")))
     out(f"random Llama ({shape['num_hidden_layers']} layers, d={shape['hidden_size']}), {dtype}, T = {tokens}, "
         f"medians of {rounds} rounds")
     rows = []
@@ -174,7 +166,7 @@ def measure(rounds: int = 25, tokens: int = 128, batches: list[int] = (1, 8, 32)
         rows.append(row)
         out(line)
     document = {"device": str(mx.default_device()), "card": card, "machine": platform.machine(),
-                "versions": {n: _version(n) for n in ("mlx", "mlx-lm", "torch", "transformers", "nnsight")},
+                "versions": {n: package_version(n) for n in ("mlx", "mlx-lm", "torch", "transformers", "nnsight")},
                 "shape": dict(shape), "dtype": str(dtype), "tokens": tokens, "rounds": rounds, "rows": rows}
     if profile:
         import cProfile

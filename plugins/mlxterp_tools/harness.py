@@ -45,6 +45,16 @@ def random_llama(**overrides):
     return model
 
 
+def package_version(name: str) -> str:
+    """The installed version of a distribution, or "not installed" (the peers are optional)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 @functools.cache
 def default_model():
     """The default model as ``mlxterp.load()`` prepares it, loaded once for all rows."""

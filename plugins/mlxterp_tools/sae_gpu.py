@@ -39,7 +39,6 @@ optional; mlxterp never needs them.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import statistics
@@ -51,7 +50,7 @@ import mlx.core as mx
 
 from mlxterp.plugin import InterpretableModel, default_corpus, describe_backend, token_windows
 
-from .harness import SMOLLM2_135M_SHAPE, median_times, random_llama
+from .harness import SMOLLM2_135M_SHAPE, median_times, package_version, random_llama
 
 SITE = "model.random_activations"  # a raw name: the rows are given, no model is traced
 LIVE_SITE = "layers.15.output"
@@ -60,15 +59,8 @@ TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, nu
                   num_key_value_heads=2, vocab_size=512)
 
 
-def version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def versions() -> dict[str, str]:
-    return {n: version(n) for n in ("mlx", "mlx-cuda-13", "mlx-lm", "torch", "sae-lens", "nnsight", "transformers")}
+    return {n: package_version(n) for n in ("mlx", "mlx-cuda-13", "mlx-lm", "torch", "sae-lens", "nnsight", "transformers")}
 
 
 def guarded(name: str, function, out=print) -> dict[str, Any]:
@@ -200,7 +192,7 @@ def saelens_job(args, kind: str, tf32: bool) -> dict[str, Any]:
         result.update(dead_fraction=trainer.dead_neurons.float().mean().item(), device=device,
                       card=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
                       tf32=tf32, wandb="a stub (not installed; never called with log_to_wandb=False)" if stubbed
-                      else version("wandb"))
+                      else package_version("wandb"))
         if device == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return result
